@@ -1,0 +1,299 @@
+#include "cli/load.h"
+
+#include <algorithm>
+#include <chrono>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "cli/ledger_client.h"
+#include "guest/abi.h"
+#include "proto/romulus.pb.h"
+
+namespace romulus::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int64_t kInitialDeposit = 1000;
+constexpr size_t kMaxViolations = 20;
+
+// What the run has learned; shared by the client threads.
+struct Shared {
+  std::mutex mu;
+  int64_t deposited = 0;                                  // acknowledged deposits
+  std::map<uint32_t, std::pair<uint64_t, int64_t>> last;  // account -> (seq, balance)
+  std::map<uint64_t, uint64_t> write_seqs;                // seq -> client, for uniqueness
+  std::vector<double> latencies_us;
+  LoadReport report;
+
+  void Violation(std::string v) {
+    if (report.violations.size() < kMaxViolations) report.violations.push_back(std::move(v));
+  }
+  // Records a successful write's resulting balances and its unique sequence number.
+  void Saw(const pb::LedgerRequest& q, const pb::LedgerResponse& r, uint64_t client) {
+    auto note = [&](uint32_t account, int64_t balance) {
+      auto& slot = last[account];
+      if (r.seq() > slot.first) slot = {r.seq(), balance};
+    };
+    if (q.op() == pb::DEPOSIT) {
+      deposited += q.amount();
+      note(r.account(), r.balance());
+    } else if (q.op() == pb::TRANSFER) {
+      note(q.account(), r.balance());
+      note(q.to_account(), r.to_balance());
+    } else if (q.op() == pb::OPEN) {
+      note(r.account(), r.balance());
+    }
+    auto [it, fresh] = write_seqs.emplace(r.seq(), client);
+    if (!fresh) {
+      Violation(absl::StrCat("sequence number ", r.seq(), " was given to two writes (clients ",
+                             it->second, " and ", client, ")"));
+    }
+  }
+};
+
+bool SameResponse(const pb::LedgerResponse& a, const pb::LedgerResponse& b) {
+  return a.status() == b.status() && a.account() == b.account() && a.balance() == b.balance() &&
+         a.to_balance() == b.to_balance() && a.seq() == b.seq() &&
+         a.request_id() == b.request_id();
+}
+
+// One client: a connection that reconnects and resends the same request id when it fails.
+class Client {
+ public:
+  Client(const LoadOptions& o, uint64_t id, Shared& shared) : o_(o), id_(id), shared_(shared) {}
+
+  std::optional<pb::LedgerResponse> Call(pb::LedgerRequest q) {
+    q.set_client_id(id_);
+    for (uint64_t attempt = 0; attempt < o_.attempts; attempt++) {
+      if (!conn_) {
+        auto c = LedgerClient::Connect(o_.host, o_.port, static_cast<int>(o_.timeout_ms));
+        if (!c.ok()) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));  // back-off, not sync
+          continue;
+        }
+        conn_.emplace(std::move(*c));
+        if (attempt > 0) reconnects_++;
+      }
+      auto r = conn_->Call(q);
+      if (r.ok() && r->request_id() == q.request_id()) return *r;
+      conn_.reset();
+    }
+    return std::nullopt;
+  }
+  uint64_t reconnects() const { return reconnects_; }
+
+ private:
+  const LoadOptions& o_;
+  uint64_t id_;
+  Shared& shared_;
+  std::optional<LedgerClient> conn_;
+  uint64_t reconnects_ = 0;
+};
+
+void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& accounts,
+               Clock::time_point end, uint64_t seed, Shared& shared) {
+  Client client(o, id, shared);
+  std::mt19937_64 rng(seed);
+  uint64_t request_id = 0, last_seq = 0;
+  std::vector<double> lat;
+  std::map<uint32_t, uint64_t> statuses;
+  uint64_t unresolved = 0, requests = 0, retries = 0;
+  double per_client_rate = o.rate ? static_cast<double>(o.rate) / static_cast<double>(o.clients) : 0;
+  auto next = Clock::now();
+  while (Clock::now() < end) {
+    if (per_client_rate > 0) {
+      next += std::chrono::nanoseconds(static_cast<int64_t>(1e9 / per_client_rate));
+      std::this_thread::sleep_until(next);  // pacing the offered load
+    }
+    pb::LedgerRequest q;
+    q.set_request_id(++request_id);
+    uint64_t roll = rng() % 100;
+    uint32_t a = accounts[rng() % accounts.size()];
+    if (roll < o.transfer_pct && accounts.size() > 1) {
+      uint32_t b;
+      do b = accounts[rng() % accounts.size()]; while (b == a);
+      q.set_op(pb::TRANSFER);
+      q.set_account(a);
+      q.set_to_account(b);
+      q.set_amount(static_cast<int64_t>(1 + rng() % 100));
+    } else if (roll < o.transfer_pct + o.deposit_pct) {
+      q.set_op(pb::DEPOSIT);
+      q.set_account(a);
+      q.set_amount(static_cast<int64_t>(1 + rng() % 100));
+    } else {
+      q.set_op(pb::READ);
+      q.set_account(a);
+    }
+    auto t0 = Clock::now();
+    auto r = client.Call(q);
+    auto t1 = Clock::now();
+    if (!r) {
+      unresolved++;
+      continue;
+    }
+    requests++;
+    lat.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    statuses[r->status()]++;
+    {
+      std::lock_guard<std::mutex> lock(shared.mu);
+      if (r->seq() < last_seq) {
+        shared.Violation(absl::StrCat("client ", id, ": sequence went back from ", last_seq,
+                                      " to ", r->seq()));
+      }
+      bool write = q.op() != pb::READ && r->status() == RML_OK;
+      if (write && r->seq() <= last_seq) {
+        shared.Violation(absl::StrCat("client ", id, ": write got seq ", r->seq(),
+                                      " after having seen ", last_seq));
+      }
+      if (write) shared.Saw(q, *r, id);
+    }
+    last_seq = std::max(last_seq, r->seq());
+    if (rng() % 100 < o.retry_pct) {
+      auto again = client.Call(q);
+      if (again) {
+        retries++;
+        if (!SameResponse(*r, *again)) {
+          std::lock_guard<std::mutex> lock(shared.mu);
+          shared.Violation(absl::StrCat("client ", id, ": retry of request ", q.request_id(),
+                                        " got a different answer (seq ", r->seq(), " vs ",
+                                        again->seq(), ")"));
+        }
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lock(shared.mu);
+  shared.latencies_us.insert(shared.latencies_us.end(), lat.begin(), lat.end());
+  for (auto [k, v] : statuses) shared.report.by_status[k] += v;
+  shared.report.unresolved += unresolved;
+  shared.report.requests += requests;
+  shared.report.retries_checked += retries;
+  shared.report.reconnects += client.reconnects();
+}
+
+double Percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())));
+  std::nth_element(v.begin(), v.begin() + static_cast<long>(i), v.end());
+  return v[i];
+}
+
+}  // namespace
+
+absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
+  if (o.clients == 0 || o.clients > 1024) return absl::InvalidArgumentError("clients must be 1-1024");
+  if (o.accounts < 2 || o.accounts > 4096) return absl::InvalidArgumentError("accounts must be 2-4096");
+  if (o.transfer_pct + o.deposit_pct + o.read_pct != 100) {
+    return absl::InvalidArgumentError("the op mix must add up to 100");
+  }
+  uint64_t seed = o.seed ? o.seed : static_cast<uint64_t>(Clock::now().time_since_epoch().count());
+  std::mt19937_64 rng(seed);
+  uint64_t base = (rng() | 1) & ~0xffffull;  // client ids base+0 (setup) .. base+clients
+  Shared shared;
+
+  // Setup: open this run's accounts and give each an initial balance.
+  Client setup(o, base, shared);
+  std::vector<uint32_t> accounts;
+  uint64_t rid = 0;
+  for (uint64_t i = 0; i < o.accounts; i++) {
+    pb::LedgerRequest q;
+    q.set_request_id(++rid);
+    q.set_op(pb::OPEN);
+    auto r = setup.Call(q);
+    if (!r) return absl::UnavailableError(absl::StrCat("cannot reach the ledger at ", o.host, ":", o.port));
+    if (r->status() != RML_OK) {
+      return absl::FailedPreconditionError(absl::StrCat("opening an account failed with status ", r->status()));
+    }
+    accounts.push_back(r->account());
+    q.set_request_id(++rid);
+    q.set_op(pb::DEPOSIT);
+    q.set_account(r->account());
+    q.set_amount(kInitialDeposit);
+    auto d = setup.Call(q);
+    if (!d || d->status() != RML_OK) return absl::UnavailableError("initial deposit failed");
+    shared.Saw(q, *d, base);
+  }
+
+  auto start = Clock::now();
+  auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.duration_s));
+  std::vector<std::thread> threads;
+  for (uint64_t c = 0; c < o.clients; c++) {
+    threads.emplace_back(RunClient, std::cref(o), base + 1 + c, std::cref(accounts), end, rng(),
+                         std::ref(shared));
+  }
+  for (auto& t : threads) t.join();
+  LoadReport rep = shared.report;
+  rep.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  rep.ops_per_s = rep.seconds > 0 ? static_cast<double>(rep.requests) / rep.seconds : 0;
+  rep.p50_us = Percentile(shared.latencies_us, 0.50);
+  rep.p90_us = Percentile(shared.latencies_us, 0.90);
+  rep.p99_us = Percentile(shared.latencies_us, 0.99);
+  rep.max_us = shared.latencies_us.empty() ? 0 : *std::max_element(shared.latencies_us.begin(), shared.latencies_us.end());
+
+  // Final read: every balance must equal the newest acknowledged write that touched it, and
+  // transfers must have preserved the sum of what was deposited.
+  rep.expected_total = shared.deposited;
+  for (uint32_t a : accounts) {
+    pb::LedgerRequest q;
+    q.set_request_id(++rid);
+    q.set_op(pb::READ);
+    q.set_account(a);
+    auto r = setup.Call(q);
+    if (!r || r->status() != RML_OK) {
+      rep.violations.push_back(absl::StrCat("final read of account ", a, " failed"));
+      continue;
+    }
+    rep.final_total += r->balance();
+    rep.last_seq = std::max(rep.last_seq, r->seq());
+    auto it = shared.last.find(a);
+    if (rep.unresolved == 0 && it != shared.last.end() && it->second.second != r->balance()) {
+      rep.violations.push_back(absl::StrCat("account ", a, " reads ", r->balance(),
+                                            " but the newest acknowledged write (seq ",
+                                            it->second.first, ") left ", it->second.second));
+    }
+  }
+  if (rep.unresolved == 0 && rep.final_total != rep.expected_total) {
+    rep.violations.push_back(absl::StrCat("balances sum to ", rep.final_total, ", deposits to ",
+                                          rep.expected_total));
+  }
+  return rep;
+}
+
+std::string FormatReport(const LoadReport& r) {
+  std::string out = absl::StrFormat(
+      "load: %d requests in %.1f s = %.0f ops/s; latency p50 %.0f us, p90 %.0f us, p99 %.0f us, "
+      "max %.0f us\n",
+      r.requests, r.seconds, r.ops_per_s, r.p50_us, r.p90_us, r.p99_us, r.max_us);
+  std::vector<std::string> st;
+  for (auto [k, v] : r.by_status) st.push_back(absl::StrCat(k, ":", v));
+  absl::StrAppendFormat(&out,
+                        "load: statuses {%s}; %d retries answered identically checked; %d "
+                        "reconnects; %d unresolved\n",
+                        absl::StrJoin(st, " "), r.retries_checked, r.reconnects, r.unresolved);
+  absl::StrAppendFormat(&out, "load: balances sum %d, deposits %d, last seq %d\n", r.final_total,
+                        r.expected_total, r.last_seq);
+  if (r.ok()) {
+    absl::StrAppend(&out, "load: invariants hold (sum, newest-write balances, exactly-once "
+                          "retries, increasing sequence numbers)\n");
+  } else {
+    for (const auto& v : r.violations) absl::StrAppend(&out, "load: VIOLATION: ", v, "\n");
+    if (r.unresolved) absl::StrAppend(&out, "load: FAILED: ", r.unresolved, " requests unanswered\n");
+  }
+  return out;
+}
+
+std::string FormatReportJson(const LoadReport& r) {
+  return absl::StrFormat(
+      "{\"requests\":%d,\"seconds\":%.3f,\"ops_per_s\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,"
+      "\"p99_us\":%.1f,\"max_us\":%.1f,\"unresolved\":%d,\"retries_checked\":%d,"
+      "\"balances_sum\":%d,\"deposits\":%d,\"last_seq\":%d,\"violations\":%d,\"ok\":%s}",
+      r.requests, r.seconds, r.ops_per_s, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.unresolved,
+      r.retries_checked, r.final_total, r.expected_total, r.last_seq, r.violations.size(),
+      r.ok() ? "true" : "false");
+}
+
+}  // namespace romulus::cli

@@ -1,0 +1,50 @@
+// `romulus load`: concurrent ledger clients that measure throughput and latency, deliberately
+// retry some requests, and check the ledger's invariants when they are done.
+#ifndef ROMULUS_CLI_LOAD_H_
+#define ROMULUS_CLI_LOAD_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace romulus::cli {
+
+struct LoadOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 7070;
+  uint64_t clients = 4;
+  double duration_s = 5;
+  uint64_t rate = 0;        // requests/s over all clients; 0: as fast as answers come
+  uint64_t accounts = 16;   // accounts this run opens and works on
+  uint64_t transfer_pct = 70, deposit_pct = 20, read_pct = 10;
+  uint64_t retry_pct = 5;   // requests sent twice on purpose to check exactly-once
+  uint64_t timeout_ms = 5000;
+  uint64_t attempts = 20;   // tries per request (reconnecting) before it counts as unresolved
+  uint64_t seed = 0;        // 0: from the clock
+};
+
+struct LoadReport {
+  uint64_t requests = 0;       // distinct requests answered
+  uint64_t unresolved = 0;     // requests never answered
+  uint64_t reconnects = 0;
+  uint64_t retries_checked = 0;
+  double seconds = 0;
+  double ops_per_s = 0;
+  double p50_us = 0, p90_us = 0, p99_us = 0, max_us = 0;
+  std::map<uint32_t, uint64_t> by_status;
+  int64_t expected_total = 0, final_total = 0;
+  uint64_t last_seq = 0;
+  std::vector<std::string> violations;
+  bool ok() const { return violations.empty() && unresolved == 0; }
+};
+
+absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options);
+std::string FormatReport(const LoadReport& report);
+std::string FormatReportJson(const LoadReport& report);
+
+}  // namespace romulus::cli
+
+#endif  // ROMULUS_CLI_LOAD_H_

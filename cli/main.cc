@@ -1,0 +1,33 @@
+// romulus: high availability for virtual machines by continuous checkpointing.
+#include <cstdio>
+#include <cstring>
+
+#include "cli/commands.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: romulus COMMAND [options]   (romulus COMMAND --help for its options)\n"
+    "\n"
+    "commands:\n"
+    "  vm       run the reference guest under the monitor (ledger service, memory workload),\n"
+    "           snapshot it to a directory or resume it from one\n"
+    "  load     drive a ledger with concurrent clients; report ops/s and latency; check\n"
+    "           its invariants (sum of balances, exactly-once retries, sequence numbers)\n"
+    "  journal  replay the ledger journal on a disk image and print what it holds\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const char* cmd = argv[1];
+  if (!std::strcmp(cmd, "vm")) return romulus::cli::VmCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "load")) return romulus::cli::LoadCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "journal")) return romulus::cli::JournalCommand(argc - 2, argv + 2);
+  std::fprintf(stderr, "romulus: unknown command '%s'\n%s", cmd, kUsage);
+  return 2;
+}

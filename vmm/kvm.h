@@ -1,0 +1,109 @@
+// Thin helpers over the KVM ioctl interface: an owning fd and errno-to-Status conversion.
+#ifndef ROMULUS_VMM_KVM_H_
+#define ROMULUS_VMM_KVM_H_
+
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <vector>
+#include "absl/strings/string_view.h"
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace romulus::vmm {
+
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { Reset(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void Reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// A Status for a failed system call, carrying strerror(errno).
+inline absl::Status ErrnoStatus(absl::string_view what, int err = errno) {
+  return absl::Status(absl::ErrnoToStatusCode(err), absl::StrCat(what, ": ", std::strerror(err)));
+}
+
+// Runs an ioctl, retrying on EINTR, and returns its non-negative result or an error naming it.
+template <typename Arg>
+absl::Status Ioctl(int fd, unsigned long request, Arg arg, absl::string_view name,
+                   int* result = nullptr) {
+  int r;
+  do {
+    r = ::ioctl(fd, request, arg);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return ErrnoStatus(name);
+  if (result) *result = r;
+  return absl::OkStatus();
+}
+
+// Debian 12's UAPI headers (linux-libc-dev 6.1) declare flexible array members with
+// __DECLARE_FLEX_ARRAY, which in C++ inserts an empty struct: sizeof, the offset of the array and
+// so the ioctl numbers of the structs below come out wrong. These are their exact C layouts.
+struct KvmMsrListHeader {
+  uint32_t nmsrs;
+};
+struct KvmMsrsHeader {
+  uint32_t nmsrs;
+  uint32_t pad;
+};
+struct KvmCpuid2Header {
+  uint32_t nent;
+  uint32_t padding;
+};
+struct KvmXsave {
+  uint32_t region[1024];
+};
+inline constexpr unsigned long kKvmGetMsrIndexList = _IOWR(KVMIO, 0x02, KvmMsrListHeader);
+inline constexpr unsigned long kKvmGetSupportedCpuid = _IOWR(KVMIO, 0x05, KvmCpuid2Header);
+inline constexpr unsigned long kKvmGetMsrs = _IOWR(KVMIO, 0x88, KvmMsrsHeader);
+inline constexpr unsigned long kKvmSetMsrs = _IOW(KVMIO, 0x89, KvmMsrsHeader);
+inline constexpr unsigned long kKvmSetCpuid2 = _IOW(KVMIO, 0x90, KvmCpuid2Header);
+inline constexpr unsigned long kKvmGetCpuid2 = _IOWR(KVMIO, 0x91, KvmCpuid2Header);
+inline constexpr unsigned long kKvmGetXsave = _IOR(KVMIO, 0xa4, KvmXsave);
+inline constexpr unsigned long kKvmSetXsave = _IOW(KVMIO, 0xa5, KvmXsave);
+static_assert(kKvmGetSupportedCpuid == 0xc008ae05ul);
+static_assert(kKvmGetMsrs == 0xc008ae88ul);
+static_assert(kKvmGetXsave == 0x9000aea4ul);
+
+// A KVM header followed by `n` entries, laid out as the kernel expects.
+template <typename Header, typename Entry>
+class KvmList {
+ public:
+  explicit KvmList(size_t n) : bytes_(sizeof(Header) + n * sizeof(Entry)) {}
+  Header* header() { return reinterpret_cast<Header*>(bytes_.data()); }
+  Entry* entries() { return reinterpret_cast<Entry*>(bytes_.data() + sizeof(Header)); }
+  void* get() { return bytes_.data(); }
+
+ private:
+  std::vector<uint8_t> bytes_;  // zeroed
+};
+
+}  // namespace romulus::vmm
+
+#endif  // ROMULUS_VMM_KVM_H_

@@ -1,0 +1,268 @@
+#include "vmm/ledger_endpoint.h"
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+#include "proto/romulus.pb.h"
+#include "vmm/ledger_protocol.h"
+
+namespace romulus::vmm {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
+constexpr size_t kMaxInFlightPerConnection = 64;
+
+class Endpoint;
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(Endpoint& endpoint, tcp::socket socket);
+  void Start() { ReadHeader(); }
+  void Send(std::string frame);  // on the io thread
+  void ResponseDone();           // on the io thread
+  std::string peer() const { return peer_; }
+
+ private:
+  void ReadHeader();
+  void ReadBody(uint32_t len);
+  void OnRequest();
+  void Reply(const pb::LedgerResponse& r) { Send(EncodeFrame(r)); }
+  void WriteNext();
+  void Close(absl::string_view why);
+
+  Endpoint& endpoint_;
+  tcp::socket socket_;
+  std::string peer_;
+  uint8_t header_[4];
+  std::vector<uint8_t> body_;
+  std::deque<std::string> out_;
+  size_t in_flight_ = 0;
+  bool reading_paused_ = false;
+  bool closed_ = false;
+};
+
+class Endpoint : public LedgerEndpoint {
+ public:
+  Endpoint(LedgerDevice& ledger, OutputGate& gate, std::function<void(absl::string_view)> log)
+      : ledger_(ledger), gate_(gate), log_(std::move(log)), acceptor_(io_) {}
+
+  ~Endpoint() override {
+    ledger_.SetResponseSink(nullptr);
+    io_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  absl::Status Listen(const std::string& address, uint16_t port) {
+    boost::system::error_code ec;
+    auto addr = asio::ip::make_address(address, ec);
+    if (ec) return absl::InvalidArgumentError(absl::StrCat("bad listen address '", address, "'"));
+    tcp::endpoint ep(addr, port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      return absl::UnavailableError(
+          absl::StrCat("ledger endpoint cannot listen on ", address, ":", port, ": ", ec.message()));
+    }
+    port_ = acceptor_.local_endpoint().port();
+    ledger_.SetResponseSink([this](const rml_response& r) { OnResponse(r); });
+    Accept();
+    thread_ = std::thread([this] { io_.run(); });
+    return absl::OkStatus();
+  }
+
+  uint16_t port() const override { return port_; }
+  Stats stats() const override {
+    return Stats{connections_.load(), requests_.load(), rejected_.load()};
+  }
+
+  void Log(absl::string_view line) {
+    if (log_) log_(line);
+  }
+  void Rejected() { rejected_++; }
+
+  // io thread: forwards a request to the guest and remembers who asked.
+  absl::Status Submit(const std::shared_ptr<Connection>& c, const rml_request& r) {
+    requests_++;
+    std::lock_guard<std::mutex> lock(mu_);  // held across Submit so the tag is known first
+    auto tag = ledger_.Submit(r);
+    if (!tag.ok()) return tag.status();
+    waiting_[*tag] = c;
+    return absl::OkStatus();
+  }
+
+ private:
+  void Accept() {
+    acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
+      if (ec) return;
+      connections_++;
+      std::make_shared<Connection>(*this, std::move(socket))->Start();
+      Accept();
+    });
+  }
+
+  // vCPU thread: a response from the guest leaves through the output gate.
+  void OnResponse(const rml_response& r) {
+    std::shared_ptr<Connection> c;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = waiting_.find(r.tag);
+      if (it == waiting_.end()) return;  // asked before a restore, or by a closed connection
+      c = it->second.lock();
+      waiting_.erase(it);
+    }
+    if (!c) return;
+    pb::LedgerResponse out;
+    out.set_client_id(r.client_id);
+    out.set_request_id(r.request_id);
+    out.set_status(r.status);
+    out.set_account(r.account);
+    out.set_balance(r.balance);
+    out.set_to_balance(r.to_balance);
+    out.set_seq(r.seq);
+    gate_.Push([this, c, frame = EncodeFrame(out)]() mutable {
+      asio::post(io_, [c, frame = std::move(frame)]() mutable {
+        c->Send(std::move(frame));
+        c->ResponseDone();
+      });
+    });
+  }
+
+  LedgerDevice& ledger_;
+  OutputGate& gate_;
+  std::function<void(absl::string_view)> log_;
+  asio::io_context io_;
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+  uint16_t port_ = 0;
+  std::mutex mu_;
+  std::unordered_map<uint64_t, std::weak_ptr<Connection>> waiting_;
+  std::atomic<uint64_t> connections_{0}, requests_{0}, rejected_{0};
+};
+
+Connection::Connection(Endpoint& endpoint, tcp::socket socket)
+    : endpoint_(endpoint), socket_(std::move(socket)) {
+  boost::system::error_code ec;
+  auto ep = socket_.remote_endpoint(ec);
+  peer_ = ec ? "unknown" : absl::StrCat(ep.address().to_string(), ":", ep.port());
+  socket_.set_option(tcp::no_delay(true), ec);
+}
+
+void Connection::Close(absl::string_view why) {
+  if (closed_) return;
+  closed_ = true;
+  if (!why.empty()) endpoint_.Log(absl::StrCat("ledger client ", peer_, ": ", why, "; closing"));
+  boost::system::error_code ec;
+  socket_.shutdown(tcp::socket::shutdown_both, ec);
+  socket_.close(ec);
+}
+
+void Connection::ReadHeader() {
+  if (in_flight_ >= kMaxInFlightPerConnection) {
+    reading_paused_ = true;  // resumes when a response goes out
+    return;
+  }
+  asio::async_read(socket_, asio::buffer(header_),
+                   [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                     if (ec) return self->Close("");
+                     uint32_t len = DecodeFrameLength(self->header_);
+                     if (len == 0 || len > kMaxLedgerFrame) {
+                       self->endpoint_.Rejected();
+                       return self->Close(absl::StrCat("frame of ", len, " bytes (1 to ",
+                                                       kMaxLedgerFrame, " allowed)"));
+                     }
+                     self->ReadBody(len);
+                   });
+}
+
+void Connection::ReadBody(uint32_t len) {
+  body_.resize(len);
+  asio::async_read(socket_, asio::buffer(body_),
+                   [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                     if (ec) return self->Close("");
+                     self->OnRequest();
+                   });
+}
+
+void Connection::OnRequest() {
+  pb::LedgerRequest req;
+  if (!req.ParseFromArray(body_.data(), static_cast<int>(body_.size()))) {
+    endpoint_.Rejected();
+    return Close("malformed request frame");
+  }
+  pb::LedgerResponse err;
+  err.set_client_id(req.client_id());
+  err.set_request_id(req.request_id());
+  if (req.op() < pb::OPEN || req.op() > pb::READ) {
+    endpoint_.Rejected();
+    err.set_status(RML_ERR_UNKNOWN_OP);
+    err.set_error(absl::StrCat("unknown op ", static_cast<int>(req.op())));
+    Reply(err);
+    return ReadHeader();
+  }
+  if (req.client_id() == 0 || req.request_id() == 0) {
+    endpoint_.Rejected();
+    err.set_status(RML_ERR_BAD_CLIENT);
+    err.set_error("client_id and request_id must be non-zero");
+    Reply(err);
+    return ReadHeader();
+  }
+  rml_request r{};
+  r.client_id = req.client_id();
+  r.request_id = req.request_id();
+  r.op = static_cast<uint32_t>(req.op());
+  r.account = req.account();
+  r.to_account = req.to_account();
+  r.amount = req.amount();
+  if (auto s = endpoint_.Submit(shared_from_this(), r); !s.ok()) {
+    err.set_status(RML_ERR_LEDGER_FULL);
+    err.set_error(std::string(s.message()));
+    Reply(err);
+  } else {
+    in_flight_++;
+  }
+  ReadHeader();
+}
+
+void Connection::ResponseDone() {
+  if (in_flight_ > 0) in_flight_--;
+  if (reading_paused_ && !closed_) {
+    reading_paused_ = false;
+    ReadHeader();
+  }
+}
+
+void Connection::Send(std::string frame) {
+  if (closed_) return;
+  out_.push_back(std::move(frame));
+  if (out_.size() == 1) WriteNext();
+}
+
+void Connection::WriteNext() {
+  asio::async_write(socket_, asio::buffer(out_.front()),
+                    [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                      if (ec) return self->Close("");
+                      self->out_.pop_front();
+                      if (!self->out_.empty()) self->WriteNext();
+                    });
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LedgerEndpoint>> LedgerEndpoint::Start(
+    LedgerDevice& ledger, OutputGate& gate, const std::string& address, uint16_t port,
+    std::function<void(absl::string_view)> log) {
+  auto ep = std::make_unique<Endpoint>(ledger, gate, std::move(log));
+  if (auto s = ep->Listen(address, port); !s.ok()) return s;
+  return ep;
+}
+
+}  // namespace romulus::vmm

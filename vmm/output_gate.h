@@ -1,0 +1,38 @@
+// The output gate: everything the VM says to the outside world passes through it, in order.
+// While holding, outputs queue until released up to a mark (the checkpoint layer releases an
+// epoch's outputs when the mirror has committed that epoch).
+#ifndef ROMULUS_VMM_OUTPUT_GATE_H_
+#define ROMULUS_VMM_OUTPUT_GATE_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+
+namespace romulus::vmm {
+
+class OutputGate {
+ public:
+  using Output = std::function<void()>;  // delivers one output when called
+
+  // Queues an output, or delivers it at once when the gate is open.
+  void Push(Output output);
+  // Number of outputs pushed so far: a mark for ReleaseThrough.
+  uint64_t Mark() const;
+  // Delivers, in order, every held output pushed before `mark`.
+  void ReleaseThrough(uint64_t mark);
+  // Closed: outputs wait for ReleaseThrough. Opening releases everything held.
+  void SetHolding(bool holding);
+  size_t held() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::mutex deliver_mu_;  // keeps delivery in push order across threads
+  std::deque<std::pair<uint64_t, Output>> held_;
+  uint64_t pushed_ = 0;
+  bool holding_ = false;
+};
+
+}  // namespace romulus::vmm
+
+#endif  // ROMULUS_VMM_OUTPUT_GATE_H_

@@ -1,0 +1,123 @@
+// Public interface of the Romulus monitor: a KVM virtual machine running the reference guest,
+// whose complete state can be paused at a clean point, harvested, saved and restored.
+#ifndef ROMULUS_VMM_VMM_H_
+#define ROMULUS_VMM_VMM_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "guest/abi.h"
+#include "proto/romulus.pb.h"
+#include "vmm/block_device.h"
+#include "vmm/dirty_bitmap.h"
+#include "vmm/guest_memory.h"
+#include "vmm/kvm.h"
+#include "vmm/ledger_device.h"
+#include "vmm/output_gate.h"
+
+namespace romulus::vmm {
+
+// OK when /dev/kvm can run VMs here; otherwise a one-line reason.
+absl::Status CheckKvm();
+
+struct WorkloadConfig {
+  uint64_t working_set_pages = 0;  // 0: no memory workload
+  uint64_t write_rate = 0;         // page writes/s; 0: as fast as the guest can
+  uint64_t write_limit = 0;        // stop after this many writes; 0: never
+  rml_pattern pattern = RML_PATTERN_UNIFORM;
+  uint64_t seed = 1;
+};
+
+struct VmConfig {
+  uint64_t memory_bytes = 256ull << 20;
+  std::string disk_path;  // an existing image (BlockDevice::CreateImage makes one)
+  WorkloadConfig workload;
+  uint32_t max_accounts = 4096;
+  uint64_t progress_ms = 1000;
+  std::string guest_image_path;  // empty: the reference guest built into this binary
+  std::function<void(absl::string_view line)> console;  // guest console lines
+};
+
+// What a snapshot holds, for reports and tests.
+struct SnapshotInfo {
+  uint64_t memory_xxh3 = 0;
+  uint64_t disk_xxh3 = 0;
+  rml_status guest{};
+};
+
+class Vm {
+ public:
+  // Creates the VM, loads the guest and sets it up to start at its entry point.
+  static absl::StatusOr<std::unique_ptr<Vm>> Boot(const VmConfig& config);
+  // Creates a VM from a snapshot directory. Its disk is copied to `disk_path`; its memory file is
+  // mapped (copy-on-write), not copied. Every file is verified against its digest first.
+  static absl::StatusOr<std::unique_ptr<Vm>> Restore(
+      const std::string& snapshot_dir, const std::string& disk_path,
+      std::function<void(absl::string_view)> console);
+  ~Vm();
+  Vm(const Vm&) = delete;
+  Vm& operator=(const Vm&) = delete;
+
+  // Starts the vCPU thread.
+  absl::Status Start();
+  // Stops the vCPU at a clean point (no half-done I/O) and returns once it is stopped.
+  absl::Status Pause();
+  absl::Status Resume();
+  // Ends the vCPU thread and returns why it ended (OK when asked to stop).
+  absl::Status Stop();
+  // Blocks until the vCPU thread ends on its own (guest error) or Stop() is called.
+  absl::Status Wait();
+  // True once the vCPU thread has ended.
+  bool exited();
+
+  // While paused: pages written since the previous harvest (by the guest or the monitor).
+  absl::StatusOr<DirtyBitmap> HarvestDirty();
+  // While paused: vCPU, clock and device state (not memory or disk contents).
+  absl::StatusOr<pb::VmSnapshot> SaveState();
+  // While paused: writes a snapshot directory (state.pb, memory.bin, disk.img) atomically.
+  absl::StatusOr<SnapshotInfo> SaveSnapshot(const std::string& dir);
+  // The guest's own counters (read from its boot page).
+  rml_status guest_status() const;
+
+  GuestMemory& memory() { return *memory_; }
+  BlockDevice& disk() { return *disk_; }
+  LedgerDevice& ledger() { return *ledger_; }
+
+ private:
+  Vm() = default;
+  absl::Status CreateKvmVm(uint64_t memory_bytes);
+  absl::Status CreateDevices(std::function<void(absl::string_view)> console,
+                             const std::string& disk_path);
+  void RunLoop();
+  absl::Status HandleExit();
+  absl::Status ExitError(absl::string_view what);
+  absl::Status WaitStopped();
+
+  Fd kvm_, vm_, vcpu_;
+  struct kvm_run* run_ = nullptr;
+  size_t run_size_ = 0;
+  bool manual_dirty_protect_ = false;
+  std::unique_ptr<GuestMemory> memory_;
+  std::unique_ptr<BlockDevice> disk_;
+  std::unique_ptr<class Console> console_;
+  std::unique_ptr<class IdleDevice> idle_;
+  std::unique_ptr<LedgerDevice> ledger_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;
+  bool started_ = false, pause_requested_ = false, paused_ = false, stop_requested_ = false;
+  bool exited_ = false;
+  absl::Status exit_status_;
+};
+
+}  // namespace romulus::vmm
+
+#endif  // ROMULUS_VMM_VMM_H_
