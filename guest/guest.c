@@ -326,8 +326,13 @@ static void write_pages(uint64_t count) {
   }
 }
 
+// Pacing baseline: writes due = rate * time since `pace_start`. Under PVM the guest reads the
+// host's TSC directly, so after a restore time jumps by however long the VM was stopped; the
+// baseline is moved instead of catching up, so the workload never bursts.
+static uint64_t pace_start, pace_pages;
+
 // Returns microseconds until more work is due (0: there is work now; ~0: none ever).
-static uint64_t workload_step(uint64_t now, uint64_t start, uint64_t start_pages) {
+static uint64_t workload_step(uint64_t now) {
   uint64_t ws = BOOT->ws_pages;
   uint64_t limit = BOOT->write_limit;
   uint64_t done = BOOT->status.workload_pages;
@@ -340,13 +345,23 @@ static uint64_t workload_step(uint64_t now, uint64_t start, uint64_t start_pages
     return 0;
   }
   uint64_t khz = BOOT->tsc_khz ? BOOT->tsc_khz : 1000000;
-  uint64_t elapsed_us = (now - start) / (khz / 1000 ? khz / 1000 : 1);
-  uint64_t due = start_pages + elapsed_us * rate / 1000000;
+  uint64_t per_us = khz / 1000 ? khz / 1000 : 1;
+  if (now < pace_start || done < pace_pages) {
+    pace_start = now;
+    pace_pages = done;
+  }
+  uint64_t elapsed_us = (now - pace_start) / per_us;
+  uint64_t due = pace_pages + elapsed_us * rate / 1000000;
+  if (due > done + rate / 10 + chunk) {  // more than 100 ms behind: time jumped
+    pace_start = now;
+    pace_pages = done;
+    due = done;
+  }
   if (due > done) {
     write_pages(due - done < chunk ? due - done : chunk);
     return 0;
   }
-  uint64_t wait = (done + 1 - start_pages) * 1000000 / rate;
+  uint64_t wait = (done + 1 - pace_pages) * 1000000 / rate;
   return wait > elapsed_us ? wait - elapsed_us : 1;
 }
 
@@ -382,16 +397,19 @@ void guest_main(void) {
 
   uint64_t khz = BOOT->tsc_khz ? BOOT->tsc_khz : 1000000;
   uint64_t start = rdtsc();
-  uint64_t start_pages = BOOT->status.workload_pages;
+  pace_start = start;
+  pace_pages = BOOT->status.workload_pages;
   uint64_t next_progress = BOOT->progress_ms ? start + BOOT->progress_ms * khz : ~0ull;
   for (;;) {
     int busy = serve_requests();
     uint64_t now = rdtsc();
-    uint64_t wait_us = workload_step(now, start, start_pages);
+    uint64_t wait_us = workload_step(now);
     if (now >= next_progress) {
       progress((now - start) / (khz * 1000));
       next_progress += BOOT->progress_ms * khz;
       if (next_progress < now) next_progress = now + BOOT->progress_ms * khz;
+    } else if (next_progress != ~0ull && next_progress - now > BOOT->progress_ms * khz) {
+      next_progress = now + BOOT->progress_ms * khz;  // the TSC went backwards (restored elsewhere)
     }
     if (busy || wait_us == 0) continue;
     uint64_t progress_us = next_progress == ~0ull ? ~0ull : (next_progress - now) * 1000 / khz;

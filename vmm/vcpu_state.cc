@@ -61,6 +61,38 @@ absl::StatusOr<std::vector<uint32_t>> ReadableMsrs(int kvm_fd, int vcpu_fd) {
   return *cached;
 }
 
+// KVM_SET_MSRS stops at the first MSR it refuses. Some readable MSRs cannot be written back
+// without devices this VM does not create (e.g. MSR_KVM_ASYNC_PF_INT needs an in-kernel LAPIC);
+// a refused MSR is accepted only when the vCPU already holds the saved value.
+absl::Status RestoreMsrs(int vcpu_fd, const pb::VcpuState& in) {
+  size_t n = static_cast<size_t>(in.msrs_size());
+  size_t done = 0;
+  while (done < n) {
+    MsrList msrs(n - done);
+    msrs.header()->nmsrs = static_cast<uint32_t>(n - done);
+    for (size_t i = done; i < n; i++) {
+      msrs.entries()[i - done].index = in.msrs(static_cast<int>(i)).index();
+      msrs.entries()[i - done].data = in.msrs(static_cast<int>(i)).value();
+    }
+    int set = 0;
+    if (auto s = Ioctl(vcpu_fd, kKvmSetMsrs, msrs.get(), "KVM_SET_MSRS", &set); !s.ok()) return s;
+    done += static_cast<size_t>(set);
+    if (done == n) break;
+    const pb::Msr& refused = in.msrs(static_cast<int>(done));
+    MsrList current(1);
+    current.header()->nmsrs = 1;
+    current.entries()[0].index = refused.index();
+    if (::ioctl(vcpu_fd, kKvmGetMsrs, current.get()) != 1 ||
+        current.entries()[0].data != refused.value()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "KVM refused MSR 0x%x = 0x%x and the vCPU holds a different value", refused.index(),
+          refused.value()));
+    }
+    done++;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status VcpuState::SetSupportedCpuid(int kvm_fd, int vcpu_fd) {
@@ -183,19 +215,7 @@ absl::Status VcpuState::Restore(int vcpu_fd, const pb::VcpuState& in) {
   if (auto s = Ioctl(vcpu_fd, kKvmSetXsave, &xsave, "KVM_SET_XSAVE"); !s.ok()) return s;
   if (auto s = Ioctl(vcpu_fd, KVM_SET_XCRS, &xcrs, "KVM_SET_XCRS"); !s.ok()) return s;
   if (auto s = Ioctl(vcpu_fd, KVM_SET_DEBUGREGS, &dbg, "KVM_SET_DEBUGREGS"); !s.ok()) return s;
-  MsrList msrs(static_cast<size_t>(in.msrs_size()));
-  msrs.header()->nmsrs = static_cast<uint32_t>(in.msrs_size());
-  for (int i = 0; i < in.msrs_size(); i++) {
-    msrs.entries()[i].index = in.msrs(i).index();
-    msrs.entries()[i].data = in.msrs(i).value();
-  }
-  int set = 0;
-  if (auto s = Ioctl(vcpu_fd, kKvmSetMsrs, msrs.get(), "KVM_SET_MSRS", &set); !s.ok()) return s;
-  if (set != in.msrs_size()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "KVM_SET_MSRS applied %d of %d MSRs (refused 0x%x)", set, in.msrs_size(),
-        msrs.entries()[set].index));
-  }
+  if (auto s = RestoreMsrs(vcpu_fd, in); !s.ok()) return s;
   kvm_mp_state mp{in.mp_state()};
   if (auto s = Ioctl(vcpu_fd, KVM_SET_MP_STATE, &mp, "KVM_SET_MP_STATE"); !s.ok()) return s;
   return Ioctl(vcpu_fd, KVM_SET_VCPU_EVENTS, &events, "KVM_SET_VCPU_EVENTS");
