@@ -1,0 +1,261 @@
+// Untrusted input (client frames, snapshot files, guest images, a misbehaving guest) gives a
+// one-line error; the running VM keeps serving and nothing crashes.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "cli/ledger_client.h"
+#include "tests/test_util.h"
+#include "vmm/guest_loader.h"
+#include "vmm/ledger_endpoint.h"
+#include "vmm/ledger_protocol.h"
+#include "vmm/vmm.h"
+
+namespace romulus {
+namespace {
+
+using testing::TempDir;
+
+pb::LedgerRequest Open(uint64_t client, uint64_t id) {
+  pb::LedgerRequest q;
+  q.set_client_id(client);
+  q.set_request_id(id);
+  q.set_op(pb::OPEN);
+  return q;
+}
+
+std::string Header(uint32_t len) {
+  std::string h(4, '\0');
+  for (int i = 0; i < 4; i++) h[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  return h;
+}
+
+TEST(KvmBadInput, BadClientFramesAreRefusedAndTheLedgerKeepsServing) {
+  ROMULUS_REQUIRE_KVM();
+  TempDir dir;
+  auto vm = testing::BootTestVm(dir);
+  ASSERT_NE(vm, nullptr);
+  vmm::OutputGate gate;
+  std::vector<std::string> log;
+  std::mutex log_mu;
+  auto ep = vmm::LedgerEndpoint::Start(vm->ledger(), gate, "127.0.0.1", 0, [&](absl::string_view l) {
+    std::lock_guard<std::mutex> lock(log_mu);
+    log.emplace_back(l);
+  });
+  ASSERT_TRUE(ep.ok());
+  ASSERT_TRUE(vm->Start().ok());
+  uint16_t port = (*ep)->port();
+  auto connect = [&] { return *cli::LedgerClient::Connect("127.0.0.1", port, 5000); };
+
+  {  // oversized frame: the connection is closed
+    auto c = connect();
+    ASSERT_TRUE(c.SendBytes(Header(1 << 20)).ok());
+    EXPECT_FALSE(c.Receive().ok());
+  }
+  {  // empty frame
+    auto c = connect();
+    ASSERT_TRUE(c.SendBytes(Header(0)).ok());
+    EXPECT_FALSE(c.Receive().ok());
+  }
+  {  // bytes that are not a protobuf message
+    auto c = connect();
+    ASSERT_TRUE(c.SendBytes(Header(5) + std::string(5, '\xff')).ok());
+    EXPECT_FALSE(c.Receive().ok());
+  }
+  {  // well-formed but meaningless: answered with an error, the connection stays usable
+    auto c = connect();
+    pb::LedgerRequest q = Open(3, 1);
+    q.set_op(static_cast<pb::LedgerOp>(99));
+    auto r = c.Call(q);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status(), RML_ERR_UNKNOWN_OP);
+    EXPECT_FALSE(r->error().empty());
+    auto zero = c.Call(Open(0, 1));
+    ASSERT_TRUE(zero.ok());
+    EXPECT_EQ(zero->status(), RML_ERR_BAD_CLIENT);
+    auto bad_account = c.Call([] {
+      pb::LedgerRequest d = Open(3, 2);
+      d.set_op(pb::TRANSFER);
+      d.set_account(1000000);
+      d.set_to_account(7);
+      d.set_amount(5);
+      return d;
+    }());
+    ASSERT_TRUE(bad_account.ok());
+    EXPECT_EQ(bad_account->status(), RML_ERR_NO_ACCOUNT);
+    auto ok = c.Call(Open(3, 3));
+    ASSERT_TRUE(ok.ok());
+    EXPECT_EQ(ok->status(), RML_OK);
+  }
+  // A fresh client is still served and the VM still runs.
+  auto c = connect();
+  auto r = c.Call(Open(4, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status(), RML_OK);
+  EXPECT_FALSE(vm->exited());
+  EXPECT_GE((*ep)->stats().rejected, 4u);
+  {
+    std::lock_guard<std::mutex> lock(log_mu);
+    ASSERT_GE(log.size(), 2u);
+    for (const auto& l : log) EXPECT_EQ(l.find('\n'), std::string::npos) << l;
+  }
+  ep->reset();
+  EXPECT_TRUE(vm->Stop().ok());
+}
+
+class KvmBadSnapshot : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ROMULUS_REQUIRE_KVM();
+    auto vm = testing::BootTestVm(dir_);
+    ASSERT_NE(vm, nullptr);
+    ASSERT_TRUE(vm->Start().ok());
+    ASSERT_TRUE(vm->Pause().ok());
+    ASSERT_TRUE(vm->SaveSnapshot(Snap()).ok());
+    ASSERT_TRUE(vm->Stop().ok());
+  }
+  std::string Snap() const { return dir_.File("snap"); }
+  absl::Status Restore() {
+    auto vm = vmm::Vm::Restore(Snap(), dir_.File("restored.img"), nullptr);
+    return vm.ok() ? absl::OkStatus() : vm.status();
+  }
+  void Poke(const std::string& file, off_t offset) {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(offset);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(offset);
+    f.write(&c, 1);
+  }
+  TempDir dir_;
+};
+
+TEST_F(KvmBadSnapshot, IntactSnapshotRestores) { EXPECT_TRUE(Restore().ok()); }
+
+TEST_F(KvmBadSnapshot, TruncatedMemoryIsRefused) {
+  ASSERT_EQ(::truncate((Snap() + "/memory.bin").c_str(), 1 << 20), 0);
+  absl::Status s = Restore();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(s.message().find("truncated"), absl::string_view::npos) << s;
+}
+
+TEST_F(KvmBadSnapshot, CorruptedMemoryIsRefused) {
+  Poke(Snap() + "/memory.bin", 12345678);
+  absl::Status s = Restore();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(s.message().find("corrupted"), absl::string_view::npos) << s;
+}
+
+TEST_F(KvmBadSnapshot, CorruptedDiskIsRefused) {
+  Poke(Snap() + "/disk.img", 600);
+  absl::Status s = Restore();
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+}
+
+TEST_F(KvmBadSnapshot, GarbageStateIsRefused) {
+  std::ofstream(Snap() + "/state.pb", std::ios::trunc) << "\xff\xff\xff garbage";
+  EXPECT_FALSE(Restore().ok());
+}
+
+TEST_F(KvmBadSnapshot, TruncatedStateIsRefused) {
+  struct stat st;
+  ASSERT_EQ(::stat((Snap() + "/state.pb").c_str(), &st), 0);
+  ASSERT_EQ(::truncate((Snap() + "/state.pb").c_str(), st.st_size / 2), 0);
+  EXPECT_FALSE(Restore().ok());
+}
+
+TEST_F(KvmBadSnapshot, WrongFormatVersionIsRefused) {
+  pb::VmSnapshot snap;
+  std::ifstream in(Snap() + "/state.pb", std::ios::binary);
+  ASSERT_TRUE(snap.ParseFromIstream(&in));
+  snap.set_format_version(77);
+  std::ofstream out(Snap() + "/state.pb", std::ios::trunc | std::ios::binary);
+  ASSERT_TRUE(snap.SerializeToOstream(&out));
+  out.close();
+  absl::Status s = Restore();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+}
+
+// A guest image built by hand: header, then code at the entry point.
+std::string HandmadeImage(const std::string& code, uint64_t image_end = 0) {
+  rml_image_header h{};
+  h.magic = RML_IMAGE_MAGIC;
+  h.abi_version = RML_ABI_VERSION;
+  h.header_bytes = sizeof(h);
+  h.entry = RML_IMAGE_GPA + sizeof(h);
+  std::string image(reinterpret_cast<const char*>(&h), sizeof(h));
+  image += code;
+  h.image_end = image_end ? image_end : RML_IMAGE_GPA + image.size();
+  std::memcpy(image.data(), &h, sizeof(h));
+  return image;
+}
+
+absl::Status BootImage(const TempDir& dir, const std::string& image, std::unique_ptr<vmm::Vm>* out) {
+  std::ofstream(dir.File("guest.bin"), std::ios::binary | std::ios::trunc) << image;
+  vmm::VmConfig config;
+  config.memory_bytes = 32ull << 20;
+  config.disk_path = dir.File("disk.img");
+  config.guest_image_path = dir.File("guest.bin");
+  EXPECT_TRUE(vmm::BlockDevice::CreateImage(config.disk_path, 1 << 20).ok());
+  auto vm = vmm::Vm::Boot(config);
+  if (!vm.ok()) return vm.status();
+  *out = std::move(*vm);
+  return absl::OkStatus();
+}
+
+TEST(KvmBadGuest, ImagesThatDoNotFitAreRefused) {
+  ROMULUS_REQUIRE_KVM();
+  TempDir dir;
+  std::unique_ptr<vmm::Vm> vm;
+  absl::Status big = BootImage(dir, std::string(5 << 20, '\0'), &vm);
+  EXPECT_EQ(big.code(), absl::StatusCode::kInvalidArgument) << big;
+  absl::Status bss = BootImage(dir, HandmadeImage("\xf4", RML_IMAGE_LIMIT + 4096), &vm);
+  EXPECT_EQ(bss.code(), absl::StatusCode::kInvalidArgument) << bss;
+  EXPECT_NE(bss.message().find("must end below"), absl::string_view::npos) << bss;
+  absl::Status magic = BootImage(dir, std::string(64, 'x'), &vm);
+  EXPECT_NE(magic.message().find("bad magic"), absl::string_view::npos) << magic;
+}
+
+// A guest that faults stops with one line naming what happened and where; it never hangs.
+void ExpectGuestStops(const std::string& code, const std::string& what) {
+  TempDir dir;
+  std::unique_ptr<vmm::Vm> vm;
+  ASSERT_TRUE(BootImage(dir, HandmadeImage(code), &vm).ok());
+  ASSERT_TRUE(vm->Start().ok());
+  absl::Status s = vm->Wait();
+  EXPECT_FALSE(s.ok());
+  std::string msg(s.message());
+  EXPECT_NE(msg.find("guest stopped"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(what), std::string::npos) << msg;
+  EXPECT_NE(msg.find("rip=0x1000"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+}
+
+TEST(KvmBadGuest, PrivilegedInstructionStopsTheGuest) {
+  ROMULUS_REQUIRE_KVM();
+  ExpectGuestStops("\xf4", "triple fault");  // hlt at CPL 3
+}
+
+TEST(KvmBadGuest, AccessOutsideRamStopsTheGuest) {
+  ROMULUS_REQUIRE_KVM();
+  // mov %rax, 0x7ff0000 (beyond 32 MiB of RAM, so not mapped)
+  ExpectGuestStops(std::string("\x48\x89\x04\x25\x00\x00\xff\x07", 8), "triple fault");
+}
+
+TEST(KvmBadGuest, PanicPortStopsTheGuest) {
+  ROMULUS_REQUIRE_KVM();
+  // mov $0x510, %dx; mov $0x42, %eax; out %eax, (%dx)
+  ExpectGuestStops(std::string("\x66\xba\x10\x05\xb8\x42\x00\x00\x00\xef", 10), "guest panic (code 0x42)");
+}
+
+TEST(KvmBadGuest, UnknownPortStopsTheGuest) {
+  ROMULUS_REQUIRE_KVM();
+  // mov $0x5f0, %dx; out %eax, (%dx): outside the I/O bitmap's ports
+  ExpectGuestStops(std::string("\x66\xba\xf0\x05\xef", 5), "guest stopped");
+}
+
+}  // namespace
+}  // namespace romulus

@@ -1,0 +1,80 @@
+// Every piece of VM state survives Save -> Restore -> Save unchanged.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
+
+#include "google/protobuf/util/message_differencer.h"
+#include "tests/test_util.h"
+#include "vmm/vmm.h"
+
+namespace romulus {
+namespace {
+
+using google::protobuf::util::MessageDifferencer;
+using testing::TempDir;
+
+// Lets the guest run until it has done `pages` workload writes (bounded), then pauses it.
+void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
+  }
+  ASSERT_GE(vm.guest_status().workload_pages, pages);
+  ASSERT_TRUE(vm.Pause().ok());
+}
+
+TEST(KvmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
+  ROMULUS_REQUIRE_KVM();
+  TempDir dir;
+  auto vm = testing::BootTestVm(dir, {.working_set_pages = 256, .write_rate = 0,
+                                      .write_limit = 5000, .pattern = RML_PATTERN_UNIFORM});
+  ASSERT_NE(vm, nullptr);
+  ASSERT_TRUE(vm->Start().ok());
+  RunUntilPages(*vm, 5000);
+  auto saved = vm->SaveState();
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  auto info = vm->SaveSnapshot(dir.File("snap"));
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_TRUE(vm->Stop().ok());
+
+  auto restored = vmm::Vm::Restore(dir.File("snap"), dir.File("disk2.img"), nullptr);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  auto again = (*restored)->SaveState();
+  ASSERT_TRUE(again.ok()) << again.status();
+
+  const pb::VcpuState& a = saved->vcpus(0);
+  const pb::VcpuState& b = again->vcpus(0);
+  EXPECT_EQ(a.regs(), b.regs());
+  EXPECT_EQ(a.sregs(), b.sregs());
+  EXPECT_EQ(a.xsave(), b.xsave());
+  EXPECT_EQ(a.xcrs(), b.xcrs());
+  EXPECT_EQ(a.debugregs(), b.debugregs());
+  EXPECT_EQ(a.events(), b.events());
+  EXPECT_EQ(a.mp_state(), b.mp_state());
+  EXPECT_EQ(a.cpuid_size(), b.cpuid_size());
+  for (int i = 0; i < a.cpuid_size() && i < b.cpuid_size(); i++) {
+    EXPECT_TRUE(MessageDifferencer::Equals(a.cpuid(i), b.cpuid(i))) << "CPUID entry " << i;
+  }
+  ASSERT_EQ(a.msrs_size(), b.msrs_size());
+  constexpr uint32_t kTsc = 0x10;  // time moves on: compared below as "not earlier"
+  for (int i = 0; i < a.msrs_size(); i++) {
+    EXPECT_EQ(a.msrs(i).index(), b.msrs(i).index());
+    if (a.msrs(i).index() == kTsc) {
+      EXPECT_GE(b.msrs(i).value(), a.msrs(i).value());
+    }
+  }
+  EXPECT_GE(again->clock().clock_ns(), saved->clock().clock_ns());
+  EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().console(), again->devices().console()));
+  EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().block(), again->devices().block()));
+  EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().idle(), again->devices().idle()));
+  EXPECT_EQ(saved->devices().ledger().responses_seen(), again->devices().ledger().responses_seen());
+  // Tags handed out after a restore never collide with ones still in the restored rings.
+  EXPECT_GT(again->devices().ledger().next_tag(), saved->devices().ledger().next_tag());
+  // Guest memory restored is the memory captured.
+  EXPECT_EQ((*restored)->memory().Digest(), info->memory_xxh3);
+  EXPECT_EQ((*restored)->guest_status().workload_pages, 5000u);
+}
+
+}  // namespace
+}  // namespace romulus

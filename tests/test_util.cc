@@ -1,0 +1,115 @@
+#include "tests/test_util.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+namespace romulus::testing {
+
+TempDir::TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "romulus-test-XXXXXX").string();
+  char* p = ::mkdtemp(tmpl.data());
+  if (!p) std::abort();
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig workload) {
+  vmm::VmConfig config;
+  config.memory_bytes = 64ull << 20;
+  config.disk_path = dir.File("disk.img");
+  config.workload = workload;
+  config.progress_ms = 0;
+  config.max_accounts = 1024;
+  EXPECT_TRUE(vmm::BlockDevice::CreateImage(config.disk_path, 8ull << 20).ok());
+  auto vm = vmm::Vm::Boot(config);
+  EXPECT_TRUE(vm.ok()) << vm.status();
+  return vm.ok() ? std::move(*vm) : nullptr;
+}
+
+Child::Child(const std::vector<std::string>& args) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) std::abort();
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    ::dup2(fds[1], 1);
+    ::dup2(fds[1], 2);
+    std::vector<char*> argv;
+    std::string bin = ROMULUS_BINARY;
+    argv.push_back(bin.data());
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  out_fd_ = fds[0];
+}
+
+Child::~Child() {
+  if (pid_ > 0 && Wait(0) == -1) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  if (out_fd_ >= 0) ::close(out_fd_);
+}
+
+std::smatch Child::WaitForLine(const std::string& pattern, double seconds) {
+  std::regex re(pattern);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (;;) {
+    size_t nl;
+    while ((nl = buffer_.find('\n')) != std::string::npos) {
+      matched_line_ = buffer_.substr(0, nl);
+      buffer_.erase(0, nl + 1);
+      std::smatch m;
+      if (std::regex_search(matched_line_, m, re)) return m;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) break;
+    pollfd p{out_fd_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(out_fd_, buf, sizeof(buf));
+    if (n <= 0) break;  // the child closed its output
+    buffer_.append(buf, static_cast<size_t>(n));
+    output_.append(buf, static_cast<size_t>(n));
+  }
+  ADD_FAILURE() << "no line matching /" << pattern << "/ within " << seconds << " s; output:\n"
+                << output_;
+  return std::smatch();
+}
+
+void Child::Signal(int sig) { ::kill(pid_, sig); }
+
+int Child::Wait(double seconds) {
+  if (pid_ <= 0) return -1;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (;;) {
+    int status = 0;
+    pid_t r = ::waitpid(pid_, &status, WNOHANG);
+    if (r == pid_) {
+      pid_ = -1;
+      // Keep what the child printed last.
+      char buf[4096];
+      ssize_t n;
+      while ((n = ::read(out_fd_, buf, sizeof(buf))) > 0) output_.append(buf, static_cast<size_t>(n));
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a child's exit
+  }
+}
+
+}  // namespace romulus::testing

@@ -1,0 +1,60 @@
+// Helpers shared by the tests: skipping without KVM, temporary directories, a booted test VM,
+// and child `romulus` processes whose output is read line by line with bounded waits.
+#ifndef ROMULUS_TESTS_TEST_UTIL_H_
+#define ROMULUS_TESTS_TEST_UTIL_H_
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "vmm/vmm.h"
+
+namespace romulus::testing {
+
+// Skips the calling test, with the reason, when this machine cannot run KVM VMs.
+#define ROMULUS_REQUIRE_KVM()                                                     \
+  do {                                                                            \
+    if (auto kvm_status = ::romulus::vmm::CheckKvm(); !kvm_status.ok()) {         \
+      GTEST_SKIP() << "needs /dev/kvm: " << kvm_status.message();                 \
+    }                                                                             \
+  } while (0)
+
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// A small VM (64 MiB, 8 MiB disk) with the reference guest, not yet started.
+std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig workload = {});
+
+// A `romulus` child process. Every wait is bounded; the destructor kills what is still running.
+class Child {
+ public:
+  explicit Child(const std::vector<std::string>& args);
+  ~Child();
+  // Reads lines until one matches `pattern` (returns its groups) or `seconds` pass (fails).
+  std::smatch WaitForLine(const std::string& pattern, double seconds);
+  void Signal(int sig);
+  // Waits up to `seconds` for exit; returns the exit code, or -1 on timeout.
+  int Wait(double seconds);
+  const std::string& output() const { return output_; }
+
+ private:
+  int pid_ = -1;
+  int out_fd_ = -1;
+  std::string buffer_, output_;
+  std::string matched_line_;
+};
+
+}  // namespace romulus::testing
+
+#endif  // ROMULUS_TESTS_TEST_UTIL_H_
