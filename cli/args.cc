@@ -13,10 +13,20 @@ absl::Status ParseSize(const std::string& text, uint64_t* out) {
   uint64_t mult = 1;
   std::string digits = text;
   switch (text.back()) {
-    case 'K': case 'k': mult = 1ull << 10; break;
-    case 'M': case 'm': mult = 1ull << 20; break;
-    case 'G': case 'g': mult = 1ull << 30; break;
-    default: break;
+    case 'K':
+    case 'k':
+      mult = 1ull << 10;
+      break;
+    case 'M':
+    case 'm':
+      mult = 1ull << 20;
+      break;
+    case 'G':
+    case 'g':
+      mult = 1ull << 30;
+      break;
+    default:
+      break;
   }
   if (mult != 1) digits.pop_back();
   uint64_t v;
@@ -37,24 +47,28 @@ void Args::String(const std::string& name, std::string* out, const std::string& 
 void Args::Uint(const std::string& name, uint64_t* out, const std::string& help) {
   Add({name, help, absl::StrCat(*out), true, [out, name](const std::string& v) {
          if (!absl::SimpleAtoi(v, out)) {
-           return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", v, "' is not a whole number"));
+           return absl::InvalidArgumentError(
+               absl::StrCat("--", name, ": '", v, "' is not a whole number"));
          }
          return absl::OkStatus();
        }});
 }
 
 void Args::Size(const std::string& name, uint64_t* out, const std::string& help) {
-  std::string def = *out % (1 << 20) == 0 && *out ? absl::StrCat(*out >> 20, "M") : absl::StrCat(*out);
+  std::string def =
+      *out % (1 << 20) == 0 && *out ? absl::StrCat(*out >> 20, "M") : absl::StrCat(*out);
   Add({name, help, def, true, [out, name](const std::string& v) {
          auto s = ParseSize(v, out);
-         return s.ok() ? s : absl::InvalidArgumentError(absl::StrCat("--", name, ": ", s.message()));
+         return s.ok() ? s
+                       : absl::InvalidArgumentError(absl::StrCat("--", name, ": ", s.message()));
        }});
 }
 
 void Args::Seconds(const std::string& name, double* out, const std::string& help) {
   Add({name, help, absl::StrCat(*out), true, [out, name](const std::string& v) {
          if (!absl::SimpleAtod(v, out) || *out < 0 || *out > 1e7) {
-           return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", v, "' is not a number of seconds"));
+           return absl::InvalidArgumentError(
+               absl::StrCat("--", name, ": '", v, "' is not a number of seconds"));
          }
          return absl::OkStatus();
        }});
@@ -90,7 +104,8 @@ absl::Status Args::Parse(int argc, char** argv) {
     }
     if (!opt) return absl::InvalidArgumentError(absl::StrCat("unknown option --", name));
     if (opt->takes_value && !has_value) {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+      if (i + 1 >= argc)
+        return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
       value = argv[++i];
     } else if (!opt->takes_value && has_value) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));

@@ -58,8 +58,7 @@ struct Shared {
 
 bool SameResponse(const pb::LedgerResponse& a, const pb::LedgerResponse& b) {
   return a.status() == b.status() && a.account() == b.account() && a.balance() == b.balance() &&
-         a.to_balance() == b.to_balance() && a.seq() == b.seq() &&
-         a.request_id() == b.request_id();
+         a.to_balance() == b.to_balance() && a.seq() == b.seq() && a.request_id() == b.request_id();
 }
 
 // One client: a connection that reconnects and resends the same request id when it fails.
@@ -103,7 +102,8 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   std::vector<double> lat;
   std::map<uint32_t, uint64_t> statuses;
   uint64_t unresolved = 0, requests = 0, retries = 0;
-  double per_client_rate = o.rate ? static_cast<double>(o.rate) / static_cast<double>(o.clients) : 0;
+  double per_client_rate =
+      o.rate ? static_cast<double>(o.rate) / static_cast<double>(o.clients) : 0;
   auto next = Clock::now();
   while (Clock::now() < end) {
     if (per_client_rate > 0) {
@@ -116,7 +116,8 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
     uint32_t a = accounts[rng() % accounts.size()];
     if (roll < o.transfer_pct && accounts.size() > 1) {
       uint32_t b;
-      do b = accounts[rng() % accounts.size()]; while (b == a);
+      do b = accounts[rng() % accounts.size()];
+      while (b == a);
       q.set_op(pb::TRANSFER);
       q.set_account(a);
       q.set_to_account(b);
@@ -142,8 +143,8 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
     {
       std::lock_guard<std::mutex> lock(shared.mu);
       if (r->seq() < last_seq) {
-        shared.Violation(absl::StrCat("client ", id, ": sequence went back from ", last_seq,
-                                      " to ", r->seq()));
+        shared.Violation(
+            absl::StrCat("client ", id, ": sequence went back from ", last_seq, " to ", r->seq()));
       }
       bool write = q.op() != pb::READ && r->status() == RML_OK;
       if (write && r->seq() <= last_seq) {
@@ -185,8 +186,10 @@ double Percentile(std::vector<double>& v, double p) {
 }  // namespace
 
 absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
-  if (o.clients == 0 || o.clients > 1024) return absl::InvalidArgumentError("clients must be 1-1024");
-  if (o.accounts < 2 || o.accounts > 4096) return absl::InvalidArgumentError("accounts must be 2-4096");
+  if (o.clients == 0 || o.clients > 1024)
+    return absl::InvalidArgumentError("clients must be 1-1024");
+  if (o.accounts < 2 || o.accounts > 4096)
+    return absl::InvalidArgumentError("accounts must be 2-4096");
   if (o.transfer_pct + o.deposit_pct + o.read_pct != 100) {
     return absl::InvalidArgumentError("the op mix must add up to 100");
   }
@@ -204,9 +207,12 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     q.set_request_id(++rid);
     q.set_op(pb::OPEN);
     auto r = setup.Call(q);
-    if (!r) return absl::UnavailableError(absl::StrCat("cannot reach the ledger at ", o.host, ":", o.port));
+    if (!r)
+      return absl::UnavailableError(
+          absl::StrCat("cannot reach the ledger at ", o.host, ":", o.port));
     if (r->status() != RML_OK) {
-      return absl::FailedPreconditionError(absl::StrCat("opening an account failed with status ", r->status()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("opening an account failed with status ", r->status()));
     }
     accounts.push_back(r->account());
     q.set_request_id(++rid);
@@ -219,7 +225,8 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   }
 
   auto start = Clock::now();
-  auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.duration_s));
+  auto end = start + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(o.duration_s));
   std::vector<std::thread> threads;
   for (uint64_t c = 0; c < o.clients; c++) {
     threads.emplace_back(RunClient, std::cref(o), base + 1 + c, std::cref(accounts), end, rng(),
@@ -232,7 +239,9 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   rep.p50_us = Percentile(shared.latencies_us, 0.50);
   rep.p90_us = Percentile(shared.latencies_us, 0.90);
   rep.p99_us = Percentile(shared.latencies_us, 0.99);
-  rep.max_us = shared.latencies_us.empty() ? 0 : *std::max_element(shared.latencies_us.begin(), shared.latencies_us.end());
+  rep.max_us = shared.latencies_us.empty()
+                   ? 0
+                   : *std::max_element(shared.latencies_us.begin(), shared.latencies_us.end());
 
   // Final read: every balance must equal the newest acknowledged write that touched it, and
   // transfers must have preserved the sum of what was deposited.
@@ -257,8 +266,8 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     }
   }
   if (rep.unresolved == 0 && rep.final_total != rep.expected_total) {
-    rep.violations.push_back(absl::StrCat("balances sum to ", rep.final_total, ", deposits to ",
-                                          rep.expected_total));
+    rep.violations.push_back(
+        absl::StrCat("balances sum to ", rep.final_total, ", deposits to ", rep.expected_total));
   }
   return rep;
 }
@@ -277,11 +286,13 @@ std::string FormatReport(const LoadReport& r) {
   absl::StrAppendFormat(&out, "load: balances sum %d, deposits %d, last seq %d\n", r.final_total,
                         r.expected_total, r.last_seq);
   if (r.ok()) {
-    absl::StrAppend(&out, "load: invariants hold (sum, newest-write balances, exactly-once "
-                          "retries, increasing sequence numbers)\n");
+    absl::StrAppend(&out,
+                    "load: invariants hold (sum, newest-write balances, exactly-once "
+                    "retries, increasing sequence numbers)\n");
   } else {
     for (const auto& v : r.violations) absl::StrAppend(&out, "load: VIOLATION: ", v, "\n");
-    if (r.unresolved) absl::StrAppend(&out, "load: FAILED: ", r.unresolved, " requests unanswered\n");
+    if (r.unresolved)
+      absl::StrAppend(&out, "load: FAILED: ", r.unresolved, " requests unanswered\n");
   }
   return out;
 }

@@ -17,18 +17,18 @@ struct LoadOptions {
   uint16_t port = 7070;
   uint64_t clients = 4;
   double duration_s = 5;
-  uint64_t rate = 0;        // requests/s over all clients; 0: as fast as answers come
-  uint64_t accounts = 16;   // accounts this run opens and works on
+  uint64_t rate = 0;       // requests/s over all clients; 0: as fast as answers come
+  uint64_t accounts = 16;  // accounts this run opens and works on
   uint64_t transfer_pct = 70, deposit_pct = 20, read_pct = 10;
-  uint64_t retry_pct = 5;   // requests sent twice on purpose to check exactly-once
+  uint64_t retry_pct = 5;  // requests sent twice on purpose to check exactly-once
   uint64_t timeout_ms = 5000;
-  uint64_t attempts = 20;   // tries per request (reconnecting) before it counts as unresolved
-  uint64_t seed = 0;        // 0: from the clock
+  uint64_t attempts = 20;  // tries per request (reconnecting) before it counts as unresolved
+  uint64_t seed = 0;       // 0: from the clock
 };
 
 struct LoadReport {
-  uint64_t requests = 0;       // distinct requests answered
-  uint64_t unresolved = 0;     // requests never answered
+  uint64_t requests = 0;    // distinct requests answered
+  uint64_t unresolved = 0;  // requests never answered
   uint64_t reconnects = 0;
   uint64_t retries_checked = 0;
   double seconds = 0;

@@ -1,7 +1,7 @@
 #include <cstdio>
 
-#include "absl/strings/str_split.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/ledger_client.h"
@@ -48,7 +48,8 @@ int LoadCommand(int argc, char** argv) {
     std::fprintf(stderr, "romulus load: %s\n", std::string(report.status().message()).c_str());
     return 1;
   }
-  std::fputs(json ? (FormatReportJson(*report) + "\n").c_str() : FormatReport(*report).c_str(), stdout);
+  std::fputs(json ? (FormatReportJson(*report) + "\n").c_str() : FormatReport(*report).c_str(),
+             stdout);
   return report->ok() ? 0 : 1;
 }
 
@@ -59,7 +60,8 @@ int JournalCommand(int argc, char** argv) {
             "sequence number, account count and the sum of balances.");
   args.String("disk", &disk, "disk image");
   if (auto s = args.Parse(argc, argv); !s.ok() || disk.empty()) {
-    std::fprintf(stderr, "romulus journal: %s\n", s.ok() ? "--disk is required" : std::string(s.message()).c_str());
+    std::fprintf(stderr, "romulus journal: %s\n",
+                 s.ok() ? "--disk is required" : std::string(s.message()).c_str());
     return 2;
   }
   if (args.help()) {

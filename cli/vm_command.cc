@@ -25,9 +25,9 @@ int Fail(const absl::Status& s) {
 }
 
 std::string StatusLine(const rml_status& g) {
-  return absl::StrFormat("workload_pages=%d ledger_seq=%d journal_records=%d accounts=%d requests=%d",
-                         g.workload_pages, g.ledger_seq, g.journal_records, g.accounts_open,
-                         g.ledger_requests);
+  return absl::StrFormat(
+      "workload_pages=%d ledger_seq=%d journal_records=%d accounts=%d requests=%d",
+      g.workload_pages, g.ledger_seq, g.journal_records, g.accounts_open, g.ledger_requests);
 }
 
 }  // namespace
@@ -47,21 +47,29 @@ int VmCommand(int argc, char** argv) {
             "--snapshot-after seconds) and exits; --restore-from resumes such a snapshot in a new\n"
             "process. SIGINT/SIGTERM stop it.");
   args.Size("memory", &config.memory_bytes, "guest RAM, 16M to 4G in 2M steps");
-  args.String("disk", &disk, "disk image (created with --disk-size when missing; on restore, overwritten with the snapshot's disk)");
+  args.String("disk", &disk,
+              "disk image (created with --disk-size when missing; on restore, overwritten with the "
+              "snapshot's disk)");
   args.Size("disk-size", &disk_size, "size of a newly created disk image");
-  args.Uint("working-set", &config.workload.working_set_pages, "pages the memory workload writes over (0: off)");
-  args.Uint("write-rate", &config.workload.write_rate, "workload page writes per second (0: as fast as possible)");
-  args.Uint("write-limit", &config.workload.write_limit, "stop the workload after this many writes (0: never)");
-  args.String("pattern", &pattern, "workload pattern: sequential, uniform or hotcold (90% of writes to 10% of pages)");
+  args.Uint("working-set", &config.workload.working_set_pages,
+            "pages the memory workload writes over (0: off)");
+  args.Uint("write-rate", &config.workload.write_rate,
+            "workload page writes per second (0: as fast as possible)");
+  args.Uint("write-limit", &config.workload.write_limit,
+            "stop the workload after this many writes (0: never)");
+  args.String("pattern", &pattern,
+              "workload pattern: sequential, uniform or hotcold (90% of writes to 10% of pages)");
   args.Uint("seed", &config.workload.seed, "workload random seed");
   args.Uint("accounts", &accounts, "most ledger accounts the guest will open (1-65536)");
   args.String("listen", &listen, "address of the ledger endpoint");
   args.Uint("ledger-port", &port, "TCP port of the ledger endpoint (0: any free port)");
   args.Uint("progress-ms", &config.progress_ms, "guest console progress interval (0: none)");
   args.Bool("quiet", &quiet, "do not print the guest console");
-  args.String("guest-image", &config.guest_image_path, "guest image to run instead of the built-in reference guest");
+  args.String("guest-image", &config.guest_image_path,
+              "guest image to run instead of the built-in reference guest");
   args.String("snapshot-to", &snapshot_to, "snapshot directory to write, then exit");
-  args.Seconds("snapshot-after", &snapshot_after, "write the snapshot after this many seconds (0: only on SIGUSR1)");
+  args.Seconds("snapshot-after", &snapshot_after,
+               "write the snapshot after this many seconds (0: only on SIGUSR1)");
   args.String("restore-from", &restore_from, "snapshot directory to resume instead of booting");
   args.Seconds("run-for", &run_for, "stop after this many seconds (0: run until a signal)");
   if (auto s = args.Parse(argc, argv); !s.ok()) return Fail(s);
@@ -69,10 +77,14 @@ int VmCommand(int argc, char** argv) {
     std::fputs(args.Help().c_str(), stdout);
     return 0;
   }
-  if (pattern == "sequential") config.workload.pattern = RML_PATTERN_SEQUENTIAL;
-  else if (pattern == "uniform") config.workload.pattern = RML_PATTERN_UNIFORM;
-  else if (pattern == "hotcold") config.workload.pattern = RML_PATTERN_HOTCOLD;
-  else return Fail(absl::InvalidArgumentError("--pattern must be sequential, uniform or hotcold"));
+  if (pattern == "sequential")
+    config.workload.pattern = RML_PATTERN_SEQUENTIAL;
+  else if (pattern == "uniform")
+    config.workload.pattern = RML_PATTERN_UNIFORM;
+  else if (pattern == "hotcold")
+    config.workload.pattern = RML_PATTERN_HOTCOLD;
+  else
+    return Fail(absl::InvalidArgumentError("--pattern must be sequential, uniform or hotcold"));
   if (port > 65535) return Fail(absl::InvalidArgumentError("--ledger-port must be at most 65535"));
   if (accounts > RML_MAX_ACCOUNTS || accounts == 0) {
     return Fail(absl::InvalidArgumentError("--accounts must be 1 to 65536"));
@@ -113,13 +125,15 @@ int VmCommand(int argc, char** argv) {
     }
     vm = vmm::Vm::Boot(config);
     if (!vm.ok()) return Fail(vm.status());
-    Say(absl::StrFormat("booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d writes/s (%s)",
-                        config.memory_bytes >> 20, disk, config.workload.working_set_pages,
-                        config.workload.write_rate, pattern));
+    Say(absl::StrFormat(
+        "booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d writes/s (%s)",
+        config.memory_bytes >> 20, disk, config.workload.working_set_pages,
+        config.workload.write_rate, pattern));
   }
   vmm::OutputGate gate;  // open: nothing holds outputs until replication arrives
-  auto endpoint = vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, listen, static_cast<uint16_t>(port),
-                                             [](absl::string_view line) { Say(std::string(line)); });
+  auto endpoint =
+      vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, listen, static_cast<uint16_t>(port),
+                                 [](absl::string_view line) { Say(std::string(line)); });
   if (!endpoint.ok()) return Fail(endpoint.status());
   Say(absl::StrFormat("ledger listening on %s:%d", listen, (*endpoint)->port()));
   if (auto s = (*vm)->Start(); !s.ok()) return Fail(s);
@@ -127,7 +141,8 @@ int VmCommand(int argc, char** argv) {
   using Clock = std::chrono::steady_clock;
   auto start = Clock::now();
   auto at = [&](double seconds) {
-    return start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    return start +
+           std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   };
   bool snapshot_now = false;
   for (;;) {
@@ -135,8 +150,10 @@ int VmCommand(int argc, char** argv) {
     int sig = sigtimedwait(&signals, nullptr, &tick);
     if (sig == SIGINT || sig == SIGTERM) break;
     if (sig == SIGUSR1) {
-      if (snapshot_to.empty()) Say("SIGUSR1 ignored: no --snapshot-to directory");
-      else snapshot_now = true;
+      if (snapshot_to.empty())
+        Say("SIGUSR1 ignored: no --snapshot-to directory");
+      else
+        snapshot_now = true;
     }
     if (snapshot_after > 0 && Clock::now() >= at(snapshot_after)) snapshot_now = true;
     if (run_for > 0 && Clock::now() >= at(run_for)) break;
@@ -147,7 +164,8 @@ int VmCommand(int argc, char** argv) {
       if (!info.ok()) return Fail(info.status());
       double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       Say(absl::StrFormat("snapshot %s memory_xxh3=%016x disk_xxh3=%016x %s took_ms=%.1f",
-                          snapshot_to, info->memory_xxh3, info->disk_xxh3, StatusLine(info->guest), ms));
+                          snapshot_to, info->memory_xxh3, info->disk_xxh3, StatusLine(info->guest),
+                          ms));
       (void)(*vm)->Stop();
       return 0;
     }

@@ -51,11 +51,11 @@ enum rml_pattern { RML_PATTERN_SEQUENTIAL = 0, RML_PATTERN_UNIFORM = 1, RML_PATT
 
 // Written by the guest, read by the monitor when the vCPU is paused.
 struct rml_status {
-  uint64_t initialized;     // 1 once the guest has formatted its journal
-  uint64_t workload_pages;  // page writes done by the memory workload, ever
-  uint64_t ledger_seq;      // sequence number of the last applied transaction
-  uint64_t ledger_requests; // requests answered (including duplicates)
-  uint64_t journal_records; // records on disk
+  uint64_t initialized;      // 1 once the guest has formatted its journal
+  uint64_t workload_pages;   // page writes done by the memory workload, ever
+  uint64_t ledger_seq;       // sequence number of the last applied transaction
+  uint64_t ledger_requests;  // requests answered (including duplicates)
+  uint64_t journal_records;  // records on disk
   uint64_t accounts_open;
   uint64_t idle_exits;
   uint64_t reserved[9];
@@ -65,17 +65,17 @@ struct rml_status {
 struct rml_boot {
   uint64_t magic;
   uint32_t abi_version;
-  uint32_t pattern;       // enum rml_pattern
+  uint32_t pattern;  // enum rml_pattern
   uint64_t memory_bytes;
   uint64_t tsc_khz;
-  uint64_t ws_pages;      // working-set pages from RML_WORKLOAD_GPA; 0 turns the workload off
-  uint64_t write_rate;    // page writes per second; 0: as fast as it can
-  uint64_t write_limit;   // stop after this many page writes; 0: never
+  uint64_t ws_pages;     // working-set pages from RML_WORKLOAD_GPA; 0 turns the workload off
+  uint64_t write_rate;   // page writes per second; 0: as fast as it can
+  uint64_t write_limit;  // stop after this many page writes; 0: never
   uint64_t max_accounts;
-  uint64_t journal_id;    // tags this boot's journal records; chosen by the monitor
+  uint64_t journal_id;  // tags this boot's journal records; chosen by the monitor
   uint64_t disk_sectors;
   uint64_t seed;
-  uint64_t progress_ms;   // console progress line interval; 0: none
+  uint64_t progress_ms;  // console progress line interval; 0: none
   uint64_t reserved[4];
   struct rml_status status;
 };
@@ -141,7 +141,7 @@ struct rml_block_cmd {
 };
 
 // The ledger journal: sector 0 holds the header, records follow from sector 1, eight a sector.
-#define RML_JOURNAL_MAGIC 0x4c4e524au  // "JRNL"
+#define RML_JOURNAL_MAGIC 0x4c4e524au         // "JRNL"
 #define RML_JOURNAL_RECORD_MAGIC 0x44434552u  // "RECD"
 struct rml_journal_header {
   uint32_t magic;

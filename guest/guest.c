@@ -72,8 +72,8 @@ static void block_io(uint32_t op, uint64_t sector, uint32_t sectors) {
 }
 
 // ---- journal -------------------------------------------------------------------------------
-static uint64_t journal_records;      // records on disk
-static uint64_t journal_capacity;     // records the disk can hold
+static uint64_t journal_records;   // records on disk
+static uint64_t journal_capacity;  // records the disk can hold
 static struct rml_journal_record pending[RML_RING_SLOTS];
 static uint32_t pending_count;
 static unsigned char tail_sector[RML_SECTOR_SIZE];  // the partly filled last sector, if any

@@ -40,10 +40,11 @@ TEST(KvmBadInput, BadClientFramesAreRefusedAndTheLedgerKeepsServing) {
   vmm::OutputGate gate;
   std::vector<std::string> log;
   std::mutex log_mu;
-  auto ep = vmm::LedgerEndpoint::Start(vm->ledger(), gate, "127.0.0.1", 0, [&](absl::string_view l) {
-    std::lock_guard<std::mutex> lock(log_mu);
-    log.emplace_back(l);
-  });
+  auto ep =
+      vmm::LedgerEndpoint::Start(vm->ledger(), gate, "127.0.0.1", 0, [&](absl::string_view l) {
+        std::lock_guard<std::mutex> lock(log_mu);
+        log.emplace_back(l);
+      });
   ASSERT_TRUE(ep.ok());
   ASSERT_TRUE(vm->Start().ok());
   uint16_t port = (*ep)->port();
@@ -193,7 +194,8 @@ std::string HandmadeImage(const std::string& code, uint64_t image_end = 0) {
   return image;
 }
 
-absl::Status BootImage(const TempDir& dir, const std::string& image, std::unique_ptr<vmm::Vm>* out) {
+absl::Status BootImage(const TempDir& dir, const std::string& image,
+                       std::unique_ptr<vmm::Vm>* out) {
   std::ofstream(dir.File("guest.bin"), std::ios::binary | std::ios::trunc) << image;
   vmm::VmConfig config;
   config.memory_bytes = 32ull << 20;
@@ -248,7 +250,8 @@ TEST(KvmBadGuest, AccessOutsideRamStopsTheGuest) {
 TEST(KvmBadGuest, PanicPortStopsTheGuest) {
   ROMULUS_REQUIRE_KVM();
   // mov $0x510, %dx; mov $0x42, %eax; out %eax, (%dx)
-  ExpectGuestStops(std::string("\x66\xba\x10\x05\xb8\x42\x00\x00\x00\xef", 10), "guest panic (code 0x42)");
+  ExpectGuestStops(std::string("\x66\xba\x10\x05\xb8\x42\x00\x00\x00\xef", 10),
+                   "guest panic (code 0x42)");
 }
 
 TEST(KvmBadGuest, UnknownPortStopsTheGuest) {

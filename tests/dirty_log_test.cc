@@ -28,8 +28,10 @@ TEST(KvmDirtyLog, SequentialWritesAreReportedExactly) {
   ROMULUS_REQUIRE_KVM();
   TempDir dir;
   constexpr uint64_t kWs = 300;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 1000, .write_rate = 0,
-                                      .write_limit = kWs, .pattern = RML_PATTERN_SEQUENTIAL});
+  auto vm = testing::BootTestVm(dir, {.working_set_pages = 1000,
+                                      .write_rate = 0,
+                                      .write_limit = kWs,
+                                      .pattern = RML_PATTERN_SEQUENTIAL});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->HarvestDirty().ok());  // forget what the loader wrote
   ASSERT_TRUE(vm->Start().ok());
@@ -60,8 +62,10 @@ TEST(KvmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
   ROMULUS_REQUIRE_KVM();
   TempDir dir;
   constexpr uint64_t kWs = 4096, kFirst = 2000, kSecond = 6000;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = kWs, .write_rate = 0,
-                                      .write_limit = kFirst, .pattern = RML_PATTERN_UNIFORM});
+  auto vm = testing::BootTestVm(dir, {.working_set_pages = kWs,
+                                      .write_rate = 0,
+                                      .write_limit = kFirst,
+                                      .pattern = RML_PATTERN_UNIFORM});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->Start().ok());
   WaitForPages(*vm, kFirst);

@@ -5,10 +5,10 @@
 #include <thread>
 
 #include "cli/ledger_client.h"
-#include "vmm/ledger_protocol.h"
 #include "cli/load.h"
 #include "tests/test_util.h"
 #include "vmm/ledger_endpoint.h"
+#include "vmm/ledger_protocol.h"
 #include "vmm/vmm.h"
 
 namespace romulus {
@@ -38,8 +38,8 @@ class KvmLedger : public ::testing::Test {
     EXPECT_TRUE(c.ok()) << c.status();
     return std::move(*c);
   }
-  static pb::LedgerRequest Request(uint64_t client, uint64_t id, pb::LedgerOp op, uint32_t account = 0,
-                                   int64_t amount = 0) {
+  static pb::LedgerRequest Request(uint64_t client, uint64_t id, pb::LedgerOp op,
+                                   uint32_t account = 0, int64_t amount = 0) {
     pb::LedgerRequest q;
     q.set_client_id(client);
     q.set_request_id(id);

@@ -15,10 +15,9 @@ namespace romulus {
 namespace {
 
 using testing::Child;
+using testing::Field;
 using testing::TempDir;
-
-constexpr char kStatus[] =
-    "workload_pages=(\\d+) ledger_seq=(\\d+) journal_records=(\\d+) accounts=(\\d+)";
+using testing::UintField;
 
 std::map<uint32_t, int64_t> ReadBalances(uint16_t port, uint64_t client, uint32_t accounts,
                                          uint64_t* seq) {
@@ -46,17 +45,18 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   ROMULUS_REQUIRE_KVM();
   TempDir dir;
   std::string snap = dir.File("snap");
-  std::vector<std::string> common = {"vm", "--memory", "64M", "--disk-size", "8M",
-                                     "--ledger-port", "0", "--progress-ms", "0", "--quiet"};
+  std::vector<std::string> common = {"vm", "--memory",      "64M", "--disk-size",
+                                     "8M", "--ledger-port", "0",   "--progress-ms",
+                                     "0",  "--quiet"};
 
   // Process A: boot, serve a load, snapshot on SIGUSR1.
   auto args_a = common;
-  args_a.insert(args_a.end(), {"--disk", dir.File("a.img"), "--working-set", "2048",
-                               "--write-rate", "20000", "--snapshot-to", snap});
+  args_a.insert(args_a.end(), {"--disk", dir.File("a.img"), "--working-set", "2048", "--write-rate",
+                               "20000", "--snapshot-to", snap});
   Child a(args_a);
-  std::smatch m = a.WaitForLine("ledger listening on 127\\.0\\.0\\.1:(\\d+)", 30);
-  ASSERT_FALSE(m.empty());
-  uint16_t port_a = static_cast<uint16_t>(std::stoi(m[1]));
+  std::string line = a.WaitForLine("ledger listening on 127.0.0.1:", 30);
+  ASSERT_FALSE(line.empty());
+  uint16_t port_a = testing::ListeningPort(line);
   cli::LoadOptions o;
   o.port = port_a;
   o.clients = 4;
@@ -69,11 +69,13 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   uint64_t seq_a = 0;
   auto balances_a = ReadBalances(port_a, 555, 12, &seq_a);
   a.Signal(SIGUSR1);
-  m = a.WaitForLine(std::string("snapshot .* memory_xxh3=([0-9a-f]+) disk_xxh3=[0-9a-f]+ ") + kStatus, 60);
-  ASSERT_FALSE(m.empty());
-  std::string digest_a = m[1];
-  uint64_t pages_a = std::stoull(m[2]), ledger_seq_a = std::stoull(m[3]);
-  EXPECT_EQ(std::stoull(m[4]), ledger_seq_a);  // journal complete at the snapshot
+  line = a.WaitForLine("romulus vm: snapshot ", 60);
+  ASSERT_FALSE(line.empty());
+  std::string digest_a = Field(line, "memory_xxh3");
+  ASSERT_EQ(digest_a.size(), 16u) << line;
+  uint64_t pages_a = UintField(line, "workload_pages"),
+           ledger_seq_a = UintField(line, "ledger_seq");
+  EXPECT_EQ(UintField(line, "journal_records"), ledger_seq_a);  // journal complete at the snapshot
   EXPECT_EQ(ledger_seq_a, seq_a);
   EXPECT_GT(pages_a, 0u);
   ASSERT_EQ(a.Wait(30), 0) << a.output();
@@ -82,14 +84,14 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   auto args_b = common;
   args_b.insert(args_b.end(), {"--disk", dir.File("b.img"), "--restore-from", snap});
   Child b(args_b);
-  m = b.WaitForLine(std::string("restored .* memory_xxh3=([0-9a-f]+) ") + kStatus, 60);
-  ASSERT_FALSE(m.empty());
-  EXPECT_EQ(m[1], digest_a);
-  EXPECT_EQ(std::stoull(m[2]), pages_a);
-  EXPECT_EQ(std::stoull(m[3]), ledger_seq_a);
-  m = b.WaitForLine("ledger listening on 127\\.0\\.0\\.1:(\\d+)", 30);
-  ASSERT_FALSE(m.empty());
-  uint16_t port_b = static_cast<uint16_t>(std::stoi(m[1]));
+  line = b.WaitForLine("romulus vm: restored ", 60);
+  ASSERT_FALSE(line.empty());
+  EXPECT_EQ(Field(line, "memory_xxh3"), digest_a);
+  EXPECT_EQ(UintField(line, "workload_pages"), pages_a);
+  EXPECT_EQ(UintField(line, "ledger_seq"), ledger_seq_a);
+  line = b.WaitForLine("ledger listening on 127.0.0.1:", 30);
+  ASSERT_FALSE(line.empty());
+  uint16_t port_b = testing::ListeningPort(line);
 
   // Balances and sequence numbers continue.
   uint64_t seq_b = 0;
@@ -120,10 +122,10 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
 
   // The workload continues from its counter, and the journal agrees with memory.
   b.Signal(SIGTERM);
-  m = b.WaitForLine(std::string("stopped: ") + kStatus, 30);
-  ASSERT_FALSE(m.empty());
-  EXPECT_GT(std::stoull(m[1]), pages_a);
-  uint64_t final_seq = std::stoull(m[2]);
+  line = b.WaitForLine("romulus vm: stopped: ", 30);
+  ASSERT_FALSE(line.empty());
+  EXPECT_GT(UintField(line, "workload_pages"), pages_a);
+  uint64_t final_seq = UintField(line, "ledger_seq");
   EXPECT_EQ(final_seq, ledger_seq_a + 1);
   EXPECT_EQ(b.Wait(30), 0) << b.output();
   auto journal = vmm::ReplayJournal(dir.File("b.img"));
@@ -132,7 +134,8 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   EXPECT_EQ(journal->records, final_seq);
   ASSERT_GE(journal->balances.size(), 12u);
   for (auto [account, balance] : balances_a) {
-    EXPECT_EQ(journal->balances[account], balance + (account == 3 ? 10 : 0)) << "account " << account;
+    EXPECT_EQ(journal->balances[account], balance + (account == 3 ? 10 : 0))
+        << "account " << account;
   }
 }
 

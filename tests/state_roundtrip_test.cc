@@ -27,8 +27,10 @@ void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
 TEST(KvmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
   ROMULUS_REQUIRE_KVM();
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 256, .write_rate = 0,
-                                      .write_limit = 5000, .pattern = RML_PATTERN_UNIFORM});
+  auto vm = testing::BootTestVm(dir, {.working_set_pages = 256,
+                                      .write_rate = 0,
+                                      .write_limit = 5000,
+                                      .pattern = RML_PATTERN_UNIFORM});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->Start().ok());
   RunUntilPages(*vm, 5000);

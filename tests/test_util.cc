@@ -65,18 +65,17 @@ Child::~Child() {
   if (out_fd_ >= 0) ::close(out_fd_);
 }
 
-std::smatch Child::WaitForLine(const std::string& pattern, double seconds) {
-  std::regex re(pattern);
+std::string Child::WaitForLine(const std::string& needle, double seconds) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   for (;;) {
     size_t nl;
     while ((nl = buffer_.find('\n')) != std::string::npos) {
-      matched_line_ = buffer_.substr(0, nl);
+      std::string line = buffer_.substr(0, nl);
       buffer_.erase(0, nl + 1);
-      std::smatch m;
-      if (std::regex_search(matched_line_, m, re)) return m;
+      if (line.find(needle) != std::string::npos) return line;
     }
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) break;
     pollfd p{out_fd_, POLLIN, 0};
     if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
@@ -86,9 +85,29 @@ std::smatch Child::WaitForLine(const std::string& pattern, double seconds) {
     buffer_.append(buf, static_cast<size_t>(n));
     output_.append(buf, static_cast<size_t>(n));
   }
-  ADD_FAILURE() << "no line matching /" << pattern << "/ within " << seconds << " s; output:\n"
+  ADD_FAILURE() << "no line with '" << needle << "' within " << seconds << " s; output:\n"
                 << output_;
-  return std::smatch();
+  return "";
+}
+
+std::string Field(const std::string& line, const std::string& key) {
+  std::string k = " " + key + "=";
+  size_t at = line.find(k);
+  if (at == std::string::npos) return "";
+  at += k.size();
+  return line.substr(at, line.find(' ', at) - at);
+}
+
+uint64_t UintField(const std::string& line, const std::string& key) {
+  std::string v = Field(line, key);
+  EXPECT_FALSE(v.empty()) << "no " << key << "= in: " << line;
+  return v.empty() ? 0 : std::stoull(v);
+}
+
+uint16_t ListeningPort(const std::string& line) {
+  size_t colon = line.rfind(':');
+  EXPECT_NE(colon, std::string::npos) << line;
+  return colon == std::string::npos ? 0 : static_cast<uint16_t>(std::stoi(line.substr(colon + 1)));
 }
 
 void Child::Signal(int sig) { ::kill(pid_, sig); }
@@ -104,7 +123,8 @@ int Child::Wait(double seconds) {
       // Keep what the child printed last.
       char buf[4096];
       ssize_t n;
-      while ((n = ::read(out_fd_, buf, sizeof(buf))) > 0) output_.append(buf, static_cast<size_t>(n));
+      while ((n = ::read(out_fd_, buf, sizeof(buf))) > 0)
+        output_.append(buf, static_cast<size_t>(n));
       return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
     if (std::chrono::steady_clock::now() >= deadline) return -1;

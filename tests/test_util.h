@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 
 #include <memory>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -15,11 +14,11 @@
 namespace romulus::testing {
 
 // Skips the calling test, with the reason, when this machine cannot run KVM VMs.
-#define ROMULUS_REQUIRE_KVM()                                                     \
-  do {                                                                            \
-    if (auto kvm_status = ::romulus::vmm::CheckKvm(); !kvm_status.ok()) {         \
-      GTEST_SKIP() << "needs /dev/kvm: " << kvm_status.message();                 \
-    }                                                                             \
+#define ROMULUS_REQUIRE_KVM()                                             \
+  do {                                                                    \
+    if (auto kvm_status = ::romulus::vmm::CheckKvm(); !kvm_status.ok()) { \
+      GTEST_SKIP() << "needs /dev/kvm: " << kvm_status.message();         \
+    }                                                                     \
   } while (0)
 
 class TempDir {
@@ -41,8 +40,8 @@ class Child {
  public:
   explicit Child(const std::vector<std::string>& args);
   ~Child();
-  // Reads lines until one matches `pattern` (returns its groups) or `seconds` pass (fails).
-  std::smatch WaitForLine(const std::string& pattern, double seconds);
+  // Reads lines until one contains `needle` (returns it) or `seconds` pass (fails, returns "").
+  std::string WaitForLine(const std::string& needle, double seconds);
   void Signal(int sig);
   // Waits up to `seconds` for exit; returns the exit code, or -1 on timeout.
   int Wait(double seconds);
@@ -52,8 +51,13 @@ class Child {
   int pid_ = -1;
   int out_fd_ = -1;
   std::string buffer_, output_;
-  std::string matched_line_;
 };
+
+// The value of `key=` in a `key=value ...` line ("" if absent).
+std::string Field(const std::string& line, const std::string& key);
+uint64_t UintField(const std::string& line, const std::string& key);
+// The port at the end of "... ledger listening on HOST:PORT".
+uint16_t ListeningPort(const std::string& line);
 
 }  // namespace romulus::testing
 

@@ -18,9 +18,10 @@ absl::StatusOr<std::unique_ptr<BlockDevice>> BlockDevice::Open(const std::string
   if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(absl::StrCat("stat ", path));
   uint64_t bytes = static_cast<uint64_t>(st.st_size);
   if (bytes == 0 || bytes % RML_SECTOR_SIZE != 0 || bytes > kMaxDiskBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "disk image ", path, " is ", bytes, " bytes: need a whole number of 512-byte sectors, "
-        "at most 64 GiB"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("disk image ", path, " is ", bytes,
+                     " bytes: need a whole number of 512-byte sectors, "
+                     "at most 64 GiB"));
   }
   return std::unique_ptr<BlockDevice>(
       new BlockDevice(std::move(fd), path, bytes / RML_SECTOR_SIZE));
@@ -96,7 +97,8 @@ absl::StatusOr<uint64_t> FileDigest(int fd, uint64_t bytes) {
                         static_cast<off_t>(off));
     if (n <= 0) {
       XXH3_freeState(st);
-      return n < 0 ? ErrnoStatus("read for digest") : absl::DataLossError("file shorter than expected");
+      return n < 0 ? ErrnoStatus("read for digest")
+                   : absl::DataLossError("file shorter than expected");
     }
     XXH3_64bits_update(st, buf.data(), static_cast<size_t>(n));
     off += static_cast<uint64_t>(n);

@@ -4,9 +4,9 @@
 
 #include <functional>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "proto/romulus.pb.h"
 #include "vmm/guest_memory.h"
 

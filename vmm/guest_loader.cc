@@ -66,18 +66,21 @@ absl::StatusOr<uint64_t> PlaceGuest(const std::vector<uint8_t>& image, GuestMemo
         absl::StrCat("guest image of ", image.size(), " bytes is too short for its header"));
   }
   std::memcpy(&h, image.data(), sizeof(h));
-  if (h.magic != RML_IMAGE_MAGIC) return absl::InvalidArgumentError("not a Romulus guest image (bad magic)");
+  if (h.magic != RML_IMAGE_MAGIC)
+    return absl::InvalidArgumentError("not a Romulus guest image (bad magic)");
   if (h.abi_version != RML_ABI_VERSION) {
     return absl::InvalidArgumentError(absl::StrCat("guest image speaks ABI ", h.abi_version,
                                                    ", this monitor speaks ", RML_ABI_VERSION));
   }
   uint64_t end = RML_IMAGE_GPA + image.size();
   if (h.image_end < end || h.image_end > RML_IMAGE_LIMIT) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "guest image (with bss) ends at 0x%x; it must end below 0x%x", h.image_end, RML_IMAGE_LIMIT));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("guest image (with bss) ends at 0x%x; it must end below 0x%x", h.image_end,
+                        RML_IMAGE_LIMIT));
   }
   if (h.entry < RML_IMAGE_GPA || h.entry >= end) {
-    return absl::InvalidArgumentError(absl::StrFormat("guest entry 0x%x lies outside the image", h.entry));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("guest entry 0x%x lies outside the image", h.entry));
   }
   if (!mem.Contains(RML_IMAGE_GPA, RML_IMAGE_LIMIT - RML_IMAGE_GPA)) {
     return absl::InvalidArgumentError("guest memory too small for the guest image");
@@ -136,8 +139,8 @@ absl::Status SetUpLongMode(int vcpu_fd, GuestMemory& mem, uint64_t entry) {
   tss.type = 11;  // 64-bit busy TSS
   tss.present = 1;
 
-  uint64_t gdt[6] = {0, 0, SegmentDescriptor(data), SegmentDescriptor(code),
-                     SegmentDescriptor(tss), 0 /* TSS base bits 63:32 */};
+  uint64_t gdt[6] = {0, 0, SegmentDescriptor(data), SegmentDescriptor(code), SegmentDescriptor(tss),
+                     0 /* TSS base bits 63:32 */};
   mem.Write(RML_GDT_GPA, gdt, sizeof(gdt));
 
   sregs.cs = code;

@@ -16,7 +16,8 @@ uint64_t DirtyBitmap::Count() const {
 }
 
 void DirtyBitmap::Merge(const DirtyBitmap& other) {
-  for (size_t i = 0; i < words_.size() && i < other.words_.size(); i++) words_[i] |= other.words_[i];
+  for (size_t i = 0; i < words_.size() && i < other.words_.size(); i++)
+    words_[i] |= other.words_[i];
 }
 
 absl::Status GuestMemory::ValidateSize(uint64_t bytes) {
@@ -43,7 +44,8 @@ absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::CreateMemfd(uint64_t b
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (p == MAP_FAILED) return ErrnoStatus("mmap guest memory");
   ::madvise(p, bytes, MADV_DONTDUMP);
-  return std::unique_ptr<GuestMemory>(new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
+  return std::unique_ptr<GuestMemory>(
+      new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
 }
 
 absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::MapFilePrivate(const std::string& path,
@@ -54,12 +56,13 @@ absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::MapFilePrivate(const s
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(absl::StrCat("stat ", path));
   if (static_cast<uint64_t>(st.st_size) != bytes) {
-    return absl::DataLossError(absl::StrCat(path, " holds ", st.st_size, " bytes, expected ",
-                                            bytes, " (truncated or wrong file)"));
+    return absl::DataLossError(absl::StrCat(path, " holds ", st.st_size, " bytes, expected ", bytes,
+                                            " (truncated or wrong file)"));
   }
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
   if (p == MAP_FAILED) return ErrnoStatus(absl::StrCat("mmap ", path));
-  return std::unique_ptr<GuestMemory>(new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
+  return std::unique_ptr<GuestMemory>(
+      new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
 }
 
 void GuestMemory::MarkDirty(uint64_t gpa, uint64_t len) {

@@ -40,9 +40,7 @@ class GuestMemory {
   int fd() const { return fd_.get(); }
 
   // True when [gpa, gpa+len) lies inside guest RAM.
-  bool Contains(uint64_t gpa, uint64_t len) const {
-    return gpa <= size_ && len <= size_ - gpa;
-  }
+  bool Contains(uint64_t gpa, uint64_t len) const { return gpa <= size_ && len <= size_ - gpa; }
   // Monitor writes into guest RAM go through these so that the next harvest sees them.
   void Write(uint64_t gpa, const void* src, uint64_t len) {
     std::memcpy(base_ + gpa, src, len);

@@ -9,12 +9,12 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
-#include <vector>
-#include "absl/strings/string_view.h"
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace romulus::vmm {
 

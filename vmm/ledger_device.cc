@@ -9,7 +9,8 @@ namespace romulus::vmm {
 namespace {
 
 uint32_t LoadIndex(const GuestMemory& mem, uint64_t gpa) {
-  return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(mem.data()) + gpa))
+  return std::atomic_ref<uint32_t>(
+             *reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(mem.data()) + gpa))
       .load(std::memory_order_acquire);
 }
 
@@ -28,7 +29,7 @@ constexpr uint64_t SlotGpa(uint64_t ring, uint32_t index) {
 }  // namespace
 
 void LedgerDevice::SetResponseSink(ResponseSink sink) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(sink_mu_);
   sink_ = std::move(sink);
 }
 
@@ -65,7 +66,6 @@ void LedgerDevice::FillRingLocked() {
 
 absl::Status LedgerDevice::OnResponseDoorbell() {
   std::vector<rml_response> out;
-  ResponseSink sink;
   {
     std::lock_guard<std::mutex> lock(mu_);
     uint32_t head = LoadIndex(mem_, RML_RESP_RING_GPA + kHead);
@@ -82,10 +82,10 @@ absl::Status LedgerDevice::OnResponseDoorbell() {
     StoreIndex(mem_, RML_RESP_RING_GPA + kTail, tail);
     responses_seen_ += out.size();
     FillRingLocked();
-    sink = sink_;
   }
-  if (sink) {
-    for (const rml_response& r : out) sink(r);
+  std::lock_guard<std::mutex> lock(sink_mu_);
+  if (sink_) {
+    for (const rml_response& r : out) sink_(r);
   }
   return absl::OkStatus();
 }

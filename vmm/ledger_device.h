@@ -23,6 +23,7 @@ class LedgerDevice {
 
   LedgerDevice(GuestMemory& mem, std::function<void()> wake_guest)
       : mem_(mem), wake_guest_(std::move(wake_guest)) {}
+  // Once this returns, the previous sink is not running and will not be called again.
   void SetResponseSink(ResponseSink sink);
 
   // Any thread. Stamps the request with a fresh tag (returned) and queues it for the guest.
@@ -45,6 +46,7 @@ class LedgerDevice {
   bool frozen_ = false;
   uint64_t next_tag_ = 1;
   uint64_t responses_seen_ = 0;
+  std::mutex sink_mu_;  // held while the sink runs
   ResponseSink sink_;
 };
 

@@ -48,14 +48,27 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool closed_ = false;
 };
 
+// A response on its way out. Held outputs may be released after the endpoint is gone, so a
+// delivery owns the io_context and the connection; members are destroyed in reverse order, so
+// the connection goes before the io_context it belongs to.
+struct Delivery {
+  std::shared_ptr<boost::asio::io_context> io;
+  std::shared_ptr<Connection> conn;
+  std::string frame;
+};
+
 class Endpoint : public LedgerEndpoint {
  public:
   Endpoint(LedgerDevice& ledger, OutputGate& gate, std::function<void(absl::string_view)> log)
-      : ledger_(ledger), gate_(gate), log_(std::move(log)), acceptor_(io_) {}
+      : ledger_(ledger),
+        gate_(gate),
+        log_(std::move(log)),
+        io_(std::make_shared<asio::io_context>()),
+        acceptor_(*io_) {}
 
   ~Endpoint() override {
-    ledger_.SetResponseSink(nullptr);
-    io_.stop();
+    ledger_.SetResponseSink(nullptr);  // waits for a response being handed over
+    io_->stop();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -69,13 +82,13 @@ class Endpoint : public LedgerEndpoint {
     if (!ec) acceptor_.bind(ep, ec);
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) {
-      return absl::UnavailableError(
-          absl::StrCat("ledger endpoint cannot listen on ", address, ":", port, ": ", ec.message()));
+      return absl::UnavailableError(absl::StrCat("ledger endpoint cannot listen on ", address, ":",
+                                                 port, ": ", ec.message()));
     }
     port_ = acceptor_.local_endpoint().port();
     ledger_.SetResponseSink([this](const rml_response& r) { OnResponse(r); });
     Accept();
-    thread_ = std::thread([this] { io_.run(); });
+    thread_ = std::thread([this] { io_->run(); });
     return absl::OkStatus();
   }
 
@@ -115,11 +128,10 @@ class Endpoint : public LedgerEndpoint {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = waiting_.find(r.tag);
-      if (it == waiting_.end()) return;  // asked before a restore, or by a closed connection
-      c = it->second.lock();
+      if (it == waiting_.end()) return;  // asked before a restore
+      c = std::move(it->second);
       waiting_.erase(it);
     }
-    if (!c) return;
     pb::LedgerResponse out;
     out.set_client_id(r.client_id);
     out.set_request_id(r.request_id);
@@ -128,10 +140,11 @@ class Endpoint : public LedgerEndpoint {
     out.set_balance(r.balance);
     out.set_to_balance(r.to_balance);
     out.set_seq(r.seq);
-    gate_.Push([this, c, frame = EncodeFrame(out)]() mutable {
-      asio::post(io_, [c, frame = std::move(frame)]() mutable {
-        c->Send(std::move(frame));
-        c->ResponseDone();
+    auto delivery = std::make_shared<Delivery>(Delivery{io_, std::move(c), EncodeFrame(out)});
+    gate_.Push([delivery] {
+      asio::post(*delivery->io, [delivery] {
+        delivery->conn->Send(std::move(delivery->frame));
+        delivery->conn->ResponseDone();
       });
     });
   }
@@ -139,12 +152,13 @@ class Endpoint : public LedgerEndpoint {
   LedgerDevice& ledger_;
   OutputGate& gate_;
   std::function<void(absl::string_view)> log_;
-  asio::io_context io_;
+  std::shared_ptr<asio::io_context> io_;
   tcp::acceptor acceptor_;
   std::thread thread_;
   uint16_t port_ = 0;
   std::mutex mu_;
-  std::unordered_map<uint64_t, std::weak_ptr<Connection>> waiting_;
+  // Requests in the guest, by tag. A connection lives until its answers have gone out.
+  std::unordered_map<uint64_t, std::shared_ptr<Connection>> waiting_;
   std::atomic<uint64_t> connections_{0}, requests_{0}, rejected_{0};
 };
 

@@ -7,9 +7,9 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "vmm/ledger_device.h"
 #include "vmm/output_gate.h"
 

@@ -20,7 +20,8 @@ inline std::string EncodeFrame(const google::protobuf::MessageLite& message) {
 }
 
 inline uint32_t DecodeFrameLength(const uint8_t header[4]) {
-  return header[0] | (header[1] << 8) | (header[2] << 16) | (static_cast<uint32_t>(header[3]) << 24);
+  return header[0] | (header[1] << 8) | (header[2] << 16) |
+         (static_cast<uint32_t>(header[3]) << 24);
 }
 
 }  // namespace romulus::vmm

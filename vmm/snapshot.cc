@@ -97,8 +97,8 @@ absl::StatusOr<pb::VmSnapshot> ReadSnapshot(const std::string& dir) {
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(absl::StrCat("stat ", path));
   if (st.st_size <= 0 || static_cast<uint64_t>(st.st_size) > kMaxStateBytes) {
-    return absl::DataLossError(absl::StrCat("snapshot ", path, " has ", st.st_size,
-                                            " bytes (expected 1 byte to 16 MiB)"));
+    return absl::DataLossError(
+        absl::StrCat("snapshot ", path, " has ", st.st_size, " bytes (expected 1 byte to 16 MiB)"));
   }
   std::string bytes(static_cast<size_t>(st.st_size), '\0');
   if (::pread(fd.get(), bytes.data(), bytes.size(), 0) != st.st_size) {
@@ -117,7 +117,8 @@ absl::StatusOr<pb::VmSnapshot> ReadSnapshot(const std::string& dir) {
     return absl::DataLossError(absl::StrCat("snapshot ", dir, ": ", s.message()));
   }
   if (snap.disk_bytes() == 0 || snap.disk_bytes() % 512 != 0 || snap.disk_bytes() > kMaxDiskBytes) {
-    return absl::DataLossError(absl::StrCat("snapshot ", dir, ": bad disk size ", snap.disk_bytes()));
+    return absl::DataLossError(
+        absl::StrCat("snapshot ", dir, ": bad disk size ", snap.disk_bytes()));
   }
   if (snap.vcpus_size() != 1) {
     return absl::DataLossError(absl::StrCat("snapshot ", dir, " has ", snap.vcpus_size(),
@@ -140,12 +141,15 @@ absl::Status RestoreSnapshotDisk(const std::string& dir, const pb::VmSnapshot& s
   auto digest = FileDigest(fd.get(), state.disk_bytes());
   if (!digest.ok()) return digest.status();
   if (*digest != state.disk_xxh3()) {
-    return absl::DataLossError(absl::StrFormat("snapshot %s: disk.img is corrupted (xxh3 %016x, "
-                                               "recorded %016x)", dir, *digest, state.disk_xxh3()));
+    return absl::DataLossError(
+        absl::StrFormat("snapshot %s: disk.img is corrupted (xxh3 %016x, "
+                        "recorded %016x)",
+                        dir, *digest, state.disk_xxh3()));
   }
   std::error_code ec;
   if (std::filesystem::equivalent(path, disk_path, ec)) {
-    return absl::InvalidArgumentError("the restored VM's disk must not be the snapshot's own disk.img");
+    return absl::InvalidArgumentError(
+        "the restored VM's disk must not be the snapshot's own disk.img");
   }
   return CopyFile(fd.get(), state.disk_bytes(), disk_path);
 }

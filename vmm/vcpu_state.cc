@@ -23,8 +23,8 @@ std::string AsBytes(const T& v) {
 template <typename T>
 absl::Status FromBytes(const std::string& bytes, T* out, const char* what) {
   if (bytes.size() != sizeof(T)) {
-    return absl::InvalidArgumentError(absl::StrFormat("vCPU state: %s is %d bytes, expected %d",
-                                                      what, bytes.size(), sizeof(T)));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("vCPU state: %s is %d bytes, expected %d", what, bytes.size(), sizeof(T)));
   }
   std::memcpy(out, bytes.data(), sizeof(T));
   return absl::OkStatus();
@@ -84,9 +84,9 @@ absl::Status RestoreMsrs(int vcpu_fd, const pb::VcpuState& in) {
     current.entries()[0].index = refused.index();
     if (::ioctl(vcpu_fd, kKvmGetMsrs, current.get()) != 1 ||
         current.entries()[0].data != refused.value()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "KVM refused MSR 0x%x = 0x%x and the vCPU holds a different value", refused.index(),
-          refused.value()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("KVM refused MSR 0x%x = 0x%x and the vCPU holds a different value",
+                          refused.index(), refused.value()));
     }
     done++;
   }

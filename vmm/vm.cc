@@ -29,7 +29,7 @@ void OnKick(int) {}  // only there so that the signal interrupts KVM_RUN with EI
 void InstallKickHandler() {
   static std::once_flag once;
   std::call_once(once, [] {
-    struct sigaction sa{};
+    struct sigaction sa {};
     sa.sa_handler = OnKick;
     sigemptyset(&sa.sa_mask);
     ::sigaction(kKickSignal, &sa, nullptr);
@@ -38,13 +38,20 @@ void InstallKickHandler() {
 
 const char* ExitName(uint32_t reason) {
   switch (reason) {
-    case KVM_EXIT_SHUTDOWN: return "triple fault (KVM_EXIT_SHUTDOWN)";
-    case KVM_EXIT_INTERNAL_ERROR: return "emulation failure (KVM_EXIT_INTERNAL_ERROR)";
-    case KVM_EXIT_FAIL_ENTRY: return "entry failure (KVM_EXIT_FAIL_ENTRY)";
-    case KVM_EXIT_MMIO: return "access outside guest RAM (KVM_EXIT_MMIO)";
-    case KVM_EXIT_HLT: return "halt (KVM_EXIT_HLT)";
-    case KVM_EXIT_EXCEPTION: return "exception (KVM_EXIT_EXCEPTION)";
-    default: return "unexpected exit";
+    case KVM_EXIT_SHUTDOWN:
+      return "triple fault (KVM_EXIT_SHUTDOWN)";
+    case KVM_EXIT_INTERNAL_ERROR:
+      return "emulation failure (KVM_EXIT_INTERNAL_ERROR)";
+    case KVM_EXIT_FAIL_ENTRY:
+      return "entry failure (KVM_EXIT_FAIL_ENTRY)";
+    case KVM_EXIT_MMIO:
+      return "access outside guest RAM (KVM_EXIT_MMIO)";
+    case KVM_EXIT_HLT:
+      return "halt (KVM_EXIT_HLT)";
+    case KVM_EXIT_EXCEPTION:
+      return "exception (KVM_EXIT_EXCEPTION)";
+    default:
+      return "unexpected exit";
   }
 }
 
@@ -53,8 +60,9 @@ const char* ExitName(uint32_t reason) {
 absl::Status CheckKvm() {
   Fd kvm(::open("/dev/kvm", O_RDWR | O_CLOEXEC));
   if (!kvm.valid()) {
-    return ErrnoStatus("cannot open /dev/kvm (Romulus runs VMs on Linux KVM; load kvm and run "
-                       "as a user who may open /dev/kvm)");
+    return ErrnoStatus(
+        "cannot open /dev/kvm (Romulus runs VMs on Linux KVM; load kvm and run "
+        "as a user who may open /dev/kvm)");
   }
   int version = ::ioctl(kvm.get(), KVM_GET_API_VERSION, 0);
   if (version != KVM_API_VERSION) {
@@ -158,7 +166,8 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
   boot.write_rate = config.workload.write_rate;
   boot.write_limit = config.workload.write_limit;
   boot.max_accounts = config.max_accounts;
-  boot.journal_id = (static_cast<uint64_t>(::time(nullptr)) << 20) ^ static_cast<uint64_t>(::getpid());
+  boot.journal_id =
+      (static_cast<uint64_t>(::time(nullptr)) << 20) ^ static_cast<uint64_t>(::getpid());
   boot.disk_sectors = vm->disk_->sectors();
   boot.seed = config.workload.seed;
   boot.progress_ms = config.progress_ms;
@@ -175,9 +184,9 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Restore(const std::string& dir,
   auto mem = GuestMemory::MapFilePrivate(SnapshotMemoryPath(dir), snap->memory_bytes());
   if (!mem.ok()) return mem.status();
   if (uint64_t d = (*mem)->Digest(); d != snap->memory_xxh3()) {
-    return absl::DataLossError(absl::StrFormat(
-        "snapshot %s: memory.bin is corrupted (xxh3 %016x, recorded %016x)", dir, d,
-        snap->memory_xxh3()));
+    return absl::DataLossError(
+        absl::StrFormat("snapshot %s: memory.bin is corrupted (xxh3 %016x, recorded %016x)", dir, d,
+                        snap->memory_xxh3()));
   }
   if (auto s = RestoreSnapshotDisk(dir, *snap, disk_path); !s.ok()) return s;
 
@@ -287,30 +296,33 @@ absl::Status Vm::HandleExit() {
       }
     }
     case KVM_EXIT_INTERNAL_ERROR:
-      return ExitError(absl::StrFormat("%s suberror %d", ExitName(run_->exit_reason),
-                                       run_->internal.suberror));
+      return ExitError(
+          absl::StrFormat("%s suberror %d", ExitName(run_->exit_reason), run_->internal.suberror));
     case KVM_EXIT_MMIO:
-      return ExitError(absl::StrFormat("%s gpa=0x%x", ExitName(run_->exit_reason),
-                                       run_->mmio.phys_addr));
+      return ExitError(
+          absl::StrFormat("%s gpa=0x%x", ExitName(run_->exit_reason), run_->mmio.phys_addr));
     case KVM_EXIT_FAIL_ENTRY:
       return ExitError(absl::StrFormat("%s reason 0x%x", ExitName(run_->exit_reason),
                                        run_->fail_entry.hardware_entry_failure_reason));
     default:
-      return ExitError(absl::StrFormat("%s (exit reason %d)", ExitName(run_->exit_reason), run_->exit_reason));
+      return ExitError(
+          absl::StrFormat("%s (exit reason %d)", ExitName(run_->exit_reason), run_->exit_reason));
   }
 }
 
 absl::Status Vm::Pause() {
   std::unique_lock<std::mutex> lock(mu_);
   if (!started_) return absl::FailedPreconditionError("VM not started");
-  if (exited_) return exit_status_.ok() ? absl::FailedPreconditionError("VM stopped") : exit_status_;
+  if (exited_)
+    return exit_status_.ok() ? absl::FailedPreconditionError("VM stopped") : exit_status_;
   ledger_->Freeze();
   pause_requested_ = true;
   run_->immediate_exit = 1;
   idle_->Kick();
   ::pthread_kill(thread_.native_handle(), kKickSignal);
   cv_.wait(lock, [this] { return paused_ || exited_; });
-  if (exited_) return exit_status_.ok() ? absl::FailedPreconditionError("VM stopped") : exit_status_;
+  if (exited_)
+    return exit_status_.ok() ? absl::FailedPreconditionError("VM stopped") : exit_status_;
   return absl::OkStatus();
 }
 

@@ -9,10 +9,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "guest/abi.h"
 #include "proto/romulus.pb.h"
 #include "vmm/block_device.h"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test twice: in a normal build and in an AddressSanitizer + UBSan build.
+# Tests that need /dev/kvm skip only when it is absent, and say so; the summary counts them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+jobs=$(nproc)
+passed=0 failed=0 skipped=0 kvm_ran=0 kvm_skipped=0
+for variant in release asan; do
+  dir=build-$variant
+  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo)
+  [[ $variant == asan ]] && flags+=(-DROMULUS_SANITIZE=ON)
+  echo "== $variant: configure and build ($dir)"
+  cmake -S . -B "$dir" "${flags[@]}" >/dev/null
+  cmake --build "$dir" -j"$jobs" 2>&1 | grep -E "error|warning|Error" || true
+  cmake --build "$dir" -j"$jobs" >/dev/null  # fails the script on a build error
+  echo "== $variant: tests"
+  set +e
+  ctest --test-dir "$dir" --output-on-failure -j"$jobs" 2>&1 | tee "$dir/ctest.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
+  f=$(grep -cE "Test +#[0-9]+: .* (Failed|\*\*\*Timeout|\*\*\*Exception)" "$dir/ctest.log" || true)
+  s=$(grep -cE "Test +#[0-9]+: .* Skipped" "$dir/ctest.log" || true)
+  kr=$(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)
+  ks=$(grep -cE "Test +#[0-9]+: Kvm.* Skipped" "$dir/ctest.log" || true)
+  echo "== $variant: KVM tests: $kr ran and passed, $ks skipped"
+  if ((ks > 0)); then grep -m1 -o "needs /dev/kvm: .*" "$dir/ctest.log" || true; fi
+  passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+  kvm_ran=$((kvm_ran + kr)) kvm_skipped=$((kvm_skipped + ks))
+  if ((rc != 0 && f == 0)); then failed=$((failed + 1)); fi
+done
+echo "KVM tests over both builds: $kvm_ran ran, $kvm_skipped skipped"
+echo "romulus: $passed passed, $failed failed, $skipped skipped"
+((failed == 0))
