@@ -123,7 +123,7 @@ std::string Args::Help() const {
     if (o.takes_value && !o.default_text.empty()) absl::StrAppend(&out, " [", o.default_text, "]");
     absl::StrAppend(&out, "\n");
   }
-  absl::StrAppend(&out, "  --help                       show this help\n");
+  absl::StrAppendFormat(&out, "%-28s %s\n", "  --help", "show this help");
   return out;
 }
 

@@ -1,6 +1,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -86,10 +87,8 @@ int VmCommand(int argc, char** argv) {
   else
     return Fail(absl::InvalidArgumentError("--pattern must be sequential, uniform or hotcold"));
   if (port > 65535) return Fail(absl::InvalidArgumentError("--ledger-port must be at most 65535"));
-  if (accounts > RML_MAX_ACCOUNTS || accounts == 0) {
-    return Fail(absl::InvalidArgumentError("--accounts must be 1 to 65536"));
-  }
-  config.max_accounts = static_cast<uint32_t>(accounts);
+  config.max_accounts = static_cast<uint32_t>(std::min<uint64_t>(accounts, UINT32_MAX));
+  if (auto s = vmm::ValidateVmConfig(config); !s.ok()) return Fail(s);
   if (snapshot_after > 0 && snapshot_to.empty()) {
     return Fail(absl::InvalidArgumentError("--snapshot-after needs --snapshot-to"));
   }

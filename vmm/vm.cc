@@ -133,7 +133,7 @@ absl::Status Vm::CreateDevices(std::function<void(absl::string_view)> console,
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
+absl::Status ValidateVmConfig(const VmConfig& config) {
   if (auto s = GuestMemory::ValidateSize(config.memory_bytes); !s.ok()) return s;
   uint64_t workload_pages = (config.memory_bytes - RML_WORKLOAD_GPA) / kPageSize;
   if (config.workload.working_set_pages > workload_pages) {
@@ -145,6 +145,11 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("accounts must be 1 to ", RML_MAX_ACCOUNTS, ", got ", config.max_accounts));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
+  if (auto s = ValidateVmConfig(config); !s.ok()) return s;
   auto image = LoadGuestImage(config.guest_image_path);
   if (!image.ok()) return image.status();
 

@@ -45,6 +45,9 @@ struct VmConfig {
   std::function<void(absl::string_view line)> console;  // guest console lines
 };
 
+// Checks sizes and knobs (memory, working set, accounts) without touching any file or KVM.
+absl::Status ValidateVmConfig(const VmConfig& config);
+
 // What a snapshot holds, for reports and tests.
 struct SnapshotInfo {
   uint64_t memory_xxh3 = 0;
