@@ -59,6 +59,7 @@ absl::Status BlockDevice::OnDoorbell(GuestMemory& mem) {
     if (n != static_cast<ssize_t>(bytes)) return ErrnoStatus(absl::StrCat("write ", path_));
     writes_++;
     sectors_written_ += cmd.sectors;
+    std::lock_guard<std::mutex> lock(listener_mu_);
     if (listener_) listener_(cmd.sector, std::span<const uint8_t>(buf, bytes));
   } else {
     status = -ENOSYS;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -29,7 +30,11 @@ class BlockDevice {
   uint64_t sectors() const { return sectors_; }
   const std::string& path() const { return path_; }
   int fd() const { return fd_.get(); }
-  void SetWriteListener(WriteListener listener) { listener_ = std::move(listener); }
+  // Any thread; once this returns the previous listener is not running.
+  void SetWriteListener(WriteListener listener) {
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    listener_ = std::move(listener);
+  }
 
   // Executes the command at RML_BLOCK_CMD_GPA. A bad command is answered with an error status
   // in guest memory; only a host I/O failure is returned as an error.
@@ -45,6 +50,7 @@ class BlockDevice {
   std::string path_;
   uint64_t sectors_;
   uint64_t reads_ = 0, writes_ = 0, sectors_written_ = 0;
+  std::mutex listener_mu_;
   WriteListener listener_;
 };
 

@@ -12,12 +12,7 @@
 
 namespace romulus::vmm {
 
-inline constexpr uint32_t kSnapshotFormatVersion = 1;
-
 std::string SnapshotMemoryPath(const std::string& dir);
-// Writes the snapshot; fills the digests in `info`.
-absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
-                           int disk_fd, SnapshotInfo* info);
 // Reads and checks state.pb (version, sizes, shape). File contents are checked by the caller.
 absl::StatusOr<pb::VmSnapshot> ReadSnapshot(const std::string& dir);
 // Verifies disk.img against its digest and copies it to `disk_path`.

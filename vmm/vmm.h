@@ -55,6 +55,14 @@ struct SnapshotInfo {
   rml_status guest{};
 };
 
+inline constexpr uint32_t kSnapshotFormatVersion = 1;
+
+// Writes a snapshot directory (state.pb, memory.bin, disk.img) atomically from a state, a memory
+// and a disk image (for a live VM: Vm::SaveSnapshot; for a mirror's replica). Fills the digests
+// in `info`.
+absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
+                           int disk_fd, SnapshotInfo* info);
+
 class Vm {
  public:
   // Creates the VM, loads the guest and sets it up to start at its entry point.
