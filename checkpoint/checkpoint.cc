@@ -55,6 +55,8 @@ EpochEngine::~EpochEngine() { vm_.disk().SetWriteListener(nullptr); }
 
 absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
     std::chrono::milliseconds wait) {
+  auto cp = std::make_shared<Checkpoint>();
+  uint64_t generation;
   {
     std::unique_lock<std::mutex> lock(mu_);
     if (!cv_.wait_for(lock, wait,
@@ -62,13 +64,13 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
       return absl::DeadlineExceededError(absl::StrCat(
           "no acknowledgement freed the in-flight budget (", stats_.in_flight_bytes, " bytes)"));
     }
+    generation = generation_;
+    cp->full = next_full_;
   }
-  auto cp = std::make_shared<Checkpoint>();
   auto t0 = Clock::now();
   if (auto s = vm_.Pause(); !s.ok()) return s;
   // From here to Resume() the vCPU is stopped: only harvesting and copying.
   cp->epoch = next_epoch_;
-  cp->full = next_epoch_ == 0;
   auto dirty = vm_.HarvestDirty();
   if (!dirty.ok()) {
     (void)vm_.Resume();
@@ -124,6 +126,10 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   cp->digest = CheckpointDigest(*cp);
 
   std::lock_guard<std::mutex> lock(mu_);
+  if (generation != generation_) {
+    return absl::AbortedError("the mirror connection restarted during this checkpoint");
+  }
+  if (cp->full) next_full_ = false;
   stats_.epochs++;
   stats_.last_pause_ms = pause_ms;
   stats_.in_flight_bytes += cp->bytes();
@@ -149,6 +155,17 @@ void EpochEngine::Acknowledge(uint64_t epoch) {
   cv_.notify_all();
 }
 
+void EpochEngine::Restart() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    in_flight_.clear();
+    stats_.in_flight_bytes = 0;
+    next_full_ = true;
+    generation_++;
+  }
+  cv_.notify_all();
+}
+
 EpochEngine::Stats EpochEngine::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -170,15 +187,16 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
   auto bad = [&](const std::string& why) {
     return absl::DataLossError(absl::StrCat("checkpoint ", c.epoch, " rejected: ", why));
   };
-  if (static_cast<int64_t>(c.epoch) != committed_epoch_ + 1) {
+  uint64_t pages = memory_->pages();
+  if (sequence_reset_ || committed_epoch_ < 0) {
+    if (!c.full) return bad("a full checkpoint is needed first");
+  } else if (c.full ? static_cast<int64_t>(c.epoch) <= committed_epoch_
+                    : static_cast<int64_t>(c.epoch) != committed_epoch_ + 1) {
     return absl::FailedPreconditionError(
         absl::StrCat("checkpoint ", c.epoch, " rejected: expected epoch ", committed_epoch_ + 1,
                      " (replayed or out of order)"));
   }
-  uint64_t pages = memory_->pages();
-  if (committed_epoch_ < 0 && (!c.full || c.gfns.size() != pages)) {
-    return bad("the first checkpoint must carry all of memory");
-  }
+  if (c.full && c.gfns.size() != pages) return bad("a full checkpoint must carry all of memory");
   if (c.hashes.size() != c.gfns.size() || c.pages.size() != c.gfns.size() * kPage) {
     return bad("page count, hash count and page bytes disagree");
   }
@@ -222,6 +240,7 @@ absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   }
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
+  sequence_reset_ = false;
   return absl::OkStatus();
 }
 

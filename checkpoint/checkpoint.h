@@ -73,6 +73,9 @@ class EpochEngine {
       std::chrono::milliseconds wait = std::chrono::milliseconds(10000));
   // The mirror committed `epoch`: its outputs (and all earlier ones) leave, its memory is freed.
   void Acknowledge(uint64_t epoch);
+  // The mirror went away: unacknowledged checkpoints are dropped (their outputs stay held until
+  // a later checkpoint is acknowledged) and the next checkpoint carries everything again.
+  void Restart();
   Stats stats() const;
 
   // Test hook, run while the VM is paused for a checkpoint, after staging.
@@ -83,6 +86,8 @@ class EpochEngine {
   vmm::OutputGate& gate_;
   Options options_;
   uint64_t next_epoch_ = 0;
+  bool next_full_ = true;    // guarded by mu_
+  uint64_t generation_ = 0;  // guarded by mu_; Restart() moves it on
   std::function<void(const Checkpoint&)> pause_hook_;
 
   std::mutex disk_mu_;  // the vCPU thread records disk writes; the engine takes them at the pause
@@ -102,11 +107,16 @@ class ReplicaStore {
                                                               uint64_t disk_bytes);
 
   // Verifies `c` completely (sequence, sizes, every page hash, the digest), then applies it.
-  // On any error the replica is left exactly as it was.
+  // On any error the replica is left exactly as it was. An incremental checkpoint must follow
+  // the last committed one; a full one may come at any later epoch (a resynchronisation).
   absl::Status Apply(const Checkpoint& c);
+  // A new primary session numbers its epochs afresh: only a full checkpoint is accepted next.
+  void ExpectFullCheckpoint() { sequence_reset_ = true; }
 
   // -1 until the first (full) checkpoint is committed.
   int64_t committed_epoch() const { return committed_epoch_; }
+  uint64_t memory_bytes() const { return memory_->size(); }
+  uint64_t disk_bytes() const { return disk_bytes_; }
   uint64_t MemoryDigest() const { return memory_->Digest(); }
   absl::StatusOr<uint64_t> DiskDigest() const;
   // Writes the committed replica as a snapshot `romulus vm --restore-from` resumes.
@@ -121,6 +131,7 @@ class ReplicaStore {
   vmm::Fd disk_;
   uint64_t disk_bytes_;
   int64_t committed_epoch_ = -1;
+  bool sequence_reset_ = true;
   pb::VmSnapshot state_;
 };
 

@@ -1,0 +1,196 @@
+// Replication over loopback: the mirror's replica equals the primary's state at the pause of
+// every committed checkpoint; a wrong key or a garbage stream is refused without touching the
+// replica; a restarted mirror is resynchronised.
+#include "replicator/replicator.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "cli/ledger_client.h"
+#include "cli/load.h"
+#include "tests/test_util.h"
+#include "vmm/ledger_endpoint.h"
+
+namespace romulus {
+namespace {
+
+using testing::TempDir;
+constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;
+const char kKey[] = "0123456789abcdef-test-key";
+
+template <typename Pred>
+bool WaitUntil(Pred pred, double seconds) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a condition
+  }
+  return true;
+}
+
+class KvmReplication : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ROMULUS_REQUIRE_KVM();
+    vm_ = testing::BootTestVm(dir_, {.working_set_pages = 2048, .write_rate = 50000});
+    ASSERT_NE(vm_, nullptr);
+    engine_ =
+        std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
+    engine_->SetPauseHook([this](const checkpoint::Checkpoint& c) {
+      uint64_t m = vm_->memory().Digest();
+      uint64_t d = *vmm::FileDigest(vm_->disk().fd(), kDisk);
+      std::lock_guard<std::mutex> lock(mu_);
+      at_pause_[c.epoch] = {m, d};
+    });
+    auto ep = vmm::LedgerEndpoint::Start(vm_->ledger(), gate_, "127.0.0.1", 0, nullptr);
+    ASSERT_TRUE(ep.ok());
+    endpoint_ = std::move(*ep);
+    ASSERT_TRUE(vm_->Start().ok());
+  }
+  void TearDown() override {
+    primary_.reset();
+    mirror_.reset();
+    endpoint_.reset();
+    engine_.reset();
+    if (vm_) {
+      EXPECT_TRUE(vm_->Stop().ok());
+    }
+  }
+  replicator::Identity Id() const { return {"test-vm", kMemory, kDisk}; }
+  void StartMirror(uint16_t port = 0) {
+    auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
+    ASSERT_TRUE(r.ok());
+    replica_ = std::move(*r);
+    auto m = replicator::Mirror::Start(
+        *replica_,
+        {.identity = Id(), .key = kKey, .port = port, .log = [this](absl::string_view l) {
+           Note(l);
+         }});
+    ASSERT_TRUE(m.ok()) << m.status();
+    mirror_ = std::move(*m);
+  }
+  void StartPrimary(const std::string& key) {
+    auto p = replicator::Primary::Start(*engine_, gate_,
+                                        {.identity = Id(),
+                                         .key = key,
+                                         .mirror_port = mirror_->port(),
+                                         .epoch = std::chrono::milliseconds(10),
+                                         .log = [this](absl::string_view l) { Note(l); }});
+    ASSERT_TRUE(p.ok()) << p.status();
+    primary_ = std::move(*p);
+  }
+  std::string Logs() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::string all;
+    for (const auto& l : log_) all += l + "\n";
+    return all;
+  }
+  void Note(absl::string_view line) {
+    std::lock_guard<std::mutex> lock(mu_);
+    log_.emplace_back(line);
+  }
+  // The replica, read between two applies, equals the primary at that checkpoint's pause.
+  void ExpectReplicaMatchesSomePause() {
+    uint64_t memory = 0, disk = 0;
+    int64_t epoch = -1;
+    mirror_->WithReplica([&](checkpoint::ReplicaStore& r) {
+      epoch = r.committed_epoch();
+      memory = r.MemoryDigest();
+      disk = *r.DiskDigest();
+    });
+    ASSERT_GE(epoch, 0);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = at_pause_.find(static_cast<uint64_t>(epoch));
+    ASSERT_NE(it, at_pause_.end());
+    EXPECT_EQ(memory, it->second.first) << "epoch " << epoch;
+    EXPECT_EQ(disk, it->second.second) << "epoch " << epoch;
+  }
+
+  TempDir dir_;
+  vmm::OutputGate gate_;
+  std::unique_ptr<vmm::Vm> vm_;
+  std::unique_ptr<checkpoint::EpochEngine> engine_;
+  std::unique_ptr<vmm::LedgerEndpoint> endpoint_;
+  std::unique_ptr<checkpoint::ReplicaStore> replica_;
+  std::unique_ptr<replicator::Mirror> mirror_;
+  std::unique_ptr<replicator::Primary> primary_;
+  std::mutex mu_;
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> at_pause_;
+  std::vector<std::string> log_;
+};
+
+TEST_F(KvmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
+  StartMirror();
+  StartPrimary(kKey);
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 0; }, 30));
+  // Clients make progress only as checkpoints are acknowledged (their answers are held).
+  cli::LoadOptions o;
+  o.port = endpoint_->port();
+  o.clients = 4;
+  o.duration_s = 2;
+  o.accounts = 8;
+  auto report = cli::RunLoad(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
+  EXPECT_GT(report->requests, 100u);
+  for (int i = 0; i < 20; i++) {
+    ExpectReplicaMatchesSomePause();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let more epochs commit
+  }
+  auto st = primary_->stats();
+  EXPECT_TRUE(st.connected);
+  EXPECT_GT(st.acked, 50u);
+  EXPECT_GT(mirror_->stats().checkpoints, 50u);
+  EXPECT_EQ(mirror_->stats().rejected, 0u);
+}
+
+TEST_F(KvmReplication, AWrongKeyIsRefusedAndNothingIsApplied) {
+  StartMirror();
+  StartPrimary("not-the-right-key-at-all");
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().rejected >= 2; }, 30));
+  EXPECT_EQ(mirror_->stats().committed_epoch, -1);
+  EXPECT_EQ(mirror_->stats().checkpoints, 0u);
+  EXPECT_FALSE(primary_->stats().connected);
+  std::lock_guard<std::mutex> lock(mu_);
+  bool said = false;
+  for (const auto& l : log_) said |= l.find("authentication failed") != std::string::npos;
+  EXPECT_TRUE(said);
+}
+
+TEST_F(KvmReplication, GarbageFromAnUnauthenticatedPeerIsRefused) {
+  StartMirror();
+  for (const std::string& junk : {std::string("\x10\x00\x00\x00garbage-garbage!", 20),
+                                  std::string("\xff\xff\xff\x7f", 4), std::string(3, '\0')}) {
+    auto c = cli::LedgerClient::Connect("127.0.0.1", mirror_->port(), 2000);
+    ASSERT_TRUE(c.ok());
+    ASSERT_TRUE(c->SendBytes(junk).ok());
+    EXPECT_FALSE(c->Receive().ok());  // the mirror closes the connection
+  }
+  EXPECT_TRUE(WaitUntil([&] { return mirror_->stats().rejected >= 2; }, 30));
+  EXPECT_EQ(mirror_->stats().committed_epoch, -1);
+  // A genuine primary is still served afterwards.
+  StartPrimary(kKey);
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 3; }, 30));
+  ExpectReplicaMatchesSomePause();
+}
+
+TEST_F(KvmReplication, ARestartedMirrorIsResynchronised) {
+  StartMirror();
+  StartPrimary(kKey);
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 5; }, 30));
+  uint16_t port = mirror_->port();
+  mirror_.reset();  // the mirror dies mid-stream
+  replica_.reset();
+  ASSERT_TRUE(WaitUntil([&] { return !primary_->stats().connected; }, 30)) << Logs();
+  StartMirror(port);  // a new mirror with an empty replica
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 5; }, 30)) << Logs();
+  ExpectReplicaMatchesSomePause();
+  EXPECT_GE(primary_->stats().resyncs, 2u);
+}
+
+}  // namespace
+}  // namespace romulus
