@@ -3,11 +3,12 @@
 #ifndef ROMULUS_REPLICATOR_CHANNEL_H_
 #define ROMULUS_REPLICATOR_CHANNEL_H_
 
+// Boost 1.74 uses std::exchange without including <utility>: include it first.
 #include <boost/asio.hpp>
 #include <chrono>
 #include <memory>
 #include <string>
-#include <utility>  // before Asio: Boost 1.74 uses std::exchange without it
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "replicator/replicator.h"

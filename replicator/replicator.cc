@@ -1,3 +1,4 @@
+// Boost 1.74 uses std::exchange without including <utility>: include it first.
 #include "replicator/replicator.h"
 
 #include <sys/random.h>
@@ -12,7 +13,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
-#include <utility>  // before Asio: Boost 1.74 uses std::exchange without it
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "replicator/channel.h"
