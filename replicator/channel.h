@@ -3,12 +3,14 @@
 #ifndef ROMULUS_REPLICATOR_CHANNEL_H_
 #define ROMULUS_REPLICATOR_CHANNEL_H_
 
+// clang-format off
 // Boost 1.74 uses std::exchange without including <utility>: include it first.
+#include <utility>
 #include <boost/asio.hpp>
+// clang-format on
 #include <chrono>
 #include <memory>
 #include <string>
-#include <utility>
 
 #include "absl/status/statusor.h"
 #include "replicator/replicator.h"

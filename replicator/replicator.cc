@@ -1,4 +1,8 @@
+// clang-format off
 // Boost 1.74 uses std::exchange without including <utility>: include it first.
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
 #include "replicator/replicator.h"
 
 #include <sys/random.h>
@@ -6,14 +10,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <boost/asio.hpp>
 #include <condition_variable>
 #include <deque>
 #include <fstream>
 #include <mutex>
 #include <sstream>
 #include <thread>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "replicator/channel.h"
