@@ -7,6 +7,9 @@ namespace romulus::cli {
 int VmCommand(int argc, char** argv);
 int LoadCommand(int argc, char** argv);
 int JournalCommand(int argc, char** argv);
+int PrimaryCommand(int argc, char** argv);
+int MirrorCommand(int argc, char** argv);
+int DemoCommand(int argc, char** argv);
 
 }  // namespace romulus::cli
 

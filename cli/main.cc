@@ -10,6 +10,10 @@ constexpr char kUsage[] =
     "usage: romulus COMMAND [options]   (romulus COMMAND --help for its options)\n"
     "\n"
     "commands:\n"
+    "  demo     a mirror, a replicated primary and ledger clients on this machine, with live\n"
+    "           status; then the replica is resumed and checked (the README's main command)\n"
+    "  primary  run the VM and replicate it to a mirror (--config FILE)\n"
+    "  mirror   hold the replica of a primary's VM (--config FILE)\n"
     "  vm       run the reference guest under the monitor (ledger service, memory workload),\n"
     "           snapshot it to a directory or resume it from one\n"
     "  load     drive a ledger with concurrent clients; report ops/s and latency; check\n"
@@ -27,6 +31,9 @@ int main(int argc, char** argv) {
   const char* cmd = argv[1];
   if (!std::strcmp(cmd, "vm")) return romulus::cli::VmCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "load")) return romulus::cli::LoadCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "demo")) return romulus::cli::DemoCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "primary")) return romulus::cli::PrimaryCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "mirror")) return romulus::cli::MirrorCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "journal")) return romulus::cli::JournalCommand(argc - 2, argv + 2);
   std::fprintf(stderr, "romulus: unknown command '%s'\n%s", cmd, kUsage);
   return 2;

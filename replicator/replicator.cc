@@ -410,6 +410,7 @@ class PrimaryImpl : public Primary {
         channel_.reset();
       }
       engine_.Restart();
+      if (why.code() == absl::StatusCode::kCancelled) return;  // stopping, not a lost mirror
       if (options_.run_unprotected) gate_.SetHolding(false);
       SetState(absl::StrCat(options_.run_unprotected ? "mirror lost, running UNPROTECTED: "
                                                      : "mirror lost, outputs held: ",

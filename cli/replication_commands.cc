@@ -1,0 +1,410 @@
+// romulus primary, romulus mirror and romulus demo.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_format.h"
+#include "checkpoint/checkpoint.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/config.h"
+#include "cli/load.h"
+#include "replicator/replicator.h"
+#include "vmm/journal.h"
+#include "vmm/ledger_endpoint.h"
+#include "vmm/vmm.h"
+
+namespace romulus::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int Fail(const char* who, const absl::Status& s) {
+  std::fprintf(stderr, "romulus %s: %s\n", who, std::string(s.message()).c_str());
+  return 1;
+}
+
+replicator::LogFn Logger(const char* who) {
+  return [who](absl::string_view line) {
+    std::fprintf(stdout, "romulus %s: %.*s\n", who, static_cast<int>(line.size()), line.data());
+    std::fflush(stdout);
+  };
+}
+
+// Blocks SIGINT, SIGTERM and SIGUSR1 for every thread; the command takes them with sigtimedwait.
+sigset_t TakeSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return set;
+}
+
+int WaitSignal(const sigset_t& set, std::chrono::milliseconds timeout) {
+  timespec ts{static_cast<time_t>(timeout.count() / 1000),
+              static_cast<long>((timeout.count() % 1000) * 1000000)};
+  return sigtimedwait(&set, nullptr, &ts);
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
+}
+
+// One status line from two successive samples `dt` seconds apart.
+struct Rates {
+  double epochs_per_s, mb_per_s, dirty_per_epoch, pause_p50, pause_p99;
+};
+Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primary::Stats& b,
+                   double dt) {
+  Rates r{};
+  uint64_t epochs = b.checkpoints - a.checkpoints;
+  r.epochs_per_s = static_cast<double>(epochs) / dt;
+  r.mb_per_s = static_cast<double>(b.bytes_sent - std::min(a.bytes_sent, b.bytes_sent)) / dt / 1e6;
+  r.dirty_per_epoch =
+      epochs ? static_cast<double>(b.dirty_pages - a.dirty_pages) / static_cast<double>(epochs) : 0;
+  std::vector<double> recent(
+      b.pause_ms.end() - std::min<size_t>(b.pause_ms.size(), std::max<uint64_t>(epochs, 1)),
+      b.pause_ms.end());
+  r.pause_p50 = Percentile(recent, 0.5);
+  r.pause_p99 = Percentile(recent, 0.99);
+  return r;
+}
+
+std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r) {
+  return absl::StrFormat(
+      "%s | %.0f epochs/s, pause p50 %.2f ms p99 %.2f ms, %.0f dirty pages/epoch, %.1f MB/s, "
+      "held outputs %d, replica lag %d epochs",
+      s.connected ? "protected" : "UNPROTECTED", r.epochs_per_s, r.pause_p50, r.pause_p99,
+      r.dirty_per_epoch, r.mb_per_s, s.held_outputs, s.lag_epochs);
+}
+
+rml_pattern PatternOf(const std::string& p) {
+  if (p == "sequential") return RML_PATTERN_SEQUENTIAL;
+  if (p == "hotcold") return RML_PATTERN_HOTCOLD;
+  return RML_PATTERN_UNIFORM;
+}
+
+int ConfigOnly(const char* who, const char* usage, const char* summary, int argc, char** argv,
+               std::string* config) {
+  Args args(usage, summary);
+  args.String("config", config, "configuration file (protobuf text format)");
+  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail(who, s);
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  if (config->empty()) return Fail(who, absl::InvalidArgumentError("--config is required"));
+  return -1;
+}
+
+}  // namespace
+
+int PrimaryCommand(int argc, char** argv) {
+  std::string path;
+  if (int rc =
+          ConfigOnly("primary", "romulus primary --config FILE",
+                     "Runs the reference guest and replicates it, every epoch, to the mirror "
+                     "named in FILE.\nLedger answers leave only once the mirror has committed "
+                     "their epoch (unless\nrun_unprotected is set and no mirror is connected).",
+                     argc, argv, &path);
+      rc >= 0) {
+    return rc;
+  }
+  auto c = LoadPrimaryConfig(path);
+  if (!c.ok()) return Fail("primary", c.status());
+  auto key = replicator::ReadKeyFile(c->psk_file());
+  if (!key.ok()) return Fail("primary", key.status());
+  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail("primary", s);
+  sigset_t signals = TakeSignals();
+  vmm::VmConfig vc;
+  vc.memory_bytes = c->memory_mib() << 20;
+  vc.disk_path = c->disk();
+  vc.workload.working_set_pages = c->workload().working_set_pages();
+  vc.workload.write_rate = c->workload().write_rate();
+  vc.workload.pattern = PatternOf(c->workload().pattern());
+  vc.progress_ms = 0;
+  if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("primary", s);
+  struct stat st;
+  if (::stat(vc.disk_path.c_str(), &st) != 0) {
+    if (auto s = vmm::BlockDevice::CreateImage(vc.disk_path, c->disk_mib() << 20); !s.ok())
+      return Fail("primary", s);
+  }
+  auto vm = vmm::Vm::Boot(vc);
+  if (!vm.ok()) return Fail("primary", vm.status());
+  vmm::OutputGate gate;
+  checkpoint::EpochEngine engine(**vm, gate, {.max_in_flight_bytes = c->max_in_flight_mib() << 20});
+  auto endpoint =
+      vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, c->ledger_listen(),
+                                 static_cast<uint16_t>(c->ledger_port()), Logger("primary"));
+  if (!endpoint.ok()) return Fail("primary", endpoint.status());
+  if (auto s = (*vm)->Start(); !s.ok()) return Fail("primary", s);
+  std::string host = c->mirror().substr(0, c->mirror().rfind(':'));
+  uint16_t port =
+      static_cast<uint16_t>(std::atoi(c->mirror().c_str() + c->mirror().rfind(':') + 1));
+  auto primary =
+      replicator::Primary::Start(engine, gate,
+                                 {.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20},
+                                  .key = *key,
+                                  .mirror_host = host,
+                                  .mirror_port = port,
+                                  .epoch = std::chrono::milliseconds(c->epoch_ms()),
+                                  .run_unprotected = c->run_unprotected(),
+                                  .log = Logger("primary")});
+  if (!primary.ok()) return Fail("primary", primary.status());
+  std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
+              c->vm_id().c_str(), c->ledger_listen().c_str(), (*endpoint)->port(),
+              c->mirror().c_str(), c->epoch_ms());
+  auto last = (*primary)->stats();
+  auto t_last = Clock::now();
+  for (;;) {
+    int sig = WaitSignal(signals, std::chrono::milliseconds(1000));
+    if (sig == SIGINT || sig == SIGTERM) break;
+    if ((*vm)->exited()) break;
+    auto now = (*primary)->stats();
+    double dt = std::chrono::duration<double>(Clock::now() - t_last).count();
+    std::printf("romulus primary: %s\n", StatusLine(now, RatesBetween(last, now, dt)).c_str());
+    std::fflush(stdout);
+    last = now;
+    t_last = Clock::now();
+  }
+  primary->reset();
+  endpoint->reset();
+  absl::Status s = (*vm)->Stop();
+  if (!s.ok()) return Fail("primary", s);
+  std::printf("romulus primary: stopped\n");
+  return 0;
+}
+
+int MirrorCommand(int argc, char** argv) {
+  std::string path;
+  if (int rc = ConfigOnly("mirror", "romulus mirror --config FILE",
+                          "Holds the replica of the primary's VM: receives each checkpoint, "
+                          "verifies it and commits it.\nSIGUSR1 (and stopping) saves the committed "
+                          "replica to snapshot_dir, which\n`romulus vm --restore-from` resumes.",
+                          argc, argv, &path);
+      rc >= 0) {
+    return rc;
+  }
+  auto c = LoadMirrorConfig(path);
+  if (!c.ok()) return Fail("mirror", c.status());
+  auto key = replicator::ReadKeyFile(c->psk_file());
+  if (!key.ok()) return Fail("mirror", key.status());
+  sigset_t signals = TakeSignals();
+  auto replica = checkpoint::ReplicaStore::Create(c->memory_mib() << 20, c->replica_disk(),
+                                                  c->disk_mib() << 20);
+  if (!replica.ok()) return Fail("mirror", replica.status());
+  auto mirror = replicator::Mirror::Start(
+      **replica, {.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20},
+                  .key = *key,
+                  .listen = c->listen(),
+                  .port = static_cast<uint16_t>(c->port()),
+                  .log = Logger("mirror")});
+  if (!mirror.ok()) return Fail("mirror", mirror.status());
+  std::printf("romulus mirror: waiting for the primary of '%s' on %s:%d\n", c->vm_id().c_str(),
+              c->listen().c_str(), (*mirror)->port());
+  std::fflush(stdout);
+  auto save = [&] {
+    if (c->snapshot_dir().empty()) return;
+    (*mirror)->WithReplica([&](checkpoint::ReplicaStore& r) {
+      auto info = r.SaveSnapshot(c->snapshot_dir());
+      if (!info.ok()) {
+        std::printf("romulus mirror: no snapshot: %s\n",
+                    std::string(info.status().message()).c_str());
+      } else {
+        std::printf(
+            "romulus mirror: saved replica of epoch %ld to %s (memory_xxh3=%016lx "
+            "ledger_seq=%lu)\n",
+            static_cast<long>(r.committed_epoch()), c->snapshot_dir().c_str(),
+            static_cast<unsigned long>(info->memory_xxh3),
+            static_cast<unsigned long>(info->guest.ledger_seq));
+      }
+    });
+    std::fflush(stdout);
+  };
+  auto last = (*mirror)->stats();
+  for (;;) {
+    int sig = WaitSignal(signals, std::chrono::milliseconds(1000));
+    if (sig == SIGINT || sig == SIGTERM) break;
+    if (sig == SIGUSR1) save();
+    auto now = (*mirror)->stats();
+    std::printf(
+        "romulus mirror: %s | committed epoch %ld, %lu checkpoints/s, %.1f MB/s, %lu refused\n",
+        now.connected ? "primary connected" : "no primary", static_cast<long>(now.committed_epoch),
+        static_cast<unsigned long>(now.checkpoints - last.checkpoints),
+        static_cast<double>(now.bytes - last.bytes) / 1e6,
+        static_cast<unsigned long>(now.rejected));
+    std::fflush(stdout);
+    last = now;
+  }
+  save();  // the replica as of the last committed epoch, then stop listening
+  mirror->reset();
+  return 0;
+}
+
+int DemoCommand(int argc, char** argv) {
+  uint64_t seconds = 10, clients = 4, memory_mib = 256, ws = 4096, rate = 20000, epoch_ms = 25;
+  bool json = false;
+  Args args("romulus demo [options]",
+            "On this machine: a mirror, a primary running the reference guest with the ledger\n"
+            "and a memory workload, and ledger clients, all on loopback. Shows live replication\n"
+            "status, then a summary; finally the mirror's replica is saved and resumed as a VM,\n"
+            "and its ledger is checked against every answer the clients received.");
+  args.Uint("seconds", &seconds, "how long the clients run");
+  args.Uint("clients", &clients, "concurrent ledger clients");
+  args.Uint("memory-mib", &memory_mib, "guest memory in MiB");
+  args.Uint("working-set", &ws, "pages the memory workload writes over");
+  args.Uint("write-rate", &rate, "workload page writes per second");
+  args.Uint("epoch-ms", &epoch_ms, "checkpoint epoch in milliseconds (5-1000)");
+  args.Bool("json", &json, "print the summary as one JSON object");
+  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail("demo", s);
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail("demo", s);
+  auto say = [json](const std::string& line) {
+    if (!json) {
+      std::printf("romulus demo: %s\n", line.c_str());
+      std::fflush(stdout);
+    }
+  };
+  std::string dir =
+      std::filesystem::temp_directory_path() / absl::StrFormat("romulus-demo-%d", ::getpid());
+  std::filesystem::create_directories(dir);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() { std::filesystem::remove_all(dir); }
+  } cleanup{dir};
+  std::string key = "romulus-demo-key-" + std::to_string(::getpid());
+  uint64_t disk_bytes = 64ull << 20;
+
+  vmm::VmConfig vc;
+  vc.memory_bytes = memory_mib << 20;
+  vc.disk_path = dir + "/primary.img";
+  vc.workload = {.working_set_pages = ws, .write_rate = rate};
+  vc.progress_ms = 0;
+  if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("demo", s);
+  if (auto s = vmm::BlockDevice::CreateImage(vc.disk_path, disk_bytes); !s.ok())
+    return Fail("demo", s);
+  replicator::Identity id{"demo-vm", vc.memory_bytes, disk_bytes};
+  auto replica =
+      checkpoint::ReplicaStore::Create(vc.memory_bytes, dir + "/replica.img", disk_bytes);
+  if (!replica.ok()) return Fail("demo", replica.status());
+  auto quiet = json ? replicator::LogFn() : replicator::LogFn([](absl::string_view l) {
+    std::printf("romulus demo:   %.*s\n", static_cast<int>(l.size()), l.data());
+  });
+  auto mirror = replicator::Mirror::Start(**replica, {.identity = id, .key = key, .log = quiet});
+  if (!mirror.ok()) return Fail("demo", mirror.status());
+  auto vm = vmm::Vm::Boot(vc);
+  if (!vm.ok()) return Fail("demo", vm.status());
+  vmm::OutputGate gate;
+  checkpoint::EpochEngine engine(**vm, gate, {});
+  auto endpoint = vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, "127.0.0.1", 0, nullptr);
+  if (!endpoint.ok()) return Fail("demo", endpoint.status());
+  if (auto s = (*vm)->Start(); !s.ok()) return Fail("demo", s);
+  say(
+      absl::StrFormat("mirror on 127.0.0.1:%d; primary VM %d MiB, workload %d pages at %d "
+                      "writes/s, ledger on 127.0.0.1:%d",
+                      (*mirror)->port(), memory_mib, ws, rate, (*endpoint)->port()));
+  auto primary = replicator::Primary::Start(engine, gate,
+                                            {.identity = id,
+                                             .key = key,
+                                             .mirror_port = (*mirror)->port(),
+                                             .epoch = std::chrono::milliseconds(epoch_ms),
+                                             .log = quiet});
+  if (!primary.ok()) return Fail("demo", primary.status());
+  auto t0 = Clock::now();
+  while ((*mirror)->stats().committed_epoch < 0 && Clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // waiting for the first full copy
+  }
+  if ((*mirror)->stats().committed_epoch < 0)
+    return Fail("demo", absl::DeadlineExceededError("no initial sync within 60 s"));
+  double sync_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  say(absl::StrFormat("initial sync: %d MiB memory + %d MiB disk committed in %.2f s; protected",
+                      memory_mib, disk_bytes >> 20, sync_s));
+
+  LoadOptions lo;
+  lo.port = (*endpoint)->port();
+  lo.clients = clients;
+  lo.duration_s = static_cast<double>(seconds);
+  absl::StatusOr<LoadReport> report;
+  std::thread load([&] { report = RunLoad(lo); });
+  auto first = (*primary)->stats();
+  auto last = first;
+  auto t_first = Clock::now(), t_last = t_first;
+  std::vector<double> all_pauses;
+  for (uint64_t i = 0; i < seconds; i++) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));  // one status line a second
+    auto now = (*primary)->stats();
+    double dt = std::chrono::duration<double>(Clock::now() - t_last).count();
+    say(StatusLine(now, RatesBetween(last, now, dt)));
+    last = now;
+    t_last = Clock::now();
+  }
+  load.join();
+  auto end = (*primary)->stats();
+  Rates overall =
+      RatesBetween(first, end, std::chrono::duration<double>(Clock::now() - t_first).count());
+  if (!report.ok()) return Fail("demo", report.status());
+  if (!json) std::fputs(FormatReport(*report).c_str(), stdout);
+
+  // The replica, saved and resumed, holds every transaction any client saw acknowledged.
+  primary->reset();
+  rml_status primary_status = (*vm)->guest_status();
+  endpoint->reset();
+  (void)(*vm)->Stop();
+  int64_t epoch = -1;
+  absl::StatusOr<vmm::SnapshotInfo> saved;
+  (*mirror)->WithReplica([&](checkpoint::ReplicaStore& r) {
+    epoch = r.committed_epoch();
+    saved = r.SaveSnapshot(dir + "/replica-snap");
+  });
+  if (!saved.ok()) return Fail("demo", saved.status());
+  mirror->reset();
+  auto resumed = vmm::Vm::Restore(dir + "/replica-snap", dir + "/resumed.img", nullptr);
+  if (!resumed.ok()) return Fail("demo", resumed.status());
+  auto journal = vmm::ReplayJournal(dir + "/resumed.img");
+  uint64_t resumed_seq = (*resumed)->guest_status().ledger_seq;
+  bool complete = resumed_seq >= report->last_seq && journal.ok() &&
+                  journal->last_seq == (*resumed)->guest_status().journal_records;
+  say(absl::StrFormat(
+      "replica of epoch %d saved and resumed: ledger_seq %d (clients saw up to %d, "
+      "primary reached %d), journal %d records: %s",
+      epoch, resumed_seq, report->last_seq, primary_status.ledger_seq,
+      journal.ok() ? journal->last_seq : 0,
+      complete ? "every acknowledged transaction is there" : "TRANSACTIONS MISSING"));
+  std::string summary = absl::StrFormat(
+      "{\"seconds\":%d,\"initial_sync_s\":%.3f,\"epochs\":%d,\"epochs_per_s\":%.1f,"
+      "\"pause_p50_ms\":%.3f,\"pause_p99_ms\":%.3f,\"dirty_pages_per_epoch\":%.0f,\"mb_per_s\":%."
+      "2f,"
+      "\"ledger_ops_per_s\":%.0f,\"latency_p50_us\":%.0f,\"latency_p99_us\":%.0f,"
+      "\"invariants_hold\":%s,\"replica_epoch\":%d,\"replica_complete\":%s}",
+      seconds, sync_s, end.checkpoints - first.checkpoints, overall.epochs_per_s, overall.pause_p50,
+      overall.pause_p99, overall.dirty_per_epoch, overall.mb_per_s, report->ops_per_s,
+      report->p50_us, report->p99_us, report->ok() ? "true" : "false", epoch,
+      complete ? "true" : "false");
+  if (json) {
+    std::printf("%s\n", summary.c_str());
+  } else {
+    say(
+        absl::StrFormat("summary: %d epochs (%.1f/s), pause p50 %.2f ms p99 %.2f ms, %.0f dirty "
+                        "pages/epoch, %.1f MB/s replicated; ledger %.0f ops/s protected, latency "
+                        "p50 %.0f us p99 %.0f us",
+                        end.checkpoints - first.checkpoints, overall.epochs_per_s,
+                        overall.pause_p50, overall.pause_p99, overall.dirty_per_epoch,
+                        overall.mb_per_s, report->ops_per_s, report->p50_us, report->p99_us));
+  }
+  return report->ok() && complete ? 0 : 1;
+}
+
+}  // namespace romulus::cli
