@@ -59,10 +59,13 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   uint64_t generation;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, wait,
-                      [this] { return stats_.in_flight_bytes < options_.max_in_flight_bytes; })) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "no acknowledgement freed the in-flight budget (", stats_.in_flight_bytes, " bytes)"));
+    if (!cv_.wait_for(lock, wait, [this] {
+          return stats_.in_flight_bytes < options_.max_in_flight_bytes &&
+                 in_flight_.size() < options_.max_in_flight_checkpoints;
+        })) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("no acknowledgement freed the in-flight budget (", in_flight_.size(),
+                       " checkpoints, ", stats_.in_flight_bytes, " bytes)"));
     }
     generation = generation_;
     cp->full = next_full_;

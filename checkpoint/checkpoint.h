@@ -51,7 +51,10 @@ class EpochEngine {
   struct Options {
     // Staged checkpoints not yet acknowledged may hold at most this many bytes; past it the
     // next checkpoint waits (the epoch stretches) instead of buffering more.
-    uint64_t max_in_flight_bytes = 512ull << 20;
+    uint64_t max_in_flight_bytes = 256ull << 20;
+    // And at most this many checkpoints: a slow mirror stretches epochs instead of building a
+    // queue that every held output would have to wait behind.
+    uint64_t max_in_flight_checkpoints = 8;
   };
   struct Stats {
     uint64_t epochs = 0;

@@ -88,6 +88,22 @@ TEST(KvmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
   EXPECT_TRUE(vm->Stop().ok());
 }
 
+TEST(KvmCheckpoint, AtMostTheConfiguredNumberOfCheckpointsWaitForAcks) {
+  ROMULUS_REQUIRE_KVM();
+  TempDir dir;
+  auto vm = testing::BootTestVm(dir, {.working_set_pages = 64, .write_rate = 1000});
+  ASSERT_NE(vm, nullptr);
+  vmm::OutputGate gate;
+  EpochEngine engine(*vm, gate, {.max_in_flight_checkpoints = 3});
+  ASSERT_TRUE(vm->Start().ok());
+  for (int i = 0; i < 3; i++) ASSERT_TRUE(engine.TakeCheckpoint().ok());
+  auto fourth = engine.TakeCheckpoint(std::chrono::milliseconds(100));
+  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kDeadlineExceeded) << fourth.status();
+  engine.Acknowledge(0);
+  EXPECT_TRUE(engine.TakeCheckpoint(std::chrono::milliseconds(100)).ok());
+  EXPECT_TRUE(vm->Stop().ok());
+}
+
 TEST(KvmCheckpoint, ASavedReplicaResumesWithEveryAcknowledgedTransaction) {
   ROMULUS_REQUIRE_KVM();
   TempDir dir;
@@ -297,7 +313,8 @@ TEST(KvmCheckpoint, AStalledMirrorBoundsThePrimarysMemory) {
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   constexpr uint64_t kBudget = 1ull << 20;
-  EpochEngine engine(*vm, gate, {.max_in_flight_bytes = kBudget});
+  EpochEngine engine(*vm, gate,
+                     {.max_in_flight_bytes = kBudget, .max_in_flight_checkpoints = 1000000});
   ASSERT_TRUE(vm->Start().ok());
   auto full = engine.TakeCheckpoint();
   ASSERT_TRUE(full.ok());

