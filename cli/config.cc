@@ -62,19 +62,26 @@ bool ValidHostPort(const std::string& s) {
   return port > 0 && port < 65536;
 }
 
+// The fields both roles share: which VM, and how much memory and disk it has.
+template <typename Config>
+absl::Status CheckVm(Parsed& p, Config& c) {
+  if (c.vm_id().empty()) return p.Bad("vm_id", "is required (both hosts must name the same VM)");
+  if (c.memory_mib() == 0) c.set_memory_mib(256);
+  if (c.memory_mib() < 16 || c.memory_mib() > 4096 || c.memory_mib() % 2) {
+    return p.Bad("memory_mib", "must be an even number from 16 to 4096");
+  }
+  if (c.disk_mib() == 0) c.set_disk_mib(64);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   pb::PrimaryConfig c;
   Parsed p;
   if (auto s = p.Load(path, &c); !s.ok()) return s;
-  if (c.vm_id().empty()) return p.Bad("vm_id", "is required (both hosts must name the same VM)");
-  if (c.memory_mib() == 0) c.set_memory_mib(256);
-  if (c.memory_mib() < 16 || c.memory_mib() > 4096 || c.memory_mib() % 2) {
-    return p.Bad("memory_mib", "must be an even number from 16 to 4096");
-  }
+  if (auto s = CheckVm(p, c); !s.ok()) return s;
   if (c.disk().empty()) return p.Bad("disk", "is required");
-  if (c.disk_mib() == 0) c.set_disk_mib(64);
   if (c.mirror().empty() || !ValidHostPort(c.mirror())) return p.Bad("mirror", "must be HOST:PORT");
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.epoch_ms() == 0) c.set_epoch_ms(25);
@@ -94,12 +101,7 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   pb::MirrorConfig c;
   Parsed p;
   if (auto s = p.Load(path, &c); !s.ok()) return s;
-  if (c.vm_id().empty()) return p.Bad("vm_id", "is required (both hosts must name the same VM)");
-  if (c.memory_mib() == 0) c.set_memory_mib(256);
-  if (c.memory_mib() < 16 || c.memory_mib() > 4096 || c.memory_mib() % 2) {
-    return p.Bad("memory_mib", "must be an even number from 16 to 4096");
-  }
-  if (c.disk_mib() == 0) c.set_disk_mib(64);
+  if (auto s = CheckVm(p, c); !s.ok()) return s;
   if (c.listen().empty()) c.set_listen("127.0.0.1");
   if (c.port() == 0 || c.port() > 65535) return p.Bad("port", "must be 1 to 65535");
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");

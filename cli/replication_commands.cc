@@ -15,6 +15,7 @@
 #include "cli/commands.h"
 #include "cli/config.h"
 #include "cli/load.h"
+#include "cli/signals.h"
 #include "replicator/replicator.h"
 #include "vmm/journal.h"
 #include "vmm/ledger_endpoint.h"
@@ -35,23 +36,6 @@ replicator::LogFn Logger(const char* who) {
     std::fprintf(stdout, "romulus %s: %.*s\n", who, static_cast<int>(line.size()), line.data());
     std::fflush(stdout);
   };
-}
-
-// Blocks SIGINT, SIGTERM and SIGUSR1 for every thread; the command takes them with sigtimedwait.
-sigset_t TakeSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGUSR1);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  return set;
-}
-
-int WaitSignal(const sigset_t& set, std::chrono::milliseconds timeout) {
-  timespec ts{static_cast<time_t>(timeout.count() / 1000),
-              static_cast<long>((timeout.count() % 1000) * 1000000)};
-  return sigtimedwait(&set, nullptr, &ts);
 }
 
 double Percentile(std::vector<double> v, double p) {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/signals.h"
 #include "vmm/ledger_endpoint.h"
 #include "vmm/vmm.h"
 
@@ -94,13 +95,7 @@ int VmCommand(int argc, char** argv) {
   }
   if (auto s = vmm::CheckKvm(); !s.ok()) return Fail(s);
 
-  // Signals are taken synchronously by this thread; every other thread inherits them blocked.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGUSR1);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigset_t signals = TakeSignals();
 
   auto console = [quiet](absl::string_view line) {
     if (!quiet) {
@@ -145,8 +140,7 @@ int VmCommand(int argc, char** argv) {
   };
   bool snapshot_now = false;
   for (;;) {
-    timespec tick{0, 50 * 1000 * 1000};
-    int sig = sigtimedwait(&signals, nullptr, &tick);
+    int sig = WaitSignal(signals, std::chrono::milliseconds(50));
     if (sig == SIGINT || sig == SIGTERM) break;
     if (sig == SIGUSR1) {
       if (snapshot_to.empty())
