@@ -191,9 +191,7 @@ class MirrorImpl : public Mirror {
 
   Stats stats() const override {
     std::lock_guard<std::mutex> lock(mu_);
-    Stats s = stats_;
-    s.committed_epoch = replica_.committed_epoch();
-    return s;
+    return stats_;
   }
 
   void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) override {
@@ -276,6 +274,7 @@ class MirrorImpl : public Mirror {
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.checkpoints++;
+        stats_.committed_epoch = static_cast<int64_t>((*cp)->epoch);
       }
       pb::Frame ack;
       ack.mutable_ack()->set_epoch((*cp)->epoch);

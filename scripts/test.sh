@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test twice: in a normal build and in an AddressSanitizer + UBSan build.
+# Runs every test twice, in a normal build and in an AddressSanitizer + UBSan build, and the
+# networking tests a third time under ThreadSanitizer.
 # Tests that need /dev/kvm skip only when it is absent, and say so; the summary counts them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,27 @@ for variant in release asan; do
   kvm_ran=$((kvm_ran + kr)) kvm_skipped=$((kvm_skipped + ks))
   if ((rc != 0 && f == 0)); then failed=$((failed + 1)); fi
 done
-echo "KVM tests over both builds: $kvm_ran ran, $kvm_skipped skipped"
+# ThreadSanitizer over the networking code: the ledger endpoint, the output gate and the
+# replication transport (the long exactness runs stay in the two builds above).
+dir=build-tsan
+echo "== tsan: configure and build ($dir)"
+cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON >/dev/null
+cmake --build "$dir" -j"$jobs" --target romulus_tests romulus >/dev/null
+echo "== tsan: networking tests"
+set +e
+TSAN_OPTIONS=halt_on_error=1 ctest --test-dir "$dir" --output-on-failure -j"$jobs" \
+  -R 'OutputGate|KvmLedger|KvmBadInput|KvmReplication\.(AWrongKey|Garbage|ARestarted)' 2>&1 |
+  tee "$dir/ctest.log"
+rc=${PIPESTATUS[0]}
+set -e
+p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
+f=$(grep -cE "Test +#[0-9]+: .* (Failed|\*\*\*Timeout|\*\*\*Exception)" "$dir/ctest.log" || true)
+s=$(grep -cE "Test +#[0-9]+: .* Skipped" "$dir/ctest.log" || true)
+passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+kvm_ran=$((kvm_ran + $(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)))
+kvm_skipped=$((kvm_skipped + $(grep -cE "Test +#[0-9]+: Kvm.* Skipped" "$dir/ctest.log" || true)))
+if ((rc != 0 && f == 0)); then failed=$((failed + 1)); fi
+
+echo "KVM tests over all builds: $kvm_ran ran, $kvm_skipped skipped"
 echo "romulus: $passed passed, $failed failed, $skipped skipped"
 ((failed == 0))
