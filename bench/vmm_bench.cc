@@ -4,6 +4,10 @@
 //   - pause + harvest + copy of 256/1024/4096 dirty pages next to a plain memcpy of those pages;
 //   - ledger ops/s through the TCP endpoint;
 //   - memory workload page writes/s achieved against requested.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,7 +17,9 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint/checkpoint.h"
 #include "cli/load.h"
+#include "replicator/replicator.h"
 #include "vmm/ledger_endpoint.h"
 #include "vmm/vmm.h"
 
@@ -189,13 +195,145 @@ void WorkloadRate() {
   }
 }
 
+// Pause per epoch with the engine, at N dirty pages per epoch, next to a memcpy of those pages.
+void EpochPause(uint64_t pages) {
+  Scratch s;
+  auto vm = Boot(s, 256ull << 20,
+                 {.working_set_pages = pages, .write_rate = 0, .pattern = RML_PATTERN_SEQUENTIAL});
+  romulus::vmm::OutputGate gate;
+  romulus::checkpoint::EpochEngine engine(*vm, gate, {});
+  (void)vm->Start();
+  std::vector<double> pause, copy, dirty;
+  std::vector<uint8_t> staging(pages * 2 * romulus::vmm::kPageSize);
+  for (int epoch = 0; epoch < 43; epoch++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));  // one epoch of guest work
+    auto cp = engine.TakeCheckpoint();
+    if (!cp.ok()) continue;
+    engine.Acknowledge((*cp)->epoch);
+    if (epoch < 3) continue;  // the first is the full copy; then warm-up
+    pause.push_back(engine.stats().last_pause_ms);
+    size_t n = std::min<size_t>((*cp)->gfns.size(), pages * 2);
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < n; i++) {
+      std::memcpy(staging.data() + i * romulus::vmm::kPageSize,
+                  vm->memory().data() + (*cp)->gfns[i] * romulus::vmm::kPageSize,
+                  romulus::vmm::kPageSize);
+    }
+    copy.push_back(Ms(Clock::now() - t0));
+    dirty.push_back(static_cast<double>((*cp)->gfns.size()));
+  }
+  (void)vm->Stop();
+  std::printf(
+      "%6lu dirty pages/epoch (measured p50 %.0f): pause p50 %.3f ms p99 %.3f ms; memcpy of "
+      "the same pages p50 %.3f ms; ratio %.2f\n",
+      static_cast<unsigned long>(pages), Median(dirty), Median(pause), P99(pause), Median(copy),
+      Median(pause) / std::max(Median(copy), 1e-6));
+}
+
+// MB/s through a plain loopback TCP connection, 1 MiB writes, for `bytes`.
+double RawLoopbackMBps(uint64_t bytes) {
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len);
+  ::listen(listener, 1);
+  std::thread sink([&] {
+    int c = ::accept(listener, nullptr, nullptr);
+    std::vector<char> buf(1 << 20);
+    while (::read(c, buf.data(), buf.size()) > 0) {
+    }
+    ::close(c);
+  });
+  int out = ::socket(AF_INET, SOCK_STREAM, 0);
+  ::connect(out, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  std::vector<char> buf(1 << 20, 'x');
+  auto t0 = Clock::now();
+  for (uint64_t sent = 0; sent < bytes;) {
+    ssize_t n = ::write(out, buf.data(), std::min<uint64_t>(buf.size(), bytes - sent));
+    if (n <= 0) break;
+    sent += static_cast<uint64_t>(n);
+  }
+  ::close(out);
+  sink.join();
+  ::close(listener);
+  return static_cast<double>(bytes) / std::chrono::duration<double>(Clock::now() - t0).count() /
+         1e6;
+}
+
+// Replication throughput and the cost of protection for the ledger, with 25 ms epochs.
+void Replication(uint64_t dirty_pages, uint64_t clients) {
+  Scratch s;
+  uint64_t memory = 256ull << 20, disk = 64ull << 20;
+  auto vm =
+      Boot(s, memory,
+           {.working_set_pages = dirty_pages, .write_rate = 0, .pattern = RML_PATTERN_SEQUENTIAL});
+  romulus::vmm::OutputGate gate;
+  auto ep = romulus::vmm::LedgerEndpoint::Start(vm->ledger(), gate, "127.0.0.1", 0, nullptr);
+  (void)vm->Start();
+  romulus::cli::LoadOptions o;
+  o.port = (*ep)->port();
+  o.clients = clients;
+  o.duration_s = 3;
+  o.retry_pct = 0;
+  auto unprotected = romulus::cli::RunLoad(o);  // gate open, no engine yet
+
+  auto replica = romulus::checkpoint::ReplicaStore::Create(memory, s.dir + "/replica.img", disk);
+  auto mirror = romulus::replicator::Mirror::Start(
+      **replica,
+      {.identity = {"bench", memory, disk}, .key = "bench-key-0123456789", .log = nullptr});
+  romulus::checkpoint::EpochEngine engine(*vm, gate, {});
+  auto primary = romulus::replicator::Primary::Start(engine, gate,
+                                                     {.identity = {"bench", memory, disk},
+                                                      .key = "bench-key-0123456789",
+                                                      .mirror_port = (*mirror)->port(),
+                                                      .epoch = std::chrono::milliseconds(25),
+                                                      .log = nullptr});
+  auto t0 = Clock::now();
+  while ((*mirror)->stats().committed_epoch < 0 && Clock::now() - t0 < std::chrono::seconds(60)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // initial full copy
+  }
+  auto a = (*primary)->stats();
+  auto ta = Clock::now();
+  auto protected_run = romulus::cli::RunLoad(o);
+  auto b = (*primary)->stats();
+  double secs = std::chrono::duration<double>(Clock::now() - ta).count();
+  double mbps = static_cast<double>(b.bytes_sent - a.bytes_sent) / secs / 1e6;
+  double raw = RawLoopbackMBps(std::max<uint64_t>(b.bytes_sent - a.bytes_sent, 64ull << 20));
+  primary->reset();
+  mirror->reset();
+  ep->reset();
+  (void)vm->Stop();
+  if (!unprotected.ok() || !protected_run.ok()) return;
+  std::printf(
+      "%6lu dirty pages/epoch, %2lu clients: replication %.0f MB/s vs raw loopback TCP "
+      "%.0f MB/s (ratio %.2f); %.0f epochs/s\n",
+      static_cast<unsigned long>(dirty_pages), static_cast<unsigned long>(clients), mbps, raw,
+      mbps / raw, static_cast<double>(b.checkpoints - a.checkpoints) / secs);
+  std::printf(
+      "        ledger protected %.0f ops/s vs unprotected %.0f ops/s (ratio %.3f); latency "
+      "p50 %.1f ms vs %.2f ms: +%.1f ms for a 25 ms epoch (ratio %.2f)\n",
+      protected_run->ops_per_s, unprotected->ops_per_s,
+      protected_run->ops_per_s / unprotected->ops_per_s, protected_run->p50_us / 1000,
+      unprotected->p50_us / 1000, (protected_run->p50_us - unprotected->p50_us) / 1000,
+      (protected_run->p50_us - unprotected->p50_us) / 25000.0);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  std::string which = argc > 1 ? argv[1] : "all";
+  if (which != "all" && which != "vmm" && which != "replication") {
+    std::fprintf(stderr, "usage: romulus_bench [all|vmm|replication]\n");
+    return 2;
+  }
   if (auto s = romulus::vmm::CheckKvm(); !s.ok()) {
     std::fprintf(stderr, "bench: %s\n", std::string(s.message()).c_str());
     return 1;
   }
+  if (which == "replication") goto replication;
   std::printf("== state capture and restore\n");
   StateCaptureAndRestore();
   std::printf("== pause + harvest + copy, 25 ms epochs, uniform writes over the working set\n");
@@ -204,5 +342,11 @@ int main() {
   LedgerThroughput();
   std::printf("== memory workload rate\n");
   WorkloadRate();
+  if (which == "vmm") return 0;
+replication:
+  std::printf("== epoch pause (engine: stop, harvest, stage, capture, resume) vs memcpy\n");
+  for (uint64_t pages : {1024, 4096, 16384}) EpochPause(pages);
+  std::printf("== replication over loopback, 25 ms epochs, 16 ledger clients\n");
+  for (uint64_t pages : {1024, 4096, 16384}) Replication(pages, 16);
   return 0;
 }
