@@ -14,9 +14,33 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr uint64_t kPage = vmm::kPageSize;
-constexpr uint64_t kDiskChunk = 64 * 1024;  // the full copy reads the disk in these
+
+uint64_t Chain(uint64_t value, std::initializer_list<uint64_t> words) {
+  return XXH3_64bits_withSeed(std::data(words), words.size() * sizeof(uint64_t), value);
+}
+
+// Copies the listed pages of `mem` into `run` and hashes them.
+void CopyPages(const uint8_t* mem, PageRun& run) {
+  run.pages.resize(run.gfns.size() * kPage);
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    std::memcpy(run.pages.data() + i * kPage, mem + run.gfns[i] * kPage, kPage);
+  }
+}
+
+void HashPages(PageRun& run) {
+  run.hashes.resize(run.gfns.size());
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    run.hashes[i] = XXH3_64bits(run.pages.data() + i * kPage, kPage);
+  }
+}
 
 }  // namespace
+
+void SyncDigest::AddPage(uint64_t gfn, uint64_t hash) { value_ = Chain(value_, {1, gfn, hash}); }
+
+void SyncDigest::AddDisk(uint64_t offset, uint64_t length, uint64_t hash) {
+  value_ = Chain(value_, {2, offset, length, hash});
+}
 
 uint64_t Checkpoint::bytes() const {
   uint64_t n = pages.size() + gfns.size() * 16 + static_cast<uint64_t>(state.ByteSizeLong());
@@ -24,10 +48,10 @@ uint64_t Checkpoint::bytes() const {
   return n;
 }
 
-uint64_t CheckpointDigest(const Checkpoint& c) {
+uint64_t CheckpointDigest(const Checkpoint& c, uint64_t sync_digest) {
   XXH3_state_t* st = XXH3_createState();
   XXH3_64bits_reset(st);
-  uint64_t head[3] = {c.epoch, c.full ? 1u : 0u, c.gfns.size()};
+  uint64_t head[4] = {c.epoch, c.full ? 1u : 0u, c.gfns.size(), sync_digest};
   XXH3_64bits_update(st, head, sizeof(head));
   XXH3_64bits_update(st, c.gfns.data(), c.gfns.size() * sizeof(uint64_t));
   XXH3_64bits_update(st, c.hashes.data(), c.hashes.size() * sizeof(uint64_t));
@@ -42,7 +66,7 @@ uint64_t CheckpointDigest(const Checkpoint& c) {
   return d;
 }
 
-EpochEngine::EpochEngine(vmm::Vm& vm, vmm::OutputGate& gate, Options options)
+EpochEngine::EpochEngine(vmm::CheckpointableVm& vm, vmm::OutputGate& gate, Options options)
     : vm_(vm), gate_(gate), options_(options) {
   gate_.SetHolding(true);
   vm_.disk().SetWriteListener([this](uint64_t sector, std::span<const uint8_t> data) {
@@ -68,52 +92,58 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
                        " checkpoints, ", stats_.in_flight_bytes, " bytes)"));
     }
     generation = generation_;
+  }
+  std::lock_guard<std::mutex> take(take_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (generation != generation_) return absl::AbortedError("the mirror connection restarted");
     cp->full = next_full_;
   }
   auto t0 = Clock::now();
   if (auto s = vm_.Pause(); !s.ok()) return s;
   // From here to Resume() the vCPU is stopped: only harvesting and copying.
+  auto fail = [this](absl::Status s) {
+    (void)vm_.Resume();
+    return s;
+  };
   cp->epoch = next_epoch_;
   auto dirty = vm_.HarvestDirty();
-  if (!dirty.ok()) {
-    (void)vm_.Resume();
-    return dirty.status();
+  if (!dirty.ok()) return fail(dirty.status());
+  if (cp->full && !syncing_) {
+    // No pre-copy: everything is pending, and the whole disk is read here. Writes recorded
+    // before this pause are in what is read.
+    sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
+    for (uint64_t& w : sync_pending_.words()) w = ~0ull;
+    sync_disk_offset_ = 0;
+    sync_digest_ = SyncDigest();
+    std::lock_guard<std::mutex> lock(disk_mu_);
+    disk_writes_.clear();
   }
-  const uint8_t* mem = vm_.memory().data();
   if (cp->full) {
-    cp->gfns.resize(vm_.memory().pages());
-    for (uint64_t i = 0; i < cp->gfns.size(); i++) cp->gfns[i] = i;
-    cp->pages.assign(mem, mem + vm_.memory().size());
-  } else {
-    cp->gfns.reserve(dirty->Count());
-    dirty->ForEach([&](uint64_t gfn) { cp->gfns.push_back(gfn); });
-    cp->pages.resize(cp->gfns.size() * kPage);
-    for (size_t i = 0; i < cp->gfns.size(); i++) {
-      std::memcpy(cp->pages.data() + i * kPage, mem + cp->gfns[i] * kPage, kPage);
+    sync_pending_.Merge(*dirty);
+    *dirty = std::move(sync_pending_);
+  }
+  cp->gfns.reserve(dirty->Count());
+  dirty->ForEach([&](uint64_t gfn) {
+    if (gfn < vm_.memory().pages()) cp->gfns.push_back(gfn);  // the tail word's spare bits
+  });
+  CopyPages(vm_.memory().data(), *cp);
+  if (cp->full) {  // the disk chunks not sent yet, then the writes recorded since the sync began
+    for (;;) {
+      auto chunk = ReadDiskChunk();
+      if (!chunk.ok()) return fail(chunk.status());
+      if (!chunk->has_value()) break;
+      cp->disk_writes.push_back(std::move(**chunk));
     }
   }
   {
     std::lock_guard<std::mutex> lock(disk_mu_);
-    cp->disk_writes.swap(disk_writes_);
-  }
-  if (cp->full) {  // the whole disk replaces the writes collected before the first checkpoint
-    cp->disk_writes.clear();
-    uint64_t disk_bytes = vm_.disk().sectors() * RML_SECTOR_SIZE;
-    for (uint64_t off = 0; off < disk_bytes; off += kDiskChunk) {
-      DiskWrite w{off / RML_SECTOR_SIZE, std::string(std::min(kDiskChunk, disk_bytes - off), '\0')};
-      if (::pread(vm_.disk().fd(), w.data.data(), w.data.size(), static_cast<off_t>(off)) !=
-          static_cast<ssize_t>(w.data.size())) {
-        (void)vm_.Resume();
-        return vmm::ErrnoStatus("read disk for the full checkpoint");
-      }
-      cp->disk_writes.push_back(std::move(w));
-    }
+    cp->disk_writes.insert(cp->disk_writes.end(), std::make_move_iterator(disk_writes_.begin()),
+                           std::make_move_iterator(disk_writes_.end()));
+    disk_writes_.clear();
   }
   auto state = vm_.SaveState();
-  if (!state.ok()) {
-    (void)vm_.Resume();
-    return state.status();
-  }
+  if (!state.ok()) return fail(state.status());
   cp->state = std::move(*state);
   cp->output_mark = gate_.Mark();
   if (pause_hook_) pause_hook_(*cp);
@@ -122,11 +152,9 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   next_epoch_++;
 
   // After the resume: hashing and the digest.
-  cp->hashes.resize(cp->gfns.size());
-  for (size_t i = 0; i < cp->gfns.size(); i++) {
-    cp->hashes[i] = XXH3_64bits(cp->pages.data() + i * kPage, kPage);
-  }
-  cp->digest = CheckpointDigest(*cp);
+  HashPages(*cp);
+  cp->digest = CheckpointDigest(*cp, cp->full ? sync_digest_.value() : 0);
+  if (cp->full) syncing_ = false;
 
   std::lock_guard<std::mutex> lock(mu_);
   if (generation != generation_) {
@@ -174,6 +202,75 @@ EpochEngine::Stats EpochEngine::stats() const {
   return stats_;
 }
 
+absl::Status EpochEngine::BeginSync() {
+  std::lock_guard<std::mutex> take(take_mu_);
+  if (auto s = vm_.Pause(); !s.ok()) return s;
+  auto dirty = vm_.HarvestDirty();  // from here on the dirty log tracks what pre-copy must resend
+  if (dirty.ok()) {
+    std::lock_guard<std::mutex> lock(disk_mu_);
+    disk_writes_.clear();  // the disk is read after this point, so it holds these writes
+  }
+  if (auto s = vm_.Resume(); !s.ok()) return s;
+  if (!dirty.ok()) return dirty.status();
+  sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
+  for (uint64_t& w : sync_pending_.words()) w = ~0ull;
+  sync_disk_offset_ = 0;
+  sync_digest_ = SyncDigest();
+  syncing_ = true;
+  return absl::OkStatus();
+}
+
+PageRun EpochEngine::NextSyncPages(size_t max_pages) {
+  std::lock_guard<std::mutex> take(take_mu_);
+  PageRun run;
+  std::vector<uint64_t>& words = sync_pending_.words();
+  for (uint64_t w = 0; w < words.size() && run.gfns.size() < max_pages; w++) {
+    while (words[w] && run.gfns.size() < max_pages) {
+      uint64_t gfn = w * 64 + static_cast<uint64_t>(__builtin_ctzll(words[w]));
+      words[w] &= words[w] - 1;
+      if (gfn < vm_.memory().pages()) run.gfns.push_back(gfn);
+    }
+  }
+  CopyPages(vm_.memory().data(), run);
+  HashPages(run);
+  for (size_t i = 0; i < run.gfns.size(); i++) sync_digest_.AddPage(run.gfns[i], run.hashes[i]);
+  return run;
+}
+
+absl::StatusOr<std::optional<SyncChunk>> EpochEngine::NextSyncDisk() {
+  std::lock_guard<std::mutex> take(take_mu_);
+  auto w = ReadDiskChunk();
+  if (!w.ok()) return w.status();
+  if (!w->has_value()) return std::nullopt;
+  SyncChunk c{(*w)->sector * RML_SECTOR_SIZE, std::move((*w)->data), 0};
+  c.hash = XXH3_64bits(c.data.data(), c.data.size());
+  sync_digest_.AddDisk(c.offset, c.data.size(), c.hash);
+  return c;
+}
+
+absl::StatusOr<std::optional<DiskWrite>> EpochEngine::ReadDiskChunk() {
+  uint64_t disk_bytes = vm_.disk().sectors() * RML_SECTOR_SIZE;
+  if (sync_disk_offset_ >= disk_bytes) return std::nullopt;
+  uint64_t off = sync_disk_offset_;
+  DiskWrite w{off / RML_SECTOR_SIZE, std::string(std::min(kDiskChunk, disk_bytes - off), '\0')};
+  if (::pread(vm_.disk().fd(), w.data.data(), w.data.size(), static_cast<off_t>(off)) !=
+      static_cast<ssize_t>(w.data.size())) {
+    return vmm::ErrnoStatus("read disk for synchronisation");
+  }
+  sync_disk_offset_ += w.data.size();
+  return w;
+}
+
+absl::StatusOr<uint64_t> EpochEngine::RefreshSync() {
+  std::lock_guard<std::mutex> take(take_mu_);
+  if (auto s = vm_.Pause(); !s.ok()) return s;
+  auto dirty = vm_.HarvestDirty();
+  if (auto s = vm_.Resume(); !s.ok()) return s;
+  if (!dirty.ok()) return dirty.status();
+  sync_pending_.Merge(*dirty);
+  return sync_pending_.Count();
+}
+
 absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(uint64_t memory_bytes,
                                                                    const std::string& disk_path,
                                                                    uint64_t disk_bytes) {
@@ -183,7 +280,7 @@ absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(uint64_t memo
   vmm::Fd fd(::open(disk_path.c_str(), O_RDWR | O_CLOEXEC));
   if (!fd.valid()) return vmm::ErrnoStatus(absl::StrCat("open replica disk ", disk_path));
   return std::unique_ptr<ReplicaStore>(
-      new ReplicaStore(std::move(*mem), std::move(fd), disk_bytes));
+      new ReplicaStore(std::move(*mem), std::move(fd), disk_path, disk_bytes));
 }
 
 absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
@@ -199,7 +296,6 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
         absl::StrCat("checkpoint ", c.epoch, " rejected: expected epoch ", committed_epoch_ + 1,
                      " (replayed or out of order)"));
   }
-  if (c.full && c.gfns.size() != pages) return bad("a full checkpoint must carry all of memory");
   if (c.hashes.size() != c.gfns.size() || c.pages.size() != c.gfns.size() * kPage) {
     return bad("page count, hash count and page bytes disagree");
   }
@@ -225,12 +321,19 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
       c.state.vcpus_size() != 1) {
     return bad("VM state does not match this replica (version, sizes or vCPUs)");
   }
-  if (CheckpointDigest(c) != c.digest) return bad("checkpoint digest mismatch");
+  uint64_t sync = c.full && staging_ ? staging_->digest.value() : 0;
+  if (CheckpointDigest(c, sync) != c.digest) {
+    return bad(c.full ? "checkpoint digest mismatch (over the pre-copy stream and the checkpoint)"
+                      : "checkpoint digest mismatch");
+  }
   return absl::OkStatus();
 }
 
 absl::Status ReplicaStore::Apply(const Checkpoint& c) {
-  if (auto s = Verify(c); !s.ok()) return s;
+  absl::Status s = Verify(c);
+  if (s.ok() && c.full) s = CommitStaging(c);
+  if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
+  if (!s.ok() || c.full) return s;
   for (size_t i = 0; i < c.gfns.size(); i++) {
     std::memcpy(memory_->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
   }
@@ -241,6 +344,107 @@ absl::Status ReplicaStore::Apply(const Checkpoint& c) {
       return vmm::ErrnoStatus("write replica disk");  // host I/O failure, not bad input
     }
   }
+  state_ = c.state;
+  committed_epoch_ = static_cast<int64_t>(c.epoch);
+  sequence_reset_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaStore::StartStaging() {
+  if (staging_) return absl::OkStatus();
+  auto st = std::make_unique<Staging>();
+  auto mem = vmm::GuestMemory::CreateMemfd(memory_->size());
+  if (!mem.ok()) return mem.status();
+  st->memory = std::move(*mem);
+  std::string path = disk_path_ + ".sync";
+  if (auto s = vmm::BlockDevice::CreateImage(path, disk_bytes_); !s.ok()) return s;
+  st->disk = vmm::Fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+  if (!st->disk.valid()) return vmm::ErrnoStatus(absl::StrCat("open staging disk ", path));
+  st->pages = vmm::DirtyBitmap(memory_->pages());
+  st->chunks = vmm::DirtyBitmap((disk_bytes_ + kDiskChunk - 1) / kDiskChunk);
+  staging_ = std::move(st);
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaStore::StageSyncPages(const PageRun& run) {
+  if (auto s = StartStaging(); !s.ok()) return s;
+  auto bad = [](const std::string& why) {
+    return absl::DataLossError(absl::StrCat("pre-copy rejected: ", why));
+  };
+  if (run.hashes.size() != run.gfns.size() || run.pages.size() != run.gfns.size() * kPage) {
+    return bad("page count, hash count and page bytes disagree");
+  }
+  // Check the whole run before writing any of it.
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    if (run.gfns[i] >= memory_->pages()) {
+      return bad(absl::StrCat("page number ", run.gfns[i], " out of range"));
+    }
+    if (XXH3_64bits(run.pages.data() + i * kPage, kPage) != run.hashes[i]) {
+      return bad(absl::StrCat("page ", run.gfns[i], " does not match its hash"));
+    }
+  }
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    std::memcpy(staging_->memory->data() + run.gfns[i] * kPage, run.pages.data() + i * kPage,
+                kPage);
+    staging_->pages.Set(run.gfns[i]);
+    staging_->digest.AddPage(run.gfns[i], run.hashes[i]);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaStore::StageSyncDisk(uint64_t offset, uint64_t length, const std::string* data,
+                                         uint64_t hash) {
+  if (auto s = StartStaging(); !s.ok()) return s;
+  if (offset % kDiskChunk || offset >= disk_bytes_ ||
+      length != std::min(kDiskChunk, disk_bytes_ - offset) || (data && data->size() != length)) {
+    return absl::DataLossError(absl::StrCat("pre-copy rejected: disk chunk at ", offset, " of ",
+                                            length, " bytes does not fit the disk"));
+  }
+  // A zero chunk needs no write: the staging disk starts out zero.
+  static const std::string kZeroChunk(kDiskChunk, '\0');
+  uint64_t actual = XXH3_64bits(data ? data->data() : kZeroChunk.data(), length);
+  if (actual != hash) {
+    return absl::DataLossError(
+        absl::StrCat("pre-copy rejected: disk chunk at ", offset, " does not match its hash"));
+  }
+  if (data && ::pwrite(staging_->disk.get(), data->data(), length, static_cast<off_t>(offset)) !=
+                  static_cast<ssize_t>(length)) {
+    return vmm::ErrnoStatus("write staging disk");
+  }
+  staging_->chunks.Set(offset / kDiskChunk);
+  staging_->digest.AddDisk(offset, length, hash);
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
+  if (auto s = StartStaging(); !s.ok()) return s;
+  Staging& st = *staging_;
+  for (size_t i = 0; i < c.gfns.size(); i++) {
+    std::memcpy(st.memory->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
+    st.pages.Set(c.gfns[i]);
+  }
+  for (const DiskWrite& w : c.disk_writes) {
+    uint64_t off = w.sector * RML_SECTOR_SIZE;
+    if (::pwrite(st.disk.get(), w.data.data(), w.data.size(), static_cast<off_t>(off)) !=
+        static_cast<ssize_t>(w.data.size())) {
+      return vmm::ErrnoStatus("write staging disk");
+    }
+    if (off % kDiskChunk == 0 && w.data.size() == std::min(kDiskChunk, disk_bytes_ - off)) {
+      st.chunks.Set(off / kDiskChunk);
+    }
+  }
+  if (st.pages.Count() != memory_->pages() || st.chunks.Count() != st.chunks.pages()) {
+    return absl::DataLossError(
+        absl::StrCat("checkpoint ", c.epoch, " rejected: the synchronisation covered ",
+                     st.pages.Count(), " of ", memory_->pages(), " pages and ", st.chunks.Count(),
+                     " of ", st.chunks.pages(), " disk chunks"));
+  }
+  // Everything verified and in place: the staging copy becomes the replica.
+  if (::rename((disk_path_ + ".sync").c_str(), disk_path_.c_str()) != 0) {
+    return vmm::ErrnoStatus(absl::StrCat("replace replica disk ", disk_path_));
+  }
+  memory_ = std::move(st.memory);
+  disk_ = std::move(st.disk);
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
   sequence_reset_ = false;

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,24 +28,50 @@ struct DiskWrite {
   std::string data;  // whole sectors
 };
 
-// One epoch's changes, staged at the pause.
-struct Checkpoint {
-  uint64_t epoch = 0;
-  bool full = false;             // carries all of memory and disk (the first one)
+// Guest pages with their hashes.
+struct PageRun {
   std::vector<uint64_t> gfns;    // page numbers, ascending
   std::vector<uint64_t> hashes;  // xxh3-64 of each page
   std::vector<uint8_t> pages;    // gfns.size() pages of 4 KiB
+};
+
+// One epoch's changes, staged at the pause. A full checkpoint ends a synchronisation: together
+// with the pre-copy stream sent before it, it carries all of memory and disk.
+struct Checkpoint : PageRun {
+  uint64_t epoch = 0;
+  bool full = false;
   std::vector<DiskWrite> disk_writes;
   pb::VmSnapshot state;      // vCPU, clock and devices (no memory or disk contents)
   uint64_t output_mark = 0;  // outputs pushed before this mark belong to this epoch or earlier
-  uint64_t digest = 0;       // CheckpointDigest() of the above
+  uint64_t digest = 0;       // CheckpointDigest() of the above (and of the pre-copy stream)
 
   uint64_t bytes() const;
 };
 
+// The disk travels in chunks of this size during a synchronisation.
+inline constexpr uint64_t kDiskChunk = 64 * 1024;
+struct SyncChunk {
+  uint64_t offset = 0;  // bytes, a multiple of kDiskChunk
+  std::string data;
+  uint64_t hash = 0;  // xxh3-64 of data
+};
+
+// A running digest of a pre-copy stream, in the order it was sent. Both ends compute it; the
+// full checkpoint that ends the synchronisation covers it, so a lost, altered or reordered
+// pre-copy frame makes that checkpoint fail verification.
+class SyncDigest {
+ public:
+  void AddPage(uint64_t gfn, uint64_t hash);
+  void AddDisk(uint64_t offset, uint64_t length, uint64_t hash);
+  uint64_t value() const { return value_; }
+
+ private:
+  uint64_t value_ = 0;
+};
+
 // A digest over everything a checkpoint carries: epoch, each page number and hash, each disk
-// write, and the serialized state.
-uint64_t CheckpointDigest(const Checkpoint& c);
+// write, the serialized state, and for a full one the digest of the pre-copy stream before it.
+uint64_t CheckpointDigest(const Checkpoint& c, uint64_t sync_digest = 0);
 
 class EpochEngine {
  public:
@@ -66,32 +93,58 @@ class EpochEngine {
 
   // Attaches to a VM (started or not) and its output gate, which it closes: from now on
   // outputs leave only through Acknowledge.
-  EpochEngine(vmm::Vm& vm, vmm::OutputGate& gate, Options options);
+  EpochEngine(vmm::CheckpointableVm& vm, vmm::OutputGate& gate, Options options);
   ~EpochEngine();
 
-  // Pauses the VM, stages its changes since the previous checkpoint (the first one: everything),
-  // resumes it, and returns the checkpoint. Waits first while the in-flight budget is spent;
-  // gives up with DeadlineExceeded after `wait`.
+  // Pauses the VM, stages its changes since the previous checkpoint, resumes it, and returns the
+  // checkpoint. The first one after construction or Restart() is full: it carries whatever a
+  // synchronisation (BeginSync) has not sent yet, or without one all of memory and disk. Waits
+  // first while the in-flight budget is spent; gives up with DeadlineExceeded after `wait`.
   absl::StatusOr<std::shared_ptr<const Checkpoint>> TakeCheckpoint(
       std::chrono::milliseconds wait = std::chrono::milliseconds(10000));
   // The mirror committed `epoch`: its outputs (and all earlier ones) leave, its memory is freed.
   void Acknowledge(uint64_t epoch);
   // The mirror went away: unacknowledged checkpoints are dropped (their outputs stay held until
-  // a later checkpoint is acknowledged) and the next checkpoint carries everything again.
+  // a later checkpoint is acknowledged) and the next checkpoint is full again.
   void Restart();
   Stats stats() const;
+
+  // Pre-copy: sends memory and disk while the VM runs, so that the full checkpoint's pause only
+  // copies what changed meanwhile. Called between Restart() and the full TakeCheckpoint() that
+  // ends the synchronisation.
+  // Starts tracking what the VM changes; every page and disk chunk is pending.
+  absl::Status BeginSync();
+  // Up to `max_pages` pending pages, copied and hashed while the VM runs (what it writes
+  // meanwhile is pending again after the next RefreshSync). Empty once none is pending.
+  PageRun NextSyncPages(size_t max_pages);
+  // The next disk chunk, read while the VM runs (writes meanwhile travel in the full
+  // checkpoint); nullopt once the whole disk was read.
+  absl::StatusOr<std::optional<SyncChunk>> NextSyncDisk();
+  // Pauses, adds the pages written since the last harvest to the pending ones, resumes; returns
+  // how many are pending.
+  absl::StatusOr<uint64_t> RefreshSync();
 
   // Test hook, run while the VM is paused for a checkpoint, after staging.
   void SetPauseHook(std::function<void(const Checkpoint&)> hook) { pause_hook_ = std::move(hook); }
 
  private:
-  vmm::Vm& vm_;
+  vmm::CheckpointableVm& vm_;
   vmm::OutputGate& gate_;
   Options options_;
   uint64_t next_epoch_ = 0;
   bool next_full_ = true;    // guarded by mu_
   uint64_t generation_ = 0;  // guarded by mu_; Restart() moves it on
   std::function<void(const Checkpoint&)> pause_hook_;
+
+  absl::StatusOr<std::optional<DiskWrite>> ReadDiskChunk();  // the next chunk of the disk
+
+  // Held by whatever pauses the VM or reads it for the mirror: a checkpoint of a lost connection
+  // never overlaps the next connection's synchronisation. Guards the synchronisation state.
+  std::mutex take_mu_;
+  bool syncing_ = false;
+  vmm::DirtyBitmap sync_pending_;
+  uint64_t sync_disk_offset_ = 0;  // chunks before it were sent
+  SyncDigest sync_digest_;
 
   std::mutex disk_mu_;  // the vCPU thread records disk writes; the engine takes them at the pause
   std::vector<DiskWrite> disk_writes_;
@@ -111,10 +164,20 @@ class ReplicaStore {
 
   // Verifies `c` completely (sequence, sizes, every page hash, the digest), then applies it.
   // On any error the replica is left exactly as it was. An incremental checkpoint must follow
-  // the last committed one; a full one may come at any later epoch (a resynchronisation).
+  // the last committed one; a full one may come at any later epoch (a resynchronisation): it
+  // completes the staging copy built by the pre-copy stream, which then replaces the replica.
   absl::Status Apply(const Checkpoint& c);
   // A new primary session numbers its epochs afresh: only a full checkpoint is accepted next.
   void ExpectFullCheckpoint() { sequence_reset_ = true; }
+
+  // The pre-copy stream goes to a staging copy, never to the replica. Each call verifies what
+  // it is given (range, hashes); an error leaves the replica as it was.
+  absl::Status StageSyncPages(const PageRun& run);
+  // `data` is nullptr for a chunk the primary flagged all-zero.
+  absl::Status StageSyncDisk(uint64_t offset, uint64_t length, const std::string* data,
+                             uint64_t hash);
+  // Forgets a synchronisation in progress (the connection that carried it is gone).
+  void DiscardSync() { staging_.reset(); }
 
   // -1 until the first (full) checkpoint is committed.
   int64_t committed_epoch() const { return committed_epoch_; }
@@ -126,13 +189,30 @@ class ReplicaStore {
   absl::StatusOr<vmm::SnapshotInfo> SaveSnapshot(const std::string& dir) const;
 
  private:
-  ReplicaStore(std::unique_ptr<vmm::GuestMemory> memory, vmm::Fd disk, uint64_t disk_bytes)
-      : memory_(std::move(memory)), disk_(std::move(disk)), disk_bytes_(disk_bytes) {}
+  // What a synchronisation has built so far.
+  struct Staging {
+    std::unique_ptr<vmm::GuestMemory> memory;
+    vmm::Fd disk;
+    vmm::DirtyBitmap pages;   // pages received
+    vmm::DirtyBitmap chunks;  // disk chunks received
+    SyncDigest digest;
+  };
+  ReplicaStore(std::unique_ptr<vmm::GuestMemory> memory, vmm::Fd disk, std::string disk_path,
+               uint64_t disk_bytes)
+      : memory_(std::move(memory)),
+        disk_(std::move(disk)),
+        disk_path_(std::move(disk_path)),
+        disk_bytes_(disk_bytes) {}
   absl::Status Verify(const Checkpoint& c) const;
+  absl::Status StartStaging();
+  // Applies a verified full checkpoint to the staging copy and swaps it in.
+  absl::Status CommitStaging(const Checkpoint& c);
 
   std::unique_ptr<vmm::GuestMemory> memory_;
   vmm::Fd disk_;
+  std::string disk_path_;
   uint64_t disk_bytes_;
+  std::unique_ptr<Staging> staging_;
   int64_t committed_epoch_ = -1;
   bool sequence_reset_ = true;
   pb::VmSnapshot state_;

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "replicator/channel.h"
 
 namespace romulus::replicator {
@@ -27,7 +28,6 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 using checkpoint::Checkpoint;
 constexpr uint64_t kPage = 4096;
-constexpr size_t kDiskBytesPerBatch = 1 << 20;
 
 void Log(const LogFn& log, const std::string& line) {
   if (log) log(line);
@@ -45,110 +45,6 @@ absl::StatusOr<std::string> ReadKeyFile(const std::string& path) {
         absl::StrCat("key file ", path, " holds ", key.size(), " bytes; 16 to 4096 needed"));
   }
   return key;
-}
-
-std::vector<pb::Frame> CheckpointFrames(const Checkpoint& c) {
-  std::vector<pb::Frame> frames;
-  for (size_t i = 0; i < c.gfns.size(); i += kPagesPerBatch) {
-    size_t n = std::min(kPagesPerBatch, c.gfns.size() - i);
-    pb::Frame f;
-    pb::PageBatch* b = f.mutable_pages();
-    b->set_epoch(c.epoch);
-    for (size_t j = i; j < i + n; j++) {
-      b->add_gfns(c.gfns[j]);
-      b->add_hashes(c.hashes[j]);
-    }
-    b->set_data(reinterpret_cast<const char*>(c.pages.data() + i * kPage), n * kPage);
-    frames.push_back(std::move(f));
-  }
-  pb::Frame disk;
-  size_t batched = 0;
-  for (const checkpoint::DiskWrite& w : c.disk_writes) {
-    if (batched + w.data.size() > kDiskBytesPerBatch && batched > 0) {
-      frames.push_back(std::move(disk));
-      disk = pb::Frame();
-      batched = 0;
-    }
-    pb::DiskWriteBatch* b = disk.mutable_disk();
-    b->set_epoch(c.epoch);
-    b->add_sectors(w.sector);
-    b->add_data(w.data);
-    batched += w.data.size();
-  }
-  if (batched > 0) frames.push_back(std::move(disk));
-  pb::Frame t;
-  pb::CheckpointTrailer* tr = t.mutable_trailer();
-  tr->set_epoch(c.epoch);
-  tr->set_full(c.full);
-  tr->set_pages(c.gfns.size());
-  tr->set_disk_writes(c.disk_writes.size());
-  *tr->mutable_state() = c.state;
-  tr->set_digest(c.digest);
-  frames.push_back(std::move(t));
-  return frames;
-}
-
-absl::StatusOr<std::optional<Checkpoint>> CheckpointAssembler::Add(pb::Frame f) {
-  auto epoch_ok = [&](uint64_t epoch) -> absl::Status {
-    if (!started_) {
-      started_ = true;
-      cp_ = Checkpoint();
-      cp_.epoch = epoch;
-      disk_bytes_received_ = 0;
-    } else if (epoch != cp_.epoch) {
-      return absl::DataLossError(
-          absl::StrCat("frame of epoch ", epoch, " inside checkpoint ", cp_.epoch));
-    }
-    return absl::OkStatus();
-  };
-  if (f.has_pages()) {
-    pb::PageBatch& b = *f.mutable_pages();
-    if (auto s = epoch_ok(b.epoch()); !s.ok()) return s;
-    size_t n = static_cast<size_t>(b.gfns_size());
-    if (n == 0 || n > kPagesPerBatch || static_cast<size_t>(b.hashes_size()) != n ||
-        b.data().size() != n * kPage) {
-      return absl::DataLossError("page batch with inconsistent counts or sizes");
-    }
-    if (cp_.gfns.size() + n > memory_pages_) {
-      return absl::DataLossError("more pages than guest memory holds");
-    }
-    cp_.gfns.insert(cp_.gfns.end(), b.gfns().begin(), b.gfns().end());
-    cp_.hashes.insert(cp_.hashes.end(), b.hashes().begin(), b.hashes().end());
-    cp_.pages.insert(cp_.pages.end(), b.data().begin(), b.data().end());
-    return std::nullopt;
-  }
-  if (f.has_disk()) {
-    pb::DiskWriteBatch& b = *f.mutable_disk();
-    if (auto s = epoch_ok(b.epoch()); !s.ok()) return s;
-    if (b.sectors_size() != b.data_size() || b.sectors_size() == 0) {
-      return absl::DataLossError("disk batch with inconsistent counts");
-    }
-    for (int i = 0; i < b.sectors_size(); i++) {
-      disk_bytes_received_ += b.data(i).size();
-      // A guest rewrites its journal's last sector often: allow some rewriting, not unbounded.
-      if (disk_bytes_received_ > std::max<uint64_t>(2 * disk_bytes_, 64ull << 20)) {
-        return absl::DataLossError("more disk writes in one checkpoint than allowed");
-      }
-      cp_.disk_writes.push_back({b.sectors(i), std::move(*b.mutable_data(i))});
-    }
-    return std::nullopt;
-  }
-  if (f.has_trailer()) {
-    pb::CheckpointTrailer& t = *f.mutable_trailer();
-    if (auto s = epoch_ok(t.epoch()); !s.ok()) return s;
-    started_ = false;
-    if (t.pages() != cp_.gfns.size() || t.disk_writes() != cp_.disk_writes.size()) {
-      return absl::DataLossError(
-          absl::StrCat("checkpoint ", t.epoch(), " is truncated: trailer says ", t.pages(),
-                       " pages and ", t.disk_writes(), " disk writes, received ", cp_.gfns.size(),
-                       " and ", cp_.disk_writes.size()));
-    }
-    cp_.full = t.full();
-    cp_.state = std::move(*t.mutable_state());
-    cp_.digest = t.digest();
-    return std::optional<Checkpoint>(std::move(cp_));
-  }
-  return absl::DataLossError("unexpected frame in the checkpoint stream");
 }
 
 namespace {
@@ -219,17 +115,24 @@ class MirrorImpl : public Mirror {
         channel_ = std::move(*ch);
         stats_.connections++;
         stats_.connected = true;
+        stats_.peer = channel_->peer();
       }
       Log(options_.log, absl::StrCat("primary ", channel_->peer(), " connected"));
-      if (session != session_) {
-        session_ = session;
+      {
         std::lock_guard<std::mutex> lock(apply_mu_);
-        replica_.ExpectFullCheckpoint();
+        replica_.DiscardSync();
+        if (session != session_) replica_.ExpectFullCheckpoint();
       }
+      session_ = session;
       absl::Status why = Receive(*channel_);
+      {
+        std::lock_guard<std::mutex> lock(apply_mu_);
+        replica_.DiscardSync();  // a synchronisation the connection did not finish is void
+      }
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.connected = false;
+        stats_.syncing = false;
         channel_->Shutdown();
       }
       if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
@@ -256,6 +159,13 @@ class MirrorImpl : public Mirror {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
       }
+      if (f->has_sync_disk() || (f->has_pages() && f->pages().sync())) {
+        if (auto s = StageSync(*f); !s.ok()) {
+          Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", s.message()));
+          return s;
+        }
+        continue;
+      }
       auto cp = assembler.Add(std::move(*f));
       if (!cp.ok()) {
         Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", cp.status().message()));
@@ -275,12 +185,37 @@ class MirrorImpl : public Mirror {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.checkpoints++;
         stats_.committed_epoch = static_cast<int64_t>((*cp)->epoch);
+        if ((*cp)->full) stats_.syncing = false;
+      }
+      if ((*cp)->full) {
+        Log(options_.log,
+            absl::StrCat("synchronised: replica replaced by full checkpoint ", (*cp)->epoch));
       }
       pb::Frame ack;
       ack.mutable_ack()->set_epoch((*cp)->epoch);
       if (auto s = ch.Send(ack); !s.ok()) return s;
     }
     return absl::CancelledError("stopping");
+  }
+
+  // A pre-copy frame: decoded, checked and written to the replica's staging copy.
+  absl::Status StageSync(const pb::Frame& f) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.syncing = true;
+    }
+    if (f.has_pages()) {
+      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage);
+      if (!run.ok()) return run.status();
+      std::lock_guard<std::mutex> lock(apply_mu_);
+      return replica_.StageSyncPages(*run);
+    }
+    const pb::SyncDisk& d = f.sync_disk();
+    if (d.zero() != d.data().empty()) {
+      return absl::DataLossError("pre-copy disk chunk: zero flag and data disagree");
+    }
+    std::lock_guard<std::mutex> lock(apply_mu_);
+    return replica_.StageSyncDisk(d.offset(), d.length(), d.zero() ? nullptr : &d.data(), d.hash());
   }
 
   checkpoint::ReplicaStore& replica_;
@@ -328,6 +263,10 @@ class PrimaryImpl : public Primary {
     std::lock_guard<std::mutex> lock(mu_);
     Stats s = stats_;
     s.connected = connected_;
+    if (s.sync.active) {
+      s.sync.seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
+    }
     s.held_outputs = gate_.held();
     auto e = engine_.stats();
     s.lag_epochs = e.epochs > e.acknowledged ? e.epochs - e.acknowledged : 0;
@@ -387,24 +326,36 @@ class PrimaryImpl : public Primary {
         continue;
       }
       last_error.clear();
-      if (options_.run_unprotected) gate_.SetHolding(true);
-      engine_.Restart();  // the first checkpoint on a connection carries everything
+      engine_.Restart();  // the first checkpoint on a connection is full
       {
         std::lock_guard<std::mutex> lock(mu_);
         channel_ = std::move(*ch);
         queue_.clear();
         ack_failed_ = false;  // a failure of the previous connection's ack reader is history
-        connected_ = true;
         stats_.resyncs++;
+        stats_.peer = channel_->peer();
       }
-      SetState(absl::StrCat("protected: replicating to ", channel_->peer()));
-      std::thread acks([this] { AckLoop(); });
-      absl::Status why = SendLoop();
+      SetState(absl::StrCat("synchronising with ", channel_->peer(),
+                            options_.run_unprotected ? ": running UNPROTECTED until it commits"
+                                                     : ": outputs held until it commits"));
+      absl::Status why = Synchronize();
+      std::thread acks;
+      if (why.ok()) {
+        // From the full checkpoint on, outputs wait for the mirror (they were released so far
+        // only when running unprotected; the full checkpoint covers everything before it).
+        if (options_.run_unprotected) gate_.SetHolding(true);
+        std::lock_guard<std::mutex> lock(mu_);
+        connected_ = true;
+        cv_.notify_all();
+        acks = std::thread([this] { AckLoop(); });
+      }
+      if (why.ok()) why = SendLoop();
       channel_->Shutdown();
-      acks.join();
+      if (acks.joinable()) acks.join();
       {
         std::lock_guard<std::mutex> lock(mu_);
         connected_ = false;
+        stats_.sync.active = false;
         queue_.clear();
         channel_.reset();
       }
@@ -415,6 +366,74 @@ class PrimaryImpl : public Primary {
                                                      : "mirror lost, outputs held: ",
                             why.message()));
     }
+  }
+
+  // Sends memory and disk while the VM runs: first everything, then rounds of the pages written
+  // meanwhile, until what is left fits an epoch. The full checkpoint that the epoch loop takes
+  // next carries the rest and commits the whole synchronisation at the mirror.
+  absl::Status Synchronize() {
+    auto t0 = std::chrono::steady_clock::now();
+    uint64_t wire0 = channel_->bytes_sent();
+    auto update = [&](uint64_t done, uint64_t total, uint32_t round) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.sync.done_bytes = done;
+      stats_.sync.total_bytes = total;
+      stats_.sync.round = round;
+      stats_.sync.wire_bytes = channel_->bytes_sent() - wire0;
+      if (stop_) return absl::CancelledError("stopping");
+      return absl::OkStatus();
+    };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.sync = SyncProgress{.active = true};
+      sync_start_ = t0;
+    }
+    if (auto s = engine_.BeginSync(); !s.ok()) return s;
+    uint64_t done = 0, total = options_.identity.memory_bytes + options_.identity.disk_bytes;
+    for (;;) {
+      auto chunk = engine_.NextSyncDisk();
+      if (!chunk.ok()) return chunk.status();
+      if (!chunk->has_value()) break;
+      if (auto s = channel_->Send(SyncDiskFrame(**chunk)); !s.ok()) return s;
+      done += (*chunk)->data.size();
+      if (auto s = update(done, total, 0); !s.ok()) return s;
+    }
+    uint64_t pending = options_.identity.memory_bytes / kPage, previous = ~0ull;
+    uint32_t round = 0;
+    for (;; round++) {
+      for (;;) {
+        checkpoint::PageRun run = engine_.NextSyncPages(kPagesPerBatch);
+        if (run.gfns.empty()) break;
+        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
+        if (auto s = channel_->Send(f); !s.ok()) return s;
+        done += run.gfns.size() * kPage;
+        if (auto s = update(done, total, round); !s.ok()) return s;
+      }
+      previous = pending;
+      auto left = engine_.RefreshSync();
+      if (!left.ok()) return left.status();
+      pending = *left;
+      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double per_epoch = static_cast<double>(done) / std::max(elapsed, 1e-3) *
+                         std::chrono::duration<double>(options_.epoch).count();
+      if (static_cast<double>(pending * kPage) <= per_epoch || pending >= previous ||
+          round + 1 >= options_.max_sync_rounds) {
+        break;
+      }
+      total += pending * kPage;
+    }
+    uint64_t wire = channel_->bytes_sent() - wire0;
+    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.sync.final_pages = pending;
+    }
+    Log(options_.log,
+        absl::StrFormat("pre-copy done in %.2f s: %.1f MiB of memory and disk in %u rounds, "
+                        "%.1f MiB on the wire; %u pages left for the full checkpoint",
+                        elapsed, static_cast<double>(done) / (1 << 20), round + 1,
+                        static_cast<double>(wire) / (1 << 20), pending));
+    return absl::OkStatus();
   }
 
   absl::Status SendLoop() {
@@ -431,7 +450,7 @@ class PrimaryImpl : public Primary {
         cp = queue_.front();
         queue_.pop_front();
       }
-      for (const pb::Frame& f : CheckpointFrames(*cp)) {
+      for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression)) {
         if (auto s = channel_->Send(f); !s.ok()) return s;
       }
       std::lock_guard<std::mutex> lock(mu_);
@@ -451,8 +470,18 @@ class PrimaryImpl : public Primary {
         return;
       }
       engine_.Acknowledge(f->ack().epoch());
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.acked++;
+      bool first = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.acked++;
+        first = stats_.sync.active;
+        stats_.sync.active = false;
+        if (first) {
+          stats_.sync.seconds =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
+        }
+      }
+      if (first) SetState(absl::StrCat("protected: replicating to ", channel_->peer()));
     }
   }
 
@@ -467,6 +496,7 @@ class PrimaryImpl : public Primary {
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
   std::unique_ptr<Channel> channel_;
   Stats stats_;
+  std::chrono::steady_clock::time_point sync_start_;
   std::thread epoch_thread_, connect_thread_;
 };
 

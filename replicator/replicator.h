@@ -20,7 +20,7 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -36,8 +36,22 @@ using LogFn = std::function<void(absl::string_view line)>;
 // Reads a pre-shared key: a file of 16 to 4096 bytes (trailing newlines are not part of it).
 absl::StatusOr<std::string> ReadKeyFile(const std::string& path);
 
+// "none" (or empty) or "lz4".
+absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name);
+
+// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): zero pages as flags, the rest
+// raw or, when it makes them smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
+pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const checkpoint::PageRun& run, size_t begin,
+                         size_t n, pb::Compression compression);
+// The pages of a batch from an untrusted peer, with counts, sizes, page numbers and
+// decompression checked. Page hashes are checked by ReplicaStore.
+absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages);
+// One disk chunk of a pre-copy stream (an all-zero chunk as a flag).
+pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk);
+
 // The frames that carry one checkpoint: page batches, disk-write batches, then the trailer.
-std::vector<pb::Frame> CheckpointFrames(const checkpoint::Checkpoint& c);
+std::vector<pb::Frame> CheckpointFrames(const checkpoint::Checkpoint& c,
+                                        pb::Compression compression = pb::COMPRESSION_NONE);
 
 // Collects the frames of one checkpoint from an untrusted peer, checking every count and size
 // against the replica's geometry. Page contents and the digest are checked by ReplicaStore.
@@ -72,6 +86,8 @@ class Mirror {
     uint64_t rejected = 0;  // connections dropped for a bad frame, key or checkpoint
     int64_t committed_epoch = -1;
     bool connected = false;
+    bool syncing = false;  // a pre-copy stream is arriving (into staging, not the replica)
+    std::string peer;
   };
   static absl::StatusOr<std::unique_ptr<Mirror>> Start(checkpoint::ReplicaStore& replica,
                                                        Options options);
@@ -92,7 +108,21 @@ class Primary {
     std::chrono::milliseconds epoch{25};
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
+    pb::Compression compression = pb::COMPRESSION_NONE;
+    // Pre-copy ends when what is left fits an epoch at the rate measured so far, when a round
+    // no longer shrinks it, or after this many rounds; the rest goes in the full checkpoint.
+    uint32_t max_sync_rounds = 20;
     LogFn log;
+  };
+  // The initial synchronisation of the current (or last) connection.
+  struct SyncProgress {
+    bool active = false;
+    uint64_t done_bytes = 0;   // memory and disk sent, pages sent again included
+    uint64_t total_bytes = 0;  // memory + disk + pages that had to be sent again
+    uint64_t wire_bytes = 0;   // bytes on the connection (zero flags and compression applied)
+    uint32_t round = 0;        // 0: the first pass; then pre-copy rounds of re-dirtied pages
+    double seconds = 0;        // since it began
+    uint64_t final_pages = 0;  // pages left for the full checkpoint (once pre-copy ended)
   };
   struct Stats {
     bool connected = false;
@@ -105,6 +135,8 @@ class Primary {
     uint64_t lag_epochs = 0;       // checkpoints taken but not yet acknowledged
     std::vector<double> pause_ms;  // recent pauses
     std::string state;             // one line: what the primary is doing or waiting for
+    std::string peer;
+    SyncProgress sync;
   };
   // The VM must be running. Starts the epoch clock and the connection to the mirror.
   static absl::StatusOr<std::unique_ptr<Primary>> Start(checkpoint::EpochEngine& engine,

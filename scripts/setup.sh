@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   cmake g++ make pkg-config clang-format
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libssl-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev
 )
 
 missing=()

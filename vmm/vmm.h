@@ -63,7 +63,22 @@ inline constexpr uint32_t kSnapshotFormatVersion = 1;
 absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
                            int disk_fd, SnapshotInfo* info);
 
-class Vm {
+// What checkpointing needs from a VM: pause it at a clean point, harvest what changed, save its
+// state. Vm is the real one; tests also drive the checkpoint pipeline with a software VM.
+class CheckpointableVm {
+ public:
+  virtual ~CheckpointableVm() = default;
+  virtual absl::Status Pause() = 0;
+  virtual absl::Status Resume() = 0;
+  // While paused: pages written since the previous harvest (by the guest or the monitor).
+  virtual absl::StatusOr<DirtyBitmap> HarvestDirty() = 0;
+  // While paused: vCPU, clock and device state (not memory or disk contents).
+  virtual absl::StatusOr<pb::VmSnapshot> SaveState() = 0;
+  virtual GuestMemory& memory() = 0;
+  virtual BlockDevice& disk() = 0;
+};
+
+class Vm : public CheckpointableVm {
  public:
   // Creates the VM, loads the guest and sets it up to start at its entry point.
   static absl::StatusOr<std::unique_ptr<Vm>> Boot(const VmConfig& config);
@@ -72,15 +87,15 @@ class Vm {
   static absl::StatusOr<std::unique_ptr<Vm>> Restore(
       const std::string& snapshot_dir, const std::string& disk_path,
       std::function<void(absl::string_view)> console);
-  ~Vm();
+  ~Vm() override;
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;
 
   // Starts the vCPU thread.
   absl::Status Start();
   // Stops the vCPU at a clean point (no half-done I/O) and returns once it is stopped.
-  absl::Status Pause();
-  absl::Status Resume();
+  absl::Status Pause() override;
+  absl::Status Resume() override;
   // Ends the vCPU thread and returns why it ended (OK when asked to stop).
   absl::Status Stop();
   // Blocks until the vCPU thread ends on its own (guest error) or Stop() is called.
@@ -88,17 +103,15 @@ class Vm {
   // True once the vCPU thread has ended.
   bool exited();
 
-  // While paused: pages written since the previous harvest (by the guest or the monitor).
-  absl::StatusOr<DirtyBitmap> HarvestDirty();
-  // While paused: vCPU, clock and device state (not memory or disk contents).
-  absl::StatusOr<pb::VmSnapshot> SaveState();
+  absl::StatusOr<DirtyBitmap> HarvestDirty() override;
+  absl::StatusOr<pb::VmSnapshot> SaveState() override;
   // While paused: writes a snapshot directory (state.pb, memory.bin, disk.img) atomically.
   absl::StatusOr<SnapshotInfo> SaveSnapshot(const std::string& dir);
   // The guest's own counters (read from its boot page).
   rml_status guest_status() const;
 
-  GuestMemory& memory() { return *memory_; }
-  BlockDevice& disk() { return *disk_; }
+  GuestMemory& memory() override { return *memory_; }
+  BlockDevice& disk() override { return *disk_; }
   LedgerDevice& ledger() { return *ledger_; }
 
  private:

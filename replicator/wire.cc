@@ -1,0 +1,232 @@
+// The replication stream's frames: encoding a checkpoint or pre-copy batch into frames, and
+// decoding frames from an untrusted peer with every count and size checked.
+#include <lz4.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "replicator/replicator.h"
+
+namespace romulus::replicator {
+namespace {
+
+using checkpoint::Checkpoint;
+using checkpoint::PageRun;
+constexpr uint64_t kPage = 4096;
+constexpr size_t kDiskBytesPerBatch = 1 << 20;
+
+bool AllZero(const uint8_t* p, size_t n) {
+  uint64_t acc = 0;
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    acc |= w;
+  }
+  return acc == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name) {
+  if (name.empty() || name == "none") return pb::COMPRESSION_NONE;
+  if (name == "lz4") return pb::LZ4;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown compression '", name.substr(0, 32), "' (none or lz4)"));
+}
+
+pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t begin, size_t n,
+                         pb::Compression compression) {
+  pb::Frame f;
+  pb::PageBatch* b = f.mutable_pages();
+  b->set_epoch(epoch);
+  b->set_sync(sync);
+  std::string zero((n + 7) / 8, '\0');
+  std::string raw;
+  raw.reserve(n * kPage);
+  bool any_zero = false;
+  for (size_t j = 0; j < n; j++) {
+    b->add_gfns(run.gfns[begin + j]);
+    b->add_hashes(run.hashes[begin + j]);
+    const uint8_t* page = run.pages.data() + (begin + j) * kPage;
+    if (AllZero(page, kPage)) {
+      zero[j / 8] = static_cast<char>(zero[j / 8] | (1 << (j % 8)));
+      any_zero = true;
+    } else {
+      raw.append(reinterpret_cast<const char*>(page), kPage);
+    }
+  }
+  if (any_zero) b->set_zero(std::move(zero));
+  if (compression == pb::LZ4 && !raw.empty()) {
+    std::string packed(static_cast<size_t>(LZ4_compressBound(static_cast<int>(raw.size()))), '\0');
+    int len = LZ4_compress_default(raw.data(), packed.data(), static_cast<int>(raw.size()),
+                                   static_cast<int>(packed.size()));
+    if (len > 0 && static_cast<size_t>(len) < raw.size()) {  // else: incompressible, send raw
+      packed.resize(static_cast<size_t>(len));
+      b->set_compression(pb::LZ4);
+      b->set_data(std::move(packed));
+      return f;
+    }
+  }
+  b->set_data(std::move(raw));
+  return f;
+}
+
+absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages) {
+  size_t n = static_cast<size_t>(b.gfns_size());
+  if (n == 0 || n > kPagesPerBatch || static_cast<size_t>(b.hashes_size()) != n) {
+    return absl::DataLossError("page batch with inconsistent counts");
+  }
+  if (!b.zero().empty() && b.zero().size() != (n + 7) / 8) {
+    return absl::DataLossError("page batch with a zero-page mask of the wrong size");
+  }
+  auto is_zero = [&](size_t j) {
+    return !b.zero().empty() && (static_cast<uint8_t>(b.zero()[j / 8]) >> (j % 8)) & 1;
+  };
+  size_t nonzero = 0;
+  for (size_t j = 0; j < n; j++) {
+    if (b.gfns(static_cast<int>(j)) >= memory_pages) {
+      return absl::DataLossError(
+          absl::StrCat("page number ", b.gfns(static_cast<int>(j)), " outside guest memory"));
+    }
+    nonzero += is_zero(j) ? 0 : 1;
+  }
+  std::string unpacked;
+  const std::string* data = &b.data();
+  if (b.compression() == pb::LZ4) {
+    unpacked.resize(nonzero * kPage);
+    int got =
+        LZ4_decompress_safe(b.data().data(), unpacked.data(), static_cast<int>(b.data().size()),
+                            static_cast<int>(unpacked.size()));
+    if (got < 0 || static_cast<size_t>(got) != unpacked.size()) {
+      return absl::DataLossError("page batch does not decompress to its page count");
+    }
+    data = &unpacked;
+  } else if (b.compression() != pb::COMPRESSION_NONE) {
+    return absl::DataLossError(absl::StrCat("unknown compression ", b.compression()));
+  }
+  if (data->size() != nonzero * kPage) {
+    return absl::DataLossError("page batch with inconsistent counts or sizes");
+  }
+  PageRun run;
+  run.gfns.assign(b.gfns().begin(), b.gfns().end());
+  run.hashes.assign(b.hashes().begin(), b.hashes().end());
+  run.pages.resize(n * kPage);  // zero pages stay zero
+  const char* src = data->data();
+  for (size_t j = 0; j < n; j++) {
+    if (is_zero(j)) continue;
+    std::memcpy(run.pages.data() + j * kPage, src, kPage);
+    src += kPage;
+  }
+  return run;
+}
+
+pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk) {
+  pb::Frame f;
+  pb::SyncDisk* d = f.mutable_sync_disk();
+  d->set_offset(chunk.offset);
+  d->set_length(static_cast<uint32_t>(chunk.data.size()));
+  d->set_hash(chunk.hash);
+  if (AllZero(reinterpret_cast<const uint8_t*>(chunk.data.data()), chunk.data.size())) {
+    d->set_zero(true);
+  } else {
+    d->set_data(chunk.data);
+  }
+  return f;
+}
+
+std::vector<pb::Frame> CheckpointFrames(const Checkpoint& c, pb::Compression compression) {
+  std::vector<pb::Frame> frames;
+  for (size_t i = 0; i < c.gfns.size(); i += kPagesPerBatch) {
+    frames.push_back(PageBatchFrame(c.epoch, false, c, i,
+                                    std::min(kPagesPerBatch, c.gfns.size() - i), compression));
+  }
+  pb::Frame disk;
+  size_t batched = 0;
+  for (const checkpoint::DiskWrite& w : c.disk_writes) {
+    if (batched + w.data.size() > kDiskBytesPerBatch && batched > 0) {
+      frames.push_back(std::move(disk));
+      disk = pb::Frame();
+      batched = 0;
+    }
+    pb::DiskWriteBatch* b = disk.mutable_disk();
+    b->set_epoch(c.epoch);
+    b->add_sectors(w.sector);
+    b->add_data(w.data);
+    batched += w.data.size();
+  }
+  if (batched > 0) frames.push_back(std::move(disk));
+  pb::Frame t;
+  pb::CheckpointTrailer* tr = t.mutable_trailer();
+  tr->set_epoch(c.epoch);
+  tr->set_full(c.full);
+  tr->set_pages(c.gfns.size());
+  tr->set_disk_writes(c.disk_writes.size());
+  *tr->mutable_state() = c.state;
+  tr->set_digest(c.digest);
+  frames.push_back(std::move(t));
+  return frames;
+}
+
+absl::StatusOr<std::optional<Checkpoint>> CheckpointAssembler::Add(pb::Frame f) {
+  auto epoch_ok = [&](uint64_t epoch) -> absl::Status {
+    if (!started_) {
+      started_ = true;
+      cp_ = Checkpoint();
+      cp_.epoch = epoch;
+      disk_bytes_received_ = 0;
+    } else if (epoch != cp_.epoch) {
+      return absl::DataLossError(
+          absl::StrCat("frame of epoch ", epoch, " inside checkpoint ", cp_.epoch));
+    }
+    return absl::OkStatus();
+  };
+  if (f.has_pages() && !f.pages().sync()) {
+    const pb::PageBatch& b = f.pages();
+    if (auto s = epoch_ok(b.epoch()); !s.ok()) return s;
+    if (cp_.gfns.size() + static_cast<size_t>(b.gfns_size()) > memory_pages_) {
+      return absl::DataLossError("more pages than guest memory holds");
+    }
+    auto run = DecodePageBatch(b, memory_pages_);
+    if (!run.ok()) return run.status();
+    cp_.gfns.insert(cp_.gfns.end(), run->gfns.begin(), run->gfns.end());
+    cp_.hashes.insert(cp_.hashes.end(), run->hashes.begin(), run->hashes.end());
+    cp_.pages.insert(cp_.pages.end(), run->pages.begin(), run->pages.end());
+    return std::nullopt;
+  }
+  if (f.has_disk()) {
+    pb::DiskWriteBatch& b = *f.mutable_disk();
+    if (auto s = epoch_ok(b.epoch()); !s.ok()) return s;
+    if (b.sectors_size() != b.data_size() || b.sectors_size() == 0) {
+      return absl::DataLossError("disk batch with inconsistent counts");
+    }
+    for (int i = 0; i < b.sectors_size(); i++) {
+      disk_bytes_received_ += b.data(i).size();
+      // A guest rewrites its journal's last sector often: allow some rewriting, not unbounded.
+      if (disk_bytes_received_ > std::max<uint64_t>(2 * disk_bytes_, 64ull << 20)) {
+        return absl::DataLossError("more disk writes in one checkpoint than allowed");
+      }
+      cp_.disk_writes.push_back({b.sectors(i), std::move(*b.mutable_data(i))});
+    }
+    return std::nullopt;
+  }
+  if (f.has_trailer()) {
+    pb::CheckpointTrailer& t = *f.mutable_trailer();
+    if (auto s = epoch_ok(t.epoch()); !s.ok()) return s;
+    started_ = false;
+    if (t.pages() != cp_.gfns.size() || t.disk_writes() != cp_.disk_writes.size()) {
+      return absl::DataLossError(
+          absl::StrCat("checkpoint ", t.epoch(), " is truncated: trailer says ", t.pages(),
+                       " pages and ", t.disk_writes(), " disk writes, received ", cp_.gfns.size(),
+                       " and ", cp_.disk_writes.size()));
+    }
+    cp_.full = t.full();
+    cp_.state = std::move(*t.mutable_state());
+    cp_.digest = t.digest();
+    return std::optional<Checkpoint>(std::move(cp_));
+  }
+  if (started_) return absl::DataLossError("pre-copy frame inside a checkpoint");
+  return absl::DataLossError("unexpected frame in the checkpoint stream");
+}
+
+}  // namespace romulus::replicator

@@ -1,0 +1,68 @@
+// A software VM for the checkpoint pipeline, so that replication is tested where /dev/kvm is
+// absent too. Its "guest" is a host thread: it writes guest memory through GuestMemory::Write
+// (which the harvest sees, as it sees monitor writes on a real VM) and disk sectors through the
+// real block device (whose writes reach the engine's listener), and a pause waits for it to be
+// between two writes.
+#ifndef ROMULUS_TESTS_SOFT_VM_H_
+#define ROMULUS_TESTS_SOFT_VM_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "vmm/vmm.h"
+
+namespace romulus::testing {
+
+class SoftVm : public vmm::CheckpointableVm {
+ public:
+  struct Options {
+    uint64_t memory_bytes = 16ull << 20;
+    uint64_t disk_bytes = 4ull << 20;
+    uint64_t working_set_pages = 512;  // pages written, from RML_WORKLOAD_GPA on
+    uint64_t writes_per_ms = 50;       // 8-byte writes to random pages of the working set
+    uint64_t disk_write_every = 100;   // one sector written per this many memory writes
+    uint64_t seed = 1;
+    // Called (under the VM's lock, so in write order) with the write count after each write
+    // whose number is a multiple of output_every (0: never).
+    uint64_t output_every = 0;
+    std::function<void(uint64_t writes)> output;
+  };
+  static std::unique_ptr<SoftVm> Create(const std::string& disk_path, Options options);
+  ~SoftVm() override;
+
+  void Start();
+  absl::Status Pause() override;
+  absl::Status Resume() override;
+  absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override;
+  absl::StatusOr<pb::VmSnapshot> SaveState() override;
+  vmm::GuestMemory& memory() override { return *memory_; }
+  vmm::BlockDevice& disk() override { return *disk_; }
+
+  uint64_t writes() const { return writes_.load(); }
+  // The write count stored in guest memory (page 0): what a replica of this VM says it reached.
+  static uint64_t WritesIn(const uint8_t* memory);
+
+ private:
+  SoftVm() = default;
+  void Run();
+  void WriteOnce(uint64_t& rng);
+
+  Options options_;
+  std::unique_ptr<vmm::GuestMemory> memory_;
+  std::unique_ptr<vmm::BlockDevice> disk_;
+  std::mutex mu_;  // held by the writer while it writes, and by a pause
+  std::condition_variable cv_;
+  bool paused_ = false, stop_ = false;
+  std::atomic<uint64_t> writes_{0};
+  std::thread thread_;
+};
+
+}  // namespace romulus::testing
+
+#endif  // ROMULUS_TESTS_SOFT_VM_H_
