@@ -184,6 +184,7 @@ class ReplicaStore {
   uint64_t memory_bytes() const { return memory_->size(); }
   uint64_t disk_bytes() const { return disk_bytes_; }
   uint64_t MemoryDigest() const { return memory_->Digest(); }
+  const vmm::GuestMemory& memory() const { return *memory_; }
   absl::StatusOr<uint64_t> DiskDigest() const;
   // Writes the committed replica as a snapshot `romulus vm --restore-from` resumes.
   absl::StatusOr<vmm::SnapshotInfo> SaveSnapshot(const std::string& dir) const;
