@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "replicator/replicator.h"
 
 namespace romulus::cli {
 namespace {
@@ -90,6 +91,10 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
   if (c.ledger_port() == 0) c.set_ledger_port(7070);
   if (c.ledger_port() > 65535) return p.Bad("ledger_port", "must be at most 65535");
+  if (c.compression().empty()) c.set_compression("lz4");
+  if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
+    return p.Bad("compression", "must be none or lz4");
+  }
   const std::string& pat = c.workload().pattern();
   if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
     return p.Bad("workload", "pattern must be sequential, uniform or hotcold");

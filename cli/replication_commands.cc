@@ -64,7 +64,24 @@ Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primar
   return r;
 }
 
+// "synchronising: 120.0/320.0 MiB (37%), 95.1 MB/s, ETA 2.1 s, round 1"
+std::string SyncLine(const replicator::Primary::SyncProgress& p) {
+  double rate = p.seconds > 0 ? static_cast<double>(p.done_bytes) / p.seconds : 0;
+  double left = static_cast<double>(p.total_bytes - std::min(p.done_bytes, p.total_bytes));
+  return absl::StrFormat(
+      "synchronising: %.1f/%.1f MiB (%.0f%%), %.1f MB/s (%.1f MB on the wire), ETA %s, round %d",
+      static_cast<double>(p.done_bytes) / (1 << 20), static_cast<double>(p.total_bytes) / (1 << 20),
+      p.total_bytes ? 100.0 * static_cast<double>(p.done_bytes) / static_cast<double>(p.total_bytes)
+                    : 0.0,
+      rate / 1e6, static_cast<double>(p.wire_bytes) / 1e6,
+      rate > 0 ? absl::StrFormat("%.1f s", left / rate) : std::string("?"), p.round);
+}
+
 std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r) {
+  if (s.sync.active) {
+    return absl::StrFormat("%s | held outputs %d", SyncLine(s.sync), s.held_outputs);
+  }
+  if (!s.connected) return absl::StrFormat("%s | held outputs %d", s.state, s.held_outputs);
   return absl::StrFormat(
       "%s | %.0f epochs/s, pause p50 %.2f ms p99 %.2f ms, %.0f dirty pages/epoch, %.1f MB/s, "
       "held outputs %d, replica lag %d epochs",
@@ -117,6 +134,12 @@ int PrimaryCommand(int argc, char** argv) {
   vc.workload.write_rate = c->workload().write_rate();
   vc.workload.pattern = PatternOf(c->workload().pattern());
   vc.progress_ms = 0;
+  vmm::OutputGate gate;  // ledger answers and console lines leave through it
+  vc.output_gate = &gate;
+  vc.console = [](absl::string_view line) {
+    std::printf("romulus primary: guest: %.*s\n", static_cast<int>(line.size()), line.data());
+    std::fflush(stdout);
+  };
   if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("primary", s);
   struct stat st;
   if (::stat(vc.disk_path.c_str(), &st) != 0) {
@@ -125,7 +148,6 @@ int PrimaryCommand(int argc, char** argv) {
   }
   auto vm = vmm::Vm::Boot(vc);
   if (!vm.ok()) return Fail("primary", vm.status());
-  vmm::OutputGate gate;
   checkpoint::EpochEngine engine(**vm, gate, {.max_in_flight_bytes = c->max_in_flight_mib() << 20});
   auto endpoint =
       vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, c->ledger_listen(),
@@ -143,6 +165,7 @@ int PrimaryCommand(int argc, char** argv) {
                                   .mirror_port = port,
                                   .epoch = std::chrono::milliseconds(c->epoch_ms()),
                                   .run_unprotected = c->run_unprotected(),
+                                  .compression = *replicator::ParseCompression(c->compression()),
                                   .log = Logger("primary")});
   if (!primary.ok()) return Fail("primary", primary.status());
   std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
@@ -238,6 +261,7 @@ int MirrorCommand(int argc, char** argv) {
 int DemoCommand(int argc, char** argv) {
   uint64_t seconds = 10, clients = 4, memory_mib = 256, ws = 4096, rate = 20000, epoch_ms = 25;
   bool json = false;
+  std::string compression = "lz4";
   Args args("romulus demo [options]",
             "On this machine: a mirror, a primary running the reference guest with the ledger\n"
             "and a memory workload, and ledger clients, all on loopback. Shows live replication\n"
@@ -249,8 +273,11 @@ int DemoCommand(int argc, char** argv) {
   args.Uint("working-set", &ws, "pages the memory workload writes over");
   args.Uint("write-rate", &rate, "workload page writes per second");
   args.Uint("epoch-ms", &epoch_ms, "checkpoint epoch in milliseconds (5-1000)");
+  args.String("compression", &compression, "page compression on the wire: none or lz4");
   args.Bool("json", &json, "print the summary as one JSON object");
   if (auto s = args.Parse(argc, argv); !s.ok()) return Fail("demo", s);
+  auto comp = replicator::ParseCompression(compression);
+  if (!comp.ok()) return Fail("demo", comp.status());
   if (args.help()) {
     std::fputs(args.Help().c_str(), stdout);
     return 0;
@@ -305,17 +332,29 @@ int DemoCommand(int argc, char** argv) {
                                              .key = key,
                                              .mirror_port = (*mirror)->port(),
                                              .epoch = std::chrono::milliseconds(epoch_ms),
+                                             .compression = *comp,
                                              .log = quiet});
   if (!primary.ok()) return Fail("demo", primary.status());
-  auto t0 = Clock::now();
+  auto t0 = Clock::now(), shown = t0;
   while ((*mirror)->stats().committed_epoch < 0 && Clock::now() - t0 < std::chrono::seconds(60)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // waiting for the first full copy
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // waiting for the initial sync
+    if (Clock::now() - shown >= std::chrono::milliseconds(250)) {
+      shown = Clock::now();
+      auto st = (*primary)->stats();
+      if (st.sync.active) say(SyncLine(st.sync));
+    }
   }
   if ((*mirror)->stats().committed_epoch < 0)
     return Fail("demo", absl::DeadlineExceededError("no initial sync within 60 s"));
   double sync_s = std::chrono::duration<double>(Clock::now() - t0).count();
-  say(absl::StrFormat("initial sync: %d MiB memory + %d MiB disk committed in %.2f s; protected",
-                      memory_mib, disk_bytes >> 20, sync_s));
+  auto sync = (*primary)->stats().sync;
+  say(absl::StrFormat(
+      "initial sync: %d MiB memory + %d MiB disk committed in %.2f s while the VM ran: %.1f MiB "
+      "sent in %d rounds, %.1f MiB on the wire (%s), %d pages left for the final pause; "
+      "protected",
+      memory_mib, disk_bytes >> 20, sync_s, static_cast<double>(sync.done_bytes) / (1 << 20),
+      sync.round + 1, static_cast<double>(sync.wire_bytes) / (1 << 20), compression,
+      sync.final_pages));
 
   LoadOptions lo;
   lo.port = (*endpoint)->port();
@@ -368,12 +407,14 @@ int DemoCommand(int argc, char** argv) {
       journal.ok() ? journal->last_seq : 0,
       complete ? "every acknowledged transaction is there" : "TRANSACTIONS MISSING"));
   std::string summary = absl::StrFormat(
-      "{\"seconds\":%d,\"initial_sync_s\":%.3f,\"epochs\":%d,\"epochs_per_s\":%.1f,"
+      "{\"seconds\":%d,\"initial_sync_s\":%.3f,\"initial_sync_wire_mib\":%.1f,\"epochs\":%d,"
+      "\"epochs_per_s\":%.1f,"
       "\"pause_p50_ms\":%.3f,\"pause_p99_ms\":%.3f,\"dirty_pages_per_epoch\":%.0f,\"mb_per_s\":%."
       "2f,"
       "\"ledger_ops_per_s\":%.0f,\"latency_p50_us\":%.0f,\"latency_p99_us\":%.0f,"
       "\"invariants_hold\":%s,\"replica_epoch\":%d,\"replica_complete\":%s}",
-      seconds, sync_s, end.checkpoints - first.checkpoints, overall.epochs_per_s, overall.pause_p50,
+      seconds, sync_s, static_cast<double>(sync.wire_bytes) / (1 << 20),
+      end.checkpoints - first.checkpoints, overall.epochs_per_s, overall.pause_p50,
       overall.pause_p99, overall.dirty_per_epoch, overall.mb_per_s, report->ops_per_s,
       report->p50_us, report->p99_us, report->ok() ? "true" : "false", epoch,
       complete ? "true" : "false");

@@ -27,6 +27,18 @@ TEST(Config, AGoodPrimaryConfigGetsDefaults) {
   EXPECT_EQ(c->epoch_ms(), 25u);
   EXPECT_EQ(c->memory_mib(), 256u);
   EXPECT_EQ(c->ledger_port(), 7070u);
+  EXPECT_EQ(c->compression(), "lz4");
+}
+
+TEST(Config, AnUnknownCompressionNamesItsLine) {
+  testing::TempDir dir;
+  std::string path = Write(dir,
+                           "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"m:1\"\npsk_file: \"k\"\n"
+                           "compression: \"zip\"\n");
+  auto c = cli::LoadPrimaryConfig(path);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find(path + ":5: compression"), absl::string_view::npos)
+      << c.status();
 }
 
 TEST(Config, SyntaxErrorsNameFileAndLine) {

@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
 #include <vector>
+
+#include "guest/abi.h"
+#include "vmm/console.h"
 
 namespace romulus {
 namespace {
@@ -33,6 +37,31 @@ TEST(OutputGate, HeldOutputsLeaveInOrderUpToTheMark) {
   EXPECT_EQ(out, (std::vector<int>{1, 2, 3}));
   gate.Push([&] { out.push_back(4); });
   EXPECT_EQ(out, (std::vector<int>{1, 2, 3, 4}));
+}
+
+// Console lines are output: while the gate holds, the outside world sees none of them; a release
+// up to a mark delivers exactly the lines written before it, in order.
+TEST(OutputGate, ConsoleLinesWaitForTheirRelease) {
+  auto mem = vmm::GuestMemory::CreateMemfd(16ull << 20);
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  vmm::OutputGate gate;
+  gate.SetHolding(true);
+  std::vector<std::string> seen;
+  vmm::Console console([&](absl::string_view line) { seen.emplace_back(line); }, &gate);
+  auto write = [&](const std::string& bytes) {
+    (*mem)->Write(RML_CONSOLE_GPA, bytes.data(), bytes.size());
+    ASSERT_TRUE(console.OnOut(**mem, static_cast<uint32_t>(bytes.size())).ok());
+  };
+  write("epoch one\nepoch ");
+  uint64_t mark = gate.Mark();
+  write("two\n");
+  EXPECT_TRUE(seen.empty());
+  EXPECT_EQ(gate.held(), 2u);
+  gate.ReleaseThrough(mark);
+  EXPECT_EQ(seen, std::vector<std::string>{"epoch one"});
+  gate.ReleaseThrough(gate.Mark());
+  EXPECT_EQ(seen, (std::vector<std::string>{"epoch one", "epoch two"}));
+  EXPECT_EQ(console.Save().bytes_written(), 20u);
 }
 
 }  // namespace

@@ -13,14 +13,21 @@ absl::Status Console::OnOut(const GuestMemory& mem, uint32_t len) {
   for (uint32_t i = 0; i < len; i++) {
     char c = p[i];
     if (c == '\n' || partial_.size() >= kMaxLine) {
-      if (sink_) sink_(partial_);
-      partial_.clear();
+      Emit();
       if (c == '\n') continue;
     }
     partial_.push_back(c >= 0x20 && c < 0x7f ? c : '?');
   }
   bytes_written_ += len;
   return absl::OkStatus();
+}
+
+void Console::Emit() {
+  std::string line;
+  line.swap(partial_);
+  if (!sink_) return;
+  if (!gate_) return sink_(line);
+  gate_->Push([sink = sink_, line = std::move(line)] { sink(line); });
 }
 
 pb::ConsoleState Console::Save() const {

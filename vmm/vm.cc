@@ -123,11 +123,11 @@ absl::Status Vm::CreateKvmVm(uint64_t memory_bytes) {
 }
 
 absl::Status Vm::CreateDevices(std::function<void(absl::string_view)> console,
-                               const std::string& disk_path) {
+                               OutputGate* output_gate, const std::string& disk_path) {
   auto disk = BlockDevice::Open(disk_path);
   if (!disk.ok()) return disk.status();
   disk_ = std::move(*disk);
-  console_ = std::make_unique<Console>(std::move(console));
+  console_ = std::make_unique<Console>(std::move(console), output_gate);
   idle_ = std::make_unique<IdleDevice>();
   ledger_ = std::make_unique<LedgerDevice>(*memory_, [this] { idle_->Kick(); });
   return absl::OkStatus();
@@ -155,7 +155,8 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
 
   std::unique_ptr<Vm> vm(new Vm());
   if (auto s = vm->CreateKvmVm(config.memory_bytes); !s.ok()) return s;
-  if (auto s = vm->CreateDevices(config.console, config.disk_path); !s.ok()) return s;
+  if (auto s = vm->CreateDevices(config.console, config.output_gate, config.disk_path); !s.ok())
+    return s;
   if (auto s = VcpuState::SetSupportedCpuid(vm->kvm_.get(), vm->vcpu_.get()); !s.ok()) return s;
   auto entry = PlaceGuest(*image, *vm->memory_);
   if (!entry.ok()) return entry.status();
@@ -183,7 +184,8 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
 
 absl::StatusOr<std::unique_ptr<Vm>> Vm::Restore(const std::string& dir,
                                                 const std::string& disk_path,
-                                                std::function<void(absl::string_view)> console) {
+                                                std::function<void(absl::string_view)> console,
+                                                OutputGate* output_gate) {
   auto snap = ReadSnapshot(dir);
   if (!snap.ok()) return snap.status();
   auto mem = GuestMemory::MapFilePrivate(SnapshotMemoryPath(dir), snap->memory_bytes());
@@ -198,7 +200,7 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Restore(const std::string& dir,
   std::unique_ptr<Vm> vm(new Vm());
   vm->memory_ = std::move(*mem);
   if (auto s = vm->CreateKvmVm(snap->memory_bytes()); !s.ok()) return s;
-  if (auto s = vm->CreateDevices(std::move(console), disk_path); !s.ok()) return s;
+  if (auto s = vm->CreateDevices(std::move(console), output_gate, disk_path); !s.ok()) return s;
   if (auto s = VcpuState::Restore(vm->vcpu_.get(), snap->vcpus(0)); !s.ok()) return s;
   if (auto s = VmClockState::Restore(vm->vm_.get(), snap->clock()); !s.ok()) return s;
   const pb::DeviceStates& d = snap->devices();

@@ -43,6 +43,7 @@ struct VmConfig {
   uint64_t progress_ms = 1000;
   std::string guest_image_path;  // empty: the reference guest built into this binary
   std::function<void(absl::string_view line)> console;  // guest console lines
+  OutputGate* output_gate = nullptr;  // console lines pass through it (none: straight out)
 };
 
 // Checks sizes and knobs (memory, working set, accounts) without touching any file or KVM.
@@ -84,9 +85,10 @@ class Vm : public CheckpointableVm {
   static absl::StatusOr<std::unique_ptr<Vm>> Boot(const VmConfig& config);
   // Creates a VM from a snapshot directory. Its disk is copied to `disk_path`; its memory file is
   // mapped (copy-on-write), not copied. Every file is verified against its digest first.
-  static absl::StatusOr<std::unique_ptr<Vm>> Restore(
-      const std::string& snapshot_dir, const std::string& disk_path,
-      std::function<void(absl::string_view)> console);
+  static absl::StatusOr<std::unique_ptr<Vm>> Restore(const std::string& snapshot_dir,
+                                                     const std::string& disk_path,
+                                                     std::function<void(absl::string_view)> console,
+                                                     OutputGate* output_gate = nullptr);
   ~Vm() override;
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;
@@ -118,7 +120,7 @@ class Vm : public CheckpointableVm {
   Vm() = default;
   absl::Status CreateKvmVm(uint64_t memory_bytes);
   absl::Status CreateDevices(std::function<void(absl::string_view)> console,
-                             const std::string& disk_path);
+                             OutputGate* output_gate, const std::string& disk_path);
   void RunLoop();
   absl::Status HandleExit();
   absl::Status ExitError(absl::string_view what);
