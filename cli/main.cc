@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cli/commands.h"
+#include "cli/control.h"
 
 namespace {
 
@@ -18,6 +19,7 @@ constexpr char kUsage[] =
     "           snapshot it to a directory or resume it from one\n"
     "  load     drive a ledger with concurrent clients; report ops/s and latency; check\n"
     "           its invariants (sum of balances, exactly-once retries, sequence numbers)\n"
+    "  status   ask a running primary or mirror for its status (--socket PATH)\n"
     "  journal  replay the ledger journal on a disk image and print what it holds\n";
 
 }  // namespace
@@ -34,6 +36,7 @@ int main(int argc, char** argv) {
   if (!std::strcmp(cmd, "demo")) return romulus::cli::DemoCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "primary")) return romulus::cli::PrimaryCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "mirror")) return romulus::cli::MirrorCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "status")) return romulus::cli::StatusCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "journal")) return romulus::cli::JournalCommand(argc - 2, argv + 2);
   std::fprintf(stderr, "romulus: unknown command '%s'\n%s", cmd, kUsage);
   return 2;

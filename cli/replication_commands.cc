@@ -14,6 +14,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/config.h"
+#include "cli/control.h"
 #include "cli/load.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
@@ -108,6 +109,64 @@ int ConfigOnly(const char* who, const char* usage, const char* summary, int argc
   return -1;
 }
 
+pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primary::Stats& s) {
+  pb::StatusReply r;
+  r.set_role("primary");
+  r.set_vm_id(vm_id);
+  r.set_state(s.state);
+  r.set_peer_connected(s.connected || s.sync.active);
+  r.set_peer(s.peer);
+  r.set_epochs(s.checkpoints);
+  r.set_committed_epoch(static_cast<int64_t>(s.acked) - 1);
+  r.set_lag_epochs(s.lag_epochs);
+  r.set_held_outputs(s.held_outputs);
+  r.set_pause_p50_ms(Percentile(s.pause_ms, 0.5));
+  r.set_pause_p99_ms(Percentile(s.pause_ms, 0.99));
+  r.set_bytes(s.bytes_sent);
+  r.set_resyncs(s.resyncs);
+  if (s.sync.active) {
+    pb::SyncStatus* y = r.mutable_sync();
+    y->set_done_bytes(s.sync.done_bytes);
+    y->set_total_bytes(s.sync.total_bytes);
+    y->set_wire_bytes(s.sync.wire_bytes);
+    y->set_round(s.sync.round);
+    double rate = s.sync.seconds > 0 ? static_cast<double>(s.sync.done_bytes) / s.sync.seconds : 0;
+    y->set_mb_per_s(rate / 1e6);
+    y->set_eta_s(rate > 0 ? static_cast<double>(s.sync.total_bytes - s.sync.done_bytes) / rate : 0);
+  }
+  return r;
+}
+
+pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror::Stats& s) {
+  pb::StatusReply r;
+  r.set_role("mirror");
+  r.set_vm_id(vm_id);
+  if (!s.connected) {
+    r.set_state(s.committed_epoch < 0 ? "waiting for a primary; no replica yet"
+                                      : "waiting for a primary; replica holds its last commit");
+  } else if (s.syncing) {
+    r.set_state(
+        "receiving the initial synchronisation into staging; replica unchanged until it "
+        "commits");
+  } else {
+    r.set_state("replicating");
+  }
+  r.set_peer_connected(s.connected);
+  r.set_peer(s.peer);
+  r.set_epochs(s.checkpoints);
+  r.set_committed_epoch(s.committed_epoch);
+  r.set_bytes(s.bytes);
+  r.set_rejected(s.rejected);
+  return r;
+}
+
+// Starts the control socket when the config names one.
+absl::StatusOr<std::unique_ptr<ControlServer>> MaybeControl(
+    const std::string& path, std::function<pb::StatusReply()> status) {
+  if (path.empty()) return nullptr;
+  return ControlServer::Start(path, std::move(status));
+}
+
 }  // namespace
 
 int PrimaryCommand(int argc, char** argv) {
@@ -168,6 +227,10 @@ int PrimaryCommand(int argc, char** argv) {
                                   .compression = *replicator::ParseCompression(c->compression()),
                                   .log = Logger("primary")});
   if (!primary.ok()) return Fail("primary", primary.status());
+  auto control = MaybeControl(c->control_socket(), [&, p = primary->get()] {
+    return PrimaryStatus(c->vm_id(), p->stats());
+  });
+  if (!control.ok()) return Fail("primary", control.status());
   std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
               c->vm_id().c_str(), c->ledger_listen().c_str(), (*endpoint)->port(),
               c->mirror().c_str(), c->epoch_ms());
@@ -184,6 +247,7 @@ int PrimaryCommand(int argc, char** argv) {
     last = now;
     t_last = Clock::now();
   }
+  control->reset();
   primary->reset();
   endpoint->reset();
   absl::Status s = (*vm)->Stop();
@@ -217,6 +281,9 @@ int MirrorCommand(int argc, char** argv) {
                   .port = static_cast<uint16_t>(c->port()),
                   .log = Logger("mirror")});
   if (!mirror.ok()) return Fail("mirror", mirror.status());
+  auto control = MaybeControl(
+      c->control_socket(), [&, m = mirror->get()] { return MirrorStatus(c->vm_id(), m->stats()); });
+  if (!control.ok()) return Fail("mirror", control.status());
   std::printf("romulus mirror: waiting for the primary of '%s' on %s:%d\n", c->vm_id().c_str(),
               c->listen().c_str(), (*mirror)->port());
   std::fflush(stdout);
@@ -254,6 +321,7 @@ int MirrorCommand(int argc, char** argv) {
     last = now;
   }
   save();  // the replica as of the last committed epoch, then stop listening
+  control->reset();
   mirror->reset();
   return 0;
 }

@@ -1,0 +1,219 @@
+#include "cli/control.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "cli/args.h"
+#include "google/protobuf/util/json_util.h"
+#include "vmm/kvm.h"
+#include "vmm/ledger_protocol.h"
+
+namespace romulus::cli {
+namespace {
+
+constexpr uint32_t kMaxControlFrame = 64 * 1024;
+
+absl::StatusOr<sockaddr_un> Address(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("control socket path must be 1 to ", sizeof(addr.sun_path) - 1, " bytes"));
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  return addr;
+}
+
+absl::Status WriteAll(int fd, const std::string& bytes) {
+  for (size_t off = 0; off < bytes.size();) {
+    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+    if (n <= 0) return vmm::ErrnoStatus("control socket write");
+    off += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ReadAll(int fd, char* out, size_t len) {
+  for (size_t off = 0; off < len;) {
+    ssize_t n = ::read(fd, out + off, len - off);
+    if (n == 0) return absl::UnavailableError("control socket closed");
+    if (n < 0) return vmm::ErrnoStatus("control socket read");
+    off += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// One length-prefixed message from an untrusted peer, bounded in size.
+template <typename Message>
+absl::Status ReadMessage(int fd, Message* msg) {
+  uint8_t header[4];
+  if (auto s = ReadAll(fd, reinterpret_cast<char*>(header), 4); !s.ok()) return s;
+  uint32_t n = vmm::DecodeFrameLength(header);
+  if (n > kMaxControlFrame) return absl::DataLossError("control message too large");
+  std::string body(n, '\0');
+  if (auto s = ReadAll(fd, body.data(), n); !s.ok()) return s;
+  if (!msg->ParseFromString(body)) return absl::DataLossError("malformed control message");
+  return absl::OkStatus();
+}
+
+void SetTimeouts(int fd, int timeout_ms) {
+  timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
+class ControlServerImpl : public ControlServer {
+ public:
+  ControlServerImpl(vmm::Fd fd, std::string path, std::function<pb::StatusReply()> status)
+      : fd_(std::move(fd)), path_(std::move(path)), status_(std::move(status)) {
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~ControlServerImpl() override {
+    stop_ = true;
+    ::shutdown(fd_.get(), SHUT_RDWR);
+    thread_.join();
+    ::unlink(path_.c_str());
+  }
+
+ private:
+  void Serve() {
+    while (!stop_) {
+      pollfd p{fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 200) <= 0) continue;  // wakes to notice stop_
+      vmm::Fd client(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!client.valid()) continue;
+      SetTimeouts(client.get(), 1000);  // a client that stalls does not hold the server
+      pb::ControlRequest req;
+      pb::ControlReply reply;
+      if (auto s = ReadMessage(client.get(), &req); !s.ok()) {
+        reply.set_error(std::string(s.message()));
+      } else if (req.command_case() == pb::ControlRequest::kStatus) {
+        *reply.mutable_status() = status_();
+      } else {
+        reply.set_error("unknown control command");
+      }
+      (void)WriteAll(client.get(), vmm::EncodeFrame(reply));
+    }
+  }
+
+  vmm::Fd fd_;
+  std::string path_;
+  std::function<pb::StatusReply()> status_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
+    const std::string& path, std::function<pb::StatusReply()> status) {
+  auto addr = Address(path);
+  if (!addr.ok()) return addr.status();
+  vmm::Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return vmm::ErrnoStatus("control socket");
+  ::unlink(path.c_str());  // a socket left by a process that died
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
+      ::listen(fd.get(), 8) != 0) {
+    return vmm::ErrnoStatus(absl::StrCat("control socket ", path));
+  }
+  return std::unique_ptr<ControlServer>(
+      new ControlServerImpl(std::move(fd), path, std::move(status)));
+}
+
+absl::StatusOr<pb::StatusReply> QueryStatus(const std::string& path, int timeout_ms) {
+  auto addr = Address(path);
+  if (!addr.ok()) return addr.status();
+  vmm::Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return vmm::ErrnoStatus("control socket");
+  SetTimeouts(fd.get(), timeout_ms);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0) {
+    return vmm::ErrnoStatus(absl::StrCat("connect to ", path, " (is romulus running there?)"));
+  }
+  pb::ControlRequest req;
+  req.set_status(true);
+  if (auto s = WriteAll(fd.get(), vmm::EncodeFrame(req)); !s.ok()) return s;
+  pb::ControlReply reply;
+  if (auto s = ReadMessage(fd.get(), &reply); !s.ok()) return s;
+  if (!reply.error().empty()) return absl::InternalError(reply.error());
+  return reply.status();
+}
+
+std::string FormatStatus(const pb::StatusReply& s) {
+  std::string out =
+      absl::StrFormat("role:             %s\nvm:               %s\nstate:            %s\n",
+                      s.role(), s.vm_id(), s.state());
+  absl::StrAppendFormat(&out, "peer:             %s\n",
+                        s.peer_connected() ? s.peer() : std::string("not connected"));
+  if (s.has_sync()) {
+    const pb::SyncStatus& y = s.sync();
+    absl::StrAppendFormat(
+        &out,
+        "sync:             %.1f/%.1f MiB (%.0f%%), %.1f MB/s, ETA %.1f s, "
+        "round %d, %.1f MiB on the wire\n",
+        static_cast<double>(y.done_bytes()) / (1 << 20),
+        static_cast<double>(y.total_bytes()) / (1 << 20),
+        y.total_bytes()
+            ? 100.0 * static_cast<double>(y.done_bytes()) / static_cast<double>(y.total_bytes())
+            : 0.0,
+        y.mb_per_s(), y.eta_s(), y.round(), static_cast<double>(y.wire_bytes()) / (1 << 20));
+  }
+  absl::StrAppendFormat(&out,
+                        "epochs:           %d (committed epoch %d, lag %d)\n"
+                        "pause:            p50 %.2f ms, p99 %.2f ms\n"
+                        "held outputs:     %d\n"
+                        "bytes:            %d\n"
+                        "resyncs:          %d\nrefused:          %d\n",
+                        s.epochs(), s.committed_epoch(), s.lag_epochs(), s.pause_p50_ms(),
+                        s.pause_p99_ms(), s.held_outputs(), s.bytes(), s.resyncs(), s.rejected());
+  return out;
+}
+
+int StatusCommand(int argc, char** argv) {
+  std::string socket;
+  bool json = false;
+  Args args("romulus status --socket PATH [--json]",
+            "Asks a running `romulus primary` or `romulus mirror` for its status through its\n"
+            "control socket (control_socket in its config): role, state and why (for a\n"
+            "primary: whether outputs are held and why), peer, initial-sync progress, epochs,\n"
+            "replica lag, pause times, held outputs.");
+  args.String("socket", &socket, "the control socket");
+  args.Bool("json", &json, "print one JSON object");
+  if (auto s = args.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "romulus status: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  if (socket.empty()) {
+    std::fprintf(stderr, "romulus status: --socket is required\n");
+    return 2;
+  }
+  auto st = QueryStatus(socket);
+  if (!st.ok()) {
+    std::fprintf(stderr, "romulus status: %s\n", std::string(st.status().message()).c_str());
+    return 1;
+  }
+  if (json) {
+    std::string out;
+    google::protobuf::util::JsonPrintOptions o;
+    o.always_print_primitive_fields = true;
+    (void)google::protobuf::util::MessageToJsonString(*st, &out, o);
+    std::printf("%s\n", out.c_str());
+  } else {
+    std::fputs(FormatStatus(*st).c_str(), stdout);
+  }
+  return 0;
+}
+
+}  // namespace romulus::cli

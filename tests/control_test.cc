@@ -1,0 +1,82 @@
+// `romulus status` against a running `romulus mirror` (no KVM needed): it says what the mirror
+// is doing and why; a bad request on the control socket is refused without harm.
+#include "cli/control.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+
+#include "tests/test_util.h"
+
+namespace romulus {
+namespace {
+
+using testing::Child;
+using testing::TempDir;
+
+TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
+  TempDir dir;
+  std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
+  std::string sock = dir.File("mirror.sock");
+  // A loopback port that was free a moment ago.
+  int probe = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(::getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(probe);
+  std::ofstream(dir.File("mirror.conf"), std::ios::trunc)
+      << "vm_id: \"ctl\"\nmemory_mib: 16\ndisk_mib: 4\nport: " << ntohs(a.sin_port) << "\n"
+      << "psk_file: \"" << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
+      << "\"\ncontrol_socket: \"" << sock << "\"\n";
+  Child mirror({"mirror", "--config", dir.File("mirror.conf")});
+  ASSERT_NE(mirror.WaitForLine("waiting for the primary", 30), "") << mirror.output();
+
+  Child status({"status", "--socket", sock});
+  ASSERT_EQ(status.Wait(30), 0) << status.output();
+  EXPECT_NE(status.output().find("role:             mirror"), std::string::npos) << status.output();
+  EXPECT_NE(status.output().find("waiting for a primary; no replica yet"), std::string::npos)
+      << status.output();
+  Child json({"status", "--socket", sock, "--json"});
+  ASSERT_EQ(json.Wait(30), 0) << json.output();
+  EXPECT_NE(json.output().find("\"role\":\"mirror\""), std::string::npos) << json.output();
+  EXPECT_NE(json.output().find("\"committedEpoch\":\"-1\""), std::string::npos) << json.output();
+
+  // A frame that claims 4 GiB: refused with an error reply; the server keeps serving.
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un u{};
+  u.sun_family = AF_UNIX;
+  std::strcpy(u.sun_path, sock.c_str());
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&u), sizeof(u)), 0);
+  ASSERT_EQ(::write(fd, "\xff\xff\xff\xff", 4), 4);
+  char buf[256];
+  ssize_t n = ::read(fd, buf, sizeof(buf));
+  ::close(fd);
+  ASSERT_GT(n, 4);
+  EXPECT_NE(std::string(buf + 4, static_cast<size_t>(n - 4)).find("too large"), std::string::npos);
+  auto again = cli::QueryStatus(sock);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->role(), "mirror");
+
+  Child missing({"status", "--socket", dir.File("nothing.sock")});
+  EXPECT_EQ(missing.Wait(30), 1);
+  EXPECT_NE(missing.output().find("is romulus running there?"), std::string::npos);
+  EXPECT_EQ(std::count(missing.output().begin(), missing.output().end(), '\n'), 1);
+
+  mirror.Signal(SIGTERM);
+  EXPECT_EQ(mirror.Wait(30), 0) << mirror.output();
+  EXPECT_NE(::access(sock.c_str(), F_OK), 0);  // the socket file is gone with the mirror
+}
+
+}  // namespace
+}  // namespace romulus
