@@ -19,18 +19,9 @@ namespace romulus {
 namespace {
 
 using testing::TempDir;
+using testing::WaitUntil;
 constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;
 const char kKey[] = "0123456789abcdef-test-key";
-
-template <typename Pred>
-bool WaitUntil(Pred pred, double seconds) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a condition
-  }
-  return true;
-}
 
 class KvmReplication : public ::testing::Test {
  protected:

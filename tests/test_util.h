@@ -5,8 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "vmm/vmm.h"
@@ -20,6 +22,17 @@ namespace romulus::testing {
       GTEST_SKIP() << "needs /dev/kvm: " << kvm_status.message();         \
     }                                                                     \
   } while (0)
+
+// Polls `pred` until it holds (true) or `seconds` pass (false).
+template <typename Pred>
+bool WaitUntil(Pred pred, double seconds) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a condition
+  }
+  return true;
+}
 
 class TempDir {
  public:
