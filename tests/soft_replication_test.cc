@@ -124,14 +124,17 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
 TEST_P(SoftReplication, PreCopyThenEpochsKeepTheReplicaExactAndOutputsWaitForIt) {
   StartMirror();
   StartPrimary();
-  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 0; }, 60)) << Logs();
+  // The synchronisation ends when the primary reads the mirror's first ack and says so.
+  ASSERT_TRUE(
+      WaitUntil([&] { return primary_->stats().state.find("protected") != std::string::npos; }, 60))
+      << Logs();
   auto sync = primary_->stats().sync;
   // Everything went once, pages the VM wrote meanwhile again; the 20 MiB of memory the VM never
   // writes (and most of the disk) are zero and travel as flags.
   EXPECT_GE(sync.done_bytes, kMemory + kDisk);
   EXPECT_EQ(sync.done_bytes, sync.total_bytes);
   EXPECT_GE(sync.done_bytes - sync.wire_bytes, 20ull << 20);
-  EXPECT_FALSE(sync.active);
+  EXPECT_FALSE(sync.active) << Logs();
   EXPECT_NE(Logs().find("pre-copy done"), std::string::npos) << Logs();
   ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 150; }, 120)) << Logs();
   for (int i = 0; i < 20; i++) {
