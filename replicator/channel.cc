@@ -24,16 +24,7 @@ std::string Nonce() {
 
 std::string Proof(const std::string& key, absl::string_view role, const std::string& a,
                   const std::string& b) {
-  std::string msg = absl::StrCat("romulus-", role, a, b);
-  unsigned char out[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
-       reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out, &len);
-  return std::string(reinterpret_cast<char*>(out), len);
-}
-
-bool SameProof(const std::string& a, const std::string& b) {
-  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+  return Hmac(key, absl::StrCat("romulus-", role, a, b));
 }
 
 pb::Frame HelloFrame(const Identity& me, const std::string& nonce, uint64_t session) {
@@ -69,7 +60,7 @@ absl::Status CheckHello(const pb::Frame& f, const Identity& me) {
 
 absl::Status CheckProof(const absl::StatusOr<pb::Frame>& f, const std::string& expected) {
   if (!f.ok()) return f.status();
-  if (!f->has_auth() || !SameProof(f->auth().hmac(), expected)) {
+  if (!f->has_auth() || !SameMac(f->auth().hmac(), expected)) {
     return absl::PermissionDeniedError("authentication failed (wrong pre-shared key?)");
   }
   return absl::OkStatus();
@@ -82,6 +73,18 @@ pb::Frame AuthFrame(const std::string& proof) {
 }
 
 }  // namespace
+
+std::string Hmac(absl::string_view key, absl::string_view message) {
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(message.data()), message.size(), out, &len);
+  return std::string(reinterpret_cast<char*>(out), len);
+}
+
+bool SameMac(absl::string_view a, absl::string_view b) {
+  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
 
 Channel::Channel(tcp::socket socket, std::chrono::milliseconds timeout)
     : socket_(std::move(socket)) {

@@ -33,6 +33,10 @@ struct Identity {
 
 using LogFn = std::function<void(absl::string_view line)>;
 
+// HMAC-SHA256 of `message` under the pre-shared key, and a constant-time comparison of two MACs.
+std::string Hmac(absl::string_view key, absl::string_view message);
+bool SameMac(absl::string_view a, absl::string_view b);
+
 // Reads a pre-shared key: a file of 16 to 4096 bytes (trailing newlines are not part of it).
 absl::StatusOr<std::string> ReadKeyFile(const std::string& path);
 

@@ -7,6 +7,7 @@ packages=(
   cmake g++ make pkg-config clang-format
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev
+  iproute2 nftables
 )
 
 missing=()

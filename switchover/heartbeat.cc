@@ -1,0 +1,290 @@
+// Heartbeats: one UDP socket per path, all served by one thread. Each tick sends a heartbeat on
+// every path and re-evaluates which paths (and so whether the peer) are alive.
+// clang-format off
+// Boost 1.74 uses std::exchange without including <utility>: include it first.
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
+#include <array>
+#include <atomic>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "switchover/datagram.h"
+#include "switchover/switchover.h"
+
+namespace romulus::switchover {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::udp;
+
+constexpr size_t kSentRing = 256;                       // our send times, by seq, for RTT
+constexpr std::chrono::milliseconds kLossWindow{1000};  // loss is measured over this
+
+struct Path {
+  explicit Path(asio::io_context& io) : socket(io) {}
+  udp::socket socket;
+  udp::endpoint remote, from;
+  std::string name;
+  std::array<char, kMaxDatagramBytes + 1> buffer;
+
+  uint64_t seq = 0;  // our last heartbeat on this path
+  std::array<Clock::time_point, kSentRing> sent_at{};
+  uint64_t sent = 0, rejected = 0;
+
+  // The peer, as heard on this path.
+  bool heard = false;
+  uint64_t peer_session = 0, peer_seq = 0, received = 0;
+  Clock::time_point last_rx{};
+  uint64_t window_seq = 0, window_received = 0;
+  Clock::time_point window_start{};
+  double loss = 0, rtt_ms = -1;
+  bool up = false;  // as last reported
+};
+
+absl::StatusOr<udp::endpoint> ToEndpoint(const Endpoint& e) {
+  boost::system::error_code ec;
+  auto address = asio::ip::make_address(e.host, ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat("bad address '", e.host, "'"));
+  return udp::endpoint(address, e.port);
+}
+
+std::string Show(const udp::endpoint& e) {
+  return absl::StrCat(e.address().to_string(), ":", e.port());
+}
+
+class HeartbeatImpl : public Heartbeat {
+ public:
+  explicit HeartbeatImpl(Options o) : o_(std::move(o)), session_(RandomU64()), timer_(io_) {}
+
+  ~HeartbeatImpl() override {
+    io_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  absl::Status Open() {
+    if (o_.paths.empty()) return absl::InvalidArgumentError("no heartbeat paths configured");
+    if (o_.interval.count() <= 0 || o_.timeout <= o_.interval) {
+      return absl::InvalidArgumentError("heartbeat timeout must be longer than the interval");
+    }
+    for (const PathConfig& pc : o_.paths) {
+      auto local = ToEndpoint(pc.local);
+      if (!local.ok()) return local.status();
+      auto remote = ToEndpoint(pc.remote);
+      if (!remote.ok()) return remote.status();
+      auto p = std::make_unique<Path>(io_);
+      boost::system::error_code ec;
+      p->socket.open(local->protocol(), ec);
+      if (!ec) p->socket.bind(*local, ec);
+      if (!ec) p->socket.non_blocking(true, ec);
+      if (ec) {
+        return absl::UnavailableError(
+            absl::StrCat("heartbeat path: cannot bind ", Show(*local), ": ", ec.message()));
+      }
+      p->remote = *remote;
+      p->name = absl::StrCat(Show(p->socket.local_endpoint()), " -> ", Show(*remote));
+      paths_.push_back(std::move(p));
+    }
+    for (auto& p : paths_) Receive(*p);
+    Tick();
+    thread_ = std::thread([this] { io_.run(); });
+    return absl::OkStatus();
+  }
+
+  void NoteTrafficFromPeer() override {
+    last_traffic_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  bool peer_alive() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return AliveLocked(Clock::now());
+  }
+
+  bool never_heard() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& p : paths_) {
+      if (p->heard) return false;
+    }
+    return last_traffic_ns_.load(std::memory_order_relaxed) == 0;
+  }
+
+  std::string peer_role() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return peer_role_;
+  }
+
+  std::vector<PathStatus> paths() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<PathStatus> out;
+    auto now = Clock::now();
+    for (const auto& p : paths_) {
+      PathStatus s;
+      s.name = p->name;
+      s.up = PathUp(*p, now);
+      s.loss = s.up ? p->loss : 1.0;
+      s.rtt_ms = p->rtt_ms;
+      s.sent = p->sent;
+      s.received = p->received;
+      s.rejected = p->rejected;
+      out.push_back(s);
+    }
+    return out;
+  }
+
+ private:
+  bool PathUp(const Path& p, Clock::time_point now) const {
+    return p.heard && now - p.last_rx < o_.timeout;
+  }
+
+  bool AliveLocked(Clock::time_point now) const {
+    for (const auto& p : paths_) {
+      if (PathUp(*p, now)) return true;
+    }
+    int64_t t = last_traffic_ns_.load(std::memory_order_relaxed);
+    return t != 0 && now - Clock::time_point(Clock::duration(t)) < o_.timeout;
+  }
+
+  void Log(const std::string& line) {
+    if (o_.log) o_.log(line);
+  }
+
+  void Tick() {
+    auto now = Clock::now();
+    std::vector<std::string> lines;
+    int transition = 0;  // +1 back, -1 dead
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& p : paths_) Send(*p, now);
+      for (auto& p : paths_) {
+        bool up = PathUp(*p, now);
+        if (up != p->up) {
+          p->up = up;
+          lines.push_back(absl::StrCat("path ", p->name, up ? " up" : " down"));
+        }
+        if (now - p->window_start >= kLossWindow) {
+          if (p->peer_seq > p->window_seq) {
+            double expected = static_cast<double>(p->peer_seq - p->window_seq);
+            p->loss = 1.0 - static_cast<double>(p->received - p->window_received) / expected;
+            if (p->loss < 0) p->loss = 0;
+          }
+          p->window_seq = p->peer_seq;
+          p->window_received = p->received;
+          p->window_start = now;
+        }
+      }
+      bool alive = AliveLocked(now);
+      if (alive != alive_) {
+        transition = alive ? 1 : -1;
+        alive_ = alive;
+      }
+    }
+    for (const auto& line : lines) Log(line);
+    if (transition < 0) {
+      Log(absl::StrCat("peer dead: no path heard from it for ", o_.timeout.count(), " ms"));
+      if (o_.on_peer_dead) o_.on_peer_dead();
+    } else if (transition > 0) {
+      Log("peer alive");
+      if (o_.on_peer_back) o_.on_peer_back();
+    }
+    next_tick_ = next_tick_ + o_.interval < now ? now + o_.interval  // fell behind: no burst
+                                                : next_tick_ + o_.interval;
+    timer_.expires_at(next_tick_);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) Tick();
+    });
+  }
+
+  void Send(Path& p, Clock::time_point now) {
+    pb::SwitchoverMessage m;
+    pb::Heartbeat* h = m.mutable_heartbeat();
+    h->set_vm_id(o_.vm_id);
+    h->set_node(o_.node);
+    h->set_role(o_.role);
+    h->set_session(session_);
+    h->set_seq(++p.seq);
+    if (p.heard) {
+      h->set_echo_seq(p.peer_seq);
+      h->set_echo_hold_us(
+          std::chrono::duration_cast<std::chrono::microseconds>(now - p.last_rx).count());
+    }
+    p.sent_at[p.seq % kSentRing] = now;
+    boost::system::error_code ec;
+    p.socket.send_to(asio::buffer(Seal(o_.key, m)), p.remote, 0, ec);
+    if (!ec) ++p.sent;  // an unreachable path refuses sends: it shows as not sending
+  }
+
+  void Receive(Path& p) {
+    p.socket.async_receive_from(
+        asio::buffer(p.buffer), p.from, [this, &p](const boost::system::error_code& ec, size_t n) {
+          if (ec == asio::error::operation_aborted) return;
+          if (!ec) Accept(p, absl::string_view(p.buffer.data(), n));
+          Receive(p);  // ICMP errors on an unconnected socket are not the peer: keep listening
+        });
+  }
+
+  void Accept(Path& p, absl::string_view bytes) {
+    auto now = Clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    auto m = switchover::Open(o_.key, bytes);
+    if (p.from != p.remote || !m.ok() || !m->has_heartbeat()) {
+      ++p.rejected;
+      return;
+    }
+    const pb::Heartbeat& h = m->heartbeat();
+    if (h.vm_id() != o_.vm_id || h.node() == o_.node || h.node().size() > kMaxNameBytes ||
+        h.role().size() > kMaxNameBytes) {
+      ++p.rejected;
+      return;
+    }
+    if (h.session() == p.peer_session && p.heard) {
+      if (h.seq() <= p.peer_seq) {  // replayed or reordered
+        ++p.rejected;
+        return;
+      }
+    } else if (p.heard && PathUp(p, now)) {
+      // A second sender claiming the peer's place while the peer is alive: a replay.
+      ++p.rejected;
+      return;
+    } else {
+      p.peer_session = h.session();
+      p.window_seq = h.seq() - 1;
+      p.window_received = p.received;
+      p.window_start = now;
+    }
+    if (h.echo_seq() != 0 && h.echo_seq() <= p.seq && p.seq - h.echo_seq() < kSentRing) {
+      auto rtt =
+          now - p.sent_at[h.echo_seq() % kSentRing] - std::chrono::microseconds(h.echo_hold_us());
+      double ms = std::chrono::duration<double, std::milli>(rtt).count();
+      if (ms >= 0) p.rtt_ms = p.rtt_ms < 0 ? ms : 0.8 * p.rtt_ms + 0.2 * ms;
+    }
+    p.heard = true;
+    p.peer_seq = h.seq();
+    p.last_rx = now;
+    ++p.received;
+    peer_role_ = h.role();
+  }
+
+  Options o_;
+  const uint64_t session_;
+  asio::io_context io_;
+  asio::steady_timer timer_;
+  Clock::time_point next_tick_{};
+  std::vector<std::unique_ptr<Path>> paths_;
+  std::thread thread_;
+  mutable std::mutex mu_;
+  std::atomic<int64_t> last_traffic_ns_{0};
+  bool alive_ = false;
+  std::string peer_role_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Heartbeat>> Heartbeat::Start(Options options) {
+  auto hb = std::make_unique<HeartbeatImpl>(std::move(options));
+  if (auto s = hb->Open(); !s.ok()) return s;
+  return hb;
+}
+
+}  // namespace romulus::switchover

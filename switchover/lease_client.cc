@@ -1,0 +1,271 @@
+// A node's side of the witness lease: one connected UDP socket and one thread. The lease is
+// counted from when the granted request was sent, never from when the reply arrived, and a timer
+// at its end says "lost" the moment it lapses.
+// clang-format off
+// Boost 1.74 uses std::exchange without including <utility>: include it first.
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "switchover/datagram.h"
+#include "switchover/switchover.h"
+
+namespace romulus::switchover {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::udp;
+using std::chrono::milliseconds;
+
+constexpr size_t kMaxPending = 64;  // requests whose replies are still accepted
+
+class LeaseClientImpl : public LeaseClient {
+ public:
+  explicit LeaseClientImpl(Options o)
+      : o_(std::move(o)),
+        socket_(io_),
+        renew_timer_(io_),
+        expiry_timer_(io_),
+        next_id_(RandomU64() >> 1) {}
+
+  ~LeaseClientImpl() override {
+    io_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  absl::Status Open() {
+    if (o_.renew.count() <= 0) return absl::InvalidArgumentError("renew interval must be positive");
+    boost::system::error_code ec;
+    auto address = asio::ip::make_address(o_.witness.host, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad witness address '", o_.witness.host, "'"));
+    }
+    udp::endpoint witness(address, o_.witness.port);
+    witness_name_ = absl::StrCat(o_.witness.host, ":", o_.witness.port);
+    socket_.open(witness.protocol(), ec);
+    if (!ec && !o_.local_address.empty()) {
+      auto local = asio::ip::make_address(o_.local_address, ec);
+      if (!ec) socket_.bind(udp::endpoint(local, 0), ec);
+    }
+    if (!ec) socket_.connect(witness, ec);  // the kernel drops datagrams from anyone else
+    if (ec) {
+      return absl::UnavailableError(
+          absl::StrCat("lease: cannot reach witness ", witness_name_, ": ", ec.message()));
+    }
+    Receive();
+    Renew();
+    thread_ = std::thread([this] { io_.run(); });
+    return absl::OkStatus();
+  }
+
+  void Want(bool want) override {
+    asio::post(io_, [this, want] {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (want_ == want) return;
+      want_ = want;
+      if (want) {
+        SendLocked(pb::LEASE_ACQUIRE, "");
+      } else {
+        bool was = HeldLocked(Clock::now());
+        held_until_ = Clock::now();
+        SendLocked(pb::LEASE_RELEASE, "");
+        lock.unlock();
+        if (was) Lost("released");
+      }
+    });
+  }
+
+  absl::Status AcquireWithin(milliseconds wait) override {
+    Want(true);
+    std::unique_lock<std::mutex> lock(mu_);
+    auto deadline = Clock::now() + wait;
+    while (!HeldLocked(Clock::now())) {
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !HeldLocked(Clock::now())) {
+        return absl::UnavailableError(
+            absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status TransferTo(const std::string& node, milliseconds wait) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!HeldLocked(Clock::now())) {
+      return absl::FailedPreconditionError("cannot hand over a lease this node does not hold");
+    }
+    transfer_to_ = node;
+    asio::post(io_, [this] {
+      std::lock_guard<std::mutex> l(mu_);
+      want_ = false;
+      held_until_ = Clock::now();  // from the moment it is sent, this node no longer holds it
+      SendLocked(pb::LEASE_TRANSFER, transfer_to_);
+    });
+    auto deadline = Clock::now() + wait;
+    while (holder_ != node) {
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && holder_ != node) {
+        return absl::UnavailableError(absl::StrCat("witness ", witness_name_,
+                                                   " did not confirm the hand-over to ", node, ": ",
+                                                   WhyNotLocked(Clock::now())));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  bool held() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return HeldLocked(Clock::now());
+  }
+
+  Status status() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto now = Clock::now();
+    Status s;
+    s.held = HeldLocked(now);
+    s.holder = holder_;
+    if (s.held) s.remaining = std::chrono::duration_cast<milliseconds>(held_until_ - now);
+    s.reason = reason_;
+    s.witness_reachable = last_reply_ != Clock::time_point{} && now - last_reply_ < 4 * o_.renew;
+    s.held_since = held_since_;
+    s.held_until = held_until_;
+    return s;
+  }
+
+ private:
+  bool HeldLocked(Clock::time_point now) const { return now < held_until_; }
+
+  std::string WhyNotLocked(Clock::time_point now) const {
+    if (last_reply_ == Clock::time_point{} || now - last_reply_ >= 4 * o_.renew) {
+      return "no reply (unreachable, or it does not know this key)";
+    }
+    return reason_.empty() ? "lease not granted" : reason_;
+  }
+
+  void Log(const std::string& line) {
+    if (o_.log) o_.log(line);
+  }
+
+  void SendLocked(pb::LeaseOp op, const std::string& to) {
+    pb::SwitchoverMessage m;
+    pb::LeaseRequest* r = m.mutable_lease_request();
+    r->set_vm_id(o_.vm_id);
+    r->set_node(o_.node);
+    r->set_op(op);
+    r->set_to_node(to);
+    r->set_request_id(++next_id_);
+    r->set_nonce(nonce_);
+    pending_[next_id_] = {Clock::now(), op};
+    while (pending_.size() > kMaxPending) pending_.erase(pending_.begin());
+    boost::system::error_code ec;
+    socket_.send(asio::buffer(Seal(o_.key, m)), 0, ec);  // a lost request is retried next renew
+  }
+
+  void Renew() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
+    }
+    renew_timer_.expires_after(o_.renew);
+    renew_timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) Renew();
+    });
+  }
+
+  void Receive() {
+    socket_.async_receive(asio::buffer(buffer_),
+                          [this](const boost::system::error_code& ec, size_t n) {
+                            if (ec == asio::error::operation_aborted) return;
+                            if (!ec) Accept(absl::string_view(buffer_.data(), n));
+                            Receive();  // a refused send shows up here as an error: keep listening
+                          });
+  }
+
+  void Accept(absl::string_view bytes) {
+    auto now = Clock::now();
+    auto m = switchover::Open(o_.key, bytes);
+    if (!m.ok() || !m->has_lease_reply()) return;
+    const pb::LeaseReply& r = m->lease_reply();
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = pending_.find(r.request_id());
+    if (it == pending_.end()) return;  // not an answer to a request of ours still open
+    auto [sent_at, op] = it->second;
+    pending_.erase(pending_.begin(), std::next(it));
+    last_reply_ = now;
+    nonce_ = r.next_nonce().substr(0, kMaxNameBytes);
+    holder_ = r.holder().substr(0, kMaxNameBytes);
+    bool gained = false;
+    if (r.reason() != "challenge") reason_ = r.reason().substr(0, 256);
+    if (r.reason() == "challenge") {
+      if (want_)
+        SendLocked(pb::LEASE_ACQUIRE, "");
+      else if (op == pb::LEASE_TRANSFER)
+        SendLocked(pb::LEASE_TRANSFER, transfer_to_);
+      else if (op == pb::LEASE_RELEASE)
+        SendLocked(pb::LEASE_RELEASE, "");
+    } else if (r.granted() && op == pb::LEASE_ACQUIRE && want_) {
+      // Counted from the send, less 1 % and 1 ms for the two clocks' drift.
+      milliseconds ttl(r.ttl_ms());
+      auto until = sent_at + ttl - ttl / 100 - milliseconds(1);
+      if (until > now) {
+        gained = !HeldLocked(now);
+        if (gained) held_since_ = now;
+        if (until > held_until_) held_until_ = until;
+        ArmExpiryLocked();
+      }
+    }
+    lock.unlock();
+    cv_.notify_all();
+    if (gained) {
+      Log(absl::StrCat("lease gained from witness ", witness_name_));
+      if (o_.on_gained) o_.on_gained();
+    }
+  }
+
+  void ArmExpiryLocked() {
+    expiry_timer_.expires_at(held_until_);
+    expiry_timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;  // re-armed by a renewal
+      std::unique_lock<std::mutex> lock(mu_);
+      if (HeldLocked(Clock::now()) || !want_) return;
+      std::string why = WhyNotLocked(Clock::now());
+      lock.unlock();
+      Lost(why);
+    });
+  }
+
+  void Lost(const std::string& why) {
+    Log(absl::StrCat("lease lost: ", why));
+    if (o_.on_lost) o_.on_lost();
+  }
+
+  Options o_;
+  asio::io_context io_;
+  udp::socket socket_;
+  asio::steady_timer renew_timer_, expiry_timer_;
+  std::array<char, kMaxDatagramBytes + 1> buffer_;
+  std::string witness_name_;
+  std::thread thread_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool want_ = false;
+  uint64_t next_id_;
+  std::map<uint64_t, std::pair<Clock::time_point, pb::LeaseOp>> pending_;
+  std::string nonce_, holder_, reason_, transfer_to_;
+  Clock::time_point last_reply_{}, held_since_{}, held_until_{};
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LeaseClient>> LeaseClient::Start(Options options) {
+  auto c = std::make_unique<LeaseClientImpl>(std::move(options));
+  if (auto s = c->Open(); !s.ok()) return s;
+  return c;
+}
+
+}  // namespace romulus::switchover

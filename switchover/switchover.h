@@ -1,0 +1,149 @@
+// Switchover: knowing when the peer host is gone, and making sure only one host ever acts as the
+// primary. Heartbeats run over every configured network path; a peer is dead only when all of
+// them (and the replication stream) have been silent past the timeout. Promotion needs proof that
+// the old primary can no longer release outputs: the witness's lease, or a fencing command that
+// succeeded. A primary that cannot renew its lease stops releasing outputs.
+#ifndef ROMULUS_SWITCHOVER_SWITCHOVER_H_
+#define ROMULUS_SWITCHOVER_SWITCHOVER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace romulus::switchover {
+
+using LogFn = std::function<void(absl::string_view line)>;
+
+struct Endpoint {
+  std::string host;  // a numeric IPv4 or IPv6 address
+  uint16_t port = 0;
+};
+// "ADDR:PORT" or "[ADDR]:PORT".
+absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text);
+
+// One network path to the peer: this host's address on it and the peer's.
+struct PathConfig {
+  Endpoint local;
+  Endpoint remote;
+};
+
+struct PathStatus {
+  std::string name;    // "LOCAL -> REMOTE"
+  bool up = false;     // an authentic heartbeat arrived within the timeout
+  double loss = 0;     // share of the peer's heartbeats lost on this path (last window)
+  double rtt_ms = -1;  // smoothed round trip; -1 until measured
+  uint64_t sent = 0, received = 0, rejected = 0;
+};
+
+class Heartbeat {
+ public:
+  struct Options {
+    std::string vm_id;
+    std::string node;  // this host's name; the peer's must differ
+    std::string role;  // what this host is, for the peer's status: primary or mirror
+    std::string key;
+    std::vector<PathConfig> paths;
+    std::chrono::milliseconds interval{10};
+    std::chrono::milliseconds timeout{50};
+    // Called on the heartbeat thread when the peer goes from alive to dead and back.
+    std::function<void()> on_peer_dead, on_peer_back;
+    LogFn log;
+  };
+  // Binds every path's local address and starts sending.
+  static absl::StatusOr<std::unique_ptr<Heartbeat>> Start(Options options);
+  virtual ~Heartbeat() = default;
+
+  // Any thread: the peer was heard from on another channel (the replication stream).
+  virtual void NoteTrafficFromPeer() = 0;
+  // Alive: some path, or the replication stream, heard from the peer within the timeout.
+  virtual bool peer_alive() const = 0;
+  // True until the peer has been heard from once.
+  virtual bool never_heard() const = 0;
+  virtual std::string peer_role() const = 0;
+  virtual std::vector<PathStatus> paths() const = 0;
+};
+
+// The witness: grants one lease per VM, to one node at a time. A lease lasts `lease` from when
+// the witness granted it; the holder renews it. After a restart it grants nothing for one lease
+// period, so a lease granted before the restart has expired before another is granted.
+class Witness {
+ public:
+  struct Options {
+    std::string key;
+    Endpoint listen;  // port 0: any free port
+    std::chrono::milliseconds lease{150};
+    size_t max_entries = 4096;  // VMs and nodes tracked, to bound memory
+    LogFn log;
+  };
+  struct Holder {
+    std::string vm_id, node;
+    std::chrono::milliseconds remaining{0};
+  };
+  static absl::StatusOr<std::unique_ptr<Witness>> Start(Options options);
+  virtual ~Witness() = default;
+  virtual uint16_t port() const = 0;
+  virtual std::vector<Holder> holders() const = 0;
+  virtual uint64_t rejected() const = 0;  // datagrams refused: bad MAC, version, nonce or size
+};
+
+// One node's side of the lease. While it wants the lease it asks for it, and then renews it,
+// every `renew`. It counts the lease as held from the moment it sent the request the witness
+// granted, for the granted time less a margin for clock drift: so it always believes the lease
+// gone before the witness does.
+class LeaseClient {
+ public:
+  struct Options {
+    std::string vm_id;
+    std::string node;
+    std::string key;
+    Endpoint witness;
+    std::string local_address;  // bind here ("": any)
+    std::chrono::milliseconds renew{30};
+    // Called on the client's thread when the lease is gained or lost (not renewed in time).
+    std::function<void()> on_gained, on_lost;
+    LogFn log;
+  };
+  struct Status {
+    bool held = false;
+    std::string holder;                      // as the witness last said ("" nobody or not heard)
+    std::chrono::milliseconds remaining{0};  // of this node's lease, when held
+    std::string reason;                      // the witness's last reason for a refusal
+    bool witness_reachable = false;          // an authentic reply within four renew periods
+    // The last lease this node held: when the grant arrived, and when this node stopped (or
+    // will stop) counting it as held.
+    std::chrono::steady_clock::time_point held_since, held_until;
+  };
+  static absl::StatusOr<std::unique_ptr<LeaseClient>> Start(Options options);
+  virtual ~LeaseClient() = default;
+
+  // Starts or stops asking for (and renewing) the lease. Stopping releases it.
+  virtual void Want(bool want) = 0;
+  // Asks until the lease is held or `wait` passes. Keeps wanting it either way.
+  virtual absl::Status AcquireWithin(std::chrono::milliseconds wait) = 0;
+  // Hands a held lease to `node` (planned migration); this node stops wanting it.
+  virtual absl::Status TransferTo(const std::string& node, std::chrono::milliseconds wait) = 0;
+  virtual bool held() const = 0;
+  virtual Status status() const = 0;
+};
+
+// Runs `command` with /bin/sh; OK when it exits 0 within `timeout` (it is killed after that).
+absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout);
+
+// Who may allow this host to become the primary. With a lease client, holding the lease; else,
+// with a fencing command, its success; else only `force`.
+struct PromotionPolicy {
+  LeaseClient* lease = nullptr;
+  std::string fence_command;
+  std::chrono::milliseconds wait{1000};  // for the lease or the fencing command
+};
+absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force);
+
+}  // namespace romulus::switchover
+
+#endif  // ROMULUS_SWITCHOVER_SWITCHOVER_H_

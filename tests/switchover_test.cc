@@ -1,0 +1,263 @@
+// Switchover pieces over loopback: the witness and its leases, heartbeats, the fencing command
+// and the promotion rule. The network-partition tests are in netns_switchover_test.cc.
+// clang-format off
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
+#include "switchover/switchover.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+
+#include "switchover/datagram.h"
+#include "tests/test_util.h"
+
+namespace romulus::switchover {
+namespace {
+
+using std::chrono::milliseconds;
+using ::testing::HasSubstr;
+using testing::WaitUntil;
+
+const std::string kKey = "switchover-test-key-0123456789";
+constexpr milliseconds kLease{100};
+
+std::unique_ptr<Witness> StartWitness(const std::string& key = kKey) {
+  Witness::Options o;
+  o.key = key;
+  o.listen = {"127.0.0.1", 0};
+  o.lease = kLease;
+  auto w = Witness::Start(o);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? std::move(*w) : nullptr;
+}
+
+std::unique_ptr<LeaseClient> StartClient(const Witness& w, const std::string& node,
+                                         const std::string& key = kKey) {
+  LeaseClient::Options o;
+  o.vm_id = "vm1";
+  o.node = node;
+  o.key = key;
+  o.witness = {"127.0.0.1", w.port()};
+  o.renew = milliseconds(20);
+  auto c = LeaseClient::Start(o);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+TEST(Witness, GrantsTheLeaseToOneNodeAtATimeAndNothingInItsFirstLeasePeriod) {
+  auto started = Clock::now();
+  auto w = StartWitness();
+  auto a = StartClient(*w, "a");
+  auto b = StartClient(*w, "b");
+  ASSERT_TRUE(a->AcquireWithin(milliseconds(3000)).ok());
+  // A restarted witness cannot know who held the lease before: it waits one lease period.
+  EXPECT_GE(a->status().held_since, started + kLease);
+
+  absl::Status refused = b->AcquireWithin(milliseconds(150));
+  EXPECT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("held by a"));
+  EXPECT_TRUE(a->held());  // renewed throughout
+  auto holders = w->holders();
+  ASSERT_EQ(holders.size(), 1u);
+  EXPECT_EQ(holders[0].node, "a");
+  EXPECT_EQ(holders[0].vm_id, "vm1");
+
+  a->Want(false);  // releases
+  ASSERT_TRUE(b->AcquireWithin(milliseconds(2000)).ok());
+  EXPECT_FALSE(a->held());
+  EXPECT_GE(b->status().held_since, a->status().held_until);
+  b->Want(false);
+}
+
+TEST(Witness, RefusesGarbageForgedAndReplayedRequests) {
+  auto w = StartWitness();
+  namespace asio = boost::asio;
+  asio::io_context io;
+  asio::ip::udp::socket s(io, asio::ip::udp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  s.connect({asio::ip::make_address("127.0.0.1"), w->port()});
+  auto reply = [&](const std::string& bytes) -> std::optional<pb::LeaseReply> {
+    s.send(asio::buffer(bytes));
+    // The witness answers at once or never; a bounded wait for a datagram.
+    std::array<char, 2048> buf;
+    s.non_blocking(true);
+    auto deadline = Clock::now() + milliseconds(300);
+    while (Clock::now() < deadline) {
+      boost::system::error_code ec;
+      size_t n = s.receive(asio::buffer(buf), 0, ec);
+      if (!ec) {
+        auto m = Open(kKey, absl::string_view(buf.data(), n));
+        if (m.ok() && m->has_lease_reply()) return m->lease_reply();
+      }
+      std::this_thread::sleep_for(milliseconds(2));  // polling a non-blocking socket
+    }
+    return std::nullopt;
+  };
+  auto request = [&](const std::string& nonce, uint64_t id, const std::string& key) {
+    pb::SwitchoverMessage m;
+    auto* r = m.mutable_lease_request();
+    r->set_vm_id("vm1");
+    r->set_node("c");
+    r->set_request_id(id);
+    r->set_nonce(nonce);
+    return Seal(key, m);
+  };
+
+  EXPECT_FALSE(reply("not a datagram").has_value());
+  EXPECT_FALSE(reply(request("", 1, "some-other-key-0123456789")).has_value());
+  EXPECT_FALSE(reply(std::string(4096, 'x')).has_value());
+  EXPECT_EQ(w->rejected(), 3u);
+
+  auto challenge = reply(request("", 2, kKey));
+  ASSERT_TRUE(challenge.has_value());
+  EXPECT_FALSE(challenge->granted());
+  EXPECT_EQ(challenge->next_nonce().size(), 16u);
+  // Past the witness's first lease period, a request with the challenge is granted.
+  std::string genuine = request(challenge->next_nonce(), 3, kKey);
+  std::optional<pb::LeaseReply> granted;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        granted = reply(genuine);
+        if (granted && !granted->granted()) {  // inside its first lease period
+          genuine = request(granted->next_nonce(), 3, kKey);
+        }
+        return granted && granted->granted();
+      },
+      3));
+  EXPECT_EQ(granted->holder(), "c");
+  // The same bytes again: the challenge has moved on, so they are refused, not a renewal.
+  uint64_t before = w->rejected();
+  auto replayed = reply(genuine);
+  ASSERT_TRUE(replayed.has_value());
+  EXPECT_FALSE(replayed->granted());
+  EXPECT_EQ(replayed->reason(), "challenge");
+  EXPECT_EQ(w->rejected(), before + 1);
+
+  // A client with the wrong key hears nothing and says so.
+  auto stranger = StartClient(*w, "d", "some-other-key-0123456789");
+  absl::Status s2 = stranger->AcquireWithin(milliseconds(200));
+  EXPECT_THAT(std::string(s2.message()), HasSubstr("no reply"));
+}
+
+TEST(Lease, AHandOverGivesTheLeaseToTheNamedNodeAndTakesItFromTheGiver) {
+  auto w = StartWitness();
+  auto a = StartClient(*w, "a");
+  auto b = StartClient(*w, "b");
+  ASSERT_TRUE(a->AcquireWithin(milliseconds(3000)).ok());
+  EXPECT_FALSE(b->TransferTo("a", milliseconds(100)).ok());  // b holds nothing to hand over
+  ASSERT_TRUE(a->TransferTo("b", milliseconds(1000)).ok());
+  EXPECT_FALSE(a->held());
+  ASSERT_TRUE(b->AcquireWithin(milliseconds(1000)).ok());  // b renews what it was handed
+  absl::Status back = a->AcquireWithin(milliseconds(100));
+  EXPECT_THAT(std::string(back.message()), HasSubstr("held by b"));
+  EXPECT_GE(b->status().held_since, a->status().held_until);
+}
+
+TEST(Heartbeat, PeersOnTwoLoopbackPathsSeeEachOtherAndNoticeWhenOneIsGone) {
+  auto port = [] {
+    namespace asio = boost::asio;
+    asio::io_context io;
+    asio::ip::udp::socket s(io, asio::ip::udp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    return s.local_endpoint().port();
+  };
+  uint16_t a1 = port(), a2 = port(), b1 = port(), b2 = port();
+  std::atomic<int> a_dead{0};
+  auto options = [&](const std::string& node, std::vector<PathConfig> paths) {
+    Heartbeat::Options o;
+    o.vm_id = "vm1";
+    o.node = node;
+    o.role = node == "a" ? "primary" : "mirror";
+    o.key = kKey;
+    o.paths = std::move(paths);
+    if (node == "a") o.on_peer_dead = [&] { ++a_dead; };
+    return o;
+  };
+  auto a = Heartbeat::Start(options(
+      "a", {{{"127.0.0.1", a1}, {"127.0.0.1", b1}}, {{"127.0.0.1", a2}, {"127.0.0.1", b2}}}));
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE((*a)->never_heard());
+  auto b = Heartbeat::Start(options(
+      "b", {{{"127.0.0.1", b1}, {"127.0.0.1", a1}}, {{"127.0.0.1", b2}, {"127.0.0.1", a2}}}));
+  ASSERT_TRUE(b.ok()) << b.status();
+
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto paths = (*a)->paths();
+        return paths[0].up && paths[1].up && paths[0].rtt_ms >= 0 && paths[1].received > 20;
+      },
+      5));
+  EXPECT_TRUE((*a)->peer_alive());
+  EXPECT_EQ((*a)->peer_role(), "mirror");
+  EXPECT_EQ((*b)->peer_role(), "primary");
+
+  // Heartbeats from anywhere but b's end of the path are refused.
+  {
+    Heartbeat::Options o = options("c", {{{"127.0.0.1", 0}, {"127.0.0.1", a1}}});
+    o.vm_id = "vm1";
+    auto c = Heartbeat::Start(o);
+    ASSERT_TRUE(c.ok());
+    ASSERT_TRUE(WaitUntil([&] { return (*a)->paths()[0].rejected >= 5; }, 5));
+  }
+  EXPECT_EQ(a_dead.load(), 0);
+
+  b->reset();  // b's process is gone
+  ASSERT_TRUE(WaitUntil([&] { return a_dead.load() == 1; }, 5));
+  EXPECT_FALSE((*a)->peer_alive());
+  for (const auto& p : (*a)->paths()) EXPECT_FALSE(p.up) << p.name;
+
+  // Replication traffic alone keeps the peer alive.
+  (*a)->NoteTrafficFromPeer();
+  EXPECT_TRUE((*a)->peer_alive());
+}
+
+TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
+  EXPECT_TRUE(RunFenceCommand("true", milliseconds(2000)).ok());
+  absl::Status failed = RunFenceCommand("exit 3", milliseconds(2000));
+  EXPECT_EQ(failed.code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(std::string(failed.message()), HasSubstr("exit 3"));
+  absl::Status hung = RunFenceCommand("sleep 30", milliseconds(100));
+  EXPECT_EQ(hung.code(), absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST(Promotion, NeedsALeaseOrAFenceOrAnOperatorsForce) {
+  PromotionPolicy none;
+  absl::Status refused = AuthorizePromotion(none, /*force=*/false);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("romulus promote --force"));
+  EXPECT_TRUE(AuthorizePromotion(none, /*force=*/true).ok());
+
+  PromotionPolicy fence;
+  fence.fence_command = "exit 1";
+  EXPECT_FALSE(AuthorizePromotion(fence, false).ok());
+  fence.fence_command = "true";
+  EXPECT_TRUE(AuthorizePromotion(fence, false).ok());
+
+  auto w = StartWitness();
+  auto a = StartClient(*w, "a");
+  auto b = StartClient(*w, "b");
+  ASSERT_TRUE(a->AcquireWithin(milliseconds(3000)).ok());
+  PromotionPolicy lease;
+  lease.lease = b.get();
+  lease.wait = milliseconds(100);
+  absl::Status held = AuthorizePromotion(lease, false);
+  EXPECT_THAT(std::string(held.message()), HasSubstr("held by a"));
+  EXPECT_TRUE(a->held());
+}
+
+TEST(Endpoint, ParsesAddressAndPortAndRefusesTheRest) {
+  auto e = ParseEndpoint("10.0.0.1:7000");
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(e->host, "10.0.0.1");
+  EXPECT_EQ(e->port, 7000);
+  auto v6 = ParseEndpoint("[::1]:9");
+  ASSERT_TRUE(v6.ok());
+  EXPECT_EQ(v6->host, "::1");
+  for (const char* bad : {"", "10.0.0.1", ":80", "10.0.0.1:", "10.0.0.1:65536", "h:1x", "[::1:5"}) {
+    EXPECT_FALSE(ParseEndpoint(bad).ok()) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace romulus::switchover
