@@ -103,7 +103,7 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   if (auto s = vm_.Pause(); !s.ok()) return s;
   // From here to Resume() the vCPU is stopped: only harvesting and copying.
   auto fail = [this](absl::Status s) {
-    (void)vm_.Resume();
+    (void)ResumeVm();
     return s;
   };
   cp->epoch = next_epoch_;
@@ -147,7 +147,7 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   cp->state = std::move(*state);
   cp->output_mark = gate_.Mark();
   if (pause_hook_) pause_hook_(*cp);
-  if (auto s = vm_.Resume(); !s.ok()) return s;
+  if (auto s = ResumeVm(); !s.ok()) return s;
   double pause_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   next_epoch_++;
 
@@ -197,6 +197,22 @@ void EpochEngine::Restart() {
   cv_.notify_all();
 }
 
+absl::Status EpochEngine::ResumeVm() { return suspended_ ? absl::OkStatus() : vm_.Resume(); }
+
+absl::Status EpochEngine::Suspend(bool suspend) {
+  std::lock_guard<std::mutex> take(take_mu_);
+  if (suspend == suspended_) return absl::OkStatus();
+  if (suspend) {
+    gate_.SetFenced(true);  // first: not one more output leaves
+    suspended_ = true;
+    return vm_.Pause();
+  }
+  suspended_ = false;
+  absl::Status s = vm_.Resume();
+  gate_.SetFenced(false);
+  return s;
+}
+
 EpochEngine::Stats EpochEngine::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
@@ -210,7 +226,7 @@ absl::Status EpochEngine::BeginSync() {
     std::lock_guard<std::mutex> lock(disk_mu_);
     disk_writes_.clear();  // the disk is read after this point, so it holds these writes
   }
-  if (auto s = vm_.Resume(); !s.ok()) return s;
+  if (auto s = ResumeVm(); !s.ok()) return s;
   if (!dirty.ok()) return dirty.status();
   sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
   for (uint64_t& w : sync_pending_.words()) w = ~0ull;
@@ -265,7 +281,7 @@ absl::StatusOr<uint64_t> EpochEngine::RefreshSync() {
   std::lock_guard<std::mutex> take(take_mu_);
   if (auto s = vm_.Pause(); !s.ok()) return s;
   auto dirty = vm_.HarvestDirty();
-  if (auto s = vm_.Resume(); !s.ok()) return s;
+  if (auto s = ResumeVm(); !s.ok()) return s;
   if (!dirty.ok()) return dirty.status();
   sync_pending_.Merge(*dirty);
   return sync_pending_.Count();

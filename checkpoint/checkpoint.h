@@ -104,6 +104,10 @@ class EpochEngine {
       std::chrono::milliseconds wait = std::chrono::milliseconds(10000));
   // The mirror committed `epoch`: its outputs (and all earlier ones) leave, its memory is freed.
   void Acknowledge(uint64_t epoch);
+  // For a primary that lost its lease (another host may be promoted): the VM stays paused and
+  // the gate delivers nothing, even outputs the mirror acknowledges, until Suspend(false).
+  // Checkpoints taken meanwhile leave the VM paused.
+  absl::Status Suspend(bool suspend);
   // The mirror went away: unacknowledged checkpoints are dropped (their outputs stay held until
   // a later checkpoint is acknowledged) and the next checkpoint is full again.
   void Restart();
@@ -137,10 +141,12 @@ class EpochEngine {
   std::function<void(const Checkpoint&)> pause_hook_;
 
   absl::StatusOr<std::optional<DiskWrite>> ReadDiskChunk();  // the next chunk of the disk
+  absl::Status ResumeVm();                                   // unless suspended; with take_mu_ held
 
   // Held by whatever pauses the VM or reads it for the mirror: a checkpoint of a lost connection
   // never overlaps the next connection's synchronisation. Guards the synchronisation state.
   std::mutex take_mu_;
+  bool suspended_ = false;
   bool syncing_ = false;
   vmm::DirtyBitmap sync_pending_;
   uint64_t sync_disk_offset_ = 0;  // chunks before it were sent

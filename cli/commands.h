@@ -10,6 +10,7 @@ int JournalCommand(int argc, char** argv);
 int PrimaryCommand(int argc, char** argv);
 int MirrorCommand(int argc, char** argv);
 int DemoCommand(int argc, char** argv);
+int WitnessCommand(int argc, char** argv);
 
 }  // namespace romulus::cli
 

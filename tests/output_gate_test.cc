@@ -39,6 +39,35 @@ TEST(OutputGate, HeldOutputsLeaveInOrderUpToTheMark) {
   EXPECT_EQ(out, (std::vector<int>{1, 2, 3, 4}));
 }
 
+// A primary that lost its lease delivers nothing, released or not, until the fence lifts.
+TEST(OutputGate, AFencedGateDeliversNothingUntilTheFenceLifts) {
+  vmm::OutputGate gate;
+  std::vector<int> out;
+  gate.SetHolding(true);
+  gate.Push([&] { out.push_back(1); });
+  gate.SetFenced(true);
+  gate.Push([&] { out.push_back(2); });
+  uint64_t mark = gate.Mark();
+  gate.Push([&] { out.push_back(3); });
+  gate.ReleaseThrough(mark);
+  EXPECT_TRUE(out.empty());
+  gate.SetHolding(false);  // run unprotected: still nothing while fenced
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(gate.held(), 3u);
+  gate.SetHolding(true);
+  gate.SetFenced(false);  // what was released before the fence lifted leaves, the rest waits
+  EXPECT_EQ(out, (std::vector<int>{1, 2, 3}));
+  gate.Push([&] { out.push_back(4); });
+  EXPECT_EQ(out, (std::vector<int>{1, 2, 3}));
+  gate.SetFenced(true);
+  gate.SetHolding(false);
+  EXPECT_EQ(out, (std::vector<int>{1, 2, 3}));
+  gate.SetFenced(false);
+  EXPECT_EQ(out, (std::vector<int>{1, 2, 3, 4}));
+  gate.Push([&] { out.push_back(5); });
+  EXPECT_EQ(out, (std::vector<int>{1, 2, 3, 4, 5}));
+}
+
 // Console lines are output: while the gate holds, the outside world sees none of them; a release
 // up to a mark delivers exactly the lines written before it, in order.
 TEST(OutputGate, ConsoleLinesWaitForTheirRelease) {

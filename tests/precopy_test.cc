@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <xxhash.h>
 
+#include <atomic>
+
 #include "checkpoint/checkpoint.h"
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
@@ -181,6 +183,30 @@ TEST_F(PreCopy, WithoutPreCopyTheFullCheckpointCarriesEverything) {
   EXPECT_EQ((*full)->gfns.size(), kMemory / vmm::kPageSize);
   ASSERT_TRUE(replica_->Apply(**full).ok());
   ExpectReplicaEqualsPause(0);
+}
+
+// A primary that lost its lease: the VM stops and stays stopped across checkpoints, and nothing
+// leaves the gate even when the mirror acknowledges; both come back when the suspension ends.
+TEST_F(PreCopy, ASuspendedEngineKeepsTheVmPausedAndReleasesNothing) {
+  std::atomic<int> delivered{0};
+  auto first = engine_->TakeCheckpoint();
+  ASSERT_TRUE(first.ok()) << first.status();
+  engine_->Acknowledge((*first)->epoch);
+  ASSERT_TRUE(testing::WaitUntil([&] { return vm_->writes() > 1000; }, 10));
+
+  ASSERT_TRUE(engine_->Suspend(true).ok());
+  uint64_t frozen = vm_->writes(), digest = vm_->memory().Digest();
+  for (int i = 0; i < 3; i++) gate_.Push([&] { ++delivered; });
+  auto during = engine_->TakeCheckpoint();  // pauses and, suspended, does not resume
+  ASSERT_TRUE(during.ok()) << during.status();
+  engine_->Acknowledge((*during)->epoch);
+  EXPECT_EQ(delivered.load(), 0);
+  EXPECT_EQ(vm_->writes(), frozen);
+  EXPECT_EQ(vm_->memory().Digest(), digest);
+
+  ASSERT_TRUE(engine_->Suspend(false).ok());
+  EXPECT_EQ(delivered.load(), 3);  // acknowledged while suspended: they leave now
+  ASSERT_TRUE(testing::WaitUntil([&] { return vm_->writes() > frozen + 1000; }, 10));
 }
 
 }  // namespace

@@ -1,20 +1,17 @@
 #include "vmm/output_gate.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace romulus::vmm {
 
 void OutputGate::Push(Output output) {
-  std::lock_guard<std::mutex> order(deliver_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    uint64_t seq = pushed_++;
-    if (holding_ || !held_.empty()) {
-      held_.emplace_back(seq, std::move(output));
-      return;
-    }
+    held_.emplace_back(pushed_++, std::move(output));
+    if (!holding_) released_ = pushed_;
   }
-  output();
+  Deliver();
 }
 
 uint64_t OutputGate::Mark() const {
@@ -23,26 +20,42 @@ uint64_t OutputGate::Mark() const {
 }
 
 void OutputGate::ReleaseThrough(uint64_t mark) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    released_ = std::max(released_, mark);
+  }
+  Deliver();
+}
+
+void OutputGate::SetHolding(bool holding) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    holding_ = holding;
+    if (!holding) released_ = pushed_;
+  }
+  Deliver();
+}
+
+void OutputGate::SetFenced(bool fenced) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fenced_ = fenced;
+    if (!holding_) released_ = pushed_;
+  }
+  Deliver();
+}
+
+void OutputGate::Deliver() {
   std::lock_guard<std::mutex> order(deliver_mu_);
   std::vector<Output> ready;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    while (!held_.empty() && held_.front().first < mark) {
+    while (!fenced_ && !held_.empty() && held_.front().first < released_) {
       ready.push_back(std::move(held_.front().second));
       held_.pop_front();
     }
   }
   for (Output& o : ready) o();
-}
-
-void OutputGate::SetHolding(bool holding) {
-  uint64_t mark;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    holding_ = holding;
-    mark = pushed_;
-  }
-  if (!holding) ReleaseThrough(mark);
 }
 
 size_t OutputGate::held() const {

@@ -23,14 +23,21 @@ class OutputGate {
   void ReleaseThrough(uint64_t mark);
   // Closed: outputs wait for ReleaseThrough. Opening releases everything held.
   void SetHolding(bool holding);
+  // Fenced: nothing at all is delivered, released or not (a primary that lost its lease). When
+  // the fence lifts, what was released meanwhile leaves.
+  void SetFenced(bool fenced);
   size_t held() const;
 
  private:
+  // Delivers, in order, held outputs below the release mark (none while fenced).
+  void Deliver();
+
   mutable std::mutex mu_;
   std::mutex deliver_mu_;  // keeps delivery in push order across threads
   std::deque<std::pair<uint64_t, Output>> held_;
   uint64_t pushed_ = 0;
-  bool holding_ = false;
+  uint64_t released_ = 0;  // outputs below this mark may leave
+  bool holding_ = false, fenced_ = false;
 };
 
 }  // namespace romulus::vmm

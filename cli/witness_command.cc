@@ -1,0 +1,67 @@
+// romulus witness: the lease server on a third host that decides which of two hosts may act as
+// the primary when they cannot hear each other.
+#include <signal.h>
+
+#include <cstdio>
+
+#include "absl/strings/str_format.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/signals.h"
+#include "replicator/replicator.h"
+#include "switchover/switchover.h"
+
+namespace romulus::cli {
+
+int WitnessCommand(int argc, char** argv) {
+  std::string listen = "0.0.0.0:7300", psk_file;
+  uint64_t lease_ms = 150;
+  Args args("romulus witness --psk-file FILE [options]",
+            "Grants the active lease of each VM to one host at a time. A primary renews its\n"
+            "lease; a mirror may promote only once the lease is its own. After a restart the\n"
+            "witness grants nothing for one lease period, so no lease it granted before is still\n"
+            "believed held when it grants the next.");
+  args.String("listen", &listen, "UDP ADDR:PORT to serve leases on (port 0: any free port)");
+  args.String("psk-file", &psk_file, "file holding the pre-shared key of the hosts it serves");
+  args.Uint("lease-ms", &lease_ms, "how long a lease lasts unless renewed (10-60000)");
+  if (auto s = args.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "romulus witness: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "romulus witness: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  if (psk_file.empty()) return fail(absl::InvalidArgumentError("--psk-file is required"));
+  if (lease_ms < 10 || lease_ms > 60000) {
+    return fail(absl::InvalidArgumentError("--lease-ms must be 10-60000"));
+  }
+  auto endpoint = switchover::ParseEndpoint(listen);
+  if (!endpoint.ok()) return fail(endpoint.status());
+  auto key = replicator::ReadKeyFile(psk_file);
+  if (!key.ok()) return fail(key.status());
+  sigset_t signals = TakeSignals();
+  auto witness = switchover::Witness::Start(
+      {.key = *key,
+       .listen = *endpoint,
+       .lease = std::chrono::milliseconds(lease_ms),
+       .log = [](absl::string_view line) {
+         std::printf("romulus witness: %.*s\n", static_cast<int>(line.size()), line.data());
+         std::fflush(stdout);
+       }});
+  if (!witness.ok()) return fail(witness.status());
+  std::printf("romulus witness: serving leases of %lu ms on %s:%d\n",
+              static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port());
+  std::fflush(stdout);
+  for (;;) {
+    int sig = WaitSignal(signals, std::chrono::milliseconds(1000));
+    if (sig == SIGINT || sig == SIGTERM) break;
+  }
+  return 0;
+}
+
+}  // namespace romulus::cli
