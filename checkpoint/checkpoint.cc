@@ -480,4 +480,13 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
   return info;
 }
 
+absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {
+  if (committed_epoch_ < 0 || memory_ == nullptr) {
+    return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
+  }
+  staging_.reset();
+  disk_ = vmm::Fd();  // the VM opens the image itself
+  return Committed{std::move(memory_), state_, committed_epoch_, disk_path_};
+}
+
 }  // namespace romulus::checkpoint

@@ -195,6 +195,17 @@ class ReplicaStore {
   // Writes the committed replica as a snapshot `romulus vm --restore-from` resumes.
   absl::StatusOr<vmm::SnapshotInfo> SaveSnapshot(const std::string& dir) const;
 
+  // The committed replica, handed over to become the running VM (a failover): its memory
+  // (the memfd itself, not a copy), state, epoch and disk image. The store is empty afterwards.
+  const pb::VmSnapshot& committed_state() const { return state_; }
+  struct Committed {
+    std::unique_ptr<vmm::GuestMemory> memory;
+    pb::VmSnapshot state;
+    int64_t epoch = -1;
+    std::string disk_path;
+  };
+  absl::StatusOr<Committed> TakeCommitted();
+
  private:
   // What a synchronisation has built so far.
   struct Staging {

@@ -7,6 +7,7 @@
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
+#include "switchover/switchover.h"
 
 namespace romulus::cli {
 namespace {
@@ -75,6 +76,42 @@ absl::Status CheckVm(Parsed& p, Config& c) {
   return absl::OkStatus();
 }
 
+// Heartbeat paths, the witness and the fence; defaults filled in. Absent: no switchover.
+absl::Status CheckSwitchover(Parsed& p, pb::SwitchoverConfig* s, bool mirror) {
+  if (s->ByteSizeLong() == 0) return absl::OkStatus();
+  auto bad = [&](const std::string& what) { return p.Bad("switchover", what); };
+  if (s->node().empty() || s->node().size() > 64) {
+    return bad("node (this host's name, 1 to 64 bytes) is required");
+  }
+  for (int i = 0; i < s->path_size(); i++) {
+    for (const std::string* e : {&s->path(i).local(), &s->path(i).remote()}) {
+      if (auto ep = switchover::ParseEndpoint(*e); !ep.ok()) {
+        return bad(absl::StrCat("path ", i + 1, ": ", ep.status().message()));
+      }
+    }
+  }
+  if (s->heartbeat_interval_ms() == 0) s->set_heartbeat_interval_ms(10);
+  if (s->heartbeat_timeout_ms() == 0) s->set_heartbeat_timeout_ms(50);
+  if (s->heartbeat_timeout_ms() <= s->heartbeat_interval_ms() ||
+      s->heartbeat_timeout_ms() > 60000) {
+    return bad("heartbeat_timeout_ms must exceed heartbeat_interval_ms and be at most 60000");
+  }
+  if (!s->witness().empty()) {
+    if (auto ep = switchover::ParseEndpoint(s->witness()); !ep.ok()) {
+      return bad(absl::StrCat("witness: ", ep.status().message()));
+    }
+  }
+  if (s->lease_renew_ms() == 0) s->set_lease_renew_ms(30);
+  if (s->lease_renew_ms() < 5 || s->lease_renew_ms() > 10000) {
+    return bad("lease_renew_ms must be 5 to 10000");
+  }
+  if (s->fence_timeout_ms() == 0) s->set_fence_timeout_ms(5000);
+  if (!mirror && !s->fence_command().empty()) {
+    return bad("fence_command belongs in the mirror's config (it fences the primary)");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
@@ -99,6 +136,7 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
     return p.Bad("workload", "pattern must be sequential, uniform or hotcold");
   }
+  if (auto s = CheckSwitchover(p, c.mutable_switchover(), false); !s.ok()) return s;
   return c;
 }
 
@@ -111,6 +149,10 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (c.port() == 0 || c.port() > 65535) return p.Bad("port", "must be 1 to 65535");
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.replica_disk().empty()) return p.Bad("replica_disk", "is required");
+  if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
+  if (c.ledger_port() == 0) c.set_ledger_port(7070);
+  if (c.ledger_port() > 65535) return p.Bad("ledger_port", "must be at most 65535");
+  if (auto s = CheckSwitchover(p, c.mutable_switchover(), true); !s.ok()) return s;
   return c;
 }
 

@@ -73,8 +73,8 @@ void SetTimeouts(int fd, int timeout_ms) {
 
 class ControlServerImpl : public ControlServer {
  public:
-  ControlServerImpl(vmm::Fd fd, std::string path, std::function<pb::StatusReply()> status)
-      : fd_(std::move(fd)), path_(std::move(path)), status_(std::move(status)) {
+  ControlServerImpl(vmm::Fd fd, std::string path, ControlHandlers handlers)
+      : fd_(std::move(fd)), path_(std::move(path)), handlers_(std::move(handlers)) {
     thread_ = std::thread([this] { Serve(); });
   }
   ~ControlServerImpl() override {
@@ -97,7 +97,17 @@ class ControlServerImpl : public ControlServer {
       if (auto s = ReadMessage(client.get(), &req); !s.ok()) {
         reply.set_error(std::string(s.message()));
       } else if (req.command_case() == pb::ControlRequest::kStatus) {
-        *reply.mutable_status() = status_();
+        *reply.mutable_status() = handlers_.status();
+      } else if (req.command_case() == pb::ControlRequest::kPromote) {
+        auto done =
+            handlers_.promote
+                ? handlers_.promote(req.promote().force())
+                : absl::FailedPreconditionError("only a mirror can be promoted; this is a primary");
+        if (done.ok()) {
+          reply.set_promoted(*done);
+        } else {
+          reply.set_error(std::string(done.status().message()));
+        }
       } else {
         reply.set_error("unknown control command");
       }
@@ -107,15 +117,15 @@ class ControlServerImpl : public ControlServer {
 
   vmm::Fd fd_;
   std::string path_;
-  std::function<pb::StatusReply()> status_;
+  ControlHandlers handlers_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
-    const std::string& path, std::function<pb::StatusReply()> status) {
+absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& path,
+                                                                    ControlHandlers handlers) {
   auto addr = Address(path);
   if (!addr.ok()) return addr.status();
   vmm::Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -126,10 +136,14 @@ absl::StatusOr<std::unique_ptr<ControlServer>> ControlServer::Start(
     return vmm::ErrnoStatus(absl::StrCat("control socket ", path));
   }
   return std::unique_ptr<ControlServer>(
-      new ControlServerImpl(std::move(fd), path, std::move(status)));
+      new ControlServerImpl(std::move(fd), path, std::move(handlers)));
 }
 
-absl::StatusOr<pb::StatusReply> QueryStatus(const std::string& path, int timeout_ms) {
+namespace {
+
+// One request, one reply; the reply's error becomes the status.
+absl::StatusOr<pb::ControlReply> Ask(const std::string& path, const pb::ControlRequest& req,
+                                     int timeout_ms) {
   auto addr = Address(path);
   if (!addr.ok()) return addr.status();
   vmm::Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -138,13 +152,29 @@ absl::StatusOr<pb::StatusReply> QueryStatus(const std::string& path, int timeout
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0) {
     return vmm::ErrnoStatus(absl::StrCat("connect to ", path, " (is romulus running there?)"));
   }
-  pb::ControlRequest req;
-  req.set_status(true);
   if (auto s = WriteAll(fd.get(), vmm::EncodeFrame(req)); !s.ok()) return s;
   pb::ControlReply reply;
   if (auto s = ReadMessage(fd.get(), &reply); !s.ok()) return s;
-  if (!reply.error().empty()) return absl::InternalError(reply.error());
-  return reply.status();
+  if (!reply.error().empty()) return absl::FailedPreconditionError(reply.error());
+  return reply;
+}
+
+}  // namespace
+
+absl::StatusOr<pb::StatusReply> QueryStatus(const std::string& path, int timeout_ms) {
+  pb::ControlRequest req;
+  req.set_status(true);
+  auto reply = Ask(path, req, timeout_ms);
+  if (!reply.ok()) return reply.status();
+  return reply->status();
+}
+
+absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force, int timeout_ms) {
+  pb::ControlRequest req;
+  req.mutable_promote()->set_force(force);
+  auto reply = Ask(path, req, timeout_ms);
+  if (!reply.ok()) return reply.status();
+  return reply->promoted();
 }
 
 std::string FormatStatus(const pb::StatusReply& s) {
@@ -165,6 +195,22 @@ std::string FormatStatus(const pb::StatusReply& s) {
             ? 100.0 * static_cast<double>(y.done_bytes()) / static_cast<double>(y.total_bytes())
             : 0.0,
         y.mb_per_s(), y.eta_s(), y.round(), static_cast<double>(y.wire_bytes()) / (1 << 20));
+  }
+  if (s.paths_size() > 0) {
+    absl::StrAppendFormat(&out, "peer alive:       %s\n", s.peer_alive() ? "yes" : "no");
+  }
+  for (const pb::PathState& p : s.paths()) {
+    absl::StrAppendFormat(&out, "path:             %s: %s", p.name(), p.up() ? "up" : "down");
+    if (p.up()) absl::StrAppendFormat(&out, ", loss %.0f%%", 100 * p.loss());
+    if (p.rtt_ms() >= 0) absl::StrAppendFormat(&out, ", rtt %.2f ms", p.rtt_ms());
+    out += "\n";
+  }
+  if (!s.witness().empty()) {
+    absl::StrAppendFormat(&out, "lease:            %s (witness %s)\n",
+                          s.lease_held()             ? std::string("held by this host")
+                          : s.lease_holder().empty() ? std::string("nobody holds it")
+                                                     : "held by " + s.lease_holder(),
+                          s.witness());
   }
   absl::StrAppendFormat(&out,
                         "epochs:           %d (committed epoch %d, lag %d)\n"
@@ -213,6 +259,37 @@ int StatusCommand(int argc, char** argv) {
   } else {
     std::fputs(FormatStatus(*st).c_str(), stdout);
   }
+  return 0;
+}
+
+int PromoteCommand(int argc, char** argv) {
+  std::string socket;
+  bool force = false;
+  Args args("romulus promote --socket PATH [--force]",
+            "Makes a mirror resume its replica (the last committed checkpoint) as the primary.\n"
+            "It first needs the witness's lease or a successful fencing command, so that the\n"
+            "old primary cannot still be releasing outputs. --force skips that: use it only\n"
+            "when you know the old primary is down.");
+  args.String("socket", &socket, "the mirror's control socket");
+  args.Bool("force", &force, "promote without the lease or a fence");
+  if (auto s = args.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "romulus promote: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  if (socket.empty()) {
+    std::fprintf(stderr, "romulus promote: --socket is required\n");
+    return 2;
+  }
+  auto done = RequestPromotion(socket, force);
+  if (!done.ok()) {
+    std::fprintf(stderr, "romulus promote: %s\n", std::string(done.status().message()).c_str());
+    return 1;
+  }
+  std::printf("romulus promote: %s\n", done->c_str());
   return 0;
 }
 

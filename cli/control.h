@@ -12,22 +12,33 @@
 
 namespace romulus::cli {
 
+// What a process answers on its control socket.
+struct ControlHandlers {
+  std::function<pb::StatusReply()> status = nullptr;
+  // Promotes this host (a mirror); returns what it did. Unset: the process cannot be promoted.
+  std::function<absl::StatusOr<std::string>(bool force)> promote = nullptr;
+};
+
 class ControlServer {
  public:
-  // Listens on `path` (a stale socket file there is replaced) and answers each status request
-  // with what `status()` returns, on a thread of its own.
-  static absl::StatusOr<std::unique_ptr<ControlServer>> Start(
-      const std::string& path, std::function<pb::StatusReply()> status);
+  // Listens on `path` (a stale socket file there is replaced) and answers each request with
+  // the handlers, one request at a time, on a thread of its own.
+  static absl::StatusOr<std::unique_ptr<ControlServer>> Start(const std::string& path,
+                                                              ControlHandlers handlers);
   virtual ~ControlServer() = default;
 };
 
 // Asks the process behind `path` for its status.
 absl::StatusOr<pb::StatusReply> QueryStatus(const std::string& path, int timeout_ms = 2000);
+// Asks the process behind `path` (a mirror) to promote itself; returns what it did.
+absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force,
+                                             int timeout_ms = 15000);
 
 // Human-readable lines, one field a line.
 std::string FormatStatus(const pb::StatusReply& s);
 
 int StatusCommand(int argc, char** argv);
+int PromoteCommand(int argc, char** argv);
 
 }  // namespace romulus::cli
 

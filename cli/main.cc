@@ -20,6 +20,7 @@ constexpr char kUsage[] =
     "  load     drive a ledger with concurrent clients; report ops/s and latency; check\n"
     "           its invariants (sum of balances, exactly-once retries, sequence numbers)\n"
     "  status   ask a running primary or mirror for its status (--socket PATH)\n"
+    "  promote  make a mirror resume its replica as the primary (--socket PATH [--force])\n"
     "  witness  grant the active lease of VMs to one host at a time (a third host)\n"
     "  journal  replay the ledger journal on a disk image and print what it holds\n";
 
@@ -38,6 +39,7 @@ int main(int argc, char** argv) {
   if (!std::strcmp(cmd, "primary")) return romulus::cli::PrimaryCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "mirror")) return romulus::cli::MirrorCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "status")) return romulus::cli::StatusCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "promote")) return romulus::cli::PromoteCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "witness")) return romulus::cli::WitnessCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "journal")) return romulus::cli::JournalCommand(argc - 2, argv + 2);
   std::fprintf(stderr, "romulus: unknown command '%s'\n%s", cmd, kUsage);

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "cli/commands.h"
 #include "cli/config.h"
 #include "cli/control.h"
+#include "cli/host.h"
 #include "cli/load.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
@@ -26,18 +28,6 @@ namespace romulus::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-int Fail(const char* who, const absl::Status& s) {
-  std::fprintf(stderr, "romulus %s: %s\n", who, std::string(s.message()).c_str());
-  return 1;
-}
-
-replicator::LogFn Logger(const char* who) {
-  return [who](absl::string_view line) {
-    std::fprintf(stdout, "romulus %s: %.*s\n", who, static_cast<int>(line.size()), line.data());
-    std::fflush(stdout);
-  };
-}
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -96,19 +86,6 @@ rml_pattern PatternOf(const std::string& p) {
   return RML_PATTERN_UNIFORM;
 }
 
-int ConfigOnly(const char* who, const char* usage, const char* summary, int argc, char** argv,
-               std::string* config) {
-  Args args(usage, summary);
-  args.String("config", config, "configuration file (protobuf text format)");
-  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail(who, s);
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (config->empty()) return Fail(who, absl::InvalidArgumentError("--config is required"));
-  return -1;
-}
-
 pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primary::Stats& s) {
   pb::StatusReply r;
   r.set_role("primary");
@@ -135,36 +112,6 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
     y->set_eta_s(rate > 0 ? static_cast<double>(s.sync.total_bytes - s.sync.done_bytes) / rate : 0);
   }
   return r;
-}
-
-pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror::Stats& s) {
-  pb::StatusReply r;
-  r.set_role("mirror");
-  r.set_vm_id(vm_id);
-  if (!s.connected) {
-    r.set_state(s.committed_epoch < 0 ? "waiting for a primary; no replica yet"
-                                      : "waiting for a primary; replica holds its last commit");
-  } else if (s.syncing) {
-    r.set_state(
-        "receiving the initial synchronisation into staging; replica unchanged until it "
-        "commits");
-  } else {
-    r.set_state("replicating");
-  }
-  r.set_peer_connected(s.connected);
-  r.set_peer(s.peer);
-  r.set_epochs(s.checkpoints);
-  r.set_committed_epoch(s.committed_epoch);
-  r.set_bytes(s.bytes);
-  r.set_rejected(s.rejected);
-  return r;
-}
-
-// Starts the control socket when the config names one.
-absl::StatusOr<std::unique_ptr<ControlServer>> MaybeControl(
-    const std::string& path, std::function<pb::StatusReply()> status) {
-  if (path.empty()) return nullptr;
-  return ControlServer::Start(path, std::move(status));
 }
 
 }  // namespace
@@ -205,6 +152,23 @@ int PrimaryCommand(int argc, char** argv) {
     if (auto s = vmm::BlockDevice::CreateImage(vc.disk_path, c->disk_mib() << 20); !s.ok())
       return Fail("primary", s);
   }
+  // With a witness, this host runs the VM only while it holds the lease: losing it (another
+  // host may be promoted) pauses the VM and fences the outputs until it is regained.
+  std::atomic<checkpoint::EpochEngine*> fenceable{nullptr};
+  auto suspend = [&](bool on) {
+    if (auto* e = fenceable.load(); e != nullptr) (void)e->Suspend(on);
+  };
+  auto ha = StartSwitchover(
+      c->switchover(), c->vm_id(), "primary", *key,
+      {.on_lease_gained = [&] { suspend(false); }, .on_lease_lost = [&] { suspend(true); }},
+      Logger("primary"));
+  if (!ha.ok()) return Fail("primary", ha.status());
+  if (ha->lease) {
+    if (auto s = ha->lease->AcquireWithin(std::chrono::milliseconds(3000)); !s.ok()) {
+      return Fail("primary", absl::FailedPreconditionError(absl::StrCat(
+                                 "not starting the VM without the lease: ", s.message())));
+    }
+  }
   auto vm = vmm::Vm::Boot(vc);
   if (!vm.ok()) return Fail("primary", vm.status());
   checkpoint::EpochEngine engine(**vm, gate, {.max_in_flight_bytes = c->max_in_flight_mib() << 20});
@@ -213,6 +177,8 @@ int PrimaryCommand(int argc, char** argv) {
                                  static_cast<uint16_t>(c->ledger_port()), Logger("primary"));
   if (!endpoint.ok()) return Fail("primary", endpoint.status());
   if (auto s = (*vm)->Start(); !s.ok()) return Fail("primary", s);
+  fenceable = &engine;
+  if (ha->lease && !ha->lease->held()) suspend(true);  // lost while the VM was being built
   std::string host = c->mirror().substr(0, c->mirror().rfind(':'));
   uint16_t port =
       static_cast<uint16_t>(std::atoi(c->mirror().c_str() + c->mirror().rfind(':') + 1));
@@ -225,11 +191,14 @@ int PrimaryCommand(int argc, char** argv) {
                                   .epoch = std::chrono::milliseconds(c->epoch_ms()),
                                   .run_unprotected = c->run_unprotected(),
                                   .compression = *replicator::ParseCompression(c->compression()),
+                                  .on_traffic = ha->TrafficHook(),
                                   .log = Logger("primary")});
   if (!primary.ok()) return Fail("primary", primary.status());
-  auto control = MaybeControl(c->control_socket(), [&, p = primary->get()] {
-    return PrimaryStatus(c->vm_id(), p->stats());
-  });
+  auto control = MaybeControl(c->control_socket(), {.status = [&, p = primary->get()] {
+                                auto r = PrimaryStatus(c->vm_id(), p->stats());
+                                ha->AddStatus(&r);
+                                return r;
+                              }});
   if (!control.ok()) return Fail("primary", control.status());
   std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
               c->vm_id().c_str(), c->ledger_listen().c_str(), (*endpoint)->port(),
@@ -248,81 +217,14 @@ int PrimaryCommand(int argc, char** argv) {
     t_last = Clock::now();
   }
   control->reset();
+  fenceable = nullptr;
+  ha->lease.reset();
+  ha->heartbeat.reset();
   primary->reset();
   endpoint->reset();
   absl::Status s = (*vm)->Stop();
   if (!s.ok()) return Fail("primary", s);
   std::printf("romulus primary: stopped\n");
-  return 0;
-}
-
-int MirrorCommand(int argc, char** argv) {
-  std::string path;
-  if (int rc = ConfigOnly("mirror", "romulus mirror --config FILE",
-                          "Holds the replica of the primary's VM: receives each checkpoint, "
-                          "verifies it and commits it.\nSIGUSR1 (and stopping) saves the committed "
-                          "replica to snapshot_dir, which\n`romulus vm --restore-from` resumes.",
-                          argc, argv, &path);
-      rc >= 0) {
-    return rc;
-  }
-  auto c = LoadMirrorConfig(path);
-  if (!c.ok()) return Fail("mirror", c.status());
-  auto key = replicator::ReadKeyFile(c->psk_file());
-  if (!key.ok()) return Fail("mirror", key.status());
-  sigset_t signals = TakeSignals();
-  auto replica = checkpoint::ReplicaStore::Create(c->memory_mib() << 20, c->replica_disk(),
-                                                  c->disk_mib() << 20);
-  if (!replica.ok()) return Fail("mirror", replica.status());
-  auto mirror = replicator::Mirror::Start(
-      **replica, {.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20},
-                  .key = *key,
-                  .listen = c->listen(),
-                  .port = static_cast<uint16_t>(c->port()),
-                  .log = Logger("mirror")});
-  if (!mirror.ok()) return Fail("mirror", mirror.status());
-  auto control = MaybeControl(
-      c->control_socket(), [&, m = mirror->get()] { return MirrorStatus(c->vm_id(), m->stats()); });
-  if (!control.ok()) return Fail("mirror", control.status());
-  std::printf("romulus mirror: waiting for the primary of '%s' on %s:%d\n", c->vm_id().c_str(),
-              c->listen().c_str(), (*mirror)->port());
-  std::fflush(stdout);
-  auto save = [&] {
-    if (c->snapshot_dir().empty()) return;
-    (*mirror)->WithReplica([&](checkpoint::ReplicaStore& r) {
-      auto info = r.SaveSnapshot(c->snapshot_dir());
-      if (!info.ok()) {
-        std::printf("romulus mirror: no snapshot: %s\n",
-                    std::string(info.status().message()).c_str());
-      } else {
-        std::printf(
-            "romulus mirror: saved replica of epoch %ld to %s (memory_xxh3=%016lx "
-            "ledger_seq=%lu)\n",
-            static_cast<long>(r.committed_epoch()), c->snapshot_dir().c_str(),
-            static_cast<unsigned long>(info->memory_xxh3),
-            static_cast<unsigned long>(info->guest.ledger_seq));
-      }
-    });
-    std::fflush(stdout);
-  };
-  auto last = (*mirror)->stats();
-  for (;;) {
-    int sig = WaitSignal(signals, std::chrono::milliseconds(1000));
-    if (sig == SIGINT || sig == SIGTERM) break;
-    if (sig == SIGUSR1) save();
-    auto now = (*mirror)->stats();
-    std::printf(
-        "romulus mirror: %s | committed epoch %ld, %lu checkpoints/s, %.1f MB/s, %lu refused\n",
-        now.connected ? "primary connected" : "no primary", static_cast<long>(now.committed_epoch),
-        static_cast<unsigned long>(now.checkpoints - last.checkpoints),
-        static_cast<double>(now.bytes - last.bytes) / 1e6,
-        static_cast<unsigned long>(now.rejected));
-    std::fflush(stdout);
-    last = now;
-  }
-  save();  // the replica as of the last committed epoch, then stop listening
-  control->reset();
-  mirror->reset();
   return 0;
 }
 

@@ -155,6 +155,7 @@ class MirrorImpl : public Mirror {
     while (!stop_) {
       auto f = ch.Receive();
       if (!f.ok()) return f.status();
+      if (options_.on_traffic) options_.on_traffic();
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
@@ -461,6 +462,7 @@ class PrimaryImpl : public Primary {
   void AckLoop() {
     for (;;) {
       auto f = channel_->Receive();
+      if (f.ok() && options_.on_traffic) options_.on_traffic();
       if (!f.ok() || !f->has_ack()) {
         std::lock_guard<std::mutex> lock(mu_);
         ack_failed_ = true;

@@ -81,6 +81,7 @@ class Mirror {
     std::string listen = "127.0.0.1";
     uint16_t port = 0;  // 0: any free port
     std::chrono::milliseconds peer_timeout{5000};
+    std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
     LogFn log;
   };
   struct Stats {
@@ -116,6 +117,7 @@ class Primary {
     // Pre-copy ends when what is left fits an epoch at the rate measured so far, when a round
     // no longer shrinks it, or after this many rounds; the rest goes in the full checkpoint.
     uint32_t max_sync_rounds = 20;
+    std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
     LogFn log;
   };
   // The initial synchronisation of the current (or last) connection.

@@ -26,17 +26,8 @@ TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
   TempDir dir;
   std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
   std::string sock = dir.File("mirror.sock");
-  // A loopback port that was free a moment ago.
-  int probe = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  ASSERT_EQ(::getsockname(probe, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  ::close(probe);
   std::ofstream(dir.File("mirror.conf"), std::ios::trunc)
-      << "vm_id: \"ctl\"\nmemory_mib: 16\ndisk_mib: 4\nport: " << ntohs(a.sin_port) << "\n"
+      << "vm_id: \"ctl\"\nmemory_mib: 16\ndisk_mib: 4\nport: " << testing::FreePort() << "\n"
       << "psk_file: \"" << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
       << "\"\ncontrol_socket: \"" << sock << "\"\n";
   Child mirror({"mirror", "--config", dir.File("mirror.conf")});

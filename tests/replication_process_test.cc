@@ -19,21 +19,11 @@ namespace romulus {
 namespace {
 
 using testing::Child;
+using testing::FreePort;
 using testing::TempDir;
 using testing::UintField;
 
 // A port that was free a moment ago (the kernel's choice for a socket bound to port 0).
-uint16_t FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 TEST(KvmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes) {
   ROMULUS_REQUIRE_KVM();

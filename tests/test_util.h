@@ -66,6 +66,9 @@ class Child {
   std::string buffer_, output_;
 };
 
+// A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).
+uint16_t FreePort(int type = 1 /* SOCK_STREAM */);
+
 // The value of `key=` in a `key=value ...` line ("" if absent).
 std::string Field(const std::string& line, const std::string& key);
 uint64_t UintField(const std::string& line, const std::string& key);

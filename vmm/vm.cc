@@ -196,14 +196,26 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Restore(const std::string& dir,
                         snap->memory_xxh3()));
   }
   if (auto s = RestoreSnapshotDisk(dir, *snap, disk_path); !s.ok()) return s;
+  return Adopt(std::move(*mem), *snap, disk_path, std::move(console), output_gate);
+}
 
+absl::StatusOr<std::unique_ptr<Vm>> Vm::Adopt(std::unique_ptr<GuestMemory> memory,
+                                              const pb::VmSnapshot& state,
+                                              const std::string& disk_path,
+                                              std::function<void(absl::string_view)> console,
+                                              OutputGate* output_gate) {
+  if (state.vcpus_size() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("saved state has %d vCPUs; this monitor runs one", state.vcpus_size()));
+  }
   std::unique_ptr<Vm> vm(new Vm());
-  vm->memory_ = std::move(*mem);
-  if (auto s = vm->CreateKvmVm(snap->memory_bytes()); !s.ok()) return s;
+  uint64_t memory_bytes = memory->size();
+  vm->memory_ = std::move(memory);
+  if (auto s = vm->CreateKvmVm(memory_bytes); !s.ok()) return s;
   if (auto s = vm->CreateDevices(std::move(console), output_gate, disk_path); !s.ok()) return s;
-  if (auto s = VcpuState::Restore(vm->vcpu_.get(), snap->vcpus(0)); !s.ok()) return s;
-  if (auto s = VmClockState::Restore(vm->vm_.get(), snap->clock()); !s.ok()) return s;
-  const pb::DeviceStates& d = snap->devices();
+  if (auto s = VcpuState::Restore(vm->vcpu_.get(), state.vcpus(0)); !s.ok()) return s;
+  if (auto s = VmClockState::Restore(vm->vm_.get(), state.clock()); !s.ok()) return s;
+  const pb::DeviceStates& d = state.devices();
   vm->console_->Restore(d.console());
   vm->idle_->Restore(d.idle());
   vm->ledger_->Restore(d.ledger());

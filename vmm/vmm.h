@@ -89,6 +89,13 @@ class Vm : public CheckpointableVm {
                                                      const std::string& disk_path,
                                                      std::function<void(absl::string_view)> console,
                                                      OutputGate* output_gate = nullptr);
+  // Creates a VM from memory already holding the guest (a mirror's replica memfd, adopted, not
+  // copied), its saved state, and a disk image used in place.
+  static absl::StatusOr<std::unique_ptr<Vm>> Adopt(std::unique_ptr<GuestMemory> memory,
+                                                   const pb::VmSnapshot& state,
+                                                   const std::string& disk_path,
+                                                   std::function<void(absl::string_view)> console,
+                                                   OutputGate* output_gate = nullptr);
   ~Vm() override;
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;

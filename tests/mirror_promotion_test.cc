@@ -1,0 +1,201 @@
+// A `romulus mirror` process watching its primary (no KVM needed): the primary here is a software
+// VM replicated from this test process, with heartbeats on one loopback path. When the primary
+// falls silent the mirror decides whether it may promote (witness lease, fencing command, or
+// neither) and says why; until it can actually resume the replica, the replica stays intact.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "cli/control.h"
+#include "replicator/replicator.h"
+#include "switchover/switchover.h"
+#include "tests/soft_vm.h"
+#include "tests/test_util.h"
+
+namespace romulus {
+namespace {
+
+using std::chrono::milliseconds;
+using testing::Child;
+using testing::FreePort;
+using ::testing::HasSubstr;
+using testing::SoftVm;
+using testing::TempDir;
+using testing::WaitUntil;
+
+const char kKey[] = "promotion-test-key-0123456789";
+
+class MirrorPromotion : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::ofstream(dir_.File("key")) << kKey << "\n";
+    port_ = FreePort();
+    hb_mirror_ = FreePort(SOCK_DGRAM);
+    hb_primary_ = FreePort(SOCK_DGRAM);
+  }
+
+  void TearDown() override {
+    StopPrimary();
+    lease_.reset();
+  }
+
+  // `romulus mirror` with heartbeats to this process on one loopback path; `extra` goes inside
+  // its switchover block.
+  void StartMirror(const std::string& extra) {
+    std::ofstream(dir_.File("mirror.conf"), std::ios::trunc)
+        << "vm_id: \"pm\"\nmemory_mib: 16\ndisk_mib: 4\nport: " << port_ << "\n"
+        << "psk_file: \"" << dir_.File("key") << "\"\nreplica_disk: \"" << dir_.File("replica.img")
+        << "\"\ncontrol_socket: \"" << Sock() << "\"\n"
+        << "switchover { node: \"m\" path { local: \"127.0.0.1:" << hb_mirror_
+        << "\" remote: \"127.0.0.1:" << hb_primary_ << "\" } " << extra << " }\n";
+    mirror_ = std::make_unique<Child>(
+        std::vector<std::string>{"mirror", "--config", dir_.File("mirror.conf")});
+    ASSERT_NE(mirror_->WaitForLine("waiting for the primary", 30), "") << mirror_->output();
+  }
+
+  // The primary: a software VM replicated to the mirror, and its heartbeats.
+  void StartPrimary() {
+    vm_ = SoftVm::Create(dir_.File("disk.img"), {});
+    ASSERT_NE(vm_, nullptr);
+    engine_ =
+        std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
+    vm_->Start();
+    replicator::Primary::Options o;
+    o.identity = {"pm", 16ull << 20, 4ull << 20};
+    o.key = kKey;
+    o.mirror_port = port_;
+    auto p = replicator::Primary::Start(*engine_, gate_, o);
+    ASSERT_TRUE(p.ok()) << p.status();
+    primary_ = std::move(*p);
+    switchover::Heartbeat::Options h;
+    h.vm_id = "pm";
+    h.node = "p";
+    h.role = "primary";
+    h.key = kKey;
+    h.paths = {{{"127.0.0.1", hb_primary_}, {"127.0.0.1", hb_mirror_}}};
+    auto hb = switchover::Heartbeat::Start(h);
+    ASSERT_TRUE(hb.ok()) << hb.status();
+    heartbeat_ = std::move(*hb);
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          auto s = cli::QueryStatus(Sock());
+          return s.ok() && s->committed_epoch() >= 0 && s->peer_alive();
+        },
+        30))
+        << mirror_->output();
+  }
+
+  void StopPrimary() {
+    heartbeat_.reset();
+    primary_.reset();
+    engine_.reset();
+    vm_.reset();
+  }
+
+  std::string Sock() const { return dir_.File("mirror.sock"); }
+  pb::StatusReply Status() {
+    auto s = cli::QueryStatus(Sock());
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? *s : pb::StatusReply();
+  }
+
+  TempDir dir_;
+  uint16_t port_ = 0, hb_mirror_ = 0, hb_primary_ = 0;
+  std::unique_ptr<Child> mirror_;
+  std::unique_ptr<SoftVm> vm_;
+  vmm::OutputGate gate_;
+  std::unique_ptr<checkpoint::EpochEngine> engine_;
+  std::unique_ptr<replicator::Primary> primary_;
+  std::unique_ptr<switchover::Heartbeat> heartbeat_;
+  std::unique_ptr<switchover::LeaseClient> lease_;
+};
+
+TEST_F(MirrorPromotion, WithoutWitnessOrFenceItRefusesAndSaysWhy) {
+  StartMirror("");
+  StartPrimary();
+  auto refused = cli::RequestPromotion(Sock(), /*force=*/false);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("neither a witness nor a fencing command"));
+  pb::StatusReply s = Status();
+  ASSERT_EQ(s.paths_size(), 1);
+  EXPECT_TRUE(s.paths(0).up());
+
+  // Heartbeats stop, replication goes on: the primary is alive, nothing is attempted.
+  heartbeat_.reset();
+  ASSERT_TRUE(WaitUntil([&] { return !Status().paths(0).up(); }, 10));
+  int64_t epoch = Status().committed_epoch();
+  ASSERT_TRUE(WaitUntil([&] { return Status().committed_epoch() >= epoch + 40; }, 30));
+  EXPECT_TRUE(Status().peer_alive());
+  EXPECT_EQ(mirror_->output().find("peer dead"), std::string::npos) << mirror_->output();
+
+  // The primary stops altogether: the mirror notices and refuses on its own, saying why.
+  StopPrimary();
+  ASSERT_NE(mirror_->WaitForLine("not promoting: neither a witness", 10), "") << mirror_->output();
+  EXPECT_EQ(Status().role(), "mirror");
+
+  // An operator's --force skips the lease and the fence; this replica (a software VM's) cannot
+  // run here, which is found before it is handed over: the mirror keeps it.
+  int64_t kept = Status().committed_epoch();
+  auto forced = cli::RequestPromotion(Sock(), /*force=*/true);
+  EXPECT_THAT(std::string(forced.status().message()),
+              HasSubstr("authorised (forced), but cannot resume the replica here"));
+  EXPECT_EQ(Status().role(), "mirror");
+  EXPECT_EQ(Status().committed_epoch(), kept);
+  mirror_->Signal(SIGTERM);
+  EXPECT_EQ(mirror_->Wait(30), 0) << mirror_->output();
+}
+
+TEST_F(MirrorPromotion, TheFencingCommandDecides) {
+  std::string flag = dir_.File("primary-fenced");
+  StartMirror("fence_command: \"test -e " + flag + "\" fence_timeout_ms: 2000");
+  StartPrimary();
+  StopPrimary();
+  ASSERT_NE(mirror_->WaitForLine("failed: exit 1", 10), "") << mirror_->output();
+  std::ofstream(flag) << "yes\n";  // the fence now succeeds
+  ASSERT_NE(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10), "")
+      << mirror_->output();
+  EXPECT_EQ(Status().role(), "mirror");
+}
+
+TEST_F(MirrorPromotion, TheWitnessLeaseDecides) {
+  switchover::Witness::Options wo;
+  wo.key = kKey;
+  wo.listen = {"127.0.0.1", 0};
+  wo.lease = milliseconds(150);
+  auto witness = switchover::Witness::Start(wo);
+  ASSERT_TRUE(witness.ok()) << witness.status();
+  uint16_t wport = (*witness)->port();
+  switchover::LeaseClient::Options lo;
+  lo.vm_id = "pm";
+  lo.node = "p";
+  lo.key = kKey;
+  lo.witness = {"127.0.0.1", wport};
+  auto lease = switchover::LeaseClient::Start(lo);
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  lease_ = std::move(*lease);
+  ASSERT_TRUE(lease_->AcquireWithin(milliseconds(5000)).ok());
+
+  StartMirror("witness: \"127.0.0.1:" + std::to_string(wport) + "\"");
+  StartPrimary();
+  // The primary is cut off from the mirror but still renews its lease: no promotion.
+  StopPrimary();
+  ASSERT_NE(mirror_->WaitForLine("lease held by p", 10), "") << mirror_->output();
+  EXPECT_TRUE(lease_->held());
+  EXPECT_EQ(Status().lease_holder(), "p");
+
+  // The primary is gone for good: its lease lapses and the mirror wins it. This replica (a
+  // software VM's) cannot run here, so the mirror hands the lease back and keeps its replica.
+  lease_.reset();
+  ASSERT_NE(mirror_->WaitForLine("lease gained from witness", 10), "") << mirror_->output();
+  ASSERT_NE(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10), "")
+      << mirror_->output();
+  EXPECT_TRUE(WaitUntil([&] { return (*witness)->holders().empty(); }, 5));
+  EXPECT_EQ(Status().role(), "mirror");
+}
+
+}  // namespace
+}  // namespace romulus
