@@ -31,6 +31,7 @@ class LeaseClientImpl : public LeaseClient {
         socket_(io_),
         renew_timer_(io_),
         expiry_timer_(io_),
+        retry_timer_(io_),
         next_id_(RandomU64() >> 1) {}
 
   ~LeaseClientImpl() override {
@@ -217,6 +218,14 @@ class LeaseClientImpl : public LeaseClient {
         if (until > held_until_) held_until_ = until;
         ArmExpiryLocked();
       }
+    } else if (!r.granted() && op == pb::LEASE_ACQUIRE && want_ && !r.holder().empty() &&
+               r.ttl_ms() < o_.renew.count()) {
+      // Someone else's lease ends before the next renewal tick: ask again just after it does.
+      retry_timer_.expires_after(milliseconds(r.ttl_ms() + 1));
+      retry_timer_.async_wait([this](const boost::system::error_code& ec) {
+        std::lock_guard<std::mutex> l(mu_);
+        if (!ec && want_ && !HeldLocked(Clock::now())) SendLocked(pb::LEASE_ACQUIRE, "");
+      });
     }
     lock.unlock();
     cv_.notify_all();
@@ -246,7 +255,7 @@ class LeaseClientImpl : public LeaseClient {
   Options o_;
   asio::io_context io_;
   udp::socket socket_;
-  asio::steady_timer renew_timer_, expiry_timer_;
+  asio::steady_timer renew_timer_, expiry_timer_, retry_timer_;
   std::array<char, kMaxDatagramBytes + 1> buffer_;
   std::string witness_name_;
   std::thread thread_;

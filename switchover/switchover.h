@@ -44,16 +44,16 @@ struct PathStatus {
 class Heartbeat {
  public:
   struct Options {
-    std::string vm_id;
-    std::string node;  // this host's name; the peer's must differ
-    std::string role;  // what this host is, for the peer's status: primary or mirror
-    std::string key;
-    std::vector<PathConfig> paths;
+    std::string vm_id{};
+    std::string node{};  // this host's name; the peer's must differ
+    std::string role{};  // what this host is, for the peer's status: primary or mirror
+    std::string key{};
+    std::vector<PathConfig> paths{};
     std::chrono::milliseconds interval{10};
     std::chrono::milliseconds timeout{50};
     // Called on the heartbeat thread when the peer goes from alive to dead and back.
-    std::function<void()> on_peer_dead, on_peer_back;
-    LogFn log;
+    std::function<void()> on_peer_dead{}, on_peer_back{};
+    LogFn log{};
   };
   // Binds every path's local address and starts sending.
   static absl::StatusOr<std::unique_ptr<Heartbeat>> Start(Options options);
@@ -75,11 +75,11 @@ class Heartbeat {
 class Witness {
  public:
   struct Options {
-    std::string key;
-    Endpoint listen;  // port 0: any free port
+    std::string key{};
+    Endpoint listen{};  // port 0: any free port
     std::chrono::milliseconds lease{150};
     size_t max_entries = 4096;  // VMs and nodes tracked, to bound memory
-    LogFn log;
+    LogFn log{};
   };
   struct Holder {
     std::string vm_id, node;
@@ -99,15 +99,15 @@ class Witness {
 class LeaseClient {
  public:
   struct Options {
-    std::string vm_id;
-    std::string node;
-    std::string key;
-    Endpoint witness;
-    std::string local_address;  // bind here ("": any)
+    std::string vm_id{};
+    std::string node{};
+    std::string key{};
+    Endpoint witness{};
+    std::string local_address{};  // bind here ("": any)
     std::chrono::milliseconds renew{30};
     // Called on the client's thread when the lease is gained or lost (not renewed in time).
-    std::function<void()> on_gained, on_lost;
-    LogFn log;
+    std::function<void()> on_gained{}, on_lost{};
+    LogFn log{};
   };
   struct Status {
     bool held = false;
@@ -117,7 +117,7 @@ class LeaseClient {
     bool witness_reachable = false;          // an authentic reply within four renew periods
     // The last lease this node held: when the grant arrived, and when this node stopped (or
     // will stop) counting it as held.
-    std::chrono::steady_clock::time_point held_since, held_until;
+    std::chrono::steady_clock::time_point held_since{}, held_until{};
   };
   static absl::StatusOr<std::unique_ptr<LeaseClient>> Start(Options options);
   virtual ~LeaseClient() = default;
