@@ -480,6 +480,35 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
   return info;
 }
 
+absl::StatusOr<ReplicaStore::Hashes> ReplicaStore::CommittedHashes() const {
+  Hashes h;
+  if (committed_epoch_ < 0 || memory_ == nullptr) return h;
+  h.pages.resize(memory_->pages());
+  for (uint64_t i = 0; i < h.pages.size(); i++) {
+    h.pages[i] = XXH3_64bits(memory_->data() + i * vmm::kPageSize, vmm::kPageSize);
+  }
+  std::string chunk;
+  for (uint64_t off = 0; off < disk_bytes_; off += kDiskChunk) {
+    auto data = ReadCommittedDisk(off, std::min(kDiskChunk, disk_bytes_ - off));
+    if (!data.ok()) return data.status();
+    h.chunks.push_back(XXH3_64bits(data->data(), data->size()));
+  }
+  return h;
+}
+
+absl::StatusOr<std::string> ReplicaStore::ReadCommittedDisk(uint64_t offset,
+                                                            uint64_t length) const {
+  if (committed_epoch_ < 0 || offset > disk_bytes_ || length > disk_bytes_ - offset) {
+    return absl::OutOfRangeError("no such range in the committed replica's disk");
+  }
+  std::string data(length, '\0');
+  if (::pread(disk_.get(), data.data(), length, static_cast<off_t>(offset)) !=
+      static_cast<ssize_t>(length)) {
+    return vmm::ErrnoStatus("read replica disk");
+  }
+  return data;
+}
+
 absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {
   if (committed_epoch_ < 0 || memory_ == nullptr) {
     return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");

@@ -198,6 +198,14 @@ class ReplicaStore {
   // The committed replica, handed over to become the running VM (a failover): its memory
   // (the memfd itself, not a copy), state, epoch and disk image. The store is empty afterwards.
   const pb::VmSnapshot& committed_state() const { return state_; }
+  // The xxh3-64 of every page and every kDiskChunk of the disk of the committed replica (both
+  // empty before the first commit): what a resynchronisation need not send again.
+  struct Hashes {
+    std::vector<uint64_t> pages, chunks;
+  };
+  absl::StatusOr<Hashes> CommittedHashes() const;
+  // `length` bytes of the committed replica's disk at `offset` (a chunk flagged "same").
+  absl::StatusOr<std::string> ReadCommittedDisk(uint64_t offset, uint64_t length) const;
   struct Committed {
     std::unique_ptr<vmm::GuestMemory> memory;
     pb::VmSnapshot state;

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <condition_variable>
 #include <deque>
 #include <fstream>
@@ -124,7 +125,8 @@ class MirrorImpl : public Mirror {
         if (session != session_) replica_.ExpectFullCheckpoint();
       }
       session_ = session;
-      absl::Status why = Receive(*channel_);
+      absl::Status why = SendReplicaHashes(*channel_);
+      if (why.ok()) why = Receive(*channel_);
       {
         std::lock_guard<std::mutex> lock(apply_mu_);
         replica_.DiscardSync();  // a synchronisation the connection did not finish is void
@@ -199,23 +201,44 @@ class MirrorImpl : public Mirror {
     return absl::CancelledError("stopping");
   }
 
-  // A pre-copy frame: decoded, checked and written to the replica's staging copy.
+  // Tells the primary what the committed replica holds, so that it sends only what differs.
+  absl::Status SendReplicaHashes(Channel& ch) {
+    absl::StatusOr<checkpoint::ReplicaStore::Hashes> h;
+    {
+      std::lock_guard<std::mutex> lock(apply_mu_);
+      h = replica_.CommittedHashes();
+    }
+    if (!h.ok()) return h.status();
+    for (const pb::Frame& f : ReplicaHashFrames(*h)) {
+      if (auto s = ch.Send(f); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+  // A pre-copy frame: decoded, checked and written to the replica's staging copy. Pages and
+  // chunks flagged "same" come from the committed replica and are checked like the others.
   absl::Status StageSync(const pb::Frame& f) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.syncing = true;
     }
+    std::lock_guard<std::mutex> lock(apply_mu_);
+    bool committed = replica_.committed_epoch() >= 0;
     if (f.has_pages()) {
-      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage);
+      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage,
+                                 committed ? replica_.memory().data() : nullptr);
       if (!run.ok()) return run.status();
-      std::lock_guard<std::mutex> lock(apply_mu_);
       return replica_.StageSyncPages(*run);
     }
     const pb::SyncDisk& d = f.sync_disk();
-    if (d.zero() != d.data().empty()) {
-      return absl::DataLossError("pre-copy disk chunk: zero flag and data disagree");
+    if ((d.zero() || d.same()) != d.data().empty() || (d.zero() && d.same())) {
+      return absl::DataLossError("pre-copy disk chunk: zero or same flag and data disagree");
     }
-    std::lock_guard<std::mutex> lock(apply_mu_);
+    if (d.same()) {
+      auto data = replica_.ReadCommittedDisk(d.offset(), d.length());
+      if (!data.ok()) return absl::DataLossError("pre-copy disk chunk refers to no replica chunk");
+      return replica_.StageSyncDisk(d.offset(), d.length(), &*data, d.hash());
+    }
     return replica_.StageSyncDisk(d.offset(), d.length(), d.zero() ? nullptr : &d.data(), d.hash());
   }
 
@@ -327,6 +350,14 @@ class PrimaryImpl : public Primary {
         continue;
       }
       last_error.clear();
+      auto hashes = ReceiveReplicaHashes(**ch);
+      if (!hashes.ok()) {
+        Log(options_.log, absl::StrCat("mirror refused: ", hashes.status().message()));
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; });  // back-off
+        continue;
+      }
+      mirror_hashes_ = std::move(*hashes);
       engine_.Restart();  // the first checkpoint on a connection is full
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -369,6 +400,33 @@ class PrimaryImpl : public Primary {
     }
   }
 
+  // What the mirror's replica holds, from an untrusted peer: exactly one hash per page and per
+  // disk chunk, or none at all.
+  absl::StatusOr<checkpoint::ReplicaStore::Hashes> ReceiveReplicaHashes(Channel& ch) {
+    checkpoint::ReplicaStore::Hashes h;
+    uint64_t pages = options_.identity.memory_bytes / kPage;
+    uint64_t chunks =
+        (options_.identity.disk_bytes + checkpoint::kDiskChunk - 1) / checkpoint::kDiskChunk;
+    for (;;) {
+      auto f = ch.Receive();
+      if (!f.ok()) return f.status();
+      if (!f->has_replica_hashes()) return absl::DataLossError("expected the replica's hashes");
+      const pb::ReplicaHashes& r = f->replica_hashes();
+      if (h.pages.size() + r.pages_size() > pages || h.chunks.size() + r.chunks_size() > chunks ||
+          (r.pages_size() > 0 && !h.chunks.empty())) {
+        return absl::DataLossError("the replica's hashes do not fit this VM");
+      }
+      h.pages.insert(h.pages.end(), r.pages().begin(), r.pages().end());
+      h.chunks.insert(h.chunks.end(), r.chunks().begin(), r.chunks().end());
+      if (r.last()) break;
+    }
+    bool none = h.pages.empty() && h.chunks.empty();
+    if (!none && (h.pages.size() != pages || h.chunks.size() != chunks)) {
+      return absl::DataLossError("the replica's hashes do not cover this VM");
+    }
+    return h;
+  }
+
   // Sends memory and disk while the VM runs: first everything, then rounds of the pages written
   // meanwhile, until what is left fits an epoch. The full checkpoint that the epoch loop takes
   // next carries the rest and commits the whole synchronisation at the mirror.
@@ -391,12 +449,15 @@ class PrimaryImpl : public Primary {
     }
     if (auto s = engine_.BeginSync(); !s.ok()) return s;
     uint64_t done = 0, total = options_.identity.memory_bytes + options_.identity.disk_bytes;
+    uint64_t unchanged = 0;  // already at the mirror: sent as "same" flags
     for (;;) {
       auto chunk = engine_.NextSyncDisk();
       if (!chunk.ok()) return chunk.status();
       if (!chunk->has_value()) break;
-      if (auto s = channel_->Send(SyncDiskFrame(**chunk)); !s.ok()) return s;
+      pb::Frame f = SyncDiskFrame(**chunk, &mirror_hashes_.chunks);
+      if (auto s = channel_->Send(f); !s.ok()) return s;
       done += (*chunk)->data.size();
+      if (f.sync_disk().same()) unchanged += (*chunk)->data.size();
       if (auto s = update(done, total, 0); !s.ok()) return s;
     }
     uint64_t pending = options_.identity.memory_bytes / kPage, previous = ~0ull;
@@ -405,9 +466,12 @@ class PrimaryImpl : public Primary {
       for (;;) {
         checkpoint::PageRun run = engine_.NextSyncPages(kPagesPerBatch);
         if (run.gfns.empty()) break;
-        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
+        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression,
+                                     &mirror_hashes_.pages);
         if (auto s = channel_->Send(f); !s.ok()) return s;
         done += run.gfns.size() * kPage;
+        for (char byte : f.pages().same())
+          unchanged += std::popcount(static_cast<uint8_t>(byte)) * kPage;
         if (auto s = update(done, total, round); !s.ok()) return s;
       }
       previous = pending;
@@ -428,11 +492,14 @@ class PrimaryImpl : public Primary {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.sync.final_pages = pending;
+      stats_.sync.unchanged_bytes = unchanged;
     }
     Log(options_.log,
-        absl::StrFormat("pre-copy done in %.2f s: %.1f MiB of memory and disk in %u rounds, "
-                        "%.1f MiB on the wire; %u pages left for the full checkpoint",
+        absl::StrFormat("pre-copy done in %.2f s: %.1f MiB of memory and disk in %u rounds "
+                        "(%.1f MiB already at the mirror), %.1f MiB on the wire; %u pages left "
+                        "for the full checkpoint",
                         elapsed, static_cast<double>(done) / (1 << 20), round + 1,
+                        static_cast<double>(unchanged) / (1 << 20),
                         static_cast<double>(wire) / (1 << 20), pending));
     return absl::OkStatus();
   }
@@ -497,6 +564,7 @@ class PrimaryImpl : public Primary {
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
   std::unique_ptr<Channel> channel_;
+  checkpoint::ReplicaStore::Hashes mirror_hashes_;  // of the connected mirror's replica
   Stats stats_;
   std::chrono::steady_clock::time_point sync_start_;
   std::thread epoch_thread_, connect_thread_;

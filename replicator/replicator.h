@@ -20,7 +20,7 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -43,15 +43,23 @@ absl::StatusOr<std::string> ReadKeyFile(const std::string& path);
 // "none" (or empty) or "lz4".
 absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name);
 
-// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): zero pages as flags, the rest
-// raw or, when it makes them smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
+// The frames that carry `h`, each within kMaxFrameBytes.
+std::vector<pb::Frame> ReplicaHashFrames(const checkpoint::ReplicaStore::Hashes& h);
+
+// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): pages equal to the mirror's
+// replica (`mirror`, in pre-copy) and zero pages as flags, the rest raw or, when it makes them
+// smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
 pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const checkpoint::PageRun& run, size_t begin,
-                         size_t n, pb::Compression compression);
+                         size_t n, pb::Compression compression,
+                         const std::vector<uint64_t>* mirror = nullptr);
 // The pages of a batch from an untrusted peer, with counts, sizes, page numbers and
-// decompression checked. Page hashes are checked by ReplicaStore.
-absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages);
-// One disk chunk of a pre-copy stream (an all-zero chunk as a flag).
-pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk);
+// decompression checked; pages flagged "same" are copied from `replica` (the mirror's committed
+// memory; nullptr: none, and such a flag is an error). Page hashes are checked by ReplicaStore.
+absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages,
+                                                    const uint8_t* replica = nullptr);
+// One disk chunk of a pre-copy stream (all-zero, or equal to the mirror's chunk, as a flag).
+pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk,
+                        const std::vector<uint64_t>* mirror = nullptr);
 
 // The frames that carry one checkpoint: page batches, disk-write batches, then the trailer.
 std::vector<pb::Frame> CheckpointFrames(const checkpoint::Checkpoint& c,
@@ -129,6 +137,8 @@ class Primary {
     uint32_t round = 0;        // 0: the first pass; then pre-copy rounds of re-dirtied pages
     double seconds = 0;        // since it began
     uint64_t final_pages = 0;  // pages left for the full checkpoint (once pre-copy ended)
+    // Pages and chunks the mirror's replica already held (flags instead of contents).
+    uint64_t unchanged_bytes = 0;
   };
   struct Stats {
     bool connected = false;

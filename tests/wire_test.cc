@@ -142,5 +142,43 @@ TEST(WireFormat, CompressionNamesAreChecked) {
   EXPECT_FALSE(replicator::ParseCompression("zip").ok());
 }
 
+// In a resynchronisation, pages the mirror's replica already holds travel as flags: the mirror
+// takes them from its replica, and the page hash, checked as for any page, proves the claim.
+TEST(WireFormat, PagesTheMirrorHoldsAreFlagsFilledFromItsReplica) {
+  PageRun run = MixedRun(30);
+  std::vector<uint8_t> replica(kMemoryPages * kPage, 0);
+  std::vector<uint64_t> mirror(kMemoryPages, 0);
+  for (size_t i = 0; i < run.gfns.size(); i += 2) {  // the mirror holds every other page
+    std::memcpy(&replica[run.gfns[i] * kPage], &run.pages[i * kPage], kPage);
+    mirror[run.gfns[i]] = run.hashes[i];
+  }
+  pb::Frame f =
+      replicator::PageBatchFrame(0, true, run, 0, run.gfns.size(), pb::COMPRESSION_NONE, &mirror);
+  size_t sent = 0;
+  for (size_t i = 1; i < run.gfns.size(); i += 2) sent += i % 3 == 0 ? 0 : 1;  // odd, non-zero
+  EXPECT_EQ(f.pages().data().size(), sent * kPage);
+  auto back = replicator::DecodePageBatch(f.pages(), kMemoryPages, replica.data());
+  ASSERT_TRUE(back.ok()) << back.status();
+  ExpectSame(*back, run);
+
+  // A mirror without a replica, or outside a synchronisation, refuses such a batch.
+  EXPECT_FALSE(replicator::DecodePageBatch(f.pages(), kMemoryPages).ok());
+  pb::PageBatch epoch_batch = f.pages();
+  epoch_batch.set_sync(false);
+  EXPECT_FALSE(replicator::DecodePageBatch(epoch_batch, kMemoryPages, replica.data()).ok());
+  // A flag on a page the replica does not hold yields a page that fails its hash.
+  replica[run.gfns[2] * kPage + 100] ^= 1;
+  back = replicator::DecodePageBatch(f.pages(), kMemoryPages, replica.data());
+  ASSERT_TRUE(back.ok());
+  EXPECT_NE(XXH3_64bits(back->pages.data() + 2 * kPage, kPage), back->hashes[2]);
+  // Zero and same at once, or a mask of the wrong size, is refused.
+  pb::PageBatch both = f.pages();
+  both.set_zero(both.same());
+  EXPECT_FALSE(replicator::DecodePageBatch(both, kMemoryPages, replica.data()).ok());
+  pb::PageBatch short_mask = f.pages();
+  short_mask.set_same("x");
+  EXPECT_FALSE(replicator::DecodePageBatch(short_mask, kMemoryPages, replica.data()).ok());
+}
+
 }  // namespace
 }  // namespace romulus
