@@ -145,11 +145,13 @@ class MirrorHost {
     return state_ok;
   }
 
-  // The lease was lost after promotion: another host may be promoted, so this one stops.
+  // The lease was lost (another host may be promoted) or regained. The gate closes at once;
+  // the lease thread does not wait for a promotion in progress to pause the VM (a VM promoted
+  // meanwhile runs behind the closed gate until the lease returns).
   void Fence(bool fenced) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!vm_) return;
     gate_.SetFenced(fenced);
+    std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock() || !vm_) return;
     (void)(fenced ? vm_->Pause() : vm_->Resume());
   }
 
