@@ -311,8 +311,8 @@ int MirrorCommand(int argc, char** argv) {
   save();  // the replica as of the last committed epoch (if still a mirror), then stop
   control->reset();
   host_ready = false;
-  ha->lease.reset();  // their threads call into the host: stop them before it goes
-  ha->heartbeat.reset();
+  ha->lease.reset();  // its thread calls into the host: stop it before the host goes (the
+                      // heartbeats outlive the host, which feeds them replication traffic)
   return 0;
 }
 

@@ -218,8 +218,8 @@ int PrimaryCommand(int argc, char** argv) {
   }
   control->reset();
   fenceable = nullptr;
-  ha->lease.reset();
-  ha->heartbeat.reset();
+  ha->lease.reset();  // joins the thread that suspends the engine (the heartbeats outlive the
+                      // primary, which feeds them the mirror's acknowledgements)
   primary->reset();
   endpoint->reset();
   absl::Status s = (*vm)->Stop();

@@ -25,6 +25,9 @@
 namespace romulus::replicator {
 namespace {
 
+// The primary sends a keepalive frame when it has sent nothing for this long.
+constexpr std::chrono::milliseconds kKeepalive{10};
+
 namespace asio = boost::asio;
 using asio::ip::tcp;
 using checkpoint::Checkpoint;
@@ -162,6 +165,7 @@ class MirrorImpl : public Mirror {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
       }
+      if (f->has_keepalive()) continue;
       if (f->has_sync_disk() || (f->has_pages() && f->pages().sync())) {
         if (auto s = StageSync(*f); !s.ok()) {
           Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", s.message()));
@@ -509,11 +513,21 @@ class PrimaryImpl : public Primary {
       std::shared_ptr<const Checkpoint> cp;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return stop_ || !queue_.empty() || ack_failed_; });
+        bool ready = cv_.wait_for(lock, kKeepalive,
+                                  [this] { return stop_ || !queue_.empty() || ack_failed_; });
         if (stop_) return absl::CancelledError("stopping");
         if (ack_failed_) {
           ack_failed_ = false;
           return ack_error_;
+        }
+        if (!ready) {
+          // Nothing to send (a long epoch): the mirror still hears from this primary, so that
+          // its heartbeats can count the replication stream as a sign of life.
+          lock.unlock();
+          pb::Frame f;
+          f.set_keepalive(true);
+          if (auto s = channel_->Send(f); !s.ok()) return s;
+          continue;
         }
         cp = queue_.front();
         queue_.pop_front();
