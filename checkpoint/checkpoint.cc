@@ -461,6 +461,7 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
   }
   memory_ = std::move(st.memory);
   disk_ = std::move(st.disk);
+  seeded_ = false;
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
   sequence_reset_ = false;
@@ -480,9 +481,20 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
   return info;
 }
 
+absl::Status ReplicaStore::Seed(const std::string& dir) {
+  if (auto s = vmm::LoadSnapshotContents(dir, *memory_, disk_bytes_, disk_path_); !s.ok()) {
+    return s;
+  }
+  vmm::Fd disk(::open(disk_path_.c_str(), O_RDWR | O_CLOEXEC));
+  if (!disk.valid()) return vmm::ErrnoStatus(absl::StrCat("open replica disk ", disk_path_));
+  disk_ = std::move(disk);
+  seeded_ = true;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ReplicaStore::Hashes> ReplicaStore::CommittedHashes() const {
   Hashes h;
-  if (committed_epoch_ < 0 || memory_ == nullptr) return h;
+  if (!has_contents() || memory_ == nullptr) return h;
   h.pages.resize(memory_->pages());
   for (uint64_t i = 0; i < h.pages.size(); i++) {
     h.pages[i] = XXH3_64bits(memory_->data() + i * vmm::kPageSize, vmm::kPageSize);
@@ -498,7 +510,7 @@ absl::StatusOr<ReplicaStore::Hashes> ReplicaStore::CommittedHashes() const {
 
 absl::StatusOr<std::string> ReplicaStore::ReadCommittedDisk(uint64_t offset,
                                                             uint64_t length) const {
-  if (committed_epoch_ < 0 || offset > disk_bytes_ || length > disk_bytes_ - offset) {
+  if (!has_contents() || offset > disk_bytes_ || length > disk_bytes_ - offset) {
     return absl::OutOfRangeError("no such range in the committed replica's disk");
   }
   std::string data(length, '\0');

@@ -198,13 +198,20 @@ class ReplicaStore {
   // The committed replica, handed over to become the running VM (a failover): its memory
   // (the memfd itself, not a copy), state, epoch and disk image. The store is empty afterwards.
   const pb::VmSnapshot& committed_state() const { return state_; }
-  // The xxh3-64 of every page and every kDiskChunk of the disk of the committed replica (both
-  // empty before the first commit): what a resynchronisation need not send again.
+  // Fills the replica's memory and disk from a snapshot it saved before (a restarted mirror),
+  // verified against its digests. The contents only seed the next synchronisation, which then
+  // sends what differs: the replica stays uncommitted (not promotable) until it completes.
+  absl::Status Seed(const std::string& snapshot_dir);
+  // Committed, or seeded: what a synchronisation can compare against.
+  bool has_contents() const { return committed_epoch_ >= 0 || seeded_; }
+  // The xxh3-64 of every page and every kDiskChunk of the disk of the committed (or seeded)
+  // replica (both empty without contents): what a resynchronisation need not send again.
   struct Hashes {
     std::vector<uint64_t> pages, chunks;
   };
   absl::StatusOr<Hashes> CommittedHashes() const;
-  // `length` bytes of the committed replica's disk at `offset` (a chunk flagged "same").
+  // `length` bytes of the committed (or seeded) replica's disk at `offset` (a chunk flagged
+  // "same").
   absl::StatusOr<std::string> ReadCommittedDisk(uint64_t offset, uint64_t length) const;
   struct Committed {
     std::unique_ptr<vmm::GuestMemory> memory;
@@ -238,6 +245,7 @@ class ReplicaStore {
   vmm::Fd disk_;
   std::string disk_path_;
   uint64_t disk_bytes_;
+  bool seeded_ = false;
   std::unique_ptr<Staging> staging_;
   int64_t committed_epoch_ = -1;
   bool sequence_reset_ = true;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <mutex>
 
 #include "absl/strings/str_format.h"
@@ -220,6 +221,19 @@ int MirrorCommand(int argc, char** argv) {
   auto replica = checkpoint::ReplicaStore::Create(c->memory_mib() << 20, c->replica_disk(),
                                                   c->disk_mib() << 20);
   if (!replica.ok()) return Fail("mirror", replica.status());
+  if (!c->snapshot_dir().empty() && std::filesystem::exists(c->snapshot_dir())) {
+    // The replica this mirror saved when it last stopped: the primary's resynchronisation then
+    // sends only what differs. It is not promotable until that synchronisation commits.
+    if (auto s = (*replica)->Seed(c->snapshot_dir()); s.ok()) {
+      std::printf(
+          "romulus mirror: replica seeded from %s; the next synchronisation sends only "
+          "what differs\n",
+          c->snapshot_dir().c_str());
+    } else {
+      std::printf("romulus mirror: not seeding from %s: %s\n", c->snapshot_dir().c_str(),
+                  std::string(s.message()).c_str());
+    }
+  }
 
   std::atomic<bool> peer_dead{false};
   MirrorHost* host_ptr = nullptr;  // set once the host exists; the hooks run only after that

@@ -227,10 +227,9 @@ class MirrorImpl : public Mirror {
       stats_.syncing = true;
     }
     std::lock_guard<std::mutex> lock(apply_mu_);
-    bool committed = replica_.committed_epoch() >= 0;
     if (f.has_pages()) {
       auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage,
-                                 committed ? replica_.memory().data() : nullptr);
+                                 replica_.has_contents() ? replica_.memory().data() : nullptr);
       if (!run.ok()) return run.status();
       return replica_.StageSyncPages(*run);
     }

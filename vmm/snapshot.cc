@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <cstring>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -91,6 +92,15 @@ absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const G
 }
 
 absl::StatusOr<pb::VmSnapshot> ReadSnapshot(const std::string& dir) {
+  auto snap = ReadSnapshotState(dir);
+  if (snap.ok() && snap->vcpus_size() != 1) {
+    return absl::DataLossError(absl::StrCat("snapshot ", dir, " has ", snap->vcpus_size(),
+                                            " vCPUs; this monitor runs exactly one"));
+  }
+  return snap;
+}
+
+absl::StatusOr<pb::VmSnapshot> ReadSnapshotState(const std::string& dir) {
   std::string path = dir + "/state.pb";
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return ErrnoStatus(absl::StrCat("open snapshot ", path));
@@ -120,11 +130,37 @@ absl::StatusOr<pb::VmSnapshot> ReadSnapshot(const std::string& dir) {
     return absl::DataLossError(
         absl::StrCat("snapshot ", dir, ": bad disk size ", snap.disk_bytes()));
   }
-  if (snap.vcpus_size() != 1) {
-    return absl::DataLossError(absl::StrCat("snapshot ", dir, " has ", snap.vcpus_size(),
-                                            " vCPUs; this monitor runs exactly one"));
-  }
   return snap;
+}
+
+absl::Status LoadSnapshotContents(const std::string& dir, GuestMemory& memory, uint64_t disk_bytes,
+                                  const std::string& disk_path) {
+  auto snap = ReadSnapshotState(dir);
+  if (!snap.ok()) return snap.status();
+  if (snap->memory_bytes() != memory.size() || snap->disk_bytes() != disk_bytes) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("snapshot ", dir, " holds ", snap->memory_bytes(), " bytes of memory and ",
+                     snap->disk_bytes(), " of disk, not ", memory.size(), " and ", disk_bytes));
+  }
+  std::string path = SnapshotMemoryPath(dir);
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return ErrnoStatus(absl::StrCat("open ", path));
+  for (uint64_t off = 0; off < memory.size();) {
+    ssize_t n =
+        ::pread(fd.get(), memory.data() + off, memory.size() - off, static_cast<off_t>(off));
+    if (n <= 0) {
+      std::memset(memory.data(), 0, memory.size());
+      return ErrnoStatus(absl::StrCat("read ", path));
+    }
+    off += static_cast<uint64_t>(n);
+  }
+  if (memory.Digest() != snap->memory_xxh3()) {
+    std::memset(memory.data(), 0, memory.size());
+    return absl::DataLossError(absl::StrCat("snapshot ", dir, ": memory.bin is corrupted"));
+  }
+  absl::Status s = RestoreSnapshotDisk(dir, *snap, disk_path);
+  if (!s.ok()) std::memset(memory.data(), 0, memory.size());
+  return s;
 }
 
 absl::Status RestoreSnapshotDisk(const std::string& dir, const pb::VmSnapshot& state,

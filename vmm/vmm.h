@@ -64,6 +64,12 @@ inline constexpr uint32_t kSnapshotFormatVersion = 1;
 absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
                            int disk_fd, SnapshotInfo* info);
 
+// Fills `memory` and a disk image at `disk_path` (of `disk_bytes`) from a snapshot directory,
+// each verified against its digest; the vCPU and device state is not used. A failure leaves
+// `memory` zeroed.
+absl::Status LoadSnapshotContents(const std::string& dir, GuestMemory& memory, uint64_t disk_bytes,
+                                  const std::string& disk_path);
+
 // What checkpointing needs from a VM: pause it at a clean point, harvest what changed, save its
 // state. Vm is the real one; tests also drive the checkpoint pipeline with a software VM.
 class CheckpointableVm {
