@@ -122,7 +122,10 @@ int PrimaryCommand(int argc, char** argv) {
           ConfigOnly("primary", "romulus primary --config FILE",
                      "Runs the reference guest and replicates it, every epoch, to the mirror "
                      "named in FILE.\nLedger answers leave only once the mirror has committed "
-                     "their epoch (unless\nrun_unprotected is set and no mirror is connected).",
+                     "their epoch (unless\nrun_unprotected is set and no mirror is connected). "
+                     "With a `switchover` block it sends\nheartbeats on every path; with a "
+                     "witness it starts the VM only once it holds the\nlease, and pauses the VM "
+                     "and holds every output whenever the lease lapses.",
                      argc, argv, &path);
       rc >= 0) {
     return rc;

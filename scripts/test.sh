@@ -27,7 +27,7 @@ for variant in release asan; do
   rc=${PIPESTATUS[0]}
   set -e
   p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
-  f=$(grep -cE "Test +#[0-9]+: .* (Failed|\*\*\*Timeout|\*\*\*Exception)" "$dir/ctest.log" || true)
+  f=$(grep -cE "Test +#[0-9]+: .*[ *](Failed|Timeout|Exception)" "$dir/ctest.log" || true)
   s=$(grep -cE "Test +#[0-9]+: .*Skipped" "$dir/ctest.log" || true)
   kr=$(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)
   ks=$(grep -cE "Test +#[0-9]+: Kvm.*Skipped" "$dir/ctest.log" || true)
@@ -55,7 +55,7 @@ TSAN_OPTIONS=halt_on_error=1 ctest --test-dir "$dir" --output-on-failure -j"$job
 rc=${PIPESTATUS[0]}
 set -e
 p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
-f=$(grep -cE "Test +#[0-9]+: .* (Failed|\*\*\*Timeout|\*\*\*Exception)" "$dir/ctest.log" || true)
+f=$(grep -cE "Test +#[0-9]+: .*[ *](Failed|Timeout|Exception)" "$dir/ctest.log" || true)
 s=$(grep -cE "Test +#[0-9]+: .*Skipped" "$dir/ctest.log" || true)
 passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
 kvm_ran=$((kvm_ran + $(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)))
