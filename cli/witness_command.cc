@@ -7,6 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/host.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
@@ -32,28 +33,21 @@ int WitnessCommand(int argc, char** argv) {
     std::fputs(args.Help().c_str(), stdout);
     return 0;
   }
-  auto fail = [](const absl::Status& s) {
-    std::fprintf(stderr, "romulus witness: %s\n", std::string(s.message()).c_str());
-    return 1;
-  };
-  if (psk_file.empty()) return fail(absl::InvalidArgumentError("--psk-file is required"));
+  if (psk_file.empty())
+    return Fail("witness", absl::InvalidArgumentError("--psk-file is required"));
   if (lease_ms < 10 || lease_ms > 60000) {
-    return fail(absl::InvalidArgumentError("--lease-ms must be 10-60000"));
+    return Fail("witness", absl::InvalidArgumentError("--lease-ms must be 10-60000"));
   }
   auto endpoint = switchover::ParseEndpoint(listen);
-  if (!endpoint.ok()) return fail(endpoint.status());
+  if (!endpoint.ok()) return Fail("witness", endpoint.status());
   auto key = replicator::ReadKeyFile(psk_file);
-  if (!key.ok()) return fail(key.status());
+  if (!key.ok()) return Fail("witness", key.status());
   sigset_t signals = TakeSignals();
-  auto witness = switchover::Witness::Start(
-      {.key = *key,
-       .listen = *endpoint,
-       .lease = std::chrono::milliseconds(lease_ms),
-       .log = [](absl::string_view line) {
-         std::printf("romulus witness: %.*s\n", static_cast<int>(line.size()), line.data());
-         std::fflush(stdout);
-       }});
-  if (!witness.ok()) return fail(witness.status());
+  auto witness = switchover::Witness::Start({.key = *key,
+                                             .listen = *endpoint,
+                                             .lease = std::chrono::milliseconds(lease_ms),
+                                             .log = Logger("witness")});
+  if (!witness.ok()) return Fail("witness", witness.status());
   std::printf("romulus witness: serving leases of %lu ms on %s:%d\n",
               static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port());
   std::fflush(stdout);

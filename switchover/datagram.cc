@@ -2,6 +2,7 @@
 
 #include <sys/random.h>
 
+#include <boost/asio/ip/address.hpp>
 #include <cstdlib>
 #include <cstring>
 
@@ -43,6 +44,13 @@ absl::StatusOr<pb::SwitchoverMessage> Open(const std::string& key, absl::string_
   pb::SwitchoverMessage m;
   if (!m.ParseFromString(d.body())) return absl::InvalidArgumentError("bad datagram body");
   return m;
+}
+
+absl::StatusOr<boost::asio::ip::udp::endpoint> ToUdp(const Endpoint& e) {
+  boost::system::error_code ec;
+  auto address = boost::asio::ip::make_address(e.host, ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat("bad address '", e.host, "'"));
+  return boost::asio::ip::udp::endpoint(address, e.port);
 }
 
 std::string RandomBytes(size_t n) {

@@ -3,6 +3,11 @@
 #ifndef ROMULUS_SWITCHOVER_DATAGRAM_H_
 #define ROMULUS_SWITCHOVER_DATAGRAM_H_
 
+// clang-format off
+// Boost 1.74 uses std::exchange without including <utility>: include it first.
+#include <utility>
+#include <boost/asio/ip/udp.hpp>
+// clang-format on
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -10,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/romulus.pb.h"
+#include "switchover/switchover.h"
 
 namespace romulus::switchover {
 
@@ -23,6 +29,9 @@ using Clock = std::chrono::steady_clock;
 std::string Seal(const std::string& key, const pb::SwitchoverMessage& message);
 // The message in untrusted `bytes`, or why it is refused (size, version, MAC, parse).
 absl::StatusOr<pb::SwitchoverMessage> Open(const std::string& key, absl::string_view bytes);
+
+// The UDP endpoint of a numeric address and port ("bad address 'HOST'" otherwise).
+absl::StatusOr<boost::asio::ip::udp::endpoint> ToUdp(const Endpoint& e);
 
 // Random bytes from the kernel.
 std::string RandomBytes(size_t n);

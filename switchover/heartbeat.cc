@@ -44,13 +44,6 @@ struct Path {
   bool up = false;  // as last reported
 };
 
-absl::StatusOr<udp::endpoint> ToEndpoint(const Endpoint& e) {
-  boost::system::error_code ec;
-  auto address = asio::ip::make_address(e.host, ec);
-  if (ec) return absl::InvalidArgumentError(absl::StrCat("bad address '", e.host, "'"));
-  return udp::endpoint(address, e.port);
-}
-
 std::string Show(const udp::endpoint& e) {
   return absl::StrCat(e.address().to_string(), ":", e.port());
 }
@@ -70,9 +63,9 @@ class HeartbeatImpl : public Heartbeat {
       return absl::InvalidArgumentError("heartbeat timeout must be longer than the interval");
     }
     for (const PathConfig& pc : o_.paths) {
-      auto local = ToEndpoint(pc.local);
+      auto local = ToUdp(pc.local);
       if (!local.ok()) return local.status();
-      auto remote = ToEndpoint(pc.remote);
+      auto remote = ToUdp(pc.remote);
       if (!remote.ok()) return remote.status();
       auto p = std::make_unique<Path>(io_);
       boost::system::error_code ec;

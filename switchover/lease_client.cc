@@ -41,20 +41,18 @@ class LeaseClientImpl : public LeaseClient {
 
   absl::Status Open() {
     if (o_.renew.count() <= 0) return absl::InvalidArgumentError("renew interval must be positive");
-    boost::system::error_code ec;
-    auto address = asio::ip::make_address(o_.witness.host, ec);
-    if (ec) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("bad witness address '", o_.witness.host, "'"));
-    }
-    udp::endpoint witness(address, o_.witness.port);
+    auto witness = ToUdp(o_.witness);
+    if (!witness.ok())
+      return absl::InvalidArgumentError(absl::StrCat("witness: ", witness.status().message()));
     witness_name_ = absl::StrCat(o_.witness.host, ":", o_.witness.port);
-    socket_.open(witness.protocol(), ec);
+    boost::system::error_code ec;
+    socket_.open(witness->protocol(), ec);
     if (!ec && !o_.local_address.empty()) {
-      auto local = asio::ip::make_address(o_.local_address, ec);
-      if (!ec) socket_.bind(udp::endpoint(local, 0), ec);
+      auto local = ToUdp({o_.local_address, 0});
+      if (!local.ok()) return local.status();
+      socket_.bind(*local, ec);
     }
-    if (!ec) socket_.connect(witness, ec);  // the kernel drops datagrams from anyone else
+    if (!ec) socket_.connect(*witness, ec);  // the kernel drops datagrams from anyone else
     if (ec) {
       return absl::UnavailableError(
           absl::StrCat("lease: cannot reach witness ", witness_name_, ": ", ec.message()));

@@ -40,12 +40,11 @@ class WitnessImpl : public Witness {
 
   absl::Status Open() {
     if (o_.lease.count() <= 0) return absl::InvalidArgumentError("lease must be positive");
+    auto local = ToUdp(o_.listen);
+    if (!local.ok()) return local.status();
     boost::system::error_code ec;
-    auto address = asio::ip::make_address(o_.listen.host, ec);
-    if (ec) return absl::InvalidArgumentError(absl::StrCat("bad address '", o_.listen.host, "'"));
-    udp::endpoint local(address, o_.listen.port);
-    socket_.open(local.protocol(), ec);
-    if (!ec) socket_.bind(local, ec);
+    socket_.open(local->protocol(), ec);
+    if (!ec) socket_.bind(*local, ec);
     if (ec) {
       return absl::UnavailableError(absl::StrCat("witness: cannot listen on ", o_.listen.host, ":",
                                                  o_.listen.port, ": ", ec.message()));

@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <map>
 #include <mutex>
 #include <thread>
 
@@ -31,12 +30,7 @@ class KvmReplication : public ::testing::Test {
     ASSERT_NE(vm_, nullptr);
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
-    engine_->SetPauseHook([this](const checkpoint::Checkpoint& c) {
-      uint64_t m = vm_->memory().Digest();
-      uint64_t d = *vmm::FileDigest(vm_->disk().fd(), kDisk);
-      std::lock_guard<std::mutex> lock(mu_);
-      at_pause_[c.epoch] = {m, d};
-    });
+    pauses_.Watch(*engine_, *vm_, kDisk);
     auto ep = vmm::LedgerEndpoint::Start(vm_->ledger(), gate_, "127.0.0.1", 0, nullptr);
     ASSERT_TRUE(ep.ok());
     endpoint_ = std::move(*ep);
@@ -84,22 +78,6 @@ class KvmReplication : public ::testing::Test {
     std::lock_guard<std::mutex> lock(mu_);
     log_.emplace_back(line);
   }
-  // The replica, read between two applies, equals the primary at that checkpoint's pause.
-  void ExpectReplicaMatchesSomePause() {
-    uint64_t memory = 0, disk = 0;
-    int64_t epoch = -1;
-    mirror_->WithReplica([&](checkpoint::ReplicaStore& r) {
-      epoch = r.committed_epoch();
-      memory = r.MemoryDigest();
-      disk = *r.DiskDigest();
-    });
-    ASSERT_GE(epoch, 0);
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = at_pause_.find(static_cast<uint64_t>(epoch));
-    ASSERT_NE(it, at_pause_.end());
-    EXPECT_EQ(memory, it->second.first) << "epoch " << epoch;
-    EXPECT_EQ(disk, it->second.second) << "epoch " << epoch;
-  }
 
   TempDir dir_;
   vmm::OutputGate gate_;
@@ -110,7 +88,7 @@ class KvmReplication : public ::testing::Test {
   std::unique_ptr<replicator::Mirror> mirror_;
   std::unique_ptr<replicator::Primary> primary_;
   std::mutex mu_;
-  std::map<uint64_t, std::pair<uint64_t, uint64_t>> at_pause_;
+  testing::PauseDigests pauses_;
   std::vector<std::string> log_;
 };
 
@@ -131,7 +109,7 @@ TEST_F(KvmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
   // Plenty of epochs commit (bounded wait, not a rate).
   EXPECT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 50; }, 120)) << Logs();
   for (int i = 0; i < 20; i++) {
-    ExpectReplicaMatchesSomePause();
+    pauses_.ExpectReplicaMatches(*mirror_);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let more epochs commit
   }
   auto st = primary_->stats();
@@ -167,7 +145,7 @@ TEST_F(KvmReplication, GarbageFromAnUnauthenticatedPeerIsRefused) {
   // A genuine primary is still served afterwards.
   StartPrimary(kKey);
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 3; }, 30));
-  ExpectReplicaMatchesSomePause();
+  pauses_.ExpectReplicaMatches(*mirror_);
 }
 
 TEST_F(KvmReplication, ARestartedMirrorIsResynchronised) {
@@ -180,7 +158,7 @@ TEST_F(KvmReplication, ARestartedMirrorIsResynchronised) {
   ASSERT_TRUE(WaitUntil([&] { return !primary_->stats().connected; }, 30)) << Logs();
   StartMirror(port);  // a new mirror with an empty replica
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 5; }, 30)) << Logs();
-  ExpectReplicaMatchesSomePause();
+  pauses_.ExpectReplicaMatches(*mirror_);
   EXPECT_GE(primary_->stats().resyncs, 2u);
 }
 

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <thread>
 
@@ -49,12 +48,7 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
     ASSERT_NE(vm_, nullptr);
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
-    engine_->SetPauseHook([this](const checkpoint::Checkpoint& c) {
-      uint64_t m = vm_->memory().Digest();
-      uint64_t d = *vmm::FileDigest(vm_->disk().fd(), kDisk);
-      std::lock_guard<std::mutex> lock(mu_);
-      at_pause_[c.epoch] = {m, d};
-    });
+    pauses_.Watch(*engine_, *vm_, kDisk);
     vm_->Start();
   }
   void TearDown() override {
@@ -97,21 +91,6 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
     std::lock_guard<std::mutex> lock(mu_);
     return log_;
   }
-  void ExpectReplicaMatchesItsPause() {
-    uint64_t memory = 0, disk = 0;
-    int64_t epoch = -1;
-    mirror_->WithReplica([&](checkpoint::ReplicaStore& r) {
-      epoch = r.committed_epoch();
-      memory = r.MemoryDigest();
-      disk = *r.DiskDigest();
-    });
-    ASSERT_GE(epoch, 0);
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = at_pause_.find(static_cast<uint64_t>(epoch));
-    ASSERT_NE(it, at_pause_.end());
-    EXPECT_EQ(memory, it->second.first) << "epoch " << epoch;
-    EXPECT_EQ(disk, it->second.second) << "epoch " << epoch;
-  }
 
   TempDir dir_;
   vmm::OutputGate gate_;
@@ -121,7 +100,7 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
   std::unique_ptr<replicator::Mirror> mirror_;
   std::unique_ptr<replicator::Primary> primary_;
   std::mutex mu_;
-  std::map<uint64_t, std::pair<uint64_t, uint64_t>> at_pause_;
+  testing::PauseDigests pauses_;
   std::string log_;
   uint64_t delivered_ = 0, early_ = 0;
 };
@@ -143,7 +122,7 @@ TEST_P(SoftReplication, PreCopyThenEpochsKeepTheReplicaExactAndOutputsWaitForIt)
   EXPECT_NE(Logs().find("pre-copy done"), std::string::npos) << Logs();
   ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 150; }, 120)) << Logs();
   for (int i = 0; i < 20; i++) {
-    ExpectReplicaMatchesItsPause();
+    pauses_.ExpectReplicaMatches(*mirror_);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));  // let more epochs commit
   }
   EXPECT_EQ(mirror_->stats().rejected, 0u);
@@ -174,7 +153,7 @@ TEST_P(SoftReplication, AMirrorKilledMidSynchronisationIsResynchronised) {
   }
   StartMirror(port);
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 20; }, 60)) << Logs();
-  ExpectReplicaMatchesItsPause();
+  pauses_.ExpectReplicaMatches(*mirror_);
   EXPECT_GE(primary_->stats().resyncs, 2u);
   std::lock_guard<std::mutex> lock(mu_);
   EXPECT_EQ(early_, 0u);
@@ -209,7 +188,7 @@ TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
       << Logs();
   int64_t epoch = mirror_->stats().committed_epoch;
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= epoch + 20; }, 60));
-  ExpectReplicaMatchesItsPause();
+  pauses_.ExpectReplicaMatches(*mirror_);
   auto second = primary_->stats().sync;
   // The noise (3/4 of memory) was already there and did not travel: what went on the wire is
   // what was not already there (pages the VM wrote, in as many pre-copy rounds as the machine's

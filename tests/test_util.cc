@@ -135,6 +135,32 @@ int Child::Wait(double seconds) {
   }
 }
 
+void PauseDigests::Watch(checkpoint::EpochEngine& engine, vmm::CheckpointableVm& vm,
+                         uint64_t disk_bytes) {
+  engine.SetPauseHook([this, &vm, disk_bytes](const checkpoint::Checkpoint& c) {
+    uint64_t m = vm.memory().Digest();
+    uint64_t d = *vmm::FileDigest(vm.disk().fd(), disk_bytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    at_pause_[c.epoch] = {m, d};
+  });
+}
+
+void PauseDigests::ExpectReplicaMatches(replicator::Mirror& mirror) {
+  uint64_t memory = 0, disk = 0;
+  int64_t epoch = -1;
+  mirror.WithReplica([&](checkpoint::ReplicaStore& r) {
+    epoch = r.committed_epoch();
+    memory = r.MemoryDigest();
+    disk = *r.DiskDigest();
+  });
+  ASSERT_GE(epoch, 0);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = at_pause_.find(static_cast<uint64_t>(epoch));
+  ASSERT_NE(it, at_pause_.end());
+  EXPECT_EQ(memory, it->second.first) << "epoch " << epoch;
+  EXPECT_EQ(disk, it->second.second) << "epoch " << epoch;
+}
+
 uint16_t FreePort(int type) {
   int fd = ::socket(AF_INET, type, 0);
   sockaddr_in a{};

@@ -6,11 +6,14 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "replicator/replicator.h"
 #include "vmm/vmm.h"
 
 namespace romulus::testing {
@@ -33,6 +36,22 @@ bool WaitUntil(Pred pred, double seconds) {
   }
   return true;
 }
+
+// The digests of a primary's memory and disk at each checkpoint's pause, recorded by the
+// engine's pause hook; a mirror's replica, read between two applies, must equal them for its
+// committed epoch.
+class PauseDigests {
+ public:
+  // Installs the pause hook on `engine`, which checkpoints `vm` (whose disk has `disk_bytes`).
+  void Watch(checkpoint::EpochEngine& engine, vmm::CheckpointableVm& vm, uint64_t disk_bytes);
+  // Fails the calling test unless the mirror's committed replica equals the primary's memory
+  // and disk at that epoch's pause.
+  void ExpectReplicaMatches(replicator::Mirror& mirror);
+
+ private:
+  std::mutex mu_;
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> at_pause_;
+};
 
 class TempDir {
  public:
