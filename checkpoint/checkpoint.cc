@@ -112,10 +112,7 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   if (cp->full && !syncing_) {
     // No pre-copy: everything is pending, and the whole disk is read here. Writes recorded
     // before this pause are in what is read.
-    sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
-    for (uint64_t& w : sync_pending_.words()) w = ~0ull;
-    sync_disk_offset_ = 0;
-    sync_digest_ = SyncDigest();
+    StartSyncState();
     std::lock_guard<std::mutex> lock(disk_mu_);
     disk_writes_.clear();
   }
@@ -228,12 +225,16 @@ absl::Status EpochEngine::BeginSync() {
   }
   if (auto s = ResumeVm(); !s.ok()) return s;
   if (!dirty.ok()) return dirty.status();
+  StartSyncState();
+  syncing_ = true;
+  return absl::OkStatus();
+}
+
+void EpochEngine::StartSyncState() {
   sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
   for (uint64_t& w : sync_pending_.words()) w = ~0ull;
   sync_disk_offset_ = 0;
   sync_digest_ = SyncDigest();
-  syncing_ = true;
-  return absl::OkStatus();
 }
 
 PageRun EpochEngine::NextSyncPages(size_t max_pages) {
@@ -499,7 +500,6 @@ absl::StatusOr<ReplicaStore::Hashes> ReplicaStore::CommittedHashes() const {
   for (uint64_t i = 0; i < h.pages.size(); i++) {
     h.pages[i] = XXH3_64bits(memory_->data() + i * vmm::kPageSize, vmm::kPageSize);
   }
-  std::string chunk;
   for (uint64_t off = 0; off < disk_bytes_; off += kDiskChunk) {
     auto data = ReadCommittedDisk(off, std::min(kDiskChunk, disk_bytes_ - off));
     if (!data.ok()) return data.status();

@@ -142,6 +142,7 @@ class EpochEngine {
 
   absl::StatusOr<std::optional<DiskWrite>> ReadDiskChunk();  // the next chunk of the disk
   absl::Status ResumeVm();                                   // unless suspended; with take_mu_ held
+  void StartSyncState();  // everything pending, the disk from its start, a fresh digest
 
   // Held by whatever pauses the VM or reads it for the mirror: a checkpoint of a lost connection
   // never overlaps the next connection's synchronisation. Guards the synchronisation state.
