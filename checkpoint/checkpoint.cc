@@ -1,6 +1,7 @@
 #include "checkpoint/checkpoint.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -194,7 +195,17 @@ void EpochEngine::Restart() {
   cv_.notify_all();
 }
 
-absl::Status EpochEngine::ResumeVm() { return suspended_ ? absl::OkStatus() : vm_.Resume(); }
+absl::Status EpochEngine::ResumeVm() {
+  return suspended_ || held_paused_ ? absl::OkStatus() : vm_.Resume();
+}
+
+absl::Status EpochEngine::HoldPaused(bool hold) {
+  std::lock_guard<std::mutex> take(take_mu_);
+  if (hold == held_paused_) return absl::OkStatus();
+  held_paused_ = hold;
+  if (hold) return vm_.Pause();
+  return suspended_ ? absl::OkStatus() : vm_.Resume();
+}
 
 absl::Status EpochEngine::Suspend(bool suspend) {
   std::lock_guard<std::mutex> take(take_mu_);
@@ -205,7 +216,7 @@ absl::Status EpochEngine::Suspend(bool suspend) {
     return vm_.Pause();
   }
   suspended_ = false;
-  absl::Status s = vm_.Resume();
+  absl::Status s = held_paused_ ? absl::OkStatus() : vm_.Resume();
   gate_.SetFenced(false);
   return s;
 }
@@ -298,6 +309,18 @@ absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(uint64_t memo
   if (!fd.valid()) return vmm::ErrnoStatus(absl::StrCat("open replica disk ", disk_path));
   return std::unique_ptr<ReplicaStore>(
       new ReplicaStore(std::move(*mem), std::move(fd), disk_path, disk_bytes));
+}
+
+absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Adopt(
+    std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path) {
+  vmm::Fd fd(::open(disk_path.c_str(), O_RDWR | O_CLOEXEC));
+  if (!fd.valid()) return vmm::ErrnoStatus(absl::StrCat("open disk image ", disk_path));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return vmm::ErrnoStatus(absl::StrCat("stat ", disk_path));
+  auto store = std::unique_ptr<ReplicaStore>(new ReplicaStore(
+      std::move(memory), std::move(fd), disk_path, static_cast<uint64_t>(st.st_size)));
+  store->seeded_ = true;
+  return store;
 }
 
 absl::Status ReplicaStore::Verify(const Checkpoint& c) const {

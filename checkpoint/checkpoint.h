@@ -108,6 +108,10 @@ class EpochEngine {
   // the gate delivers nothing, even outputs the mirror acknowledges, until Suspend(false).
   // Checkpoints taken meanwhile leave the VM paused.
   absl::Status Suspend(bool suspend);
+  // For a planned migration: the VM is paused now and stays paused across checkpoints, so the
+  // next checkpoint is the last one this host takes; outputs the mirror acknowledges still leave.
+  // HoldPaused(false) resumes it (the migration did not happen).
+  absl::Status HoldPaused(bool hold);
   // The mirror went away: unacknowledged checkpoints are dropped (their outputs stay held until
   // a later checkpoint is acknowledged) and the next checkpoint is full again.
   void Restart();
@@ -141,13 +145,14 @@ class EpochEngine {
   std::function<void(const Checkpoint&)> pause_hook_;
 
   absl::StatusOr<std::optional<DiskWrite>> ReadDiskChunk();  // the next chunk of the disk
-  absl::Status ResumeVm();                                   // unless suspended; with take_mu_ held
-  void StartSyncState();  // everything pending, the disk from its start, a fresh digest
+  absl::Status ResumeVm();  // unless suspended or held paused; with take_mu_ held
+  void StartSyncState();    // everything pending, the disk from its start, a fresh digest
 
   // Held by whatever pauses the VM or reads it for the mirror: a checkpoint of a lost connection
   // never overlaps the next connection's synchronisation. Guards the synchronisation state.
   std::mutex take_mu_;
-  bool suspended_ = false;
+  bool suspended_ = false;    // lease lost: paused and fenced
+  bool held_paused_ = false;  // migrating: paused
   bool syncing_ = false;
   vmm::DirtyBitmap sync_pending_;
   uint64_t sync_disk_offset_ = 0;  // chunks before it were sent
@@ -168,6 +173,13 @@ class ReplicaStore {
   static absl::StatusOr<std::unique_ptr<ReplicaStore>> Create(uint64_t memory_bytes,
                                                               const std::string& disk_path,
                                                               uint64_t disk_bytes);
+
+  // The memory and disk image of a VM that stopped here (the old primary of a planned
+  // migration): adopted in place, not copied, as seeded contents. Like a seeded replica it
+  // holds no committed checkpoint (it is not promotable) until the new primary's
+  // synchronisation commits, which sends only what differs.
+  static absl::StatusOr<std::unique_ptr<ReplicaStore>> Adopt(
+      std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path);
 
   // Verifies `c` completely (sequence, sizes, every page hash, the digest), then applies it.
   // On any error the replica is left exactly as it was. An incremental checkpoint must follow

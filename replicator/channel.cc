@@ -5,6 +5,10 @@
 #include <openssl/hmac.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -15,6 +19,54 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 
 constexpr size_t kNonceBytes = 16;
+
+// Boost.Asio's blocking reads and writes wait again when SO_RCVTIMEO or SO_SNDTIMEO fires, so
+// a silent peer would block them for ever: the channel moves its bytes itself, and a timeout
+// (EAGAIN) is an error.
+absl::Status IoError(absl::string_view what, const std::string& peer, int err) {
+  if (err == EAGAIN || err == EWOULDBLOCK) {
+    return absl::DeadlineExceededError(absl::StrCat(what, " ", peer, ": timed out"));
+  }
+  return absl::UnavailableError(absl::StrCat(what, " ", peer, ": ", std::strerror(err)));
+}
+
+absl::Status ReadAll(int fd, uint8_t* p, size_t n, const std::string& peer) {
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r == 0) return absl::UnavailableError(absl::StrCat("receive from ", peer, ": end of file"));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return IoError("receive from", peer, errno);
+    }
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteAll(int fd, iovec* iov, int count, const std::string& peer) {
+  while (count > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(count);
+    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return IoError("send to", peer, errno);
+    }
+    auto left = static_cast<size_t>(w);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      count--;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return absl::OkStatus();
+}
 
 std::string Nonce() {
   std::string n(kNonceBytes, '\0');
@@ -147,19 +199,15 @@ absl::Status Channel::Send(const pb::Frame& frame) {
   uint32_t n = static_cast<uint32_t>(body.size());
   uint8_t header[4] = {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
                        static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)};
-  boost::system::error_code ec;
-  std::array<asio::const_buffer, 2> bufs = {asio::buffer(header), asio::buffer(body)};
-  asio::write(socket_, bufs, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("send to ", peer_, ": ", ec.message()));
+  iovec iov[2] = {{header, sizeof(header)}, {body.data(), body.size()}};
+  if (auto s = WriteAll(socket_.native_handle(), iov, 2, peer_); !s.ok()) return s;
   bytes_sent_ += 4 + body.size();
   return absl::OkStatus();
 }
 
 absl::StatusOr<pb::Frame> Channel::Receive() {
   uint8_t header[4];
-  boost::system::error_code ec;
-  asio::read(socket_, asio::buffer(header), ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("receive from ", peer_, ": ", ec.message()));
+  if (auto s = ReadAll(socket_.native_handle(), header, sizeof(header), peer_); !s.ok()) return s;
   uint32_t n =
       header[0] | (header[1] << 8) | (header[2] << 16) | (static_cast<uint32_t>(header[3]) << 24);
   if (n == 0 || n > kMaxFrameBytes) {
@@ -167,8 +215,10 @@ absl::StatusOr<pb::Frame> Channel::Receive() {
                                             kMaxFrameBytes, " allowed)"));
   }
   std::string body(n, '\0');
-  asio::read(socket_, asio::buffer(body), ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("receive from ", peer_, ": ", ec.message()));
+  if (auto s = ReadAll(socket_.native_handle(), reinterpret_cast<uint8_t*>(body.data()), n, peer_);
+      !s.ok()) {
+    return s;
+  }
   pb::Frame f;
   if (!f.ParseFromString(body))
     return absl::DataLossError(absl::StrCat("malformed frame from ", peer_));

@@ -140,9 +140,13 @@ class MirrorImpl : public Mirror {
         stats_.syncing = false;
         channel_->Shutdown();
       }
-      if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
       std::lock_guard<std::mutex> lock(mu_);
       channel_.reset();
+      if (stats_.handed_over) {  // this host runs the VM now: no primary may connect
+        ::shutdown(acceptor_.native_handle(), SHUT_RDWR);
+        return;
+      }
+      if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
     }
   }
 
@@ -157,6 +161,7 @@ class MirrorImpl : public Mirror {
   // Receives checkpoints until the connection fails or the peer sends something bad.
   absl::Status Receive(Channel& ch) {
     CheckpointAssembler assembler(replica_.memory_bytes(), replica_.disk_bytes());
+    bool synchronised = false;  // this connection's full checkpoint is committed
     while (!stop_) {
       auto f = ch.Receive();
       if (!f.ok()) return f.status();
@@ -166,6 +171,14 @@ class MirrorImpl : public Mirror {
         stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
       }
       if (f->has_keepalive()) continue;
+      if (f->has_handover()) {
+        bool resumed = false;
+        if (auto s = AnswerHandover(ch, f->handover().epoch(), synchronised, resumed); !s.ok()) {
+          return s;
+        }
+        if (resumed) return absl::CancelledError("the VM was handed over to this host");
+        continue;
+      }
       if (f->has_sync_disk() || (f->has_pages() && f->pages().sync())) {
         if (auto s = StageSync(*f); !s.ok()) {
           Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", s.message()));
@@ -195,6 +208,7 @@ class MirrorImpl : public Mirror {
         if ((*cp)->full) stats_.syncing = false;
       }
       if ((*cp)->full) {
+        synchronised = true;
         Log(options_.log,
             absl::StrCat("synchronised: replica replaced by full checkpoint ", (*cp)->epoch));
       }
@@ -203,6 +217,39 @@ class MirrorImpl : public Mirror {
       if (auto s = ch.Send(ack); !s.ok()) return s;
     }
     return absl::CancelledError("stopping");
+  }
+
+  // The primary asks this host to resume the VM from `epoch`. It must be what this connection
+  // committed last; the host resumes it (on_handover) and the answer says whether it runs here.
+  absl::Status AnswerHandover(Channel& ch, uint64_t epoch, bool synchronised, bool& resumed) {
+    absl::Status why;
+    int64_t committed;
+    {
+      std::lock_guard<std::mutex> lock(apply_mu_);
+      committed = replica_.committed_epoch();
+    }
+    if (!options_.on_handover) {
+      why = absl::FailedPreconditionError("this mirror takes no hand-overs");
+    } else if (!synchronised || committed != static_cast<int64_t>(epoch)) {
+      why = absl::FailedPreconditionError(
+          absl::StrCat("asked to resume epoch ", epoch, " but the replica's last commit on this ",
+                       "connection is ", synchronised ? absl::StrCat(committed) : "none"));
+    } else {
+      Log(options_.log, absl::StrCat("primary hands the VM over at epoch ", epoch));
+      why = options_.on_handover(epoch);
+    }
+    resumed = why.ok();
+    if (resumed) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.handed_over = true;
+    } else {
+      Log(options_.log, absl::StrCat("hand-over refused: ", why.message()));
+    }
+    pb::Frame reply;
+    reply.mutable_handover_reply()->set_epoch(epoch);
+    reply.mutable_handover_reply()->set_resumed(resumed);
+    if (!resumed) reply.mutable_handover_reply()->set_error(std::string(why.message()));
+    return ch.Send(reply);
   }
 
   // Tells the primary what the committed replica holds, so that it sends only what differs.
@@ -318,10 +365,13 @@ class PrimaryImpl : public Primary {
       auto now = std::chrono::steady_clock::now();
       if (next < now) next = now;  // a stretched epoch: start the next one now
       cv_.wait_until(lock, next, [this] { return stop_; });
-      if (stop_ || !connected_) continue;
+      if (stop_ || !connected_ || handing_over_) continue;
+      taking_ = true;
       lock.unlock();
       auto cp = engine_.TakeCheckpoint(std::chrono::milliseconds(1000));
       lock.lock();
+      taking_ = false;
+      cv_.notify_all();
       if (!cp.ok()) continue;  // budget spent (mirror slow) or connection restarted: retry
       stats_.checkpoints++;
       if (!(*cp)->full) stats_.dirty_pages += (*cp)->gfns.size();
@@ -367,6 +417,8 @@ class PrimaryImpl : public Primary {
         channel_ = std::move(*ch);
         queue_.clear();
         ack_failed_ = false;  // a failure of the previous connection's ack reader is history
+        acked_epoch_ = -1;
+        connection_++;
         stats_.resyncs++;
         stats_.peer = channel_->peer();
       }
@@ -396,11 +448,105 @@ class PrimaryImpl : public Primary {
       }
       engine_.Restart();
       if (why.code() == absl::StatusCode::kCancelled) return;  // stopping, not a lost mirror
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (handed_over_) return;  // the VM runs at the mirror now
+      }
       if (options_.run_unprotected) gate_.SetHolding(false);
       SetState(absl::StrCat(options_.run_unprotected ? "mirror lost, running UNPROTECTED: "
                                                      : "mirror lost, outputs held: ",
                             why.message()));
     }
+  }
+
+  absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
+                                          const std::function<absl::Status()>& committed) override {
+    using Clock = std::chrono::steady_clock;
+    auto deadline = Clock::now() + timeout;
+    std::unique_lock<std::mutex> lock(mu_);
+    if (handing_over_) return absl::FailedPreconditionError("a migration is already under way");
+    if (!connected_ || stats_.sync.active) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("not protected, so nothing to migrate to: ", stats_.state));
+    }
+    handing_over_ = true;  // the epoch loop takes no more checkpoints
+    cv_.wait(lock, [this] { return !taking_; });
+    uint64_t connection = connection_;
+    std::string peer = stats_.peer;
+    lock.unlock();
+    SetState(absl::StrCat("migrating to ", peer, ": VM paused for the last checkpoint"));
+
+    // Until the mirror is told to resume, a failure leaves the VM with this host.
+    auto abort = [&](absl::string_view why) {
+      absl::Status resumed = engine_.HoldPaused(false);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        handing_over_ = false;
+      }
+      std::string line = absl::StrCat("migration to ", peer, " did not happen: ", why,
+                                      resumed.ok() ? "; the VM runs here again" : "");
+      SetState(std::string(resumed.ok() ? "protected: " : "VM paused: ") + line);
+      return resumed.ok() ? absl::AbortedError(line)
+                          : absl::InternalError(absl::StrCat(
+                                line, "; resuming the VM here failed: ", resumed.message()));
+    };
+    auto lost = [&] { return stop_ || !connected_ || connection_ != connection; };
+    auto t0 = Clock::now();
+    if (auto s = engine_.HoldPaused(true); !s.ok()) return abort(s.message());
+    auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    auto cp = engine_.TakeCheckpoint(std::max(wait, std::chrono::milliseconds(1)));
+    if (!cp.ok()) return abort(cp.status().message());
+    HandoverReport report{.epoch = (*cp)->epoch, .final_pages = (*cp)->gfns.size()};
+    lock.lock();
+    if (lost()) {
+      lock.unlock();
+      return abort("the mirror connection ended");
+    }
+    stats_.checkpoints++;
+    queue_.push_back(*cp);
+    cv_.notify_all();
+    bool acked = cv_.wait_until(lock, deadline, [&] {
+      return lost() || acked_epoch_ >= static_cast<int64_t>(report.epoch);
+    });
+    if (!acked || lost()) {
+      lock.unlock();
+      return abort(acked ? "the mirror connection ended"
+                         : "the last checkpoint was not committed in time");
+    }
+    auto t_commit = Clock::now();
+    lock.unlock();
+    if (committed) {
+      if (auto s = committed(); !s.ok()) return abort(s.message());
+    }
+    lock.lock();
+    handover_reply_.reset();
+    handover_epoch_ = report.epoch;
+    send_handover_ = true;
+    cv_.notify_all();
+    bool answered = cv_.wait_until(lock, deadline, [&] {
+      return handover_reply_.has_value() || stop_ || connection_ != connection;
+    });
+    auto t_reply = Clock::now();
+    std::optional<pb::HandoverReply> reply = std::move(handover_reply_);
+    bool handed_over = handed_over_;
+    lock.unlock();
+    if (!answered || !reply) {
+      std::string line = absl::StrCat(
+          "migration to ", peer, ": the mirror was told to resume epoch ", report.epoch,
+          " but did not answer; the VM is left paused here (check which host runs it)");
+      SetState(line);
+      return absl::UnavailableError(line);
+    }
+    if (!handed_over) {
+      return abort(absl::StrCat("the mirror refused: ", reply->epoch() == report.epoch
+                                                            ? reply->error()
+                                                            : "answer for another epoch"));
+    }
+    report.commit_ms = std::chrono::duration<double, std::milli>(t_commit - t0).count();
+    report.downtime_ms = std::chrono::duration<double, std::milli>(t_reply - t0).count();
+    SetState(absl::StrFormat("handed over to %s at epoch %u: the VM runs there (downtime %.1f ms)",
+                             peer, report.epoch, report.downtime_ms));
+    return report;
   }
 
   // What the mirror's replica holds, from an untrusted peer: exactly one hash per page and per
@@ -512,12 +658,21 @@ class PrimaryImpl : public Primary {
       std::shared_ptr<const Checkpoint> cp;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        bool ready = cv_.wait_for(lock, kKeepalive,
-                                  [this] { return stop_ || !queue_.empty() || ack_failed_; });
+        bool ready = cv_.wait_for(lock, kKeepalive, [this] {
+          return stop_ || !queue_.empty() || ack_failed_ || send_handover_;
+        });
         if (stop_) return absl::CancelledError("stopping");
         if (ack_failed_) {
           ack_failed_ = false;
           return ack_error_;
+        }
+        if (send_handover_ && queue_.empty()) {
+          send_handover_ = false;
+          pb::Frame f;
+          f.mutable_handover()->set_epoch(handover_epoch_);
+          lock.unlock();
+          if (auto s = channel_->Send(f); !s.ok()) return s;
+          continue;
         }
         if (!ready) {
           // Nothing to send (a long epoch): the mirror still hears from this primary, so that
@@ -543,6 +698,16 @@ class PrimaryImpl : public Primary {
     for (;;) {
       auto f = channel_->Receive();
       if (f.ok() && options_.on_traffic) options_.on_traffic();
+      if (f.ok() && f->has_handover_reply()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        handover_reply_ = f->handover_reply();
+        // Set here, before the mirror's close is read: the connect loop must not reconnect.
+        if (handover_reply_->resumed() && handover_reply_->epoch() == handover_epoch_) {
+          handed_over_ = true;
+        }
+        cv_.notify_all();
+        continue;
+      }
       if (!f.ok() || !f->has_ack()) {
         std::lock_guard<std::mutex> lock(mu_);
         ack_failed_ = true;
@@ -556,6 +721,8 @@ class PrimaryImpl : public Primary {
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.acked++;
+        acked_epoch_ = static_cast<int64_t>(f->ack().epoch());
+        cv_.notify_all();
         first = stats_.sync.active;
         stats_.sync.active = false;
         if (first) {
@@ -574,6 +741,14 @@ class PrimaryImpl : public Primary {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false, connected_ = false, ack_failed_ = false;
+  bool taking_ = false;       // the epoch loop is taking a checkpoint
+  int64_t acked_epoch_ = -1;  // the last acknowledgement on this connection
+  uint64_t connection_ = 0;   // counts connections
+  // Planned migration: no more checkpoints from the epoch loop; a hand-over frame to send; the
+  // mirror's answer; the VM runs at the mirror now.
+  bool handing_over_ = false, send_handover_ = false, handed_over_ = false;
+  uint64_t handover_epoch_ = 0;
+  std::optional<pb::HandoverReply> handover_reply_;
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
   std::unique_ptr<Channel> channel_;

@@ -20,7 +20,7 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 3;
+inline constexpr uint32_t kProtocolVersion = 4;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -90,6 +90,11 @@ class Mirror {
     uint16_t port = 0;  // 0: any free port
     std::chrono::milliseconds peer_timeout{5000};
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
+    // Planned migration: the primary paused its VM for good after `epoch`, which is committed
+    // here; resume it on this host. OK means it runs here now and replication ends (the replica
+    // belongs to the VM); an error must leave the replica as it was, and the primary resumes.
+    // Unset: hand-overs are refused.
+    std::function<absl::Status(uint64_t epoch)> on_handover = nullptr;
     LogFn log;
   };
   struct Stats {
@@ -99,7 +104,8 @@ class Mirror {
     uint64_t rejected = 0;  // connections dropped for a bad frame, key or checkpoint
     int64_t committed_epoch = -1;
     bool connected = false;
-    bool syncing = false;  // a pre-copy stream is arriving (into staging, not the replica)
+    bool syncing = false;      // a pre-copy stream is arriving (into staging, not the replica)
+    bool handed_over = false;  // the VM was handed over to this host: replication has ended
     std::string peer;
   };
   static absl::StatusOr<std::unique_ptr<Mirror>> Start(checkpoint::ReplicaStore& replica,
@@ -154,11 +160,27 @@ class Primary {
     std::string peer;
     SyncProgress sync;
   };
+  // What a planned migration took, measured on this host.
+  struct HandoverReport {
+    uint64_t epoch = 0;        // the last checkpoint, which the mirror resumed
+    uint64_t final_pages = 0;  // pages in it
+    double commit_ms = 0;      // VM paused here -> the mirror committed the last checkpoint
+    double downtime_ms = 0;    // VM paused here -> the mirror said the VM runs there
+  };
   // The VM must be running. Starts the epoch clock and the connection to the mirror.
   static absl::StatusOr<std::unique_ptr<Primary>> Start(checkpoint::EpochEngine& engine,
                                                         vmm::OutputGate& gate, Options options);
   virtual ~Primary() = default;
   virtual Stats stats() const = 0;
+  // Planned migration. Pauses the VM for good and takes the last checkpoint; once the mirror
+  // committed it (its outputs leave), `committed` runs (to hand the lease over; an error stops
+  // the migration), then the mirror is told to resume the VM. On success replication ends and
+  // the VM stays paused here; the engine's VM may then become the new primary's replica.
+  // FailedPrecondition: not protected now, nothing was done. Aborted: the migration did not
+  // happen and the VM runs here again. Unavailable: the mirror was told to resume but did not
+  // answer in time; the VM is left paused here, as either host may be running it.
+  virtual absl::StatusOr<HandoverReport> HandOver(
+      std::chrono::milliseconds timeout, const std::function<absl::Status()>& committed) = 0;
 };
 
 }  // namespace romulus::replicator

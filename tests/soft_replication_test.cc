@@ -1,7 +1,11 @@
 // Replication over loopback with a software VM (no KVM needed): pre-copy while the VM writes,
 // then epochs; the replica equals the primary at every committed pause; no output leaves before
 // the mirror holds its epoch; a mirror killed mid-synchronisation is resynchronised.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -205,6 +209,50 @@ TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
       static_cast<double>(first.wire_bytes) / (1 << 20));
   std::lock_guard<std::mutex> lock(mu_);
   EXPECT_EQ(early_, 0u);
+}
+
+// A mirror that accepts the connection and then says nothing (a hung host, a peer lost behind a
+// firewall that drops without resetting) is given up after the peer timeout, and tried again.
+TEST(SilentPeer, AMirrorThatNeverAnswersIsGivenUpAfterThePeerTimeout) {
+  TempDir dir;
+  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(listener, 8), 0);  // the kernel completes connections; nobody answers
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+
+  SoftVm::Options o;
+  auto vm = SoftVm::Create(dir.File("disk.img"), o);
+  ASSERT_NE(vm, nullptr);
+  vmm::OutputGate gate;
+  checkpoint::EpochEngine engine(*vm, gate, {});
+  vm->Start();
+  std::mutex mu;
+  std::string log;
+  auto p = replicator::Primary::Start(engine, gate,
+                                      {.identity = {"soft-vm", o.memory_bytes, o.disk_bytes},
+                                       .key = kKey,
+                                       .mirror_port = ntohs(addr.sin_port),
+                                       .peer_timeout = std::chrono::milliseconds(200),
+                                       .log = [&](absl::string_view l) {
+                                         std::lock_guard<std::mutex> lock(mu);
+                                         log += std::string(l) + "\n";
+                                       }});
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        std::lock_guard<std::mutex> lock(mu);
+        return log.find("timed out") != std::string::npos;
+      },
+      30));
+  p->reset();  // returns: nothing is left blocked on the silent peer
+  ::close(listener);
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_NE(log.find("mirror unreachable: receive from 127.0.0.1"), std::string::npos) << log;
 }
 
 INSTANTIATE_TEST_SUITE_P(Compression, SoftReplication,

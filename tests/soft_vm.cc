@@ -30,13 +30,33 @@ std::unique_ptr<SoftVm> SoftVm::Create(const std::string& disk_path, Options opt
   return vm;
 }
 
-SoftVm::~SoftVm() {
+std::unique_ptr<SoftVm> SoftVm::Adopt(std::unique_ptr<vmm::GuestMemory> memory,
+                                      const std::string& disk_path, Options options) {
+  std::unique_ptr<SoftVm> vm(new SoftVm());
+  vm->options_ = std::move(options);
+  vm->options_.memory_bytes = memory->size();
+  vm->writes_ = WritesIn(memory->data());
+  vm->memory_ = std::move(memory);
+  auto disk = vmm::BlockDevice::Open(disk_path);
+  if (!disk.ok()) return nullptr;
+  vm->disk_ = std::move(*disk);
+  return vm;
+}
+
+SoftVm::~SoftVm() { StopWriter(); }
+
+void SoftVm::StopWriter() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+}
+
+std::unique_ptr<vmm::GuestMemory> SoftVm::TakeMemory() {
+  StopWriter();
+  return std::move(memory_);
 }
 
 void SoftVm::Start() {

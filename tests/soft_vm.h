@@ -34,7 +34,13 @@ class SoftVm : public vmm::CheckpointableVm {
     std::function<void(uint64_t writes)> output;
   };
   static std::unique_ptr<SoftVm> Create(const std::string& disk_path, Options options);
+  // A VM that goes on from memory and a disk image that another VM left (a promoted replica):
+  // its write count continues from the one in `memory`. Not started.
+  static std::unique_ptr<SoftVm> Adopt(std::unique_ptr<vmm::GuestMemory> memory,
+                                       const std::string& disk_path, Options options);
   ~SoftVm() override;
+  // Stops the writer for good and gives up the memory (to become a replica).
+  std::unique_ptr<vmm::GuestMemory> TakeMemory();
 
   void Start();
   absl::Status Pause() override;
@@ -51,6 +57,7 @@ class SoftVm : public vmm::CheckpointableVm {
  private:
   SoftVm() = default;
   void Run();
+  void StopWriter();
   void WriteOnce(uint64_t& rng);
 
   Options options_;
