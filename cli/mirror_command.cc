@@ -72,7 +72,7 @@ class MirrorHost {
 
   int64_t committed_epoch() const {
     std::lock_guard<std::mutex> lock(mu_);
-    return mirror_ ? mirror_->stats().committed_epoch : promoted_epoch_;
+    return vm_ ? promoted_epoch_ : mirror_->stats().committed_epoch;
   }
 
   absl::StatusOr<std::string> Promote(bool force, const std::string& why) {
@@ -105,6 +105,50 @@ class MirrorHost {
     auto t1 = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     mirror_.reset();  // nothing more is received or applied: the replica is final
+    if (auto s = ResumeReplica(); !s.ok()) return s;
+    return absl::StrFormat(
+        "promoted (%s): resumed epoch %d as the primary in %.1f ms (authorised in %.1f ms%s); "
+        "ledger on %s:%d; running unprotected until a mirror is configured",
+        why, promoted_epoch_, MsSince(t1), authorised_ms, force ? ", forced" : "",
+        c_.ledger_listen(), endpoint_->port());
+  }
+
+  // Planned migration, on the replication thread: the primary paused its VM for good after
+  // `epoch`, which is committed here. The primary's own request authorises it; with a witness
+  // the primary handed its lease to this node, which takes it before resuming. The mirror is not
+  // torn down here (this is its thread): it ends replication itself once this returns OK.
+  absl::Status TakeHandover(uint64_t epoch) {
+    std::lock_guard<std::mutex> one_at_a_time(promote_mu_);
+    auto t0 = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (vm_) return absl::FailedPreconditionError("already promoted: this host is the primary");
+    }
+    if (auto s = CanResume(); !s.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot resume the replica here: ", s.message()));
+    }
+    if (ha_.lease) {
+      ha_.lease->Want(true);
+      if (auto s = ha_.lease->AcquireWithin(std::chrono::milliseconds(2000)); !s.ok()) {
+        ha_.lease->Want(false);
+        return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto s = ResumeReplica(); !s.ok()) return s;
+    std::printf(
+        "romulus mirror: handed over: resumed epoch %lu as the primary in %.1f ms; ledger "
+        "on %s:%d; running unprotected until a mirror is configured\n",
+        static_cast<unsigned long>(epoch), MsSince(t0), c_.ledger_listen().c_str(),
+        endpoint_->port());
+    std::fflush(stdout);
+    return absl::OkStatus();
+  }
+
+  // The committed replica becomes the running VM, with its ledger at this host's address. With
+  // mu_ held, once replication has stopped.
+  absl::Status ResumeReplica() {
     auto committed = replica_->TakeCommitted();
     if (!committed.ok()) return committed.status();
     promoted_epoch_ = committed->epoch;
@@ -127,11 +171,7 @@ class MirrorHost {
     if (auto s = (*vm)->Start(); !s.ok()) return s;
     vm_ = std::move(*vm);
     endpoint_ = std::move(*endpoint);
-    return absl::StrFormat(
-        "promoted (%s): resumed epoch %d as the primary in %.1f ms (authorised in %.1f ms%s); "
-        "ledger on %s:%d; running unprotected until a mirror is configured",
-        why, promoted_epoch_, MsSince(t1), authorised_ms, force ? ", forced" : "",
-        c_.ledger_listen(), endpoint_->port());
+    return absl::OkStatus();
   }
 
   absl::Status CanResume() {
@@ -176,12 +216,12 @@ class MirrorHost {
   // While still a mirror: `fn` runs while no checkpoint is being applied.
   void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (mirror_) mirror_->WithReplica(fn);
+    if (mirror_ && !vm_) mirror_->WithReplica(fn);
   }
 
   std::optional<replicator::Mirror::Stats> MirrorStats() const {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!mirror_) return std::nullopt;
+    if (!mirror_ || vm_) return std::nullopt;
     return mirror_->stats();
   }
 
@@ -257,6 +297,11 @@ int MirrorCommand(int argc, char** argv) {
                   .listen = c->listen(),
                   .port = static_cast<uint16_t>(c->port()),
                   .on_traffic = ha->TrafficHook(),
+                  .on_handover =
+                      [&](uint64_t epoch) {
+                        if (!host_ready) return absl::UnavailableError("starting or stopping");
+                        return host_ptr->TakeHandover(epoch);
+                      },
                   .log = Logger("mirror")});
   if (!mirror.ok()) return Fail("mirror", mirror.status());
   uint16_t port = (*mirror)->port();

@@ -128,6 +128,27 @@ class MirrorPromotion : public ::testing::Test {
   std::unique_ptr<switchover::LeaseClient> lease_;
 };
 
+// A planned migration to a mirror that cannot run the replica (no KVM here, or a software VM's
+// state): the mirror refuses the hand-over and says why; the primary's VM runs on, still
+// replicated to it, and the mirror's replica stays intact and in use.
+TEST_F(MirrorPromotion, AHandOverTheMirrorCannotResumeLeavesTheVmWithThePrimary) {
+  StartMirror("");
+  StartPrimary();
+  ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 10; }, 30));
+  auto report = primary_->HandOver(std::chrono::seconds(20), nullptr);
+  ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
+  EXPECT_THAT(std::string(report.status().message()),
+              HasSubstr("the mirror refused: cannot resume the replica here"));
+  EXPECT_NE(mirror_->WaitForLine("hand-over refused: cannot resume the replica here", 10), "")
+      << mirror_->output();
+  uint64_t writes = vm_->writes();
+  int64_t epoch = Status().committed_epoch();
+  EXPECT_TRUE(WaitUntil([&] { return vm_->writes() >= writes + 100; }, 30));
+  EXPECT_TRUE(WaitUntil([&] { return Status().committed_epoch() >= epoch + 10; }, 30))
+      << mirror_->output();
+  EXPECT_EQ(Status().role(), "mirror");
+}
+
 TEST_F(MirrorPromotion, WithoutWitnessOrFenceItRefusesAndSaysWhy) {
   StartMirror("");
   StartPrimary();
