@@ -108,6 +108,17 @@ class ControlServerImpl : public ControlServer {
         } else {
           reply.set_error(std::string(done.status().message()));
         }
+      } else if (req.command_case() == pb::ControlRequest::kMigrate) {
+        uint32_t ms = req.migrate().timeout_ms();
+        auto done = !handlers_.migrate ? absl::FailedPreconditionError(
+                                             "only a primary can migrate its VM; this is not one")
+                    : ms > 600000 ? absl::InvalidArgumentError("migration timeout over 600000 ms")
+                                  : handlers_.migrate(std::chrono::milliseconds(ms ? ms : 10000));
+        if (done.ok()) {
+          reply.set_migrated(*done);
+        } else {
+          reply.set_error(std::string(done.status().message()));
+        }
       } else {
         reply.set_error("unknown control command");
       }
@@ -175,6 +186,15 @@ absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force
   auto reply = Ask(path, req, timeout_ms);
   if (!reply.ok()) return reply.status();
   return reply->promoted();
+}
+
+absl::StatusOr<std::string> RequestMigration(const std::string& path,
+                                             std::chrono::milliseconds timeout) {
+  pb::ControlRequest req;
+  req.mutable_migrate()->set_timeout_ms(static_cast<uint32_t>(timeout.count()));
+  auto reply = Ask(path, req, static_cast<int>(timeout.count()) + 5000);
+  if (!reply.ok()) return reply.status();
+  return reply->migrated();
 }
 
 std::string FormatStatus(const pb::StatusReply& s) {
@@ -262,6 +282,34 @@ int StatusCommand(int argc, char** argv) {
   return 0;
 }
 
+namespace {
+
+// `romulus NAME --socket PATH ...`: parses, asks the process, prints what it did.
+int ControlCommand(const char* name, Args& args, const std::string& socket,
+                   const std::function<absl::StatusOr<std::string>()>& ask, int argc, char** argv) {
+  if (auto s = args.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "romulus %s: %s\n", name, std::string(s.message()).c_str());
+    return 2;
+  }
+  if (args.help()) {
+    std::fputs(args.Help().c_str(), stdout);
+    return 0;
+  }
+  if (socket.empty()) {
+    std::fprintf(stderr, "romulus %s: --socket is required\n", name);
+    return 2;
+  }
+  auto done = ask();
+  if (!done.ok()) {
+    std::fprintf(stderr, "romulus %s: %s\n", name, std::string(done.status().message()).c_str());
+    return 1;
+  }
+  std::printf("romulus %s: %s\n", name, done->c_str());
+  return 0;
+}
+
+}  // namespace
+
 int PromoteCommand(int argc, char** argv) {
   std::string socket;
   bool force = false;
@@ -272,25 +320,31 @@ int PromoteCommand(int argc, char** argv) {
             "when you know the old primary is down.");
   args.String("socket", &socket, "the mirror's control socket");
   args.Bool("force", &force, "promote without the lease or a fence");
-  if (auto s = args.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "romulus promote: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (socket.empty()) {
-    std::fprintf(stderr, "romulus promote: --socket is required\n");
-    return 2;
-  }
-  auto done = RequestPromotion(socket, force);
-  if (!done.ok()) {
-    std::fprintf(stderr, "romulus promote: %s\n", std::string(done.status().message()).c_str());
-    return 1;
-  }
-  std::printf("romulus promote: %s\n", done->c_str());
-  return 0;
+  return ControlCommand(
+      "promote", args, socket, [&] { return RequestPromotion(socket, force); }, argc, argv);
+}
+
+int MigrateCommand(int argc, char** argv) {
+  std::string socket;
+  uint64_t timeout_ms = 10000;
+  Args args("romulus migrate --socket PATH [--timeout-ms N]",
+            "Planned migration: the primary pauses its VM for good, takes the last checkpoint,\n"
+            "waits for the mirror to commit it (its outputs leave), hands the witness's lease\n"
+            "over if there is one, and tells the mirror to resume the VM, which then runs there.\n"
+            "Prints the downtime (VM paused here until the mirror said it runs). If the mirror\n"
+            "refuses or the last checkpoint is not committed in time, the VM runs on here.");
+  args.String("socket", &socket, "the primary's control socket");
+  args.Uint("timeout-ms", &timeout_ms,
+            "how long the last checkpoint and the mirror's answer may take (1 to 600000)");
+  return ControlCommand(
+      "migrate", args, socket,
+      [&]() -> absl::StatusOr<std::string> {
+        if (timeout_ms < 1 || timeout_ms > 600000) {
+          return absl::InvalidArgumentError("--timeout-ms must be 1 to 600000");
+        }
+        return RequestMigration(socket, std::chrono::milliseconds(timeout_ms));
+      },
+      argc, argv);
 }
 
 }  // namespace romulus::cli

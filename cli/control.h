@@ -3,6 +3,7 @@
 #ifndef ROMULUS_CLI_CONTROL_H_
 #define ROMULUS_CLI_CONTROL_H_
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -17,6 +18,8 @@ struct ControlHandlers {
   std::function<pb::StatusReply()> status = nullptr;
   // Promotes this host (a mirror); returns what it did. Unset: the process cannot be promoted.
   std::function<absl::StatusOr<std::string>(bool force)> promote = nullptr;
+  // Hands the VM over to the mirror (a primary); returns what it did. Unset: not a primary.
+  std::function<absl::StatusOr<std::string>(std::chrono::milliseconds timeout)> migrate = nullptr;
 };
 
 class ControlServer {
@@ -38,7 +41,12 @@ absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force
 std::string FormatStatus(const pb::StatusReply& s);
 
 int StatusCommand(int argc, char** argv);
+// Asks the process behind `path` (a primary) to hand its VM over to its mirror.
+absl::StatusOr<std::string> RequestMigration(const std::string& path,
+                                             std::chrono::milliseconds timeout);
+
 int PromoteCommand(int argc, char** argv);
+int MigrateCommand(int argc, char** argv);
 
 }  // namespace romulus::cli
 

@@ -197,11 +197,47 @@ int PrimaryCommand(int argc, char** argv) {
                                   .on_traffic = ha->TrafficHook(),
                                   .log = Logger("primary")});
   if (!primary.ok()) return Fail("primary", primary.status());
-  auto control = MaybeControl(c->control_socket(), {.status = [&, p = primary->get()] {
-                                auto r = PrimaryStatus(c->vm_id(), p->stats());
-                                ha->AddStatus(&r);
-                                return r;
-                              }});
+  // Planned migration. With a witness the lease goes to the mirror once it committed the last
+  // checkpoint (this host then counts as fenced); if the mirror still refuses, it is taken back.
+  auto migrate =
+      [&, p = primary->get()](std::chrono::milliseconds timeout) -> absl::StatusOr<std::string> {
+    bool transferred = false;
+    auto report = p->HandOver(timeout, [&]() -> absl::Status {
+      if (!ha->lease) return absl::OkStatus();
+      std::string peer = ha->heartbeat ? ha->heartbeat->peer_node() : "";
+      if (peer.empty()) {
+        return absl::FailedPreconditionError(
+            "the mirror's node name is unknown (no heartbeat heard): the lease cannot go to it");
+      }
+      auto s = ha->lease->TransferTo(peer, std::chrono::milliseconds(1000));
+      transferred = s.ok();
+      return s;
+    });
+    if (report.ok()) {
+      return absl::StrFormat(
+          "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and "
+          "resumed at the mirror %.1f ms after the VM paused here (downtime); the VM stays "
+          "paused on this host",
+          report->epoch, report->final_pages, report->commit_ms, report->downtime_ms);
+    }
+    if (transferred && report.status().code() == absl::StatusCode::kAborted) {
+      ha->lease->Want(true);
+      if (auto s = ha->lease->AcquireWithin(std::chrono::milliseconds(3000)); !s.ok()) {
+        return absl::UnavailableError(
+            absl::StrCat(report.status().message(), "; but the lease did not come back (",
+                         s.message(), "): the VM stays paused here until it does"));
+      }
+    }
+    return report.status();
+  };
+  auto control = MaybeControl(c->control_socket(), {.status =
+                                                        [&, p = primary->get()] {
+                                                          auto r =
+                                                              PrimaryStatus(c->vm_id(), p->stats());
+                                                          ha->AddStatus(&r);
+                                                          return r;
+                                                        },
+                                                    .migrate = migrate});
   if (!control.ok()) return Fail("primary", control.status());
   std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
               c->vm_id().c_str(), c->ledger_listen().c_str(), (*endpoint)->port(),

@@ -108,6 +108,11 @@ class HeartbeatImpl : public Heartbeat {
     return peer_role_;
   }
 
+  std::string peer_node() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return peer_node_;
+  }
+
   std::vector<PathStatus> paths() const override {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<PathStatus> out;
@@ -257,6 +262,7 @@ class HeartbeatImpl : public Heartbeat {
     p.last_rx = now;
     ++p.received;
     peer_role_ = h.role();
+    peer_node_ = h.node();
   }
 
   Options o_;
@@ -269,7 +275,7 @@ class HeartbeatImpl : public Heartbeat {
   mutable std::mutex mu_;
   std::atomic<int64_t> last_traffic_ns_{0};
   bool alive_ = false;
-  std::string peer_role_;
+  std::string peer_role_, peer_node_;
 };
 
 }  // namespace

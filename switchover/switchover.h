@@ -66,6 +66,7 @@ class Heartbeat {
   // True until the peer has been heard from once.
   virtual bool never_heard() const = 0;
   virtual std::string peer_role() const = 0;
+  virtual std::string peer_node() const = 0;  // its node name ("" until heard)
   virtual std::vector<PathStatus> paths() const = 0;
 };
 

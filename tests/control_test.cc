@@ -59,6 +59,20 @@ TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->role(), "mirror");
 
+  // A mirror has no VM to migrate; a bad timeout is refused before anything is asked.
+  Child migrate({"migrate", "--socket", sock});
+  EXPECT_EQ(migrate.Wait(30), 1);
+  EXPECT_NE(migrate.output().find("romulus migrate: only a primary can migrate its VM"),
+            std::string::npos)
+      << migrate.output();
+  Child bad_timeout({"migrate", "--socket", sock, "--timeout-ms", "0"});
+  EXPECT_EQ(bad_timeout.Wait(30), 1);
+  EXPECT_NE(bad_timeout.output().find("--timeout-ms must be 1 to 600000"), std::string::npos)
+      << bad_timeout.output();
+  Child help({"migrate", "--help"});
+  EXPECT_EQ(help.Wait(30), 0);
+  EXPECT_NE(help.output().find("downtime"), std::string::npos) << help.output();
+
   Child missing({"status", "--socket", dir.File("nothing.sock")});
   EXPECT_EQ(missing.Wait(30), 1);
   EXPECT_NE(missing.output().find("is romulus running there?"), std::string::npos);

@@ -191,6 +191,8 @@ TEST(Heartbeat, PeersOnTwoLoopbackPathsSeeEachOtherAndNoticeWhenOneIsGone) {
   EXPECT_TRUE((*a)->peer_alive());
   EXPECT_EQ((*a)->peer_role(), "mirror");
   EXPECT_EQ((*b)->peer_role(), "primary");
+  EXPECT_EQ((*a)->peer_node(), "b");  // the name a planned migration hands the lease to
+  EXPECT_EQ((*b)->peer_node(), "a");
 
   // Heartbeats from anywhere but b's end of the path are refused.
   {
