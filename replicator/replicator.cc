@@ -464,11 +464,18 @@ class PrimaryImpl : public Primary {
     using Clock = std::chrono::steady_clock;
     auto deadline = Clock::now() + timeout;
     std::unique_lock<std::mutex> lock(mu_);
-    if (handing_over_) return absl::FailedPreconditionError("a migration is already under way");
+    if (migrating_) return absl::FailedPreconditionError("a migration is already under way");
     if (!connected_ || stats_.sync.active) {
       return absl::FailedPreconditionError(
           absl::StrCat("not protected, so nothing to migrate to: ", stats_.state));
     }
+    // Checkpoints in flight would be waited for with the VM paused: let them drain first
+    // (within half the time allowed; a mirror slower than the VM's writes never catches up).
+    migrating_ = true;
+    cv_.wait_until(lock, Clock::now() + timeout / 2, [this] {
+      auto e = engine_.stats();
+      return stop_ || !connected_ || e.epochs <= e.acknowledged + 1;
+    });
     handing_over_ = true;  // the epoch loop takes no more checkpoints
     cv_.wait(lock, [this] { return !taking_; });
     uint64_t connection = connection_;
@@ -481,7 +488,7 @@ class PrimaryImpl : public Primary {
       absl::Status resumed = engine_.HoldPaused(false);
       {
         std::lock_guard<std::mutex> l(mu_);
-        handing_over_ = false;
+        handing_over_ = migrating_ = false;
       }
       std::string line = absl::StrCat("migration to ", peer, " did not happen: ", why,
                                       resumed.ok() ? "; the VM runs here again" : "");
@@ -744,9 +751,9 @@ class PrimaryImpl : public Primary {
   bool taking_ = false;       // the epoch loop is taking a checkpoint
   int64_t acked_epoch_ = -1;  // the last acknowledgement on this connection
   uint64_t connection_ = 0;   // counts connections
-  // Planned migration: no more checkpoints from the epoch loop; a hand-over frame to send; the
-  // mirror's answer; the VM runs at the mirror now.
-  bool handing_over_ = false, send_handover_ = false, handed_over_ = false;
+  // Planned migration: one at a time; no more checkpoints from the epoch loop; a hand-over frame
+  // to send; the mirror's answer; the VM runs at the mirror now.
+  bool migrating_ = false, handing_over_ = false, send_handover_ = false, handed_over_ = false;
   uint64_t handover_epoch_ = 0;
   std::optional<pb::HandoverReply> handover_reply_;
   absl::Status ack_error_;

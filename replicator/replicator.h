@@ -95,7 +95,7 @@ class Mirror {
     // belongs to the VM); an error must leave the replica as it was, and the primary resumes.
     // Unset: hand-overs are refused.
     std::function<absl::Status(uint64_t epoch)> on_handover = nullptr;
-    LogFn log;
+    LogFn log = nullptr;
   };
   struct Stats {
     uint64_t connections = 0;
@@ -132,7 +132,7 @@ class Primary {
     // no longer shrinks it, or after this many rounds; the rest goes in the full checkpoint.
     uint32_t max_sync_rounds = 20;
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
-    LogFn log;
+    LogFn log = nullptr;
   };
   // The initial synchronisation of the current (or last) connection.
   struct SyncProgress {
