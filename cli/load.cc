@@ -70,28 +70,42 @@ class Client {
     q.set_client_id(id_);
     for (uint64_t attempt = 0; attempt < o_.attempts; attempt++) {
       if (!conn_) {
-        auto c = LedgerClient::Connect(o_.host, o_.port, static_cast<int>(o_.timeout_ms));
+        bool standby = on_standby_;
+        auto c = LedgerClient::Connect(standby ? o_.standby_host : o_.host,
+                                       standby ? o_.standby_port : o_.port,
+                                       static_cast<int>(o_.timeout_ms));
         if (!c.ok()) {
+          Failed();
           std::this_thread::sleep_for(std::chrono::milliseconds(50));  // back-off, not sync
           continue;
         }
         conn_.emplace(std::move(*c));
         if (attempt > 0) reconnects_++;
+        if (standby != answered_on_standby_) switches_++;
+        answered_on_standby_ = standby;
       }
       auto r = conn_->Call(q);
       if (r.ok() && r->request_id() == q.request_id()) return *r;
       conn_.reset();
+      Failed();
     }
     return std::nullopt;
   }
   uint64_t reconnects() const { return reconnects_; }
+  uint64_t switches() const { return switches_; }
 
  private:
   const LoadOptions& o_;
   uint64_t id_;
   Shared& shared_;
+  // The next attempt goes to the other address, if there is one.
+  void Failed() {
+    if (o_.standby_port != 0) on_standby_ = !on_standby_;
+  }
+
   std::optional<LedgerClient> conn_;
-  uint64_t reconnects_ = 0;
+  bool on_standby_ = false, answered_on_standby_ = false;
+  uint64_t reconnects_ = 0, switches_ = 0;
 };
 
 void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& accounts,
@@ -174,6 +188,7 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   shared.report.requests += requests;
   shared.report.retries_checked += retries;
   shared.report.reconnects += client.reconnects();
+  shared.report.switches += client.switches();
 }
 
 double Percentile(std::vector<double>& v, double p) {
@@ -208,8 +223,9 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     q.set_op(pb::OPEN);
     auto r = setup.Call(q);
     if (!r)
-      return absl::UnavailableError(
-          absl::StrCat("cannot reach the ledger at ", o.host, ":", o.port));
+      return absl::UnavailableError(absl::StrCat(
+          "cannot reach the ledger at ", o.host, ":", o.port,
+          o.standby_port ? absl::StrCat(" or ", o.standby_host, ":", o.standby_port) : ""));
     if (r->status() != RML_OK) {
       return absl::FailedPreconditionError(
           absl::StrCat("opening an account failed with status ", r->status()));
@@ -281,8 +297,9 @@ std::string FormatReport(const LoadReport& r) {
   for (auto [k, v] : r.by_status) st.push_back(absl::StrCat(k, ":", v));
   absl::StrAppendFormat(&out,
                         "load: statuses {%s}; %d retries answered identically checked; %d "
-                        "reconnects; %d unresolved\n",
-                        absl::StrJoin(st, " "), r.retries_checked, r.reconnects, r.unresolved);
+                        "reconnects (%d to the other address); %d unresolved\n",
+                        absl::StrJoin(st, " "), r.retries_checked, r.reconnects, r.switches,
+                        r.unresolved);
   absl::StrAppendFormat(&out, "load: balances sum %d, deposits %d, last seq %d\n", r.final_total,
                         r.expected_total, r.last_seq);
   if (r.ok()) {
@@ -300,11 +317,12 @@ std::string FormatReport(const LoadReport& r) {
 std::string FormatReportJson(const LoadReport& r) {
   return absl::StrFormat(
       "{\"requests\":%d,\"seconds\":%.3f,\"ops_per_s\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,"
-      "\"p99_us\":%.1f,\"max_us\":%.1f,\"unresolved\":%d,\"retries_checked\":%d,"
+      "\"p99_us\":%.1f,\"max_us\":%.1f,\"unresolved\":%d,\"reconnects\":%d,\"switches\":%d,"
+      "\"retries_checked\":%d,"
       "\"balances_sum\":%d,\"deposits\":%d,\"last_seq\":%d,\"violations\":%d,\"ok\":%s}",
       r.requests, r.seconds, r.ops_per_s, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.unresolved,
-      r.retries_checked, r.final_total, r.expected_total, r.last_seq, r.violations.size(),
-      r.ok() ? "true" : "false");
+      r.reconnects, r.switches, r.retries_checked, r.final_total, r.expected_total, r.last_seq,
+      r.violations.size(), r.ok() ? "true" : "false");
 }
 
 }  // namespace romulus::cli

@@ -15,6 +15,10 @@ namespace romulus::cli {
 struct LoadOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 7070;
+  // The mirror's ledger address (empty: none). After a failure a client tries the other
+  // address, resending the same request id, so a failover loses and repeats nothing.
+  std::string standby_host;
+  uint16_t standby_port = 0;
   uint64_t clients = 4;
   double duration_s = 5;
   uint64_t rate = 0;       // requests/s over all clients; 0: as fast as answers come
@@ -30,6 +34,7 @@ struct LoadReport {
   uint64_t requests = 0;    // distinct requests answered
   uint64_t unresolved = 0;  // requests never answered
   uint64_t reconnects = 0;
+  uint64_t switches = 0;  // reconnects that went to the other address
   uint64_t retries_checked = 0;
   double seconds = 0;
   double ops_per_s = 0;

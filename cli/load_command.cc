@@ -13,12 +13,16 @@ namespace romulus::cli {
 int LoadCommand(int argc, char** argv) {
   LoadOptions o;
   std::string target = "127.0.0.1:7070";
+  std::string standby;
   uint64_t duration_ms = 5000;
   bool json = false;
   Args args("romulus load [options]",
             "Runs concurrent ledger clients against a ledger endpoint, then checks the ledger's\n"
             "invariants over the accounts this run opened. Exits 1 if any invariant fails.");
   args.String("target", &target, "ledger endpoint HOST:PORT");
+  args.String("standby", &standby,
+              "the mirror's ledger endpoint HOST:PORT: after a failure a client tries the other "
+              "address with the same request id (failover)");
   args.Uint("clients", &o.clients, "concurrent clients, one connection each (1-1024)");
   args.Uint("duration-ms", &duration_ms, "how long to run");
   args.Uint("rate", &o.rate, "requests per second over all clients (0: as fast as possible)");
@@ -41,6 +45,12 @@ int LoadCommand(int argc, char** argv) {
   if (auto s = ParseHostPort(target, &o.host, &o.port); !s.ok()) {
     std::fprintf(stderr, "romulus load: --target: %s\n", std::string(s.message()).c_str());
     return 2;
+  }
+  if (!standby.empty()) {
+    if (auto s = ParseHostPort(standby, &o.standby_host, &o.standby_port); !s.ok()) {
+      std::fprintf(stderr, "romulus load: --standby: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
   }
   o.duration_s = static_cast<double>(duration_ms) / 1000.0;
   auto report = RunLoad(o);
