@@ -82,14 +82,7 @@ class Bench {
   void Run(int migrations) {
     a_.vm = SoftVm::Create(a_.disk, options_);
     if (!a_.vm) Die("cannot create the VM");
-    std::vector<uint8_t> noise(memory_ - kPage);  // every page costs its size on the wire
-    uint64_t x = 0x9e3779b97f4a7c15ull;
-    for (size_t i = 0; i + 8 <= noise.size(); i += 8) {
-      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      std::memcpy(noise.data() + i, &x, 8);
-    }
-    a_.vm->memory().Write(kPage, noise.data(), noise.size());
-    noise = {};
+    a_.vm->FillWithNoise();  // every page costs its size on the wire
     a_.vm->Start();
     auto r = cp::ReplicaStore::Create(memory_, b_.disk, kDisk);
     if (!r.ok()) Die(std::string(r.status().message()));

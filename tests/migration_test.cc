@@ -75,13 +75,7 @@ class Migration : public ::testing::Test {
   void BootOnA() {
     a_.vm = SoftVm::Create(a_.disk, VmOptions(a_));
     ASSERT_NE(a_.vm, nullptr);
-    std::vector<uint8_t> noise(kMemory - 4096);
-    uint64_t x = 0x9e3779b97f4a7c15ull;
-    for (size_t i = 0; i + 8 <= noise.size(); i += 8) {
-      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      std::memcpy(noise.data() + i, &x, 8);
-    }
-    a_.vm->memory().Write(4096, noise.data(), noise.size());  // page 0: the VM's write count
+    a_.vm->FillWithNoise();
     a_.vm->Start();
     auto r = checkpoint::ReplicaStore::Create(kMemory, b_.disk, kDisk);
     ASSERT_TRUE(r.ok()) << r.status();

@@ -66,15 +66,7 @@ class MirrorPromotion : public ::testing::Test {
   void StartPrimary(bool noise = false) {
     vm_ = SoftVm::Create(dir_.File("disk.img"), {});
     ASSERT_NE(vm_, nullptr);
-    if (noise) {
-      std::vector<uint8_t> bytes(vm_->memory().size() - 4096);
-      uint64_t x = 0x9e3779b97f4a7c15ull;
-      for (size_t i = 0; i + 8 <= bytes.size(); i += 8) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        std::memcpy(bytes.data() + i, &x, 8);
-      }
-      vm_->memory().Write(4096, bytes.data(), bytes.size());
-    }
+    if (noise) vm_->FillWithNoise();
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
     vm_->Start();

@@ -168,13 +168,7 @@ TEST_P(SoftReplication, AMirrorKilledMidSynchronisationIsResynchronised) {
 // travel. Memory outside the VM's working set is filled with random bytes first, so that it
 // would cost its full size on the wire (neither a zero page nor compressible).
 TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
-  std::vector<uint8_t> noise(kMemory - 4096);
-  uint64_t x = 0x9e3779b97f4a7c15ull;
-  for (size_t i = 0; i + 8 <= noise.size(); i += 8) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    std::memcpy(noise.data() + i, &x, 8);
-  }
-  vm_->memory().Write(4096, noise.data(), noise.size());  // page 0 holds the VM's write count
+  vm_->FillWithNoise();
   StartMirror();
   StartPrimary();
   ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 20; }, 60)) << Logs();

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <vector>
 
 #include "guest/abi.h"
 
@@ -61,6 +62,16 @@ std::unique_ptr<vmm::GuestMemory> SoftVm::TakeMemory() {
 
 void SoftVm::Start() {
   thread_ = std::thread([this] { Run(); });
+}
+
+void SoftVm::FillWithNoise() {
+  std::vector<uint8_t> noise(memory_->size() - vmm::kPageSize);
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  for (size_t i = 0; i + 8 <= noise.size(); i += 8) {
+    Next(x);
+    std::memcpy(noise.data() + i, &x, sizeof(x));
+  }
+  memory_->Write(vmm::kPageSize, noise.data(), noise.size());
 }
 
 uint64_t SoftVm::WritesIn(const uint8_t* memory) {
