@@ -179,6 +179,7 @@ int PrimaryCommand(int argc, char** argv) {
       vmm::LedgerEndpoint::Start((*vm)->ledger(), gate, c->ledger_listen(),
                                  static_cast<uint16_t>(c->ledger_port()), Logger("primary"));
   if (!endpoint.ok()) return Fail("primary", endpoint.status());
+  uint16_t ledger_port = (*endpoint)->port();  // a migration may close the endpoint early
   if (auto s = (*vm)->Start(); !s.ok()) return Fail("primary", s);
   fenceable = &engine;
   if (ha->lease && !ha->lease->held()) suspend(true);  // lost while the VM was being built
@@ -214,6 +215,9 @@ int PrimaryCommand(int argc, char** argv) {
       return s;
     });
     if (report.ok()) {
+      // Clients still connected here would wait for a paused VM: closing the ledger sends
+      // them to the mirror's address at once. (The main loop has stopped using it.)
+      endpoint->reset();
       return absl::StrFormat(
           "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and "
           "resumed at the mirror %.1f ms after the VM paused here (downtime); the VM stays "
@@ -240,8 +244,8 @@ int PrimaryCommand(int argc, char** argv) {
                                                     .migrate = migrate});
   if (!control.ok()) return Fail("primary", control.status());
   std::printf("romulus primary: VM '%s' running, ledger on %s:%d, replicating to %s every %u ms\n",
-              c->vm_id().c_str(), c->ledger_listen().c_str(), (*endpoint)->port(),
-              c->mirror().c_str(), c->epoch_ms());
+              c->vm_id().c_str(), c->ledger_listen().c_str(), ledger_port, c->mirror().c_str(),
+              c->epoch_ms());
   auto last = (*primary)->stats();
   auto t_last = Clock::now();
   for (;;) {
