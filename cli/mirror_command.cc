@@ -49,6 +49,37 @@ pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror:
   return r;
 }
 
+// A failed primary returning as the mirror: the guest memory its monitor left in its
+// memory_file and its disk image (replica_disk) become the replica, uncommitted (not
+// promotable) until the new primary's synchronisation, which sends only what differs, commits.
+// nullptr: nothing to seed from (or it does not fit; it says why).
+absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> SeedFromMemoryFile(
+    const pb::MirrorConfig& c) {
+  if (c.seed_memory_file().empty() || !std::filesystem::exists(c.seed_memory_file())) {
+    return nullptr;
+  }
+  auto no = [&](absl::string_view why) {
+    std::printf("romulus mirror: not seeding from %s: %.*s\n", c.seed_memory_file().c_str(),
+                static_cast<int>(why.size()), why.data());
+    return nullptr;
+  };
+  std::error_code ec;
+  if (std::filesystem::file_size(c.replica_disk(), ec) != c.disk_mib() << 20 || ec) {
+    return no(absl::StrCat("replica_disk ", c.replica_disk(), " is not a disk image of ",
+                           c.disk_mib(), " MiB"));
+  }
+  auto memory = vmm::GuestMemory::MapFileShared(c.seed_memory_file(), c.memory_mib() << 20,
+                                                /*fresh=*/false);
+  if (!memory.ok()) return no(memory.status().message());
+  auto replica = checkpoint::ReplicaStore::Adopt(std::move(*memory), c.replica_disk());
+  if (!replica.ok()) return no(replica.status().message());
+  std::printf(
+      "romulus mirror: replica seeded from the memory file %s and disk %s; the next "
+      "synchronisation sends only what differs\n",
+      c.seed_memory_file().c_str(), c.replica_disk().c_str());
+  return replica;
+}
+
 // The mirror's replication and, once promoted, the VM it became. A promotion stops receiving,
 // resumes the last committed checkpoint as the VM (the replica's memfd becomes guest RAM; the
 // replica disk image is used in place), opens the ledger at this host's service address, and
@@ -258,10 +289,14 @@ int MirrorCommand(int argc, char** argv) {
   auto key = replicator::ReadKeyFile(c->psk_file());
   if (!key.ok()) return Fail("mirror", key.status());
   sigset_t signals = TakeSignals();
-  auto replica = checkpoint::ReplicaStore::Create(c->memory_mib() << 20, c->replica_disk(),
-                                                  c->disk_mib() << 20);
+  auto replica = SeedFromMemoryFile(*c);
+  if (!replica.ok() || *replica == nullptr) {
+    replica = checkpoint::ReplicaStore::Create(c->memory_mib() << 20, c->replica_disk(),
+                                               c->disk_mib() << 20);
+  }
   if (!replica.ok()) return Fail("mirror", replica.status());
-  if (!c->snapshot_dir().empty() && std::filesystem::exists(c->snapshot_dir())) {
+  bool seeded = (*replica)->has_contents();  // from a failed primary's memory and disk
+  if (!seeded && !c->snapshot_dir().empty() && std::filesystem::exists(c->snapshot_dir())) {
     // The replica this mirror saved when it last stopped: the primary's resynchronisation then
     // sends only what differs. It is not promotable until that synchronisation commits.
     if (auto s = (*replica)->Seed(c->snapshot_dir()); s.ok()) {

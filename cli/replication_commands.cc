@@ -139,6 +139,7 @@ int PrimaryCommand(int argc, char** argv) {
   vmm::VmConfig vc;
   vc.memory_bytes = c->memory_mib() << 20;
   vc.disk_path = c->disk();
+  vc.memory_path = c->memory_file();
   vc.workload.working_set_pages = c->workload().working_set_pages();
   vc.workload.write_rate = c->workload().write_rate();
   vc.workload.pattern = PatternOf(c->workload().pattern());

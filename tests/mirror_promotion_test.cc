@@ -65,8 +65,8 @@ class MirrorPromotion : public ::testing::Test {
 
   // The primary: a software VM replicated to the mirror, and its heartbeats. With `noise`, its
   // memory (but page 0, the VM's write count) is first filled with incompressible bytes.
-  void StartPrimary(bool noise = false) {
-    vm_ = SoftVm::Create(dir_.File("disk.img"), {});
+  void StartPrimary(bool noise = false, std::unique_ptr<SoftVm> vm = nullptr) {
+    vm_ = vm ? std::move(vm) : SoftVm::Create(dir_.File("disk.img"), {});
     ASSERT_NE(vm_, nullptr);
     if (noise) vm_->FillWithNoise();
     engine_ =
@@ -141,6 +141,40 @@ TEST_F(MirrorPromotion, AHandOverTheMirrorCannotResumeLeavesTheVmWithThePrimary)
   EXPECT_TRUE(WaitUntil([&] { return Status().committed_epoch() >= epoch + 10; }, 30))
       << mirror_->output();
   EXPECT_EQ(Status().role(), "mirror");
+}
+
+// Re-protection after a failover: the failed primary kept its guest RAM in a file (memory_file)
+// and its disk image; started as the mirror with them, it is seeded from what its VM left, and
+// the new primary (here: a VM that went on from the same memory, as a promoted mirror does from
+// its replica) sends only what differs.
+TEST_F(MirrorPromotion, AFailedPrimaryReturningAsMirrorIsSeededFromItsMemoryFile) {
+  SoftVm::Options o;
+  o.memory_path = dir_.File("guest.ram");
+  auto old = SoftVm::Create(dir_.File("replica.img"), o);  // the failed host's disk and RAM
+  ASSERT_NE(old, nullptr);
+  old->FillWithNoise();
+  old->Start();
+  ASSERT_TRUE(WaitUntil([&] { return old->writes() >= 2000; }, 30));
+  old.reset();  // the host dies; its files stay
+  std::filesystem::copy_file(dir_.File("replica.img"), dir_.File("disk.img"));
+  auto ram = vmm::GuestMemory::MapFilePrivate(dir_.File("guest.ram"), 16ull << 20);
+  ASSERT_TRUE(ram.ok()) << ram.status();
+  auto next = SoftVm::Adopt(std::move(*ram), dir_.File("disk.img"), {});
+  ASSERT_NE(next, nullptr);
+
+  StartMirror("", "seed_memory_file: \"" + dir_.File("guest.ram") + "\"\n");
+  EXPECT_THAT(mirror_->output(), HasSubstr("replica seeded from the memory file"));
+  StartPrimary(false, std::move(next));
+  auto sync = primary_->stats().sync;
+  // Pages the VM writes (its 512-page working set, page 0, the block device's two pages) may
+  // differ; the rest of its noise-filled memory, and the disk, were already there.
+  EXPECT_GE(sync.unchanged_bytes, (16ull << 20) - (512 + 3) * 4096ull) << mirror_->output();
+  EXPECT_LT(sync.wire_bytes, sync.done_bytes - sync.unchanged_bytes + (1 << 20));
+  std::printf(
+      "failed primary returning as mirror: %.1f MiB on the wire, %.1f MiB already there "
+      "of %.1f MiB of memory and disk\n",
+      static_cast<double>(sync.wire_bytes) / (1 << 20),
+      static_cast<double>(sync.unchanged_bytes) / (1 << 20), 20.0);
 }
 
 TEST_F(MirrorPromotion, WithoutWitnessOrFenceItRefusesAndSaysWhy) {

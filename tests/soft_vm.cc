@@ -21,7 +21,10 @@ uint64_t Next(uint64_t& x) {  // xorshift64
 std::unique_ptr<SoftVm> SoftVm::Create(const std::string& disk_path, Options options) {
   std::unique_ptr<SoftVm> vm(new SoftVm());
   vm->options_ = std::move(options);
-  auto mem = vmm::GuestMemory::CreateMemfd(vm->options_.memory_bytes);
+  auto mem = vm->options_.memory_path.empty()
+                 ? vmm::GuestMemory::CreateMemfd(vm->options_.memory_bytes)
+                 : vmm::GuestMemory::MapFileShared(vm->options_.memory_path,
+                                                   vm->options_.memory_bytes, /*fresh=*/true);
   if (!mem.ok()) return nullptr;
   vm->memory_ = std::move(*mem);
   if (!vmm::BlockDevice::CreateImage(disk_path, vm->options_.disk_bytes).ok()) return nullptr;

@@ -28,6 +28,7 @@ class SoftVm : public vmm::CheckpointableVm {
     uint64_t writes_per_ms = 50;       // 8-byte writes to random pages of the working set
     uint64_t disk_write_every = 100;   // one sector written per this many memory writes
     uint64_t seed = 1;
+    std::string memory_path;  // guest RAM in this file (created fresh) instead of a memfd
     // Called (under the VM's lock, so in write order) with the write count after each write
     // whose number is a multiple of output_every (0: never).
     uint64_t output_every = 0;

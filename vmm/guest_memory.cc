@@ -48,6 +48,28 @@ absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::CreateMemfd(uint64_t b
       new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
 }
 
+absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::MapFileShared(const std::string& path,
+                                                                        uint64_t bytes,
+                                                                        bool fresh) {
+  if (auto s = ValidateSize(bytes); !s.ok()) return s;
+  Fd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC | (fresh ? O_CREAT | O_TRUNC : 0), 0600));
+  if (!fd.valid()) return ErrnoStatus(absl::StrCat("open ", path));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(absl::StrCat("stat ", path));
+  if (fresh) {
+    if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0)
+      return ErrnoStatus(absl::StrCat("size ", path));
+  } else if (static_cast<uint64_t>(st.st_size) != bytes) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, " holds ", st.st_size, " bytes, the guest has ", bytes));
+  }
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) return ErrnoStatus(absl::StrCat("mmap ", path));
+  ::madvise(p, bytes, MADV_DONTDUMP);
+  return std::unique_ptr<GuestMemory>(
+      new GuestMemory(std::move(fd), static_cast<uint8_t*>(p), bytes));
+}
+
 absl::StatusOr<std::unique_ptr<GuestMemory>> GuestMemory::MapFilePrivate(const std::string& path,
                                                                          uint64_t bytes) {
   if (auto s = ValidateSize(bytes); !s.ok()) return s;

@@ -26,6 +26,12 @@ class GuestMemory {
   static absl::Status ValidateSize(uint64_t bytes);
   // Fresh, zeroed memory backed by a memfd.
   static absl::StatusOr<std::unique_ptr<GuestMemory>> CreateMemfd(uint64_t bytes);
+  // Guest RAM in a named file, shared: it outlives the process, so that a host whose monitor
+  // died still holds the guest's memory as it was (to seed its replica when it returns as a
+  // mirror). `fresh`: the file is (re)created zeroed (a boot); otherwise it must exist and hold
+  // exactly `bytes` (what a guest left).
+  static absl::StatusOr<std::unique_ptr<GuestMemory>> MapFileShared(const std::string& path,
+                                                                    uint64_t bytes, bool fresh);
   // Maps a file of exactly `bytes` privately: the file itself is never written.
   static absl::StatusOr<std::unique_ptr<GuestMemory>> MapFilePrivate(const std::string& path,
                                                                      uint64_t bytes);

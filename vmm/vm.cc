@@ -154,6 +154,11 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Boot(const VmConfig& config) {
   if (!image.ok()) return image.status();
 
   std::unique_ptr<Vm> vm(new Vm());
+  if (!config.memory_path.empty()) {
+    auto mem = GuestMemory::MapFileShared(config.memory_path, config.memory_bytes, true);
+    if (!mem.ok()) return mem.status();
+    vm->memory_ = std::move(*mem);
+  }
   if (auto s = vm->CreateKvmVm(config.memory_bytes); !s.ok()) return s;
   if (auto s = vm->CreateDevices(config.console, config.output_gate, config.disk_path); !s.ok())
     return s;

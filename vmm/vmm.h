@@ -38,6 +38,9 @@ struct WorkloadConfig {
 struct VmConfig {
   uint64_t memory_bytes = 256ull << 20;
   std::string disk_path;  // an existing image (BlockDevice::CreateImage makes one)
+  // Guest RAM in this file (recreated at boot) instead of an anonymous memfd: after a crash the
+  // host still holds the guest's memory, to seed its replica when it returns as a mirror.
+  std::string memory_path;
   WorkloadConfig workload;
   uint32_t max_accounts = 4096;
   uint64_t progress_ms = 1000;
