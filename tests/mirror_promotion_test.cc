@@ -302,22 +302,16 @@ TEST_F(MirrorPromotion, ARestartedMirrorReceivesOnlyWhatDiffers) {
 // primary is killed (-9) under ledger load; the mirror wins the lease, resumes its replica and
 // answers on its own ledger address, continuing from every answer the clients saw.
 // Written in a session without /dev/kvm: it has not run yet.
-// Must-show 1: witness, mirror and primary processes; the primary is killed (SIGKILL) at a random
-// moment while clients given both ledger addresses run; they fail over to the promoted mirror
-// and resend what was unanswered. Every invariant of the run must hold there: each balance is the
-// newest write any client saw, retries are answered identically (exactly once), the sum is what
-// was deposited. Repeated with fresh processes and random kill times.
-TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
-  ROMULUS_REQUIRE_KVM();
-  constexpr int kKills = 20;
-  std::mt19937 rng(std::random_device{}());
-  for (int kill = 0; kill < kKills; kill++) {
-    SCOPED_TRACE("kill " + std::to_string(kill));
-    TempDir dir;
+// Witness, mirror and primary processes of one VM on loopback, started and protected, and the
+// options of a ledger load given both ledger addresses.
+struct KvmPair {
+  TempDir dir;
+  uint16_t port = FreePort(), primary_ledger = FreePort(), mirror_ledger = FreePort();
+  uint16_t witness = FreePort(SOCK_DGRAM), hb_p = FreePort(SOCK_DGRAM), hb_m = FreePort(SOCK_DGRAM);
+  std::unique_ptr<Child> w, mirror, primary;
+
+  void Start() {
     std::ofstream(dir.File("key")) << kKey << "\n";
-    uint16_t port = FreePort(), primary_ledger = FreePort(), mirror_ledger = FreePort();
-    uint16_t witness = FreePort(SOCK_DGRAM), hb_p = FreePort(SOCK_DGRAM),
-             hb_m = FreePort(SOCK_DGRAM);
     auto switchover = [&](const char* node, uint16_t local, uint16_t remote) {
       return "switchover { node: \"" + std::string(node) +
              "\" path { local: \"127.0.0.1:" + std::to_string(local) +
@@ -332,17 +326,23 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
     std::ofstream(dir.File("primary.conf"))
         << "vm_id: \"f\"\nmemory_mib: 64\ndisk: \"" << dir.File("primary.img")
         << "\"\ndisk_mib: 8\nmirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
-        << "\"\nledger_port: " << primary_ledger << "\n"
+        << "\"\nledger_port: " << primary_ledger << "\ncontrol_socket: \""
+        << dir.File("primary.sock") << "\"\n"
         << "workload { working_set_pages: 1024 write_rate: 20000 }\n"
         << switchover("p", hb_p, hb_m);
-    Child w({"witness", "--psk-file", dir.File("key"), "--listen",
-             "127.0.0.1:" + std::to_string(witness)});
-    ASSERT_FALSE(w.WaitForLine("serving leases", 30).empty()) << w.output();
-    Child mirror({"mirror", "--config", dir.File("mirror.conf")});
-    ASSERT_FALSE(mirror.WaitForLine("waiting for the primary", 30).empty()) << mirror.output();
-    Child primary({"primary", "--config", dir.File("primary.conf")});
-    ASSERT_FALSE(primary.WaitForLine("protected: replicating", 60).empty()) << primary.output();
+    w = std::make_unique<Child>(std::vector<std::string>{"witness", "--psk-file", dir.File("key"),
+                                                         "--listen",
+                                                         "127.0.0.1:" + std::to_string(witness)});
+    ASSERT_FALSE(w->WaitForLine("serving leases", 30).empty()) << w->output();
+    mirror = std::make_unique<Child>(
+        std::vector<std::string>{"mirror", "--config", dir.File("mirror.conf")});
+    ASSERT_FALSE(mirror->WaitForLine("waiting for the primary", 30).empty()) << mirror->output();
+    primary = std::make_unique<Child>(
+        std::vector<std::string>{"primary", "--config", dir.File("primary.conf")});
+    ASSERT_FALSE(primary->WaitForLine("protected: replicating", 60).empty()) << primary->output();
+  }
 
+  cli::LoadOptions Load() const {
     cli::LoadOptions o;
     o.port = primary_ledger;
     o.standby_host = "127.0.0.1";
@@ -351,20 +351,36 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
     o.duration_s = 2;
     o.accounts = 8;
     o.attempts = 200;  // 50 ms apart: 10 s for detection, the lease and the promotion
+    return o;
+  }
+};
+
+// Must-show 1: the primary is killed (SIGKILL) at a random moment while clients given both ledger
+// addresses run; they fail over to the promoted mirror and resend what was unanswered. Every
+// invariant of the run must hold there: each balance is the newest write any client saw,
+// retries are answered identically (exactly once), the sum is what was deposited. Repeated with
+// fresh processes and random kill times.
+TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
+  ROMULUS_REQUIRE_KVM();
+  constexpr int kKills = 20;
+  std::mt19937 rng(std::random_device{}());
+  for (int kill = 0; kill < kKills && !::testing::Test::HasFailure(); kill++) {
+    SCOPED_TRACE("kill " + std::to_string(kill));
+    KvmPair pair;
+    ASSERT_NO_FATAL_FAILURE(pair.Start());
     absl::StatusOr<cli::LoadReport> report;
-    std::thread load([&] { report = cli::RunLoad(o); });
+    std::thread load([&, o = pair.Load()] { report = cli::RunLoad(o); });
     // A random moment of the run (this is when the primary dies, not a wait for something).
     std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1200));
-    primary.Signal(SIGKILL);
-    std::string promoted = mirror.WaitForLine("promoted (", 30);
+    pair.primary->Signal(SIGKILL);
+    std::string promoted = pair.mirror->WaitForLine("promoted (", 30);
     load.join();
-    ASSERT_FALSE(promoted.empty()) << mirror.output();
+    ASSERT_FALSE(promoted.empty()) << pair.mirror->output();
     ASSERT_TRUE(report.ok()) << report.status();
-    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << mirror.output();
+    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << pair.mirror->output();
     EXPECT_GT(report->switches, 0u) << cli::FormatReport(*report);
-    mirror.Signal(SIGTERM);
-    EXPECT_EQ(mirror.Wait(60), 0) << mirror.output();
-    if (::testing::Test::HasFailure()) break;
+    pair.mirror->Signal(SIGTERM);
+    EXPECT_EQ(pair.mirror->Wait(60), 0) << pair.mirror->output();
   }
 }
 
@@ -372,58 +388,23 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
 // to the other address, no error, and every invariant holds on the new primary.
 TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothing) {
   ROMULUS_REQUIRE_KVM();
-  TempDir dir;
-  std::ofstream(dir.File("key")) << kKey << "\n";
-  uint16_t port = FreePort(), primary_ledger = FreePort(), mirror_ledger = FreePort();
-  uint16_t witness = FreePort(SOCK_DGRAM), hb_p = FreePort(SOCK_DGRAM), hb_m = FreePort(SOCK_DGRAM);
-  auto switchover = [&](const char* node, uint16_t local, uint16_t remote) {
-    return "switchover { node: \"" + std::string(node) +
-           "\" path { local: \"127.0.0.1:" + std::to_string(local) +
-           "\" remote: \"127.0.0.1:" + std::to_string(remote) +
-           "\" } witness: \"127.0.0.1:" + std::to_string(witness) + "\" }\n";
-  };
-  std::ofstream(dir.File("mirror.conf"))
-      << "vm_id: \"g\"\nmemory_mib: 64\ndisk_mib: 8\nport: " << port << "\npsk_file: \""
-      << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
-      << "\"\nledger_port: " << mirror_ledger << "\n"
-      << switchover("m", hb_m, hb_p);
-  std::ofstream(dir.File("primary.conf"))
-      << "vm_id: \"g\"\nmemory_mib: 64\ndisk: \"" << dir.File("primary.img")
-      << "\"\ndisk_mib: 8\nmirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
-      << "\"\nledger_port: " << primary_ledger << "\ncontrol_socket: \"" << dir.File("primary.sock")
-      << "\"\n"
-      << "workload { working_set_pages: 1024 write_rate: 20000 }\n"
-      << switchover("p", hb_p, hb_m);
-  Child w({"witness", "--psk-file", dir.File("key"), "--listen",
-           "127.0.0.1:" + std::to_string(witness)});
-  ASSERT_FALSE(w.WaitForLine("serving leases", 30).empty()) << w.output();
-  Child mirror({"mirror", "--config", dir.File("mirror.conf")});
-  ASSERT_FALSE(mirror.WaitForLine("waiting for the primary", 30).empty()) << mirror.output();
-  Child primary({"primary", "--config", dir.File("primary.conf")});
-  ASSERT_FALSE(primary.WaitForLine("protected: replicating", 60).empty()) << primary.output();
-
-  cli::LoadOptions o;
-  o.port = primary_ledger;
-  o.standby_host = "127.0.0.1";
-  o.standby_port = mirror_ledger;
-  o.clients = 8;
-  o.duration_s = 2;
-  o.accounts = 8;
-  o.attempts = 200;
+  KvmPair pair;
+  ASSERT_NO_FATAL_FAILURE(pair.Start());
   absl::StatusOr<cli::LoadReport> report;
-  std::thread load([&] { report = cli::RunLoad(o); });
+  std::thread load([&, o = pair.Load()] { report = cli::RunLoad(o); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
-  Child migrate({"migrate", "--socket", dir.File("primary.sock")});
+  Child migrate({"migrate", "--socket", pair.dir.File("primary.sock")});
   int rc = migrate.Wait(60);
   load.join();
-  ASSERT_EQ(rc, 0) << migrate.output() << primary.output() << mirror.output();
+  ASSERT_EQ(rc, 0) << migrate.output() << pair.primary->output() << pair.mirror->output();
   EXPECT_NE(migrate.output().find("handed over at epoch"), std::string::npos) << migrate.output();
-  EXPECT_FALSE(mirror.WaitForLine("handed over: resumed epoch", 10).empty()) << mirror.output();
+  EXPECT_FALSE(pair.mirror->WaitForLine("handed over: resumed epoch", 10).empty())
+      << pair.mirror->output();
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
   EXPECT_EQ(report->unresolved, 0u);
-  mirror.Signal(SIGTERM);
-  EXPECT_EQ(mirror.Wait(60), 0) << mirror.output();
+  pair.mirror->Signal(SIGTERM);
+  EXPECT_EQ(pair.mirror->Wait(60), 0) << pair.mirror->output();
 }
 
 }  // namespace
