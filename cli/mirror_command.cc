@@ -149,7 +149,11 @@ class MirrorHost {
   // the primary handed its lease to this node, which takes it before resuming. The mirror is not
   // torn down here (this is its thread): it ends replication itself once this returns OK.
   absl::Status TakeHandover(uint64_t epoch) {
-    std::lock_guard<std::mutex> one_at_a_time(promote_mu_);
+    // Not waited for: a promotion in progress tears the mirror down, joining this thread.
+    std::unique_lock<std::mutex> one_at_a_time(promote_mu_, std::try_to_lock);
+    if (!one_at_a_time.owns_lock()) {
+      return absl::UnavailableError("a promotion is under way on this host");
+    }
     auto t0 = Clock::now();
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -140,9 +140,13 @@ class MirrorImpl : public Mirror {
         stats_.syncing = false;
         channel_->Shutdown();
       }
-      std::lock_guard<std::mutex> lock(mu_);
-      channel_.reset();
-      if (stats_.handed_over) {  // this host runs the VM now: no primary may connect
+      bool handed_over;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        channel_.reset();
+        handed_over = stats_.handed_over;
+      }
+      if (handed_over) {  // this host runs the VM now: no primary may connect
         ::shutdown(acceptor_.native_handle(), SHUT_RDWR);
         return;
       }
@@ -373,15 +377,19 @@ class PrimaryImpl : public Primary {
       taking_ = false;
       cv_.notify_all();
       if (!cp.ok()) continue;  // budget spent (mirror slow) or connection restarted: retry
-      stats_.checkpoints++;
-      if (!(*cp)->full) stats_.dirty_pages += (*cp)->gfns.size();
-      auto pause = engine_.stats().last_pause_ms;
-      stats_.pause_ms.push_back(pause);
-      if (stats_.pause_ms.size() > 2000)
-        stats_.pause_ms.erase(stats_.pause_ms.begin(), stats_.pause_ms.begin() + 1000);
-      queue_.push_back(*cp);
-      cv_.notify_all();
+      Enqueue(std::move(*cp));
     }
+  }
+
+  // A checkpoint just taken: counted, and queued for the send loop. With mu_ held.
+  void Enqueue(std::shared_ptr<const Checkpoint> cp) {
+    stats_.checkpoints++;
+    if (!cp->full) stats_.dirty_pages += cp->gfns.size();
+    stats_.pause_ms.push_back(engine_.stats().last_pause_ms);
+    if (stats_.pause_ms.size() > 2000)
+      stats_.pause_ms.erase(stats_.pause_ms.begin(), stats_.pause_ms.begin() + 1000);
+    queue_.push_back(std::move(cp));
+    cv_.notify_all();
   }
 
   void ConnectLoop() {
@@ -509,9 +517,7 @@ class PrimaryImpl : public Primary {
       lock.unlock();
       return abort("the mirror connection ended");
     }
-    stats_.checkpoints++;
-    queue_.push_back(*cp);
-    cv_.notify_all();
+    Enqueue(*cp);
     bool acked = cv_.wait_until(lock, deadline, [&] {
       return lost() || acked_epoch_ >= static_cast<int64_t>(report.epoch);
     });
