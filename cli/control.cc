@@ -42,25 +42,15 @@ absl::Status WriteAll(int fd, const std::string& bytes) {
   return absl::OkStatus();
 }
 
-absl::Status ReadAll(int fd, char* out, size_t len) {
-  for (size_t off = 0; off < len;) {
-    ssize_t n = ::read(fd, out + off, len - off);
-    if (n == 0) return absl::UnavailableError("control socket closed");
-    if (n < 0) return vmm::ErrnoStatus("control socket read");
-    off += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-
 // One length-prefixed message from an untrusted peer, bounded in size.
 template <typename Message>
 absl::Status ReadMessage(int fd, Message* msg) {
   uint8_t header[4];
-  if (auto s = ReadAll(fd, reinterpret_cast<char*>(header), 4); !s.ok()) return s;
+  if (auto s = vmm::ReadFully(fd, header, 4, "control socket read"); !s.ok()) return s;
   uint32_t n = vmm::DecodeFrameLength(header);
   if (n > kMaxControlFrame) return absl::DataLossError("control message too large");
   std::string body(n, '\0');
-  if (auto s = ReadAll(fd, body.data(), n); !s.ok()) return s;
+  if (auto s = vmm::ReadFully(fd, body.data(), n, "control socket read"); !s.ok()) return s;
   if (!msg->ParseFromString(body)) return absl::DataLossError("malformed control message");
   return absl::OkStatus();
 }

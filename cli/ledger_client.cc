@@ -56,29 +56,15 @@ absl::Status LedgerClient::SendBytes(const std::string& bytes) {
   return absl::OkStatus();
 }
 
-namespace {
-absl::Status ReadExactly(int fd, uint8_t* buf, size_t len) {
-  size_t off = 0;
-  while (off < len) {
-    ssize_t n = ::recv(fd, buf + off, len - off, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n == 0) return absl::UnavailableError("ledger closed the connection");
-    if (n < 0) return vmm::ErrnoStatus("receive from ledger");
-    off += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-}  // namespace
-
 absl::StatusOr<pb::LedgerResponse> LedgerClient::Receive() {
   uint8_t header[4];
-  if (auto s = ReadExactly(fd_.get(), header, 4); !s.ok()) return s;
+  if (auto s = vmm::ReadFully(fd_.get(), header, 4, "receive from ledger"); !s.ok()) return s;
   uint32_t len = vmm::DecodeFrameLength(header);
   if (len > vmm::kMaxLedgerFrame) {
     return absl::DataLossError(absl::StrCat("ledger sent a frame of ", len, " bytes"));
   }
   std::string body(len, '\0');
-  if (auto s = ReadExactly(fd_.get(), reinterpret_cast<uint8_t*>(body.data()), len); !s.ok()) {
+  if (auto s = vmm::ReadFully(fd_.get(), body.data(), len, "receive from ledger"); !s.ok()) {
     return s;
   }
   pb::LedgerResponse r;

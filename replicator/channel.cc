@@ -8,9 +8,9 @@
 #include <sys/uio.h>
 
 #include <cerrno>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "vmm/kvm.h"
 
 namespace romulus::replicator {
 namespace {
@@ -21,28 +21,8 @@ using asio::ip::tcp;
 constexpr size_t kNonceBytes = 16;
 
 // Boost.Asio's blocking reads and writes wait again when SO_RCVTIMEO or SO_SNDTIMEO fires, so
-// a silent peer would block them for ever: the channel moves its bytes itself, and a timeout
-// (EAGAIN) is an error.
-absl::Status IoError(absl::string_view what, const std::string& peer, int err) {
-  if (err == EAGAIN || err == EWOULDBLOCK) {
-    return absl::DeadlineExceededError(absl::StrCat(what, " ", peer, ": timed out"));
-  }
-  return absl::UnavailableError(absl::StrCat(what, " ", peer, ": ", std::strerror(err)));
-}
-
-absl::Status ReadAll(int fd, uint8_t* p, size_t n, const std::string& peer) {
-  while (n > 0) {
-    ssize_t r = ::recv(fd, p, n, 0);
-    if (r == 0) return absl::UnavailableError(absl::StrCat("receive from ", peer, ": end of file"));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return IoError("receive from", peer, errno);
-    }
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return absl::OkStatus();
-}
+// a silent peer would block them for ever: the channel moves its bytes itself (reads through
+// vmm::ReadFully), and a timeout (EAGAIN) is an error.
 
 absl::Status WriteAll(int fd, iovec* iov, int count, const std::string& peer) {
   while (count > 0) {
@@ -52,7 +32,9 @@ absl::Status WriteAll(int fd, iovec* iov, int count, const std::string& peer) {
     ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return IoError("send to", peer, errno);
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return absl::DeadlineExceededError(absl::StrCat("send to ", peer, ": timed out"));
+      return vmm::ErrnoStatus(absl::StrCat("send to ", peer));
     }
     auto left = static_cast<size_t>(w);
     while (count > 0 && left >= iov->iov_len) {
@@ -207,7 +189,10 @@ absl::Status Channel::Send(const pb::Frame& frame) {
 
 absl::StatusOr<pb::Frame> Channel::Receive() {
   uint8_t header[4];
-  if (auto s = ReadAll(socket_.native_handle(), header, sizeof(header), peer_); !s.ok()) return s;
+  if (auto s = vmm::ReadFully(socket_.native_handle(), header, sizeof(header),
+                              absl::StrCat("receive from ", peer_));
+      !s.ok())
+    return s;
   uint32_t n =
       header[0] | (header[1] << 8) | (header[2] << 16) | (static_cast<uint32_t>(header[3]) << 24);
   if (n == 0 || n > kMaxFrameBytes) {
@@ -215,7 +200,8 @@ absl::StatusOr<pb::Frame> Channel::Receive() {
                                             kMaxFrameBytes, " allowed)"));
   }
   std::string body(n, '\0');
-  if (auto s = ReadAll(socket_.native_handle(), reinterpret_cast<uint8_t*>(body.data()), n, peer_);
+  if (auto s = vmm::ReadFully(socket_.native_handle(), body.data(), n,
+                              absl::StrCat("receive from ", peer_));
       !s.ok()) {
     return s;
   }

@@ -4,6 +4,7 @@
 
 #include <linux/kvm.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -47,6 +48,26 @@ class Fd {
 // A Status for a failed system call, carrying strerror(errno).
 inline absl::Status ErrnoStatus(absl::string_view what, int err = errno) {
   return absl::Status(absl::ErrnoToStatusCode(err), absl::StrCat(what, ": ", std::strerror(err)));
+}
+
+// Reads exactly `len` bytes from a blocking socket, retrying on EINTR. The peer closing first
+// is Unavailable ("WHAT: connection closed"); SO_RCVTIMEO running out is DeadlineExceeded
+// ("WHAT: timed out"); any other failure is ErrnoStatus(what).
+inline absl::Status ReadFully(int fd, void* buf, size_t len, absl::string_view what) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (len > 0) {
+    ssize_t n = ::recv(fd, p, len, 0);
+    if (n == 0) return absl::UnavailableError(absl::StrCat(what, ": connection closed"));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return absl::DeadlineExceededError(absl::StrCat(what, ": timed out"));
+      return ErrnoStatus(what);
+    }
+    p += n;
+    len -= static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
 }
 
 // Runs an ioctl, retrying on EINTR, and returns its non-negative result or an error naming it.
