@@ -36,13 +36,23 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
     o.writes_per_ms = 20;
     o.output_every = 100;
     // An output carries the write count it was produced at; when it is delivered, the mirror's
-    // replica must already hold a state at least that far.
+    // replica must already hold a state at least that far. (An acknowledgement read just before
+    // a test stops the mirror may deliver after it is gone: its replica is then checked as it
+    // stands, nothing being applied to it any more.)
     o.output = [this](uint64_t writes) {
       gate_.Push([this, writes] {
         uint64_t replica_writes = 0;
-        mirror_->WithReplica([&](checkpoint::ReplicaStore& r) {
+        auto check = [&](checkpoint::ReplicaStore& r) {
           replica_writes = r.committed_epoch() >= 0 ? SoftVm::WritesIn(r.memory().data()) : 0;
-        });
+        };
+        {
+          std::lock_guard<std::mutex> lock(mirror_mu_);
+          if (mirror_) {
+            mirror_->WithReplica(check);
+          } else if (replica_) {
+            check(*replica_);
+          }
+        }
         std::lock_guard<std::mutex> lock(mu_);
         delivered_++;
         if (replica_writes < writes) early_++;
@@ -57,12 +67,13 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
   }
   void TearDown() override {
     primary_.reset();
-    mirror_.reset();
+    StopMirror();
     engine_.reset();
     vm_.reset();
   }
   // A mirror on `port` (0: any); with a new, empty replica unless `keep_replica`.
   void StartMirror(uint16_t port = 0, bool keep_replica = false) {
+    std::lock_guard<std::mutex> lock(mirror_mu_);
     if (!keep_replica) {
       auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
       ASSERT_TRUE(r.ok());
@@ -75,6 +86,12 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
                                               .log = [this](absl::string_view l) { Note(l); }});
     ASSERT_TRUE(m.ok()) << m.status();
     mirror_ = std::move(*m);
+  }
+  // The mirror goes (its replica too, with `drop_replica`) while outputs may still be delivered.
+  void StopMirror(bool drop_replica = false) {
+    std::lock_guard<std::mutex> lock(mirror_mu_);
+    mirror_.reset();
+    if (drop_replica) replica_.reset();
   }
   void StartPrimary() {
     auto p = replicator::Primary::Start(*engine_, gate_,
@@ -104,6 +121,7 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
   std::unique_ptr<replicator::Mirror> mirror_;
   std::unique_ptr<replicator::Primary> primary_;
   std::mutex mu_;
+  std::mutex mirror_mu_;  // held while mirror_ or replica_ change, and while outputs read them
   testing::PauseDigests pauses_;
   std::string log_;
   uint64_t delivered_ = 0, early_ = 0;
@@ -145,9 +163,9 @@ TEST_P(SoftReplication, AMirrorKilledMidSynchronisationIsResynchronised) {
       [&] { return mirror_->stats().syncing || mirror_->stats().committed_epoch >= 0; }, 30))
       << Logs();
   uint16_t port = mirror_->port();
-  mirror_.reset();
+  StopMirror();
   bool mid_sync = replica_->committed_epoch() < 0;
-  replica_.reset();
+  StopMirror(/*drop_replica=*/true);
   ASSERT_TRUE(
       WaitUntil([&] { return !primary_->stats().connected && !primary_->stats().sync.active; }, 30))
       << Logs();
@@ -177,7 +195,7 @@ TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
   EXPECT_GE(first.wire_bytes, kMemory - (1 << 20)) << Logs();
 
   uint16_t port = mirror_->port();
-  mirror_.reset();  // the mirror goes; its replica stays
+  StopMirror();  // the mirror goes; its replica stays
   ASSERT_TRUE(WaitUntil([&] { return !primary_->stats().connected; }, 30)) << Logs();
   uint64_t resyncs = primary_->stats().resyncs;
   StartMirror(port, /*keep_replica=*/true);
