@@ -77,7 +77,7 @@ absl::Status CheckVm(Parsed& p, Config& c) {
 }
 
 // Heartbeat paths, the witness and the fence; defaults filled in. Absent: no switchover.
-absl::Status CheckSwitchover(Parsed& p, pb::SwitchoverConfig* s, bool mirror) {
+absl::Status CheckSwitchover(Parsed& p, pb::SwitchoverConfig* s) {
   if (s->ByteSizeLong() == 0) return absl::OkStatus();
   auto bad = [&](const std::string& what) { return p.Bad("switchover", what); };
   if (s->node().empty() || s->node().size() > 64) {
@@ -106,9 +106,6 @@ absl::Status CheckSwitchover(Parsed& p, pb::SwitchoverConfig* s, bool mirror) {
     return bad("lease_renew_ms must be 5 to 10000");
   }
   if (s->fence_timeout_ms() == 0) s->set_fence_timeout_ms(5000);
-  if (!mirror && !s->fence_command().empty()) {
-    return bad("fence_command belongs in the mirror's config (it fences the primary)");
-  }
   return absl::OkStatus();
 }
 
@@ -136,7 +133,11 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
     return p.Bad("workload", "pattern must be sequential, uniform or hotcold");
   }
-  if (auto s = CheckSwitchover(p, c.mutable_switchover(), false); !s.ok()) return s;
+  if (c.replication_port() > 65535) return p.Bad("replication_port", "must be at most 65535");
+  if (c.replication_port() != 0 && c.replication_listen().empty()) {
+    c.set_replication_listen("127.0.0.1");
+  }
+  if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
   return c;
 }
 
@@ -152,7 +153,16 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
   if (c.ledger_port() == 0) c.set_ledger_port(7070);
   if (c.ledger_port() > 65535) return p.Bad("ledger_port", "must be at most 65535");
-  if (auto s = CheckSwitchover(p, c.mutable_switchover(), true); !s.ok()) return s;
+  if (!c.replicate_to().empty() && !ValidHostPort(c.replicate_to())) {
+    return p.Bad("replicate_to", "must be HOST:PORT");
+  }
+  if (c.epoch_ms() == 0) c.set_epoch_ms(25);
+  if (c.epoch_ms() < 5 || c.epoch_ms() > 1000) return p.Bad("epoch_ms", "must be 5 to 1000");
+  if (c.compression().empty()) c.set_compression("lz4");
+  if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
+    return p.Bad("compression", "must be none or lz4");
+  }
+  if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
   return c;
 }
 

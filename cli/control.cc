@@ -322,7 +322,10 @@ int MigrateCommand(int argc, char** argv) {
             "waits for the mirror to commit it (its outputs leave), hands the witness's lease\n"
             "over if there is one, and tells the mirror to resume the VM, which then runs there.\n"
             "Prints the downtime (VM paused here until the mirror said it runs). If the mirror\n"
-            "refuses or the last checkpoint is not committed in time, the VM runs on here.");
+            "refuses or the last checkpoint is not committed in time, the VM runs on here.\n"
+            "Afterwards this host is the mirror of the new primary (if its config has a\n"
+            "replication_port), and the same command against the new primary's socket\n"
+            "migrates the VM back.");
   args.String("socket", &socket, "the primary's control socket");
   args.Uint("timeout-ms", &timeout_ms,
             "how long the last checkpoint and the mirror's answer may take (1 to 600000)");

@@ -1,10 +1,89 @@
 #include "cli/host.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <mutex>
 
+#include "absl/strings/str_format.h"
 #include "cli/args.h"
+#include "cli/signals.h"
 
 namespace romulus::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primary::Stats& s) {
+  pb::StatusReply r;
+  r.set_role("primary");
+  r.set_vm_id(vm_id);
+  r.set_state(s.state);
+  r.set_peer_connected(s.connected || s.sync.active);
+  r.set_peer(s.peer);
+  r.set_epochs(s.checkpoints);
+  r.set_committed_epoch(static_cast<int64_t>(s.acked) - 1);
+  r.set_lag_epochs(s.lag_epochs);
+  r.set_held_outputs(s.held_outputs);
+  r.set_pause_p50_ms(Percentile(s.pause_ms, 0.5));
+  r.set_pause_p99_ms(Percentile(s.pause_ms, 0.99));
+  r.set_bytes(s.bytes_sent);
+  r.set_resyncs(s.resyncs);
+  if (s.sync.active) {
+    pb::SyncStatus* y = r.mutable_sync();
+    y->set_done_bytes(s.sync.done_bytes);
+    y->set_total_bytes(s.sync.total_bytes);
+    y->set_wire_bytes(s.sync.wire_bytes);
+    y->set_round(s.sync.round);
+    double rate = s.sync.seconds > 0 ? static_cast<double>(s.sync.done_bytes) / s.sync.seconds : 0;
+    y->set_mb_per_s(rate / 1e6);
+    y->set_eta_s(rate > 0 ? static_cast<double>(s.sync.total_bytes - s.sync.done_bytes) / rate : 0);
+  }
+  return r;
+}
+
+pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror::Stats& s) {
+  pb::StatusReply r;
+  r.set_role("mirror");
+  r.set_vm_id(vm_id);
+  if (!s.connected) {
+    r.set_state(s.committed_epoch < 0 ? "waiting for a primary; no replica yet"
+                                      : "waiting for a primary; replica holds its last commit");
+  } else if (s.syncing) {
+    r.set_state(
+        "receiving the initial synchronisation into staging; replica unchanged until it "
+        "commits");
+  } else {
+    r.set_state("replicating");
+  }
+  r.set_peer_connected(s.connected);
+  r.set_peer(s.peer);
+  r.set_epochs(s.checkpoints);
+  r.set_committed_epoch(s.committed_epoch);
+  r.set_bytes(s.bytes);
+  r.set_rejected(s.rejected);
+  return r;
+}
+
+// The lease's hooks reach the node through this: they may fire before it exists and while it
+// is being torn down.
+class NodeRef {
+ public:
+  void Set(switchover::Node* node) {
+    std::lock_guard<std::mutex> lock(mu_);
+    node_ = node;
+  }
+  void Fence(bool fenced) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (node_) node_->Fence(fenced);
+  }
+
+ private:
+  std::mutex mu_;
+  switchover::Node* node_ = nullptr;
+};
+
+}  // namespace
 
 int Fail(const char* who, const absl::Status& s) {
   std::fprintf(stderr, "romulus %s: %s\n", who, std::string(s.message()).c_str());
@@ -16,6 +95,105 @@ replicator::LogFn Logger(const char* who) {
     std::fprintf(stdout, "romulus %s: %.*s\n", who, static_cast<int>(line.size()), line.data());
     std::fflush(stdout);
   };
+}
+
+std::function<void(absl::string_view)> GuestConsole(const char* who) {
+  return [who](absl::string_view line) {
+    std::printf("romulus %s: guest: %.*s\n", who, static_cast<int>(line.size()), line.data());
+    std::fflush(stdout);
+  };
+}
+
+LedgerVm::~LedgerVm() {
+  endpoint_.reset();
+  (void)vm_->Stop();
+}
+
+absl::Status LedgerVm::Start() {
+  auto endpoint = vmm::LedgerEndpoint::Start(vm_->ledger(), gate_, listen_, port_, Logger(who_));
+  if (!endpoint.ok()) return endpoint.status();
+  endpoint_ = std::move(*endpoint);
+  if (auto s = vm_->Start(); !s.ok()) return s;
+  Logger(who_)(absl::StrFormat("VM running, ledger on %s:%d", listen_, endpoint_->port()));
+  return absl::OkStatus();
+}
+
+std::unique_ptr<vmm::GuestMemory> LedgerVm::TakeMemory() {
+  endpoint_.reset();
+  return vm_->TakeMemory();
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
+}
+
+Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primary::Stats& b,
+                   double dt) {
+  Rates r{};
+  uint64_t epochs = b.checkpoints - a.checkpoints;
+  r.epochs_per_s = static_cast<double>(epochs) / dt;
+  r.mb_per_s = static_cast<double>(b.bytes_sent - std::min(a.bytes_sent, b.bytes_sent)) / dt / 1e6;
+  r.dirty_per_epoch =
+      epochs ? static_cast<double>(b.dirty_pages - a.dirty_pages) / static_cast<double>(epochs) : 0;
+  std::vector<double> recent(
+      b.pause_ms.end() - std::min<size_t>(b.pause_ms.size(), std::max<uint64_t>(epochs, 1)),
+      b.pause_ms.end());
+  r.pause_p50 = Percentile(recent, 0.5);
+  r.pause_p99 = Percentile(recent, 0.99);
+  return r;
+}
+
+// "synchronising: 120.0/320.0 MiB (37%), 95.1 MB/s, ETA 2.1 s, round 1"
+std::string SyncLine(const replicator::Primary::SyncProgress& p) {
+  double rate = p.seconds > 0 ? static_cast<double>(p.done_bytes) / p.seconds : 0;
+  double left = static_cast<double>(p.total_bytes - std::min(p.done_bytes, p.total_bytes));
+  return absl::StrFormat(
+      "synchronising: %.1f/%.1f MiB (%.0f%%), %.1f MB/s (%.1f MB on the wire), ETA %s, round %d",
+      static_cast<double>(p.done_bytes) / (1 << 20), static_cast<double>(p.total_bytes) / (1 << 20),
+      p.total_bytes ? 100.0 * static_cast<double>(p.done_bytes) / static_cast<double>(p.total_bytes)
+                    : 0.0,
+      rate / 1e6, static_cast<double>(p.wire_bytes) / 1e6,
+      rate > 0 ? absl::StrFormat("%.1f s", left / rate) : std::string("?"), p.round);
+}
+
+std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r) {
+  if (s.sync.active) {
+    return absl::StrFormat("%s | held outputs %d", SyncLine(s.sync), s.held_outputs);
+  }
+  if (!s.connected) return absl::StrFormat("%s | held outputs %d", s.state, s.held_outputs);
+  return absl::StrFormat(
+      "%s | %.0f epochs/s, pause p50 %.2f ms p99 %.2f ms, %.0f dirty pages/epoch, %.1f MB/s, "
+      "held outputs %d, replica lag %d epochs",
+      s.connected ? "protected" : "UNPROTECTED", r.epochs_per_s, r.pause_p50, r.pause_p99,
+      r.dirty_per_epoch, r.mb_per_s, s.held_outputs, s.lag_epochs);
+}
+
+pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s) {
+  using Role = switchover::Node::Role;
+  if (s.role == Role::kMirror && s.mirror) return MirrorStatus(vm_id, *s.mirror);
+  if (s.role == Role::kPrimary && s.primary) {
+    pb::StatusReply r = PrimaryStatus(vm_id, *s.primary);
+    if (s.resumed_epoch >= 0) {
+      r.set_state(absl::StrFormat("resumed here at epoch %d; %s", s.resumed_epoch, r.state()));
+    }
+    return r;
+  }
+  pb::StatusReply r;
+  r.set_vm_id(vm_id);
+  if (s.role == Role::kPrimary) {
+    r.set_role("primary");
+    r.set_state(absl::StrFormat(
+        "promoted from mirror at epoch %d; running unprotected (no peer configured)",
+        s.resumed_epoch));
+    r.set_committed_epoch(s.resumed_epoch);
+    r.set_held_outputs(s.held_outputs);
+  } else {
+    r.set_role("idle");
+    r.set_state("holds neither the VM nor a replica (handed over, or a role change failed)");
+  }
+  return r;
 }
 
 int ConfigOnly(const char* who, const char* usage, const char* summary, int argc, char** argv,
@@ -54,11 +232,6 @@ void Switchover::AddStatus(pb::StatusReply* r) const {
     r->set_lease_held(s.held);
     r->set_lease_holder(s.holder);
   }
-}
-
-std::function<void()> Switchover::TrafficHook() {
-  if (!heartbeat) return nullptr;
-  return [hb = heartbeat.get()] { hb->NoteTrafficFromPeer(); };
 }
 
 absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const std::string& vm_id,
@@ -101,6 +274,136 @@ absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const 
     out.witness = c.witness();
   }
   return out;
+}
+
+int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode start) {
+  NodeRef ref;
+  std::atomic<bool> peer_dead{false};
+  auto ha = StartSwitchover(h.switchover, h.vm_id, who, h.node.key,
+                            {.on_peer_dead = [&] { peer_dead = true; },
+                             .on_peer_back = [&] { peer_dead = false; },
+                             .on_lease_gained = [&] { ref.Fence(false); },
+                             .on_lease_lost = [&] { ref.Fence(true); }},
+                            Logger(who));
+  if (!ha.ok()) return Fail(who, ha.status());
+  h.node.lease = ha->lease.get();
+  h.node.heartbeat = ha->heartbeat.get();
+  h.node.fence_command = h.switchover.fence_command();
+  h.node.fence_timeout = std::chrono::milliseconds(h.switchover.fence_timeout_ms());
+  h.node.log = Logger(who);
+  h.node.adopt = [who, listen = h.ledger_listen, port = h.ledger_port](
+                     checkpoint::ReplicaStore::Committed c,
+                     vmm::OutputGate& gate) -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
+    auto vm = vmm::Vm::Adopt(std::move(c.memory), c.state, c.disk_path, GuestConsole(who), &gate);
+    if (!vm.ok()) return vm.status();
+    return std::make_unique<LedgerVm>(std::move(*vm), gate, listen, port, who);
+  };
+  h.node.can_resume = [](const pb::VmSnapshot& state) -> absl::Status {
+    if (auto s = vmm::CheckKvm(); !s.ok()) return s;
+    if (state.vcpus_size() != 1) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("its state has ", state.vcpus_size(), " vCPUs; this monitor runs one"));
+    }
+    return absl::OkStatus();
+  };
+  auto node = start(h.node);
+  if (!node.ok()) return Fail(who, node.status());
+  ref.Set(node->get());
+  switchover::Node& n = **node;
+  auto control = MaybeControl(
+      h.control_socket,
+      {.status =
+           [&] {
+             auto r = NodeStatusReply(h.vm_id, n.status());
+             ha->AddStatus(&r);
+             return r;
+           },
+       .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
+       .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<std::string> {
+         auto report = n.Migrate(timeout);
+         if (!report.ok()) return report.status();
+         auto now = n.status();
+         return absl::StrFormat(
+             "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and "
+             "resumed at the mirror %.1f ms after the VM paused here (downtime); %s",
+             report->epoch, report->final_pages, report->commit_ms, report->downtime_ms,
+             now.role == switchover::Node::Role::kMirror
+                 ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
+                 : std::string("this host is idle (no replication_port to be the mirror on)"));
+       }});
+  if (!control.ok()) return Fail(who, control.status());
+
+  auto save = [&] {
+    if (h.snapshot_dir.empty()) return;
+    n.WithReplica([&](checkpoint::ReplicaStore& r) {
+      auto info = r.SaveSnapshot(h.snapshot_dir);
+      if (!info.ok()) {
+        std::printf("romulus %s: no snapshot: %s\n", who,
+                    std::string(info.status().message()).c_str());
+      } else {
+        std::printf(
+            "romulus %s: saved replica of epoch %ld to %s (memory_xxh3=%016lx ledger_seq=%lu)\n",
+            who, static_cast<long>(r.committed_epoch()), h.snapshot_dir.c_str(),
+            static_cast<unsigned long>(info->memory_xxh3),
+            static_cast<unsigned long>(info->guest.ledger_seq));
+      }
+    });
+    std::fflush(stdout);
+  };
+  // With heartbeats the loop wakes every few milliseconds, so that a dead primary is acted on at
+  // once; the status line still comes once a second.
+  auto tick = std::chrono::milliseconds(ha->heartbeat ? 5 : 1000);
+  auto last_line = Clock::now(), next_attempt = Clock::now();
+  switchover::Node::Status last = n.status();
+  for (;;) {
+    int sig = WaitSignal(signals, tick);
+    if (sig == SIGINT || sig == SIGTERM) break;
+    if (sig == SIGUSR1) save();
+    if (n.vm_exited()) break;
+    auto now = n.status();
+    if (peer_dead && now.role == switchover::Node::Role::kMirror &&
+        now.mirror->committed_epoch >= 0 && Clock::now() >= next_attempt) {
+      auto done = n.Promote(false, absl::StrFormat("the primary was silent on every path for %d ms",
+                                                   h.switchover.heartbeat_timeout_ms()));
+      std::printf("romulus %s: %s\n", who,
+                  std::string(done.ok() ? *done : done.status().message()).c_str());
+      std::fflush(stdout);
+      next_attempt = Clock::now() + std::chrono::seconds(1);
+    }
+    if (Clock::now() - last_line < std::chrono::seconds(1)) continue;
+    double dt = std::chrono::duration<double>(Clock::now() - last_line).count();
+    last_line = Clock::now();
+    now = n.status();
+    if (now.primary) {
+      // A new replication session (a role change) starts its counts afresh.
+      bool same = last.primary && last.primary->checkpoints <= now.primary->checkpoints &&
+                  last.resumed_epoch == now.resumed_epoch;
+      std::printf("romulus %s: %s\n", who,
+                  StatusLine(*now.primary,
+                             RatesBetween(same ? *last.primary : *now.primary, *now.primary, dt))
+                      .c_str());
+    } else if (now.mirror) {
+      uint64_t checkpoints = last.mirror ? last.mirror->checkpoints : 0;
+      uint64_t bytes = last.mirror ? last.mirror->bytes : 0;
+      if (checkpoints > now.mirror->checkpoints) checkpoints = bytes = 0;
+      std::printf(
+          "romulus %s: %s | committed epoch %ld, %lu checkpoints/s, %.1f MB/s, %lu refused\n", who,
+          now.mirror->connected ? "primary connected" : "no primary",
+          static_cast<long>(now.mirror->committed_epoch),
+          static_cast<unsigned long>(now.mirror->checkpoints - checkpoints),
+          static_cast<double>(now.mirror->bytes - std::min(bytes, now.mirror->bytes)) / 1e6,
+          static_cast<unsigned long>(now.mirror->rejected));
+    }
+    std::fflush(stdout);
+    last = now;
+  }
+  save();  // the replica as of the last committed epoch (if the mirror), then stop
+  control->reset();
+  ref.Set(nullptr);  // the lease's hooks no longer reach the node
+  node->reset();
+  ha->lease.reset();  // the heartbeats outlive the node, which feeds them replication traffic
+  std::printf("romulus %s: stopped\n", who);
+  return 0;
 }
 
 }  // namespace romulus::cli

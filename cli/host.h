@@ -1,18 +1,26 @@
 // What `romulus primary` and `romulus mirror` share: errors and log lines, the --config-only
-// command line, the control socket, and the switchover pieces that run beside replication
-// (heartbeats on every path, the witness lease) with their part of `romulus status`.
+// command line, the control socket, the switchover pieces that run beside replication
+// (heartbeats on every path, the witness lease) with their part of `romulus status`, the KVM VM
+// as a node runs it, and the node's main loop. The two commands differ only in what the node
+// starts as: the primary with a freshly booted VM, the mirror with an empty (or seeded) replica.
 #ifndef ROMULUS_CLI_HOST_H_
 #define ROMULUS_CLI_HOST_H_
+
+#include <signal.h>
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "cli/control.h"
 #include "proto/romulus.pb.h"
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
+#include "vmm/ledger_endpoint.h"
+#include "vmm/vmm.h"
 
 namespace romulus::cli {
 
@@ -35,8 +43,6 @@ struct Switchover {
   std::string witness;
   // Adds paths, peer liveness and the lease to a status reply.
   void AddStatus(pb::StatusReply* r) const;
-  // For replication's on_traffic: the peer is alive.
-  std::function<void()> TrafficHook();
 };
 struct SwitchoverHooks {
   std::function<void()> on_peer_dead = nullptr, on_peer_back = nullptr;
@@ -45,6 +51,68 @@ struct SwitchoverHooks {
 absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const std::string& vm_id,
                                            const std::string& role, const std::string& key,
                                            SwitchoverHooks hooks, replicator::LogFn log);
+
+// Guest console lines as "romulus WHO: guest: line" on stdout.
+std::function<void(absl::string_view)> GuestConsole(const char* who);
+
+// The KVM VM with its ledger: the endpoint opens at this host's service address when the VM
+// starts, and closes when the VM is given up (clients then go to the other host at once).
+class LedgerVm : public switchover::NodeVm {
+ public:
+  LedgerVm(std::unique_ptr<vmm::Vm> vm, vmm::OutputGate& gate, std::string listen, uint16_t port,
+           const char* who)
+      : vm_(std::move(vm)), gate_(gate), listen_(std::move(listen)), port_(port), who_(who) {}
+  ~LedgerVm() override;
+  absl::Status Start() override;
+  std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
+  bool exited() override { return vm_->exited(); }
+  absl::Status Pause() override { return vm_->Pause(); }
+  absl::Status Resume() override { return vm_->Resume(); }
+  absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override { return vm_->HarvestDirty(); }
+  absl::StatusOr<pb::VmSnapshot> SaveState() override { return vm_->SaveState(); }
+  vmm::GuestMemory& memory() override { return vm_->memory(); }
+  vmm::BlockDevice& disk() override { return vm_->disk(); }
+
+ private:
+  std::unique_ptr<vmm::Vm> vm_;
+  vmm::OutputGate& gate_;
+  std::string listen_;
+  uint16_t port_;
+  const char* who_;
+  std::unique_ptr<vmm::LedgerEndpoint> endpoint_;
+};
+
+// Status lines and replies.
+double Percentile(std::vector<double> v, double p);
+// Rates between two samples of a primary's stats `dt` seconds apart.
+struct Rates {
+  double epochs_per_s, mb_per_s, dirty_per_epoch, pause_p50, pause_p99;
+};
+Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primary::Stats& b,
+                   double dt);
+// "synchronising: 120.0/320.0 MiB (37%), 95.1 MB/s, ETA 2.1 s, round 1"
+std::string SyncLine(const replicator::Primary::SyncProgress& p);
+std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r);
+pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s);
+
+// What a node needs besides what it starts with.
+struct HostSettings {
+  std::string vm_id{};
+  pb::SwitchoverConfig switchover{};
+  std::string control_socket{};
+  std::string snapshot_dir{};  // as the mirror: SIGUSR1 and stopping save the replica there
+  std::string ledger_listen{};
+  uint16_t ledger_port = 0;
+  // Filled in by the command (identity, key, replication); RunHost adds the switchover pieces
+  // and how this host runs a VM.
+  switchover::Node::Options node{};
+};
+// Starts heartbeats and the lease, then the node (`start` makes it from the completed options),
+// the control socket, and runs until SIGINT or SIGTERM, or until the VM stops on its own. As
+// the mirror it promotes when the peer is silent on every path. Returns the exit code.
+using StartNode = std::function<absl::StatusOr<std::unique_ptr<switchover::Node>>(
+    const switchover::Node::Options& options)>;
+int RunHost(const char* who, HostSettings settings, const sigset_t& signals, StartNode start);
 
 }  // namespace romulus::cli
 

@@ -10,11 +10,15 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "checkpoint/checkpoint.h"
+#include "replicator/replicator.h"
+#include "vmm/vmm.h"
 
 namespace romulus::switchover {
 
@@ -144,6 +148,98 @@ struct PromotionPolicy {
   std::chrono::milliseconds wait{1000};  // for the lease or the fencing command
 };
 absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force);
+
+// A VM as a node runs it while it is the primary: what checkpointing needs, plus starting it
+// and, after a planned migration, giving up its memory to become the new primary's replica.
+// The CLI's is a KVM VM with its ledger endpoint; tests use a software VM.
+class NodeVm : public vmm::CheckpointableVm {
+ public:
+  // Starts the guest (and the service it offers).
+  virtual absl::Status Start() = 0;
+  // Stops it for good (the service closes) and gives up its memory.
+  virtual std::unique_ptr<vmm::GuestMemory> TakeMemory() = 0;
+  // The guest stopped on its own (an error).
+  virtual bool exited() = 0;
+};
+
+// One host of a protected VM, in whichever role it holds now, and the role changes:
+//  - primary -> mirror: a planned migration (Migrate). Once the mirror resumed the VM, this
+//    host's memory and disk become the new primary's replica, which then sends only what
+//    differs: protection goes on without a full copy.
+//  - mirror -> primary: a failover (Promote, authorised by the lease or the fencing command) or
+//    a migration the other host asked for. The committed replica becomes the VM (its memory is
+//    not copied); with `peer` configured the new primary replicates to the other host, which
+//    returns as the mirror, and runs unprotected until it does.
+class Node {
+ public:
+  enum class Role { kPrimary, kMirror, kIdle };
+  using AdoptFn = std::function<absl::StatusOr<std::unique_ptr<NodeVm>>(
+      checkpoint::ReplicaStore::Committed committed, vmm::OutputGate& gate)>;
+  struct Options {
+    replicator::Identity identity{};
+    std::string key{};
+    // As the mirror: the replication listener (port 0: any free one). Unset (empty listen): a
+    // node that handed its VM over stays idle.
+    std::string listen{};
+    uint16_t port = 0;
+    // As the primary: the other host's replication listener. Unset (port 0): a promoted node
+    // runs unprotected.
+    std::string peer_host{};
+    uint16_t peer_port = 0;
+    std::chrono::milliseconds epoch{25};
+    pb::Compression compression = pb::COMPRESSION_NONE;
+    uint64_t max_in_flight_bytes = 256ull << 20;
+    // The VM this node starts with releases outputs while no mirror is connected. A VM it
+    // resumed always does: its outputs must not wait for a mirror that may never return.
+    bool run_unprotected = false;
+    // The disk image of the VM the node starts with (a resumed one uses the replica's).
+    std::string disk_path{};
+    // Makes the committed replica a VM, not started, whose outputs pass through `gate`.
+    AdoptFn adopt = nullptr;
+    // Whether this host can run the committed replica, asked before the replica is given up
+    // (unset: it can).
+    std::function<absl::Status(const pb::VmSnapshot& state)> can_resume = nullptr;
+    // Split-brain safety (see AuthorizePromotion). With a lease, a migration hands it to the
+    // peer's node (named by the heartbeats).
+    LeaseClient* lease = nullptr;
+    std::string fence_command{};
+    std::chrono::milliseconds fence_timeout{5000};
+    Heartbeat* heartbeat = nullptr;
+    LogFn log = nullptr;
+  };
+  struct Status {
+    Role role = Role::kIdle;
+    int64_t resumed_epoch = -1;  // the checkpoint this node resumed as the primary (-1: none)
+    std::optional<replicator::Primary::Stats> primary;  // a primary replicating to its peer
+    std::optional<replicator::Mirror::Stats> mirror;
+    uint64_t held_outputs = 0;
+    uint16_t port = 0;  // the mirror's replication listener
+  };
+
+  // `vm` runs (once started here) with its outputs through `gate`.
+  static absl::StatusOr<std::unique_ptr<Node>> StartPrimary(std::unique_ptr<vmm::OutputGate> gate,
+                                                            std::unique_ptr<NodeVm> vm,
+                                                            Options options);
+  static absl::StatusOr<std::unique_ptr<Node>> StartMirror(
+      std::unique_ptr<checkpoint::ReplicaStore> replica, Options options);
+  virtual ~Node() = default;
+
+  // Planned migration to the mirror (see replicator::Primary::HandOver for the errors). On
+  // success this host becomes the mirror of the new primary (or idle, without a listener).
+  virtual absl::StatusOr<replicator::Primary::HandoverReport> Migrate(
+      std::chrono::milliseconds timeout) = 0;
+  // Failover: resumes the last committed checkpoint as the primary, once authorised (`force`:
+  // without proof that the old primary is gone). Returns a line saying what was done.
+  virtual absl::StatusOr<std::string> Promote(bool force, const std::string& why) = 0;
+  // The lease was lost (another host may be promoted: the VM pauses, outputs are held) or
+  // regained.
+  virtual void Fence(bool fenced) = 0;
+  virtual Status status() const = 0;
+  // While the mirror: `fn` runs while no checkpoint is being applied.
+  virtual void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) = 0;
+  // While the primary: the guest stopped on its own.
+  virtual bool vm_exited() = 0;
+};
 
 }  // namespace romulus::switchover
 

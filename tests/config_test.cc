@@ -66,6 +66,21 @@ epoch_ms: 2
   ASSERT_FALSE(m.ok());
   EXPECT_NE(m.status().message().find(":2: port"), absl::string_view::npos) << m.status();
   EXPECT_FALSE(cli::LoadMirrorConfig(dir.File("missing.conf")).ok());
+  // Where a host replicates once it is the primary is an address, like the primary's mirror.
+  auto r = cli::LoadMirrorConfig(Write(dir,
+                                       "vm_id: \"a\"\nport: 7000\npsk_file: \"k\"\nreplica_disk: "
+                                       "\"r\"\nreplicate_to: \"nowhere\"\n"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find(":5: replicate_to: must be HOST:PORT"),
+            absl::string_view::npos)
+      << r.status();
+  auto good =
+      cli::LoadMirrorConfig(Write(dir,
+                                  "vm_id: \"a\"\nport: 7000\npsk_file: \"k\"\nreplica_disk: "
+                                  "\"r\"\nreplicate_to: \"127.0.0.1:7001\"\n"));
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(good->epoch_ms(), 25u);
+  EXPECT_EQ(good->compression(), "lz4");
 }
 
 }  // namespace

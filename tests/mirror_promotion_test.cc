@@ -306,7 +306,9 @@ TEST_F(MirrorPromotion, ARestartedMirrorReceivesOnlyWhatDiffers) {
 // options of a ledger load given both ledger addresses.
 struct KvmPair {
   TempDir dir;
-  uint16_t port = FreePort(), primary_ledger = FreePort(), mirror_ledger = FreePort();
+  // Replication listeners: the mirror's, and the primary's once it has handed the VM over.
+  uint16_t port = FreePort(), primary_port = FreePort();
+  uint16_t primary_ledger = FreePort(), mirror_ledger = FreePort();
   uint16_t witness = FreePort(SOCK_DGRAM), hb_p = FreePort(SOCK_DGRAM), hb_m = FreePort(SOCK_DGRAM);
   std::unique_ptr<Child> w, mirror, primary;
 
@@ -321,13 +323,14 @@ struct KvmPair {
     std::ofstream(dir.File("mirror.conf"))
         << "vm_id: \"f\"\nmemory_mib: 64\ndisk_mib: 8\nport: " << port << "\npsk_file: \""
         << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
-        << "\"\nledger_port: " << mirror_ledger << "\n"
+        << "\"\nledger_port: " << mirror_ledger << "\nreplicate_to: \"127.0.0.1:" << primary_port
+        << "\"\ncontrol_socket: \"" << dir.File("mirror.sock") << "\"\n"
         << switchover("m", hb_m, hb_p);
     std::ofstream(dir.File("primary.conf"))
         << "vm_id: \"f\"\nmemory_mib: 64\ndisk: \"" << dir.File("primary.img")
         << "\"\ndisk_mib: 8\nmirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
         << "\"\nledger_port: " << primary_ledger << "\ncontrol_socket: \""
-        << dir.File("primary.sock") << "\"\n"
+        << dir.File("primary.sock") << "\"\nreplication_port: " << primary_port << "\n"
         << "workload { working_set_pages: 1024 write_rate: 20000 }\n"
         << switchover("p", hb_p, hb_m);
     w = std::make_unique<Child>(std::vector<std::string>{"witness", "--psk-file", dir.File("key"),
@@ -342,11 +345,12 @@ struct KvmPair {
     ASSERT_FALSE(primary->WaitForLine("protected: replicating", 60).empty()) << primary->output();
   }
 
-  cli::LoadOptions Load() const {
+  // Clients that start at `first` and know the other ledger address.
+  cli::LoadOptions Load(bool first_primary = true) const {
     cli::LoadOptions o;
-    o.port = primary_ledger;
+    o.port = first_primary ? primary_ledger : mirror_ledger;
     o.standby_host = "127.0.0.1";
-    o.standby_port = mirror_ledger;
+    o.standby_port = first_primary ? mirror_ledger : primary_ledger;
     o.clients = 8;
     o.duration_s = 2;
     o.accounts = 8;
@@ -384,27 +388,43 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
   }
 }
 
-// Must-show 4 (one way): `romulus migrate` under load. The clients see a pause and a reconnect
-// to the other address, no error, and every invariant holds on the new primary.
-TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothing) {
+// Must-show 4: `romulus migrate` under load, and back. The clients see a pause and a reconnect
+// to the other address, no error, and every invariant holds on the new primary. The old primary
+// becomes the mirror of the new one (seeded with its own memory and disk), so the second
+// migration needs no full copy first.
+TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
   ROMULUS_REQUIRE_KVM();
   KvmPair pair;
   ASSERT_NO_FATAL_FAILURE(pair.Start());
-  absl::StatusOr<cli::LoadReport> report;
-  std::thread load([&, o = pair.Load()] { report = cli::RunLoad(o); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
-  Child migrate({"migrate", "--socket", pair.dir.File("primary.sock")});
-  int rc = migrate.Wait(60);
-  load.join();
-  ASSERT_EQ(rc, 0) << migrate.output() << pair.primary->output() << pair.mirror->output();
-  EXPECT_NE(migrate.output().find("handed over at epoch"), std::string::npos) << migrate.output();
-  EXPECT_FALSE(pair.mirror->WaitForLine("handed over: resumed epoch", 10).empty())
-      << pair.mirror->output();
-  ASSERT_TRUE(report.ok()) << report.status();
-  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
-  EXPECT_EQ(report->unresolved, 0u);
-  pair.mirror->Signal(SIGTERM);
-  EXPECT_EQ(pair.mirror->Wait(60), 0) << pair.mirror->output();
+  struct Leg {
+    const char* socket;
+    Child* from;
+    Child* to;
+    bool first_primary;
+  };
+  for (const Leg& leg : {Leg{"primary.sock", pair.primary.get(), pair.mirror.get(), true},
+                         Leg{"mirror.sock", pair.mirror.get(), pair.primary.get(), false}}) {
+    SCOPED_TRACE(leg.socket);
+    absl::StatusOr<cli::LoadReport> report;
+    std::thread load([&, o = pair.Load(leg.first_primary)] { report = cli::RunLoad(o); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
+    Child migrate({"migrate", "--socket", pair.dir.File(leg.socket)});
+    int rc = migrate.Wait(60);
+    load.join();
+    ASSERT_EQ(rc, 0) << migrate.output() << pair.primary->output() << pair.mirror->output();
+    EXPECT_NE(migrate.output().find("this host is now its mirror"), std::string::npos)
+        << migrate.output();
+    EXPECT_FALSE(leg.to->WaitForLine("handed over: resumed epoch", 10).empty()) << leg.to->output();
+    ASSERT_TRUE(report.ok()) << report.status();
+    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
+    EXPECT_EQ(report->unresolved, 0u);
+    // Protected again: the old primary, now the mirror, has the new one's synchronisation.
+    ASSERT_FALSE(leg.to->WaitForLine("protected: replicating", 60).empty()) << leg.to->output();
+  }
+  for (Child* c : {pair.mirror.get(), pair.primary.get()}) {
+    c->Signal(SIGTERM);
+    EXPECT_EQ(c->Wait(60), 0) << c->output();
+  }
 }
 
 }  // namespace

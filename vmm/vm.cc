@@ -233,6 +233,16 @@ Vm::~Vm() {
   if (run_) ::munmap(run_, run_size_);
 }
 
+std::unique_ptr<GuestMemory> Vm::TakeMemory() {
+  (void)Stop();
+  // The vCPU holds a reference to the VM: both must be closed for KVM to drop the memory slot.
+  if (run_) ::munmap(run_, run_size_);
+  run_ = nullptr;
+  vcpu_.Reset();
+  vm_.Reset();
+  return std::move(memory_);
+}
+
 absl::Status Vm::Start() {
   std::lock_guard<std::mutex> lock(mu_);
   if (started_) return absl::FailedPreconditionError("VM already started");

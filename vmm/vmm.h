@@ -120,6 +120,9 @@ class Vm : public CheckpointableVm {
   absl::Status Wait();
   // True once the vCPU thread has ended.
   bool exited();
+  // Stops the VM for good and gives up its memory (to become a replica after a planned
+  // migration): KVM's mapping of it is gone once this returns. Only destruction may follow.
+  std::unique_ptr<GuestMemory> TakeMemory();
 
   absl::StatusOr<DirtyBitmap> HarvestDirty() override;
   absl::StatusOr<pb::VmSnapshot> SaveState() override;

@@ -1,0 +1,217 @@
+// romulus primary and romulus mirror: one host of a protected VM each, differing only in what
+// the host starts as. Roles swap from there: a migration makes the primary the mirror of the
+// new one, a promotion or a hand-over makes the mirror the primary.
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "absl/strings/str_format.h"
+#include "checkpoint/checkpoint.h"
+#include "cli/commands.h"
+#include "cli/config.h"
+#include "cli/host.h"
+#include "cli/signals.h"
+#include "vmm/vmm.h"
+
+namespace romulus::cli {
+namespace {
+
+rml_pattern PatternOf(const std::string& p) {
+  if (p == "sequential") return RML_PATTERN_SEQUENTIAL;
+  if (p == "hotcold") return RML_PATTERN_HOTCOLD;
+  return RML_PATTERN_UNIFORM;
+}
+
+// "HOST:PORT", checked by the config loader.
+void SplitHostPort(const std::string& s, std::string* host, uint16_t* port) {
+  *host = s.substr(0, s.rfind(':'));
+  *port = static_cast<uint16_t>(std::atoi(s.c_str() + s.rfind(':') + 1));
+}
+
+// A failed primary returning as the mirror: the guest memory its monitor left in its
+// memory_file and its disk image (replica_disk) become the replica, uncommitted (not
+// promotable) until the new primary's synchronisation, which sends only what differs, commits.
+// nullptr: nothing to seed from (or it does not fit; it says why).
+absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> SeedFromMemoryFile(
+    const pb::MirrorConfig& c) {
+  if (c.seed_memory_file().empty() || !std::filesystem::exists(c.seed_memory_file())) {
+    return nullptr;
+  }
+  auto no = [&](absl::string_view why) {
+    std::printf("romulus mirror: not seeding from %s: %.*s\n", c.seed_memory_file().c_str(),
+                static_cast<int>(why.size()), why.data());
+    return nullptr;
+  };
+  std::error_code ec;
+  if (std::filesystem::file_size(c.replica_disk(), ec) != c.disk_mib() << 20 || ec) {
+    return no(absl::StrCat("replica_disk ", c.replica_disk(), " is not a disk image of ",
+                           c.disk_mib(), " MiB"));
+  }
+  auto memory = vmm::GuestMemory::MapFileShared(c.seed_memory_file(), c.memory_mib() << 20,
+                                                /*fresh=*/false);
+  if (!memory.ok()) return no(memory.status().message());
+  auto replica = checkpoint::ReplicaStore::Adopt(std::move(*memory), c.replica_disk());
+  if (!replica.ok()) return no(replica.status().message());
+  std::printf(
+      "romulus mirror: replica seeded from the memory file %s and disk %s; the next "
+      "synchronisation sends only what differs\n",
+      c.seed_memory_file().c_str(), c.replica_disk().c_str());
+  return replica;
+}
+
+// The replica a mirror starts with: seeded from a failed primary's memory file, or from the
+// snapshot this mirror saved when it last stopped, or empty.
+absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> MirrorReplica(const pb::MirrorConfig& c) {
+  auto replica = SeedFromMemoryFile(c);
+  if (replica.ok() && *replica != nullptr) return replica;
+  replica =
+      checkpoint::ReplicaStore::Create(c.memory_mib() << 20, c.replica_disk(), c.disk_mib() << 20);
+  if (!replica.ok() || c.snapshot_dir().empty() || !std::filesystem::exists(c.snapshot_dir())) {
+    return replica;
+  }
+  // The primary's resynchronisation then sends only what differs. The replica is not
+  // promotable until that synchronisation commits.
+  if (auto s = (*replica)->Seed(c.snapshot_dir()); s.ok()) {
+    std::printf(
+        "romulus mirror: replica seeded from %s; the next synchronisation sends only what "
+        "differs\n",
+        c.snapshot_dir().c_str());
+  } else {
+    std::printf("romulus mirror: not seeding from %s: %s\n", c.snapshot_dir().c_str(),
+                std::string(s.message()).c_str());
+  }
+  return replica;
+}
+
+}  // namespace
+
+int PrimaryCommand(int argc, char** argv) {
+  std::string path;
+  if (int rc = ConfigOnly(
+          "primary", "romulus primary --config FILE",
+          "Runs the reference guest and replicates it, every epoch, to the mirror named in "
+          "FILE.\nLedger answers leave only once the mirror has committed their epoch (unless\n"
+          "run_unprotected is set and no mirror is connected). With a `switchover` block it "
+          "sends\nheartbeats on every path; with a witness it starts the VM only once it holds "
+          "the\nlease, and pauses the VM and holds every output whenever the lease lapses.\n"
+          "`romulus migrate` hands the VM to the mirror; with replication_port set, this host\n"
+          "then becomes the mirror of the new primary, seeded with its own memory and disk.",
+          argc, argv, &path);
+      rc >= 0) {
+    return rc;
+  }
+  auto c = LoadPrimaryConfig(path);
+  if (!c.ok()) return Fail("primary", c.status());
+  auto key = replicator::ReadKeyFile(c->psk_file());
+  if (!key.ok()) return Fail("primary", key.status());
+  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail("primary", s);
+  sigset_t signals = TakeSignals();
+  vmm::VmConfig vc;
+  vc.memory_bytes = c->memory_mib() << 20;
+  vc.disk_path = c->disk();
+  vc.memory_path = c->memory_file();
+  vc.workload.working_set_pages = c->workload().working_set_pages();
+  vc.workload.write_rate = c->workload().write_rate();
+  vc.workload.pattern = PatternOf(c->workload().pattern());
+  vc.progress_ms = 0;
+  vc.console = GuestConsole("primary");
+  if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("primary", s);
+  struct stat st;
+  if (::stat(vc.disk_path.c_str(), &st) != 0) {
+    if (auto s = vmm::BlockDevice::CreateImage(vc.disk_path, c->disk_mib() << 20); !s.ok())
+      return Fail("primary", s);
+  }
+  HostSettings h{.vm_id = c->vm_id(),
+                 .switchover = c->switchover(),
+                 .control_socket = c->control_socket(),
+                 .ledger_listen = c->ledger_listen(),
+                 .ledger_port = static_cast<uint16_t>(c->ledger_port())};
+  switchover::Node::Options& o = h.node;
+  o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20};
+  o.key = *key;
+  o.listen = c->replication_listen();
+  o.port = static_cast<uint16_t>(c->replication_port());
+  SplitHostPort(c->mirror(), &o.peer_host, &o.peer_port);
+  o.epoch = std::chrono::milliseconds(c->epoch_ms());
+  o.compression = *replicator::ParseCompression(c->compression());
+  o.max_in_flight_bytes = c->max_in_flight_mib() << 20;
+  o.run_unprotected = c->run_unprotected();
+  o.disk_path = c->disk();
+  return RunHost(
+      "primary", std::move(h), signals,
+      [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {
+        // With a witness this host runs the VM only while it holds the lease.
+        if (o.lease) {
+          if (auto s = o.lease->AcquireWithin(std::chrono::milliseconds(3000)); !s.ok()) {
+            return absl::FailedPreconditionError(
+                absl::StrCat("not starting the VM without the lease: ", s.message()));
+          }
+        }
+        // Ledger answers and console lines leave through the gate.
+        auto gate = std::make_unique<vmm::OutputGate>();
+        vc.output_gate = gate.get();
+        auto vm = vmm::Vm::Boot(vc);
+        if (!vm.ok()) return vm.status();
+        auto ledger = std::make_unique<LedgerVm>(std::move(*vm), *gate, c->ledger_listen(),
+                                                 c->ledger_port(), "primary");
+        auto node = switchover::Node::StartPrimary(std::move(gate), std::move(ledger), o);
+        if (node.ok()) {
+          std::printf("romulus primary: VM '%s' replicating to %s every %u ms\n",
+                      c->vm_id().c_str(), c->mirror().c_str(), c->epoch_ms());
+          std::fflush(stdout);
+        }
+        return node;
+      });
+}
+
+int MirrorCommand(int argc, char** argv) {
+  std::string path;
+  if (int rc = ConfigOnly(
+          "mirror", "romulus mirror --config FILE",
+          "Holds the replica of the primary's VM: receives each checkpoint, verifies it and "
+          "commits it.\nSIGUSR1 (and stopping) saves the committed replica to snapshot_dir, "
+          "which\n`romulus vm --restore-from` resumes. With `switchover` heartbeat paths it "
+          "watches\nthe primary and, when every path has been silent past the timeout, resumes "
+          "the\nreplica as the primary, once the witness's lease (or the fencing command) "
+          "allows.\nAs the primary (promoted, or handed the VM) it replicates to replicate_to, "
+          "where\nthe other host returns as the mirror.",
+          argc, argv, &path);
+      rc >= 0) {
+    return rc;
+  }
+  auto c = LoadMirrorConfig(path);
+  if (!c.ok()) return Fail("mirror", c.status());
+  auto key = replicator::ReadKeyFile(c->psk_file());
+  if (!key.ok()) return Fail("mirror", key.status());
+  sigset_t signals = TakeSignals();
+  auto replica = MirrorReplica(*c);
+  if (!replica.ok()) return Fail("mirror", replica.status());
+  HostSettings h{.vm_id = c->vm_id(),
+                 .switchover = c->switchover(),
+                 .control_socket = c->control_socket(),
+                 .snapshot_dir = c->snapshot_dir(),
+                 .ledger_listen = c->ledger_listen(),
+                 .ledger_port = static_cast<uint16_t>(c->ledger_port())};
+  switchover::Node::Options& o = h.node;
+  o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20};
+  o.key = *key;
+  o.listen = c->listen();
+  o.port = static_cast<uint16_t>(c->port());
+  if (!c->replicate_to().empty()) SplitHostPort(c->replicate_to(), &o.peer_host, &o.peer_port);
+  o.epoch = std::chrono::milliseconds(c->epoch_ms());
+  o.compression = *replicator::ParseCompression(c->compression());
+  return RunHost(
+      "mirror", std::move(h), signals,
+      [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {
+        auto node = switchover::Node::StartMirror(std::move(*replica), o);
+        if (node.ok()) {
+          std::printf("romulus mirror: waiting for the primary of '%s' on %s:%d\n",
+                      c->vm_id().c_str(), c->listen().c_str(), (*node)->status().port);
+          std::fflush(stdout);
+        }
+        return node;
+      });
+}
+
+}  // namespace romulus::cli
