@@ -103,6 +103,11 @@ class HeartbeatImpl : public Heartbeat {
     return last_traffic_ns_.load(std::memory_order_relaxed) == 0;
   }
 
+  void SetRole(const std::string& role) override {
+    std::lock_guard<std::mutex> lock(role_mu_);
+    role_ = role;
+  }
+
   std::string peer_role() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return peer_role_;
@@ -199,7 +204,10 @@ class HeartbeatImpl : public Heartbeat {
     pb::Heartbeat* h = m.mutable_heartbeat();
     h->set_vm_id(o_.vm_id);
     h->set_node(o_.node);
-    h->set_role(o_.role);
+    {
+      std::lock_guard<std::mutex> lock(role_mu_);
+      h->set_role(role_);
+    }
     h->set_session(session_);
     h->set_seq(++p.seq);
     if (p.heard) {
@@ -266,6 +274,8 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   Options o_;
+  std::mutex role_mu_;
+  std::string role_ = o_.role;  // guarded by role_mu_: it changes with the host's role
   const uint64_t session_;
   asio::io_context io_;
   asio::steady_timer timer_;

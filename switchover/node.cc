@@ -63,6 +63,7 @@ class NodeImpl : public Node {
       if (!r.ok()) return r.status();
       p.primary = std::move(*r);
     }
+    if (o_.heartbeat) o_.heartbeat->SetRole("primary");
     std::lock_guard<std::mutex> lock(mu_);
     p_ = std::move(p);
     role_ = Role::kPrimary;
@@ -88,6 +89,7 @@ class NodeImpl : public Node {
                    .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change
+    if (o_.heartbeat) o_.heartbeat->SetRole("mirror");
     std::lock_guard<std::mutex> lock(mu_);
     m_.replica = std::move(replica);
     m_.mirror = std::move(*m);

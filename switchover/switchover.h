@@ -69,6 +69,8 @@ class Heartbeat {
   virtual bool peer_alive() const = 0;
   // True until the peer has been heard from once.
   virtual bool never_heard() const = 0;
+  // This host's role changed (a migration or a promotion): the peer's status says so.
+  virtual void SetRole(const std::string& role) = 0;
   virtual std::string peer_role() const = 0;
   virtual std::string peer_node() const = 0;  // its node name ("" until heard)
   virtual std::vector<PathStatus> paths() const = 0;

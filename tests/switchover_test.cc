@@ -193,6 +193,10 @@ TEST(Heartbeat, PeersOnTwoLoopbackPathsSeeEachOtherAndNoticeWhenOneIsGone) {
   EXPECT_EQ((*b)->peer_role(), "primary");
   EXPECT_EQ((*a)->peer_node(), "b");  // the name a planned migration hands the lease to
   EXPECT_EQ((*b)->peer_node(), "a");
+  (*a)->SetRole("mirror");  // a handed its VM over to b
+  (*b)->SetRole("primary");
+  EXPECT_TRUE(WaitUntil([&] { return (*b)->peer_role() == "mirror"; }, 5));
+  EXPECT_TRUE(WaitUntil([&] { return (*a)->peer_role() == "primary"; }, 5));
 
   // Heartbeats from anywhere but b's end of the path are refused.
   {
