@@ -77,7 +77,7 @@ class Migration : public ::testing::Test {
     a_.vm = SoftVm::Create(a_.disk, VmOptions(a_));
     ASSERT_NE(a_.vm, nullptr);
     a_.vm->FillWithNoise();
-    a_.vm->Start();
+    ASSERT_TRUE(a_.vm->Start().ok());
     auto r = checkpoint::ReplicaStore::Create(kMemory, b_.disk, kDisk);
     ASSERT_TRUE(r.ok()) << r.status();
     b_.replica = std::move(*r);
@@ -116,7 +116,8 @@ class Migration : public ::testing::Test {
     uint64_t digest = c->memory->Digest();
     auto vm = SoftVm::Adopt(std::move(c->memory), c->disk_path, VmOptions(h));
     if (vm == nullptr) return absl::InternalError("cannot adopt the replica");
-    vm->Start();  // no engine yet: its outputs leave at once (unprotected until re-protected)
+    // No engine yet: its outputs leave at once (unprotected until re-protected).
+    if (auto s = vm->Start(); !s.ok()) return s;
     std::lock_guard<std::mutex> lock(h.mu);
     h.resumed_digest = digest;
     h.vm = std::move(vm);

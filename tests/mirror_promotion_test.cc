@@ -71,7 +71,7 @@ class MirrorPromotion : public ::testing::Test {
     if (noise) vm_->FillWithNoise();
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
-    vm_->Start();
+    ASSERT_TRUE(vm_->Start().ok());
     replicator::Primary::Options o;
     o.identity = {"pm", 16ull << 20, 4ull << 20};
     o.key = kKey;
@@ -153,7 +153,7 @@ TEST_F(MirrorPromotion, AFailedPrimaryReturningAsMirrorIsSeededFromItsMemoryFile
   auto old = SoftVm::Create(dir_.File("replica.img"), o);  // the failed host's disk and RAM
   ASSERT_NE(old, nullptr);
   old->FillWithNoise();
-  old->Start();
+  ASSERT_TRUE(old->Start().ok());
   ASSERT_TRUE(WaitUntil([&] { return old->writes() >= 2000; }, 30));
   old.reset();  // the host dies; its files stay
   std::filesystem::copy_file(dir_.File("replica.img"), dir_.File("disk.img"));

@@ -30,27 +30,6 @@ constexpr uint64_t kMemory = 32ull << 20, kDisk = 4ull << 20, kWorkingSet = 1024
 constexpr uint64_t kOutputEvery = 50;
 const char kKey[] = "0123456789abcdef-node-test-key";
 
-// A software VM as a node runs it.
-class SoftNodeVm : public switchover::NodeVm {
- public:
-  explicit SoftNodeVm(std::unique_ptr<SoftVm> vm) : vm_(std::move(vm)) {}
-  absl::Status Start() override {
-    vm_->Start();
-    return absl::OkStatus();
-  }
-  std::unique_ptr<vmm::GuestMemory> TakeMemory() override { return vm_->TakeMemory(); }
-  bool exited() override { return false; }
-  absl::Status Pause() override { return vm_->Pause(); }
-  absl::Status Resume() override { return vm_->Resume(); }
-  absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override { return vm_->HarvestDirty(); }
-  absl::StatusOr<pb::VmSnapshot> SaveState() override { return vm_->SaveState(); }
-  vmm::GuestMemory& memory() override { return vm_->memory(); }
-  vmm::BlockDevice& disk() override { return vm_->disk(); }
-
- private:
-  std::unique_ptr<SoftVm> vm_;
-};
-
 class NodeTest : public ::testing::Test {
  protected:
   struct Host {
@@ -104,7 +83,7 @@ class NodeTest : public ::testing::Test {
                   vmm::OutputGate& gate) -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
       auto vm = SoftVm::Adopt(std::move(c.memory), c.disk_path, VmOptions(self, gate));
       if (vm == nullptr) return absl::InternalError("cannot adopt the replica");
-      return std::make_unique<SoftNodeVm>(std::move(vm));
+      return vm;
     };
     o.log = [this, who = self.name](absl::string_view line) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -120,8 +99,7 @@ class NodeTest : public ::testing::Test {
     auto vm = SoftVm::Create(h.disk, VmOptions(h, *gate));
     ASSERT_NE(vm, nullptr);
     vm->FillWithNoise();
-    auto node = Node::StartPrimary(std::move(gate), std::make_unique<SoftNodeVm>(std::move(vm)),
-                                   NodeOptions(h, peer));
+    auto node = Node::StartPrimary(std::move(gate), std::move(vm), NodeOptions(h, peer));
     ASSERT_TRUE(node.ok()) << node.status();
     h.node = std::move(*node);
   }

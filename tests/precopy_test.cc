@@ -35,7 +35,7 @@ class PreCopy : public ::testing::Test {
     auto r = ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
     ASSERT_TRUE(r.ok()) << r.status();
     replica_ = std::move(*r);
-    vm_->Start();
+    ASSERT_TRUE(vm_->Start().ok());
   }
 
   // Pre-copy into the replica's staging copy while the VM writes, as the replicator does; then

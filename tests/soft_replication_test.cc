@@ -63,7 +63,7 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
     pauses_.Watch(*engine_, *vm_, kDisk);
-    vm_->Start();
+    ASSERT_TRUE(vm_->Start().ok());
   }
   void TearDown() override {
     primary_.reset();
@@ -242,7 +242,7 @@ TEST(SilentPeer, AMirrorThatNeverAnswersIsGivenUpAfterThePeerTimeout) {
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   checkpoint::EpochEngine engine(*vm, gate, {});
-  vm->Start();
+  ASSERT_TRUE(vm->Start().ok());
   std::mutex mu;
   std::string log;
   auto p = replicator::Primary::Start(engine, gate,

@@ -63,8 +63,9 @@ std::unique_ptr<vmm::GuestMemory> SoftVm::TakeMemory() {
   return std::move(memory_);
 }
 
-void SoftVm::Start() {
+absl::Status SoftVm::Start() {
   thread_ = std::thread([this] { Run(); });
+  return absl::OkStatus();
 }
 
 void SoftVm::FillWithNoise() {

@@ -15,11 +15,12 @@
 #include <string>
 #include <thread>
 
+#include "switchover/switchover.h"
 #include "vmm/vmm.h"
 
 namespace romulus::testing {
 
-class SoftVm : public vmm::CheckpointableVm {
+class SoftVm : public switchover::NodeVm {
  public:
   struct Options {
     uint64_t memory_bytes = 16ull << 20;
@@ -44,9 +45,10 @@ class SoftVm : public vmm::CheckpointableVm {
   // the harvest sees them: every page then costs its full size on the wire.
   void FillWithNoise();
   // Stops the writer for good and gives up the memory (to become a replica).
-  std::unique_ptr<vmm::GuestMemory> TakeMemory();
+  std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
 
-  void Start();
+  absl::Status Start() override;
+  bool exited() override { return false; }
   absl::Status Pause() override;
   absl::Status Resume() override;
   absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override;
