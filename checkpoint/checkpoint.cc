@@ -43,6 +43,54 @@ void SyncDigest::AddDisk(uint64_t offset, uint64_t length, uint64_t hash) {
   value_ = Chain(value_, {2, offset, length, hash});
 }
 
+void SyncDigest::AddSamePages(uint64_t level, uint64_t node, uint64_t hash) {
+  value_ = Chain(value_, {3, level, node, hash});
+}
+
+HashTree::HashTree(std::vector<uint64_t> leaves) {
+  levels_.push_back(std::move(leaves));
+  while (levels_.back().size() > 1) {
+    const std::vector<uint64_t>& below = levels_.back();
+    std::vector<uint64_t> above((below.size() + kFanout - 1) / kFanout);
+    for (uint64_t i = 0; i < above.size(); i++) {
+      uint64_t first = i * kFanout, n = std::min<uint64_t>(kFanout, below.size() - first);
+      above[i] = XXH3_64bits(below.data() + first, n * sizeof(uint64_t));
+    }
+    levels_.push_back(std::move(above));
+  }
+}
+
+HashTree HashTree::OverPages(const vmm::GuestMemory& memory) {
+  std::vector<uint64_t> leaves(memory.pages());
+  for (uint64_t i = 0; i < leaves.size(); i++) {
+    leaves[i] = XXH3_64bits(memory.data() + i * kPage, kPage);
+  }
+  return HashTree(std::move(leaves));
+}
+
+absl::StatusOr<HashTree> HashTree::OverDisk(int fd, uint64_t bytes) {
+  std::vector<uint64_t> leaves;
+  std::string chunk(kDiskChunk, '\0');
+  for (uint64_t off = 0; off < bytes; off += kDiskChunk) {
+    size_t n = std::min(kDiskChunk, bytes - off);
+    if (::pread(fd, chunk.data(), n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
+      return vmm::ErrnoStatus("read disk image to hash it");
+    }
+    leaves.push_back(XXH3_64bits(chunk.data(), n));
+  }
+  return HashTree(std::move(leaves));
+}
+
+std::pair<uint64_t, uint64_t> HashTree::Children(size_t level, uint64_t i) const {
+  return {i * kFanout, std::min((i + 1) * kFanout, width(level - 1))};
+}
+
+std::pair<uint64_t, uint64_t> HashTree::Leaves(size_t level, uint64_t i) const {
+  uint64_t span = 1;
+  for (size_t l = 0; l < level; l++) span *= kFanout;
+  return {i * span, std::min((i + 1) * span, width(0))};
+}
+
 uint64_t Checkpoint::bytes() const {
   uint64_t n = pages.size() + gfns.size() * 16 + static_cast<uint64_t>(state.ByteSizeLong());
   for (const DiskWrite& w : disk_writes) n += w.data.size() + 8;
@@ -289,6 +337,21 @@ absl::StatusOr<std::optional<DiskWrite>> EpochEngine::ReadDiskChunk() {
   return w;
 }
 
+absl::StatusOr<ReplicaTrees> EpochEngine::SyncTrees() {
+  std::lock_guard<std::mutex> take(take_mu_);
+  if (!syncing_) return absl::FailedPreconditionError("no synchronisation begun");
+  auto chunks = HashTree::OverDisk(vm_.disk().fd(), vm_.disk().sectors() * RML_SECTOR_SIZE);
+  if (!chunks.ok()) return chunks.status();
+  return ReplicaTrees{HashTree::OverPages(vm_.memory()), std::move(*chunks)};
+}
+
+void EpochEngine::SkipSyncPages(const HashTree& pages, size_t level, uint64_t node) {
+  std::lock_guard<std::mutex> take(take_mu_);
+  auto [first, end] = pages.Leaves(level, node);
+  for (uint64_t gfn = first; gfn < end; gfn++) sync_pending_.Clear(gfn);
+  sync_digest_.AddSamePages(level, node, pages.node(level, node));
+}
+
 absl::StatusOr<uint64_t> EpochEngine::RefreshSync() {
   std::lock_guard<std::mutex> take(take_mu_);
   if (auto s = vm_.Pause(); !s.ok()) return s;
@@ -370,6 +433,7 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
 }
 
 absl::Status ReplicaStore::Apply(const Checkpoint& c) {
+  trees_.reset();
   absl::Status s = Verify(c);
   if (s.ok() && c.full) s = CommitStaging(c);
   if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
@@ -506,6 +570,7 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
 }
 
 absl::Status ReplicaStore::Seed(const std::string& dir) {
+  trees_.reset();
   if (auto s = vmm::LoadSnapshotContents(dir, *memory_, disk_bytes_, disk_path_); !s.ok()) {
     return s;
   }
@@ -516,19 +581,32 @@ absl::Status ReplicaStore::Seed(const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ReplicaStore::Hashes> ReplicaStore::CommittedHashes() const {
-  Hashes h;
-  if (!has_contents() || memory_ == nullptr) return h;
-  h.pages.resize(memory_->pages());
-  for (uint64_t i = 0; i < h.pages.size(); i++) {
-    h.pages[i] = XXH3_64bits(memory_->data() + i * vmm::kPageSize, vmm::kPageSize);
+absl::StatusOr<const ReplicaTrees*> ReplicaStore::CommittedTrees() {
+  if (!has_contents()) return absl::FailedPreconditionError("the replica holds nothing yet");
+  if (!trees_) {
+    auto chunks = HashTree::OverDisk(disk_.get(), disk_bytes_);
+    if (!chunks.ok()) return chunks.status();
+    trees_ = std::make_unique<ReplicaTrees>(
+        ReplicaTrees{HashTree::OverPages(*memory_), std::move(*chunks)});
   }
-  for (uint64_t off = 0; off < disk_bytes_; off += kDiskChunk) {
-    auto data = ReadCommittedDisk(off, std::min(kDiskChunk, disk_bytes_ - off));
-    if (!data.ok()) return data.status();
-    h.chunks.push_back(XXH3_64bits(data->data(), data->size()));
+  return trees_.get();
+}
+
+absl::Status ReplicaStore::StageSamePages(size_t level, uint64_t node, uint64_t hash) {
+  auto trees = CommittedTrees();
+  if (!trees.ok()) return absl::DataLossError("pre-copy refers to pages this replica lacks");
+  const HashTree& t = (*trees)->pages;
+  if (level > t.top() || node >= t.width(level) || t.node(level, node) != hash) {
+    return absl::DataLossError(absl::StrCat("pre-copy rejected: pages under node ", node,
+                                            " of level ", level, " differ from this replica's"));
   }
-  return h;
+  if (auto s = StartStaging(); !s.ok()) return s;
+  auto [first, end] = t.Leaves(level, node);
+  std::memcpy(staging_->memory->data() + first * kPage, memory_->data() + first * kPage,
+              (end - first) * kPage);
+  for (uint64_t gfn = first; gfn < end; gfn++) staging_->pages.Set(gfn);
+  staging_->digest.AddSamePages(level, node, hash);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> ReplicaStore::ReadCommittedDisk(uint64_t offset,
@@ -549,6 +627,7 @@ absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {
     return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
   }
   staging_.reset();
+  trees_.reset();
   disk_ = vmm::Fd();  // the VM opens the image itself
   return Committed{std::move(memory_), state_, committed_epoch_, disk_path_};
 }

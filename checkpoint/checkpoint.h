@@ -15,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -63,10 +64,43 @@ class SyncDigest {
  public:
   void AddPage(uint64_t gfn, uint64_t hash);
   void AddDisk(uint64_t offset, uint64_t length, uint64_t hash);
+  // The pages under node `node` of `level` of the pages' HashTree, which the mirror already held.
+  void AddSamePages(uint64_t level, uint64_t node, uint64_t hash);
   uint64_t value() const { return value_; }
 
  private:
   uint64_t value_ = 0;
+};
+
+// A Merkle tree over a sequence of xxh3-64 leaf hashes (of pages, or of disk chunks). Level 0
+// holds the leaves; each node above is the xxh3-64 of up to kFanout consecutive nodes below it;
+// the top level holds the root alone (and is empty when there are no leaves). Two hosts compare
+// a replica from the root down and descend only into the nodes that differ, so what they
+// exchange grows with what differs, not with the size of the VM.
+class HashTree {
+ public:
+  static constexpr uint64_t kFanout = 64;
+  explicit HashTree(std::vector<uint64_t> leaves = {});
+  // Over every page of `memory`, or every kDiskChunk of the `bytes` of the disk image `fd`.
+  static HashTree OverPages(const vmm::GuestMemory& memory);
+  static absl::StatusOr<HashTree> OverDisk(int fd, uint64_t bytes);
+
+  size_t top() const { return levels_.size() - 1; }
+  uint64_t width(size_t level) const { return levels_[level].size(); }
+  uint64_t node(size_t level, uint64_t i) const { return levels_[level][i]; }
+  const std::vector<uint64_t>& leaves() const { return levels_[0]; }
+  // The nodes one level down under node `i` of `level` (level >= 1), and the leaves under it,
+  // as [first, end).
+  std::pair<uint64_t, uint64_t> Children(size_t level, uint64_t i) const;
+  std::pair<uint64_t, uint64_t> Leaves(size_t level, uint64_t i) const;
+
+ private:
+  std::vector<std::vector<uint64_t>> levels_;
+};
+
+// What a resynchronisation compares: trees over the pages and the disk chunks of one VM or replica.
+struct ReplicaTrees {
+  HashTree pages, chunks;
 };
 
 // A digest over everything a checkpoint carries: epoch, each page number and hash, each disk
@@ -128,6 +162,13 @@ class EpochEngine {
   // The next disk chunk, read while the VM runs (writes meanwhile travel in the full
   // checkpoint); nullopt once the whole disk was read.
   absl::StatusOr<std::optional<SyncChunk>> NextSyncDisk();
+  // Trees over the VM's pages and disk chunks as they are now, read while it runs: what the
+  // primary compares with the mirror's replica. After BeginSync, so that a page written after
+  // it was hashed is pending again, and a disk write travels in the full checkpoint.
+  absl::StatusOr<ReplicaTrees> SyncTrees();
+  // The pages under node `node` of `level` of `pages` (from SyncTrees) are at the mirror
+  // already: they are no longer pending, and the stream's digest covers them as such.
+  void SkipSyncPages(const HashTree& pages, size_t level, uint64_t node);
   // Pauses, adds the pages written since the last harvest to the pending ones, resumes; returns
   // how many are pending.
   absl::StatusOr<uint64_t> RefreshSync();
@@ -217,12 +258,12 @@ class ReplicaStore {
   absl::Status Seed(const std::string& snapshot_dir);
   // Committed, or seeded: what a synchronisation can compare against.
   bool has_contents() const { return committed_epoch_ >= 0 || seeded_; }
-  // The xxh3-64 of every page and every kDiskChunk of the disk of the committed (or seeded)
-  // replica (both empty without contents): what a resynchronisation need not send again.
-  struct Hashes {
-    std::vector<uint64_t> pages, chunks;
-  };
-  absl::StatusOr<Hashes> CommittedHashes() const;
+  // Trees over the pages and disk chunks of the committed (or seeded) replica, which must have
+  // contents: what a resynchronisation compares. Built once per committed state.
+  absl::StatusOr<const ReplicaTrees*> CommittedTrees();
+  // Pre-copy: the pages under node `node` of `level` of the pages tree are the committed
+  // replica's; `hash` must be that node's.
+  absl::Status StageSamePages(size_t level, uint64_t node, uint64_t hash);
   // `length` bytes of the committed (or seeded) replica's disk at `offset` (a chunk flagged
   // "same").
   absl::StatusOr<std::string> ReadCommittedDisk(uint64_t offset, uint64_t length) const;
@@ -260,6 +301,7 @@ class ReplicaStore {
   uint64_t disk_bytes_;
   bool seeded_ = false;
   std::unique_ptr<Staging> staging_;
+  std::unique_ptr<ReplicaTrees> trees_;  // of the contents as they are; reset when they change
   int64_t committed_epoch_ = -1;
   bool sequence_reset_ = true;
   pb::VmSnapshot state_;

@@ -128,7 +128,7 @@ class MirrorImpl : public Mirror {
         if (session != session_) replica_.ExpectFullCheckpoint();
       }
       session_ = session;
-      absl::Status why = SendReplicaHashes(*channel_);
+      absl::Status why = AnswerComparison(*channel_);
       if (why.ok()) why = Receive(*channel_);
       {
         std::lock_guard<std::mutex> lock(apply_mu_);
@@ -183,7 +183,7 @@ class MirrorImpl : public Mirror {
         if (resumed) return absl::CancelledError("the VM was handed over to this host");
         continue;
       }
-      if (f->has_sync_disk() || (f->has_pages() && f->pages().sync())) {
+      if (f->has_sync_disk() || f->has_same_pages() || (f->has_pages() && f->pages().sync())) {
         if (auto s = StageSync(*f); !s.ok()) {
           Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", s.message()));
           return s;
@@ -256,22 +256,47 @@ class MirrorImpl : public Mirror {
     return ch.Send(reply);
   }
 
-  // Tells the primary what the committed replica holds, so that it sends only what differs.
-  absl::Status SendReplicaHashes(Channel& ch) {
-    absl::StatusOr<checkpoint::ReplicaStore::Hashes> h;
+  // Tells the primary what the replica holds, as the roots of its hash trees, then answers its
+  // questions about the nodes below until it is done: it then sends only what differs.
+  absl::Status AnswerComparison(Channel& ch) {
+    pb::Frame roots;
+    uint64_t budget = 0;
     {
       std::lock_guard<std::mutex> lock(apply_mu_);
-      h = replica_.CommittedHashes();
+      const checkpoint::ReplicaTrees* trees = nullptr;
+      if (replica_.has_contents()) {
+        auto t = replica_.CommittedTrees();
+        if (!t.ok()) return t.status();
+        trees = *t;
+        budget = TreeQueryBudget(*trees);
+      }
+      *roots.mutable_replica_roots() = RootsOf(trees);
     }
-    if (!h.ok()) return h.status();
-    for (const pb::Frame& f : ReplicaHashFrames(*h)) {
-      if (auto s = ch.Send(f); !s.ok()) return s;
+    if (auto s = ch.Send(roots); !s.ok()) return s;
+    for (;;) {
+      auto f = ch.Receive();
+      if (!f.ok()) return f.status();
+      if (!f->has_tree_query()) return absl::DataLossError("expected the primary's tree queries");
+      if (f->tree_query().done()) return absl::OkStatus();
+      absl::StatusOr<pb::TreeAnswer> answer;
+      {
+        std::lock_guard<std::mutex> lock(apply_mu_);
+        auto trees = replica_.CommittedTrees();
+        answer = trees.ok() ? AnswerTreeQuery(**trees, f->tree_query(), budget)
+                            : absl::DataLossError("a tree query, but this replica holds nothing");
+      }
+      if (!answer.ok()) {
+        Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", answer.status().message()));
+        return answer.status();
+      }
+      pb::Frame reply;
+      *reply.mutable_tree_answer() = std::move(*answer);
+      if (auto s = ch.Send(reply); !s.ok()) return s;
     }
-    return absl::OkStatus();
   }
 
   // A pre-copy frame: decoded, checked and written to the replica's staging copy. Pages and
-  // chunks flagged "same" come from the committed replica and are checked like the others.
+  // chunks the primary says are the same come from the committed replica, checked by hash.
   absl::Status StageSync(const pb::Frame& f) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -279,10 +304,22 @@ class MirrorImpl : public Mirror {
     }
     std::lock_guard<std::mutex> lock(apply_mu_);
     if (f.has_pages()) {
-      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage,
-                                 replica_.has_contents() ? replica_.memory().data() : nullptr);
+      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage);
       if (!run.ok()) return run.status();
       return replica_.StageSyncPages(*run);
+    }
+    if (f.has_same_pages()) {
+      const pb::SamePages& same = f.same_pages();
+      if (same.nodes_size() != same.hashes_size()) {
+        return absl::DataLossError("same-pages frame with inconsistent counts");
+      }
+      for (int i = 0; i < same.nodes_size(); i++) {
+        if (auto s = replica_.StageSamePages(same.level(), same.nodes(i), same.hashes(i));
+            !s.ok()) {
+          return s;
+        }
+      }
+      return absl::OkStatus();
     }
     const pb::SyncDisk& d = f.sync_disk();
     if ((d.zero() || d.same()) != d.data().empty() || (d.zero() && d.same())) {
@@ -411,14 +448,17 @@ class PrimaryImpl : public Primary {
         continue;
       }
       last_error.clear();
-      auto hashes = ReceiveReplicaHashes(**ch);
-      if (!hashes.ok()) {
-        Log(options_.log, absl::StrCat("mirror refused: ", hashes.status().message()));
+      auto roots = (*ch)->Receive();
+      if (roots.ok() && !roots->has_replica_roots()) {
+        roots = absl::DataLossError("expected the replica's tree roots");
+      }
+      if (!roots.ok()) {
+        Log(options_.log, absl::StrCat("mirror refused: ", roots.status().message()));
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; });  // back-off
         continue;
       }
-      mirror_hashes_ = std::move(*hashes);
+      mirror_roots_ = roots->replica_roots();
       engine_.Restart();  // the first checkpoint on a connection is full
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -562,31 +602,32 @@ class PrimaryImpl : public Primary {
     return report;
   }
 
-  // What the mirror's replica holds, from an untrusted peer: exactly one hash per page and per
-  // disk chunk, or none at all.
-  absl::StatusOr<checkpoint::ReplicaStore::Hashes> ReceiveReplicaHashes(Channel& ch) {
-    checkpoint::ReplicaStore::Hashes h;
-    uint64_t pages = options_.identity.memory_bytes / kPage;
-    uint64_t chunks =
-        (options_.identity.disk_bytes + checkpoint::kDiskChunk - 1) / checkpoint::kDiskChunk;
-    for (;;) {
-      auto f = ch.Receive();
-      if (!f.ok()) return f.status();
-      if (!f->has_replica_hashes()) return absl::DataLossError("expected the replica's hashes");
-      const pb::ReplicaHashes& r = f->replica_hashes();
-      if (h.pages.size() + r.pages_size() > pages || h.chunks.size() + r.chunks_size() > chunks ||
-          (r.pages_size() > 0 && !h.chunks.empty())) {
-        return absl::DataLossError("the replica's hashes do not fit this VM");
+  // Finds out what the mirror's replica holds, comparing its hash trees with the VM's (hashed
+  // now, after BeginSync), and sends the pages it holds as such: they are not sent again.
+  absl::StatusOr<MirrorHoldings> CompareWithMirror() {
+    auto own = engine_.SyncTrees();
+    if (!own.ok()) return own.status();
+    auto ask = [this](const pb::TreeQuery& q) -> absl::StatusOr<pb::TreeAnswer> {
+      pb::Frame f;
+      *f.mutable_tree_query() = q;
+      if (auto s = channel_->Send(f); !s.ok()) return s;
+      auto reply = channel_->Receive();
+      if (!reply.ok()) return reply.status();
+      if (!reply->has_tree_answer()) return absl::DataLossError("expected a tree answer");
+      return std::move(*reply->mutable_tree_answer());
+    };
+    auto holdings = CompareTrees(*own, mirror_roots_, ask);
+    if (!holdings.ok()) return holdings.status();
+    pb::Frame done;
+    done.mutable_tree_query()->set_done(true);
+    if (auto s = channel_->Send(done); !s.ok()) return s;
+    for (const pb::Frame& f : SamePagesFrames(own->pages, *holdings)) {
+      for (uint64_t node : f.same_pages().nodes()) {
+        engine_.SkipSyncPages(own->pages, f.same_pages().level(), node);
       }
-      h.pages.insert(h.pages.end(), r.pages().begin(), r.pages().end());
-      h.chunks.insert(h.chunks.end(), r.chunks().begin(), r.chunks().end());
-      if (r.last()) break;
+      if (auto s = channel_->Send(f); !s.ok()) return s;
     }
-    bool none = h.pages.empty() && h.chunks.empty();
-    if (!none && (h.pages.size() != pages || h.chunks.size() != chunks)) {
-      return absl::DataLossError("the replica's hashes do not cover this VM");
-    }
-    return h;
+    return holdings;
   }
 
   // Sends memory and disk while the VM runs: first everything, then rounds of the pages written
@@ -610,13 +651,16 @@ class PrimaryImpl : public Primary {
       sync_start_ = t0;
     }
     if (auto s = engine_.BeginSync(); !s.ok()) return s;
-    uint64_t done = 0, total = options_.identity.memory_bytes + options_.identity.disk_bytes;
-    uint64_t unchanged = 0;  // already at the mirror: sent as "same" flags
+    auto holdings = CompareWithMirror();
+    if (!holdings.ok()) return holdings.status();
+    uint64_t total = options_.identity.memory_bytes + options_.identity.disk_bytes;
+    uint64_t unchanged = holdings->same_page_count * kPage;  // already at the mirror
+    uint64_t done = unchanged;
     for (;;) {
       auto chunk = engine_.NextSyncDisk();
       if (!chunk.ok()) return chunk.status();
       if (!chunk->has_value()) break;
-      pb::Frame f = SyncDiskFrame(**chunk, &mirror_hashes_.chunks);
+      pb::Frame f = SyncDiskFrame(**chunk, &holdings->chunks);
       if (auto s = channel_->Send(f); !s.ok()) return s;
       done += (*chunk)->data.size();
       if (f.sync_disk().same()) unchanged += (*chunk)->data.size();
@@ -628,12 +672,9 @@ class PrimaryImpl : public Primary {
       for (;;) {
         checkpoint::PageRun run = engine_.NextSyncPages(kPagesPerBatch);
         if (run.gfns.empty()) break;
-        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression,
-                                     &mirror_hashes_.pages);
+        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
         if (auto s = channel_->Send(f); !s.ok()) return s;
         done += run.gfns.size() * kPage;
-        for (char byte : f.pages().same())
-          unchanged += std::popcount(static_cast<uint8_t>(byte)) * kPage;
         if (auto s = update(done, total, round); !s.ok()) return s;
       }
       previous = pending;
@@ -765,7 +806,7 @@ class PrimaryImpl : public Primary {
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
   std::unique_ptr<Channel> channel_;
-  checkpoint::ReplicaStore::Hashes mirror_hashes_;  // of the connected mirror's replica
+  pb::ReplicaRoots mirror_roots_;  // of the connected mirror's replica
   Stats stats_;
   std::chrono::steady_clock::time_point sync_start_;
   std::thread epoch_thread_, connect_thread_;

@@ -20,7 +20,7 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 4;
+inline constexpr uint32_t kProtocolVersion = 5;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -43,20 +43,44 @@ absl::StatusOr<std::string> ReadKeyFile(const std::string& path);
 // "none" (or empty) or "lz4".
 absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name);
 
-// The frames that carry `h`, each within kMaxFrameBytes.
-std::vector<pb::Frame> ReplicaHashFrames(const checkpoint::ReplicaStore::Hashes& h);
+// Resynchronisation first compares the mirror's replica with the primary's VM as hash trees
+// (checkpoint::HashTree). The mirror sends its roots (RootsOf); the primary descends from them
+// into the nodes that differ (CompareTrees), asking the mirror for their children, which it
+// answers from its replica's trees (AnswerTreeQuery).
+inline constexpr size_t kMaxTreeQueryNodes = 4096;  // children: 2 MiB of hashes at most
 
-// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): pages equal to the mirror's
-// replica (`mirror`, in pre-copy) and zero pages as flags, the rest raw or, when it makes them
-// smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
+pb::ReplicaRoots RootsOf(const checkpoint::ReplicaTrees* trees);  // nullptr: holds nothing
+
+// What the primary learned about the mirror's replica.
+struct MirrorHoldings {
+  // The largest subtrees of the pages tree that the mirror holds as the VM had them: (level,
+  // node), level by level from the top. None when it holds nothing.
+  std::vector<std::pair<uint32_t, uint64_t>> same_pages;
+  uint64_t same_page_count = 0;
+  // The mirror's hash of every disk chunk; empty when it holds nothing.
+  std::vector<uint64_t> chunks;
+};
+using AskMirror = std::function<absl::StatusOr<pb::TreeAnswer>(const pb::TreeQuery&)>;
+absl::StatusOr<MirrorHoldings> CompareTrees(const checkpoint::ReplicaTrees& own,
+                                            const pb::ReplicaRoots& roots, const AskMirror& ask);
+
+// The mirror's answer to a query from an untrusted peer. `budget` is how many hashes it still
+// answers on this connection (start with TreeQueryBudget): a peer that asks for more is refused.
+absl::StatusOr<pb::TreeAnswer> AnswerTreeQuery(const checkpoint::ReplicaTrees& trees,
+                                               const pb::TreeQuery& q, uint64_t& budget);
+uint64_t TreeQueryBudget(const checkpoint::ReplicaTrees& trees);
+
+// Pre-copy frames for `holdings.same_pages` (of `pages`), each within kMaxFrameBytes.
+std::vector<pb::Frame> SamePagesFrames(const checkpoint::HashTree& pages,
+                                       const MirrorHoldings& holdings);
+
+// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): zero pages as flags, the rest
+// raw or, when it makes them smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
 pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const checkpoint::PageRun& run, size_t begin,
-                         size_t n, pb::Compression compression,
-                         const std::vector<uint64_t>* mirror = nullptr);
+                         size_t n, pb::Compression compression);
 // The pages of a batch from an untrusted peer, with counts, sizes, page numbers and
-// decompression checked; pages flagged "same" are copied from `replica` (the mirror's committed
-// memory; nullptr: none, and such a flag is an error). Page hashes are checked by ReplicaStore.
-absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages,
-                                                    const uint8_t* replica = nullptr);
+// decompression checked. Page hashes are checked by ReplicaStore.
+absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages);
 // One disk chunk of a pre-copy stream (all-zero, or equal to the mirror's chunk, as a flag).
 pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk,
                         const std::vector<uint64_t>* mirror = nullptr);

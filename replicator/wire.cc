@@ -35,49 +35,22 @@ absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name) {
       absl::StrCat("unknown compression '", name.substr(0, 32), "' (none or lz4)"));
 }
 
-std::vector<pb::Frame> ReplicaHashFrames(const checkpoint::ReplicaStore::Hashes& h) {
-  constexpr size_t kPerFrame = 256 * 1024;  // 2 MiB of hashes
-  std::vector<pb::Frame> frames;
-  for (size_t i = 0; i < h.pages.size(); i += kPerFrame) {
-    pb::Frame f;
-    auto* r = f.mutable_replica_hashes();
-    r->mutable_pages()->Add(
-        h.pages.begin() + static_cast<ptrdiff_t>(i),
-        h.pages.begin() + static_cast<ptrdiff_t>(std::min(i + kPerFrame, h.pages.size())));
-    frames.push_back(std::move(f));
-  }
-  for (size_t i = 0; i < h.chunks.size(); i += kPerFrame) {
-    pb::Frame f;
-    auto* r = f.mutable_replica_hashes();
-    r->mutable_chunks()->Add(
-        h.chunks.begin() + static_cast<ptrdiff_t>(i),
-        h.chunks.begin() + static_cast<ptrdiff_t>(std::min(i + kPerFrame, h.chunks.size())));
-    frames.push_back(std::move(f));
-  }
-  if (frames.empty()) frames.emplace_back().mutable_replica_hashes();
-  frames.back().mutable_replica_hashes()->set_last(true);
-  return frames;
-}
-
 pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t begin, size_t n,
-                         pb::Compression compression, const std::vector<uint64_t>* mirror) {
+                         pb::Compression compression) {
   pb::Frame f;
   pb::PageBatch* b = f.mutable_pages();
   b->set_epoch(epoch);
   b->set_sync(sync);
-  std::string zero((n + 7) / 8, '\0'), same((n + 7) / 8, '\0');
+  std::string zero((n + 7) / 8, '\0');
   std::string raw;
   raw.reserve(n * kPage);
-  bool any_zero = false, any_same = false;
+  bool any_zero = false;
   for (size_t j = 0; j < n; j++) {
     uint64_t gfn = run.gfns[begin + j], hash = run.hashes[begin + j];
     b->add_gfns(gfn);
     b->add_hashes(hash);
     const uint8_t* page = run.pages.data() + (begin + j) * kPage;
-    if (mirror != nullptr && gfn < mirror->size() && (*mirror)[gfn] == hash) {
-      same[j / 8] = static_cast<char>(same[j / 8] | (1 << (j % 8)));
-      any_same = true;
-    } else if (AllZero(page, kPage)) {
+    if (AllZero(page, kPage)) {
       zero[j / 8] = static_cast<char>(zero[j / 8] | (1 << (j % 8)));
       any_zero = true;
     } else {
@@ -85,7 +58,6 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t b
     }
   }
   if (any_zero) b->set_zero(std::move(zero));
-  if (any_same) b->set_same(std::move(same));
   if (compression == pb::LZ4 && !raw.empty()) {
     std::string packed(static_cast<size_t>(LZ4_compressBound(static_cast<int>(raw.size()))), '\0');
     int len = LZ4_compress_default(raw.data(), packed.data(), static_cast<int>(raw.size()),
@@ -101,33 +73,24 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t b
   return f;
 }
 
-absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages,
-                                        const uint8_t* replica) {
+absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages) {
   size_t n = static_cast<size_t>(b.gfns_size());
   if (n == 0 || n > kPagesPerBatch || static_cast<size_t>(b.hashes_size()) != n) {
     return absl::DataLossError("page batch with inconsistent counts");
   }
-  for (const std::string* mask : {&b.zero(), &b.same()}) {
-    if (!mask->empty() && mask->size() != (n + 7) / 8) {
-      return absl::DataLossError("page batch with a page mask of the wrong size");
-    }
+  if (!b.zero().empty() && b.zero().size() != (n + 7) / 8) {
+    return absl::DataLossError("page batch with a zero mask of the wrong size");
   }
-  if (!b.same().empty() && (!b.sync() || replica == nullptr)) {
-    return absl::DataLossError("page batch refers to replica pages this mirror does not hold");
-  }
-  auto bit = [](const std::string& mask, size_t j) {
-    return !mask.empty() && (static_cast<uint8_t>(mask[j / 8]) >> (j % 8)) & 1;
+  auto is_zero = [&](size_t j) {
+    return !b.zero().empty() && (static_cast<uint8_t>(b.zero()[j / 8]) >> (j % 8)) & 1;
   };
-  auto is_zero = [&](size_t j) { return bit(b.zero(), j); };
-  auto is_same = [&](size_t j) { return bit(b.same(), j); };
   size_t nonzero = 0;
   for (size_t j = 0; j < n; j++) {
     if (b.gfns(static_cast<int>(j)) >= memory_pages) {
       return absl::DataLossError(
           absl::StrCat("page number ", b.gfns(static_cast<int>(j)), " outside guest memory"));
     }
-    if (is_zero(j) && is_same(j)) return absl::DataLossError("page flagged both zero and same");
-    nonzero += is_zero(j) || is_same(j) ? 0 : 1;
+    nonzero += is_zero(j) ? 0 : 1;
   }
   std::string unpacked;
   const std::string* data = &b.data();
@@ -153,10 +116,6 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   const char* src = data->data();
   for (size_t j = 0; j < n; j++) {
     if (is_zero(j)) continue;
-    if (is_same(j)) {  // the hash check in ReplicaStore proves the claim
-      std::memcpy(run.pages.data() + j * kPage, replica + run.gfns[j] * kPage, kPage);
-      continue;
-    }
     std::memcpy(run.pages.data() + j * kPage, src, kPage);
     src += kPage;
   }

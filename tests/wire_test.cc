@@ -1,5 +1,6 @@
 // The page-batch codec: zero pages travel as flags, LZ4 is used when it helps, and every batch
-// from the peer is checked before its pages are used. No KVM needed.
+// from the peer is checked before its pages are used. The hash-tree comparison that precedes a
+// resynchronisation: what it finds, and what it refuses. No KVM needed.
 #include <gtest/gtest.h>
 #include <xxhash.h>
 
@@ -142,42 +143,122 @@ TEST(WireFormat, CompressionNamesAreChecked) {
   EXPECT_FALSE(replicator::ParseCompression("zip").ok());
 }
 
-// In a resynchronisation, pages the mirror's replica already holds travel as flags: the mirror
-// takes them from its replica, and the page hash, checked as for any page, proves the claim.
-TEST(WireFormat, PagesTheMirrorHoldsAreFlagsFilledFromItsReplica) {
-  PageRun run = MixedRun(30);
-  std::vector<uint8_t> replica(kMemoryPages * kPage, 0);
-  std::vector<uint64_t> mirror(kMemoryPages, 0);
-  for (size_t i = 0; i < run.gfns.size(); i += 2) {  // the mirror holds every other page
-    std::memcpy(&replica[run.gfns[i] * kPage], &run.pages[i * kPage], kPage);
-    mirror[run.gfns[i]] = run.hashes[i];
-  }
-  pb::Frame f =
-      replicator::PageBatchFrame(0, true, run, 0, run.gfns.size(), pb::COMPRESSION_NONE, &mirror);
-  size_t sent = 0;
-  for (size_t i = 1; i < run.gfns.size(); i += 2) sent += i % 3 == 0 ? 0 : 1;  // odd, non-zero
-  EXPECT_EQ(f.pages().data().size(), sent * kPage);
-  auto back = replicator::DecodePageBatch(f.pages(), kMemoryPages, replica.data());
-  ASSERT_TRUE(back.ok()) << back.status();
-  ExpectSame(*back, run);
+// Leaves 0..n-1 with distinct hashes.
+std::vector<uint64_t> Leaves(uint64_t n) {
+  std::vector<uint64_t> v(n);
+  for (uint64_t i = 0; i < n; i++) v[i] = XXH3_64bits(&i, sizeof(i));
+  return v;
+}
 
-  // A mirror without a replica, or outside a synchronisation, refuses such a batch.
-  EXPECT_FALSE(replicator::DecodePageBatch(f.pages(), kMemoryPages).ok());
-  pb::PageBatch epoch_batch = f.pages();
-  epoch_batch.set_sync(false);
-  EXPECT_FALSE(replicator::DecodePageBatch(epoch_batch, kMemoryPages, replica.data()).ok());
-  // A flag on a page the replica does not hold yields a page that fails its hash.
-  replica[run.gfns[2] * kPage + 100] ^= 1;
-  back = replicator::DecodePageBatch(f.pages(), kMemoryPages, replica.data());
-  ASSERT_TRUE(back.ok());
-  EXPECT_NE(XXH3_64bits(back->pages.data() + 2 * kPage, kPage), back->hashes[2]);
-  // Zero and same at once, or a mask of the wrong size, is refused.
-  pb::PageBatch both = f.pages();
-  both.set_zero(both.same());
-  EXPECT_FALSE(replicator::DecodePageBatch(both, kMemoryPages, replica.data()).ok());
-  pb::PageBatch short_mask = f.pages();
-  short_mask.set_same("x");
-  EXPECT_FALSE(replicator::DecodePageBatch(short_mask, kMemoryPages, replica.data()).ok());
+TEST(HashTree, EachNodeCoversItsLeavesAndAChangedLeafChangesOnlyItsAncestors) {
+  constexpr uint64_t kN = 64 * 63 + 5;  // three levels: 4037 leaves, 64 nodes, the root
+  checkpoint::HashTree a(Leaves(kN));
+  ASSERT_EQ(a.top(), 2u);
+  EXPECT_EQ(a.width(1), 64u);
+  EXPECT_EQ(a.width(2), 1u);
+  EXPECT_EQ(a.Children(2, 0), std::make_pair(uint64_t{0}, uint64_t{64}));
+  EXPECT_EQ(a.Children(1, 63), std::make_pair(uint64_t{4032}, kN));
+  EXPECT_EQ(a.Leaves(2, 0), std::make_pair(uint64_t{0}, kN));
+  EXPECT_EQ(a.Leaves(1, 3), std::make_pair(uint64_t{192}, uint64_t{256}));
+  std::vector<uint64_t> changed = Leaves(kN);
+  changed[200] ^= 1;
+  checkpoint::HashTree b(changed);
+  for (uint64_t i = 0; i < a.width(1); i++) EXPECT_EQ(a.node(1, i) != b.node(1, i), i == 3);
+  EXPECT_NE(a.node(2, 0), b.node(2, 0));
+  EXPECT_EQ(checkpoint::HashTree(Leaves(1)).top(), 0u);
+  EXPECT_EQ(checkpoint::HashTree().width(0), 0u);
+}
+
+struct Exchange {
+  checkpoint::ReplicaTrees mirror;
+  uint64_t budget = 0, queries = 0, answered = 0;
+  replicator::AskMirror Ask() {
+    budget = replicator::TreeQueryBudget(mirror);
+    return [this](const pb::TreeQuery& q) -> absl::StatusOr<pb::TreeAnswer> {
+      queries++;
+      auto a = replicator::AnswerTreeQuery(mirror, q, budget);
+      if (a.ok()) answered += static_cast<uint64_t>(a->hashes_size());
+      return a;
+    };
+  }
+};
+
+// The comparison finds exactly the pages that differ, the mirror's hash of every disk chunk,
+// and asks about a few nodes per difference, not about every page.
+TEST(HashTree, ComparingFindsWhatDiffersAndAsksAboutLittleElse) {
+  constexpr uint64_t kPages = 262144, kChunks = 100;  // 1 GiB of pages
+  std::vector<uint64_t> pages = Leaves(kPages), chunks = Leaves(kChunks);
+  checkpoint::ReplicaTrees own{checkpoint::HashTree(pages), checkpoint::HashTree(chunks)};
+  std::vector<uint64_t> differ = {0, 1, 4095, 70000, 262143};
+  for (uint64_t p : differ) pages[p] ^= 1;
+  chunks[7] ^= 1;
+  Exchange ex{{checkpoint::HashTree(pages), checkpoint::HashTree(chunks)}};
+  auto h = replicator::CompareTrees(own, replicator::RootsOf(&ex.mirror), ex.Ask());
+  ASSERT_TRUE(h.ok()) << h.status();
+
+  std::vector<bool> covered(kPages, false);
+  for (auto [level, node] : h->same_pages) {
+    auto [first, end] = own.pages.Leaves(level, node);
+    for (uint64_t p = first; p < end; p++) {
+      EXPECT_FALSE(covered[p]) << p;
+      covered[p] = true;
+    }
+  }
+  EXPECT_EQ(h->same_page_count, kPages - differ.size());
+  for (uint64_t p : differ) EXPECT_FALSE(covered[p]) << p;
+  EXPECT_EQ(h->chunks, chunks);  // the mirror's, including the chunk that differs
+  // Three page levels below the root and two chunk levels: 64 hashes per differing node.
+  EXPECT_LE(ex.answered, (differ.size() * 3 + 2) * 64);
+  EXPECT_LE(ex.queries, 5u);
+
+  // Nothing differs: the roots settle it. The mirror holds nothing: there is nothing to ask.
+  Exchange same{own};
+  h = replicator::CompareTrees(own, replicator::RootsOf(&own), same.Ask());
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->same_page_count, kPages);
+  EXPECT_EQ(same.queries, 0u);
+  h = replicator::CompareTrees(own, replicator::RootsOf(nullptr), same.Ask());
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->same_page_count, 0u);
+  EXPECT_TRUE(h->chunks.empty());
+}
+
+// Queries come from an untrusted peer: levels, node numbers and counts are checked, and a peer
+// that asks past what any comparison needs is refused. A mirror's answer of the wrong size is
+// refused by the primary.
+TEST(HashTree, BadQueriesAndAnswersAreRefused) {
+  checkpoint::ReplicaTrees t{checkpoint::HashTree(Leaves(4096)), checkpoint::HashTree(Leaves(3))};
+  uint64_t budget = replicator::TreeQueryBudget(t);
+  auto query = [](bool disk, uint32_t level, std::vector<uint64_t> nodes) {
+    pb::TreeQuery q;
+    q.set_disk(disk);
+    q.set_level(level);
+    for (uint64_t n : nodes) q.add_nodes(n);
+    return q;
+  };
+  EXPECT_TRUE(replicator::AnswerTreeQuery(t, query(false, 2, {0}), budget).ok());
+  EXPECT_EQ(replicator::AnswerTreeQuery(t, query(false, 1, {63}), budget)->hashes_size(), 64);
+  EXPECT_EQ(replicator::AnswerTreeQuery(t, query(true, 1, {0}), budget)->hashes_size(), 3);
+  EXPECT_FALSE(replicator::AnswerTreeQuery(t, query(false, 0, {0}), budget).ok());
+  EXPECT_FALSE(replicator::AnswerTreeQuery(t, query(false, 3, {0}), budget).ok());
+  EXPECT_FALSE(replicator::AnswerTreeQuery(t, query(false, 1, {64}), budget).ok());
+  EXPECT_FALSE(replicator::AnswerTreeQuery(t, query(true, 2, {0}), budget).ok());
+  EXPECT_FALSE(replicator::AnswerTreeQuery(t, query(false, 1, {}), budget).ok());
+  EXPECT_FALSE(
+      replicator::AnswerTreeQuery(t, query(false, 1, std::vector<uint64_t>(4097, 0)), budget).ok());
+  int answered = 0;
+  while (replicator::AnswerTreeQuery(t, query(false, 1, {0}), budget).ok() && answered < 1000) {
+    answered++;
+  }
+  EXPECT_LT(answered, 1000);  // the budget ran out
+
+  checkpoint::ReplicaTrees own{checkpoint::HashTree(Leaves(4097)), checkpoint::HashTree()};
+  auto short_answer = [](const pb::TreeQuery&) -> absl::StatusOr<pb::TreeAnswer> {
+    pb::TreeAnswer a;
+    a.add_hashes(1);
+    return a;
+  };
+  EXPECT_FALSE(replicator::CompareTrees(own, replicator::RootsOf(&t), short_answer).ok());
 }
 
 }  // namespace

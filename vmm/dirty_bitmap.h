@@ -14,6 +14,7 @@ class DirtyBitmap {
 
   uint64_t pages() const { return pages_; }
   void Set(uint64_t page) { words_[page / 64] |= 1ull << (page % 64); }
+  void Clear(uint64_t page) { words_[page / 64] &= ~(1ull << (page % 64)); }
   bool Test(uint64_t page) const { return (words_[page / 64] >> (page % 64)) & 1; }
   uint64_t Count() const;
   void Merge(const DirtyBitmap& other);
