@@ -464,8 +464,8 @@ absl::Status ReplicaStore::StartStaging() {
   if (auto s = vmm::BlockDevice::CreateImage(path, disk_bytes_); !s.ok()) return s;
   st->disk = vmm::Fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
   if (!st->disk.valid()) return vmm::ErrnoStatus(absl::StrCat("open staging disk ", path));
-  st->pages = vmm::DirtyBitmap(memory_->pages());
-  st->chunks = vmm::DirtyBitmap((disk_bytes_ + kDiskChunk - 1) / kDiskChunk);
+  st->pages = st->same_pages = vmm::DirtyBitmap(memory_->pages());
+  st->chunks = st->same_chunks = vmm::DirtyBitmap((disk_bytes_ + kDiskChunk - 1) / kDiskChunk);
   staging_ = std::move(st);
   return absl::OkStatus();
 }
@@ -537,22 +537,58 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
       st.chunks.Set(off / kDiskChunk);
     }
   }
-  if (st.pages.Count() != memory_->pages() || st.chunks.Count() != st.chunks.pages()) {
-    return absl::DataLossError(
-        absl::StrCat("checkpoint ", c.epoch, " rejected: the synchronisation covered ",
-                     st.pages.Count(), " of ", memory_->pages(), " pages and ", st.chunks.Count(),
-                     " of ", st.chunks.pages(), " disk chunks"));
+  vmm::DirtyBitmap pages = st.pages, chunks = st.chunks;
+  pages.Merge(st.same_pages);
+  chunks.Merge(st.same_chunks);
+  if (pages.Count() != memory_->pages() || chunks.Count() != chunks.pages()) {
+    return absl::DataLossError(absl::StrCat(
+        "checkpoint ", c.epoch, " rejected: the synchronisation covered ", pages.Count(), " of ",
+        memory_->pages(), " pages and ", chunks.Count(), " of ", chunks.pages(), " disk chunks"));
   }
-  // Everything verified and in place: the staging copy becomes the replica.
-  if (::rename((disk_path_ + ".sync").c_str(), disk_path_.c_str()) != 0) {
-    return vmm::ErrnoStatus(absl::StrCat("replace replica disk ", disk_path_));
+  // Everything verified: the staging copy becomes the replica, or when the replica held some of
+  // it already, what was received is written over it (which costs what differed, not the size).
+  if (st.same_pages.Count() + st.same_chunks.Count() == 0) {
+    if (::rename((disk_path_ + ".sync").c_str(), disk_path_.c_str()) != 0) {
+      return vmm::ErrnoStatus(absl::StrCat("replace replica disk ", disk_path_));
+    }
+    memory_ = std::move(st.memory);
+    disk_ = std::move(st.disk);
+  } else if (auto s = CopyReceivedIntoReplica(st, c); !s.ok()) {
+    return s;  // a host I/O failure, not bad input
   }
-  memory_ = std::move(st.memory);
-  disk_ = std::move(st.disk);
   seeded_ = false;
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
   sequence_reset_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status ReplicaStore::CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c) {
+  for (uint64_t gfn = 0; gfn < memory_->pages(); gfn++) {
+    if (st.pages.Test(gfn)) {
+      std::memcpy(memory_->data() + gfn * kPage, st.memory->data() + gfn * kPage, kPage);
+    }
+  }
+  std::string chunk(kDiskChunk, '\0');
+  for (uint64_t i = 0; i < st.chunks.pages(); i++) {
+    if (!st.chunks.Test(i)) continue;
+    uint64_t off = i * kDiskChunk, n = std::min(kDiskChunk, disk_bytes_ - off);
+    if (::pread(st.disk.get(), chunk.data(), n, static_cast<off_t>(off)) !=
+            static_cast<ssize_t>(n) ||
+        ::pwrite(disk_.get(), chunk.data(), n, static_cast<off_t>(off)) !=
+            static_cast<ssize_t>(n)) {
+      return vmm::ErrnoStatus("write replica disk");
+    }
+  }
+  // The full checkpoint's writes may fall in chunks that were the same: they go over those too.
+  for (const DiskWrite& w : c.disk_writes) {
+    if (::pwrite(disk_.get(), w.data.data(), w.data.size(),
+                 static_cast<off_t>(w.sector * RML_SECTOR_SIZE)) !=
+        static_cast<ssize_t>(w.data.size())) {
+      return vmm::ErrnoStatus("write replica disk");
+    }
+  }
+  ::unlink((disk_path_ + ".sync").c_str());
   return absl::OkStatus();
 }
 
@@ -602,24 +638,24 @@ absl::Status ReplicaStore::StageSamePages(size_t level, uint64_t node, uint64_t 
   }
   if (auto s = StartStaging(); !s.ok()) return s;
   auto [first, end] = t.Leaves(level, node);
-  std::memcpy(staging_->memory->data() + first * kPage, memory_->data() + first * kPage,
-              (end - first) * kPage);
-  for (uint64_t gfn = first; gfn < end; gfn++) staging_->pages.Set(gfn);
+  for (uint64_t gfn = first; gfn < end; gfn++) staging_->same_pages.Set(gfn);
   staging_->digest.AddSamePages(level, node, hash);
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ReplicaStore::ReadCommittedDisk(uint64_t offset,
-                                                            uint64_t length) const {
-  if (!has_contents() || offset > disk_bytes_ || length > disk_bytes_ - offset) {
-    return absl::OutOfRangeError("no such range in the committed replica's disk");
+absl::Status ReplicaStore::StageSameDisk(uint64_t offset, uint64_t length, uint64_t hash) {
+  auto trees = CommittedTrees();
+  if (!trees.ok()) return absl::DataLossError("pre-copy refers to a disk chunk this replica lacks");
+  const std::vector<uint64_t>& chunks = (*trees)->chunks.leaves();
+  if (offset % kDiskChunk || offset >= disk_bytes_ ||
+      length != std::min(kDiskChunk, disk_bytes_ - offset) || chunks[offset / kDiskChunk] != hash) {
+    return absl::DataLossError(absl::StrCat("pre-copy rejected: disk chunk at ", offset, " of ",
+                                            length, " bytes is not this replica's"));
   }
-  std::string data(length, '\0');
-  if (::pread(disk_.get(), data.data(), length, static_cast<off_t>(offset)) !=
-      static_cast<ssize_t>(length)) {
-    return vmm::ErrnoStatus("read replica disk");
-  }
-  return data;
+  if (auto s = StartStaging(); !s.ok()) return s;
+  staging_->same_chunks.Set(offset / kDiskChunk);
+  staging_->digest.AddDisk(offset, length, hash);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {

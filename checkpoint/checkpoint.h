@@ -262,11 +262,10 @@ class ReplicaStore {
   // contents: what a resynchronisation compares. Built once per committed state.
   absl::StatusOr<const ReplicaTrees*> CommittedTrees();
   // Pre-copy: the pages under node `node` of `level` of the pages tree are the committed
-  // replica's; `hash` must be that node's.
+  // replica's; `hash` must be that node's. Nothing is copied: the commit keeps them in place.
   absl::Status StageSamePages(size_t level, uint64_t node, uint64_t hash);
-  // `length` bytes of the committed (or seeded) replica's disk at `offset` (a chunk flagged
-  // "same").
-  absl::StatusOr<std::string> ReadCommittedDisk(uint64_t offset, uint64_t length) const;
+  // Pre-copy: the disk chunk at `offset` is the committed replica's (its hash is `hash`).
+  absl::Status StageSameDisk(uint64_t offset, uint64_t length, uint64_t hash);
   struct Committed {
     std::unique_ptr<vmm::GuestMemory> memory;
     pb::VmSnapshot state;
@@ -276,12 +275,14 @@ class ReplicaStore {
   absl::StatusOr<Committed> TakeCommitted();
 
  private:
-  // What a synchronisation has built so far.
+  // What a synchronisation has built so far: what it received, in a sparse copy of memory and
+  // disk, and what it found the same as the replica's, which stays where it is.
   struct Staging {
     std::unique_ptr<vmm::GuestMemory> memory;
     vmm::Fd disk;
     vmm::DirtyBitmap pages;   // pages received
     vmm::DirtyBitmap chunks;  // disk chunks received
+    vmm::DirtyBitmap same_pages, same_chunks;
     SyncDigest digest;
   };
   ReplicaStore(std::unique_ptr<vmm::GuestMemory> memory, vmm::Fd disk, std::string disk_path,
@@ -292,8 +293,10 @@ class ReplicaStore {
         disk_bytes_(disk_bytes) {}
   absl::Status Verify(const Checkpoint& c) const;
   absl::Status StartStaging();
-  // Applies a verified full checkpoint to the staging copy and swaps it in.
+  // Applies a verified full checkpoint to the staging copy; then the staging copy replaces the
+  // replica (nothing was the same), or what it received is written over the replica.
   absl::Status CommitStaging(const Checkpoint& c);
+  absl::Status CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c);
 
   std::unique_ptr<vmm::GuestMemory> memory_;
   vmm::Fd disk_;

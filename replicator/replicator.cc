@@ -325,11 +325,7 @@ class MirrorImpl : public Mirror {
     if ((d.zero() || d.same()) != d.data().empty() || (d.zero() && d.same())) {
       return absl::DataLossError("pre-copy disk chunk: zero or same flag and data disagree");
     }
-    if (d.same()) {
-      auto data = replica_.ReadCommittedDisk(d.offset(), d.length());
-      if (!data.ok()) return absl::DataLossError("pre-copy disk chunk refers to no replica chunk");
-      return replica_.StageSyncDisk(d.offset(), d.length(), &*data, d.hash());
-    }
+    if (d.same()) return replica_.StageSameDisk(d.offset(), d.length(), d.hash());
     return replica_.StageSyncDisk(d.offset(), d.length(), d.zero() ? nullptr : &d.data(), d.hash());
   }
 
