@@ -100,6 +100,16 @@ class PreCopy : public ::testing::Test {
     if (s.ok()) engine_->Acknowledge((*full)->epoch);
     return s;
   }
+  // A first synchronisation, then `epochs` checkpoints applied and acknowledged.
+  void SynchroniseThenEpochs(int epochs) {
+    ASSERT_TRUE(Synchronise().ok());
+    for (int i = 0; i < epochs; i++) {
+      auto cp = engine_->TakeCheckpoint();
+      ASSERT_TRUE(cp.ok());
+      ASSERT_TRUE(replica_->Apply(**cp).ok());
+      engine_->Acknowledge((*cp)->epoch);
+    }
+  }
   void ExpectReplicaEqualsPause(int epoch) {
     ASSERT_EQ(replica_->MemoryDigest(), at_pause_.first) << "epoch " << epoch;
     ASSERT_EQ(*replica_->DiskDigest(), at_pause_.second) << "epoch " << epoch;
@@ -142,13 +152,7 @@ TEST_F(PreCopy, ReplicaEqualsThePrimaryAtEveryCommitWhileMemoryChanges) {
 }
 
 TEST_F(PreCopy, AResynchronisationReplacesTheReplicaOnlyWhenComplete) {
-  ASSERT_TRUE(Synchronise().ok());
-  for (int i = 0; i < 20; i++) {
-    auto cp = engine_->TakeCheckpoint();
-    ASSERT_TRUE(cp.ok());
-    ASSERT_TRUE(replica_->Apply(**cp).ok());
-    engine_->Acknowledge((*cp)->epoch);
-  }
+  ASSERT_NO_FATAL_FAILURE(SynchroniseThenEpochs(20));
   uint64_t memory = replica_->MemoryDigest(), disk = *replica_->DiskDigest();
   int64_t epoch = replica_->committed_epoch();
   auto expect_unchanged = [&](const absl::Status& s, const char* what) {
@@ -235,13 +239,7 @@ class PreCopyQuietDisk : public PreCopy {
 };
 
 TEST_F(PreCopyQuietDisk, PagesTheReplicaHoldsAreClaimedByTreeNodeAndNotSent) {
-  ASSERT_TRUE(Synchronise().ok());
-  for (int i = 0; i < 20; i++) {
-    auto cp = engine_->TakeCheckpoint();
-    ASSERT_TRUE(cp.ok());
-    ASSERT_TRUE(replica_->Apply(**cp).ok());
-    engine_->Acknowledge((*cp)->epoch);
-  }
+  ASSERT_NO_FATAL_FAILURE(SynchroniseThenEpochs(20));
   engine_->Restart();
   replica_->ExpectFullCheckpoint();
   first_pass_pages_ = 0;
