@@ -33,15 +33,6 @@ absl::StatusOr<sockaddr_un> Address(const std::string& path) {
   return addr;
 }
 
-absl::Status WriteAll(int fd, const std::string& bytes) {
-  for (size_t off = 0; off < bytes.size();) {
-    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
-    if (n <= 0) return vmm::ErrnoStatus("control socket write");
-    off += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-
 // One length-prefixed message from an untrusted peer, bounded in size.
 template <typename Message>
 absl::Status ReadMessage(int fd, Message* msg) {
@@ -112,7 +103,8 @@ class ControlServerImpl : public ControlServer {
       } else {
         reply.set_error("unknown control command");
       }
-      (void)WriteAll(client.get(), vmm::EncodeFrame(reply));
+      // A client that left gets no answer; the write fails without harm (no SIGPIPE).
+      (void)vmm::WriteFully(client.get(), vmm::EncodeFrame(reply), "control socket write");
     }
   }
 
@@ -153,7 +145,9 @@ absl::StatusOr<pb::ControlReply> Ask(const std::string& path, const pb::ControlR
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0) {
     return vmm::ErrnoStatus(absl::StrCat("connect to ", path, " (is romulus running there?)"));
   }
-  if (auto s = WriteAll(fd.get(), vmm::EncodeFrame(req)); !s.ok()) return s;
+  if (auto s = vmm::WriteFully(fd.get(), vmm::EncodeFrame(req), "control socket write"); !s.ok()) {
+    return s;
+  }
   pb::ControlReply reply;
   if (auto s = ReadMessage(fd.get(), &reply); !s.ok()) return s;
   if (!reply.error().empty()) return absl::FailedPreconditionError(reply.error());

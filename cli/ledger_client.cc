@@ -46,14 +46,7 @@ absl::StatusOr<LedgerClient> LedgerClient::Connect(const std::string& host, uint
 }
 
 absl::Status LedgerClient::SendBytes(const std::string& bytes) {
-  size_t off = 0;
-  while (off < bytes.size()) {
-    ssize_t n = ::send(fd_.get(), bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return vmm::ErrnoStatus("send to ledger");
-    off += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
+  return vmm::WriteFully(fd_.get(), bytes, "send to ledger");
 }
 
 absl::StatusOr<pb::LedgerResponse> LedgerClient::Receive() {

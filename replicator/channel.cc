@@ -21,34 +21,8 @@ using asio::ip::tcp;
 constexpr size_t kNonceBytes = 16;
 
 // Boost.Asio's blocking reads and writes wait again when SO_RCVTIMEO or SO_SNDTIMEO fires, so
-// a silent peer would block them for ever: the channel moves its bytes itself (reads through
-// vmm::ReadFully), and a timeout (EAGAIN) is an error.
-
-absl::Status WriteAll(int fd, iovec* iov, int count, const std::string& peer) {
-  while (count > 0) {
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = static_cast<size_t>(count);
-    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        return absl::DeadlineExceededError(absl::StrCat("send to ", peer, ": timed out"));
-      return vmm::ErrnoStatus(absl::StrCat("send to ", peer));
-    }
-    auto left = static_cast<size_t>(w);
-    while (count > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      iov++;
-      count--;
-    }
-    if (count > 0) {
-      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
-  }
-  return absl::OkStatus();
-}
+// a silent peer would block them for ever: the channel moves its bytes itself (vmm::ReadFully,
+// vmm::WriteFully), and a timeout (EAGAIN) is an error.
 
 std::string Nonce() {
   std::string n(kNonceBytes, '\0');
@@ -182,7 +156,10 @@ absl::Status Channel::Send(const pb::Frame& frame) {
   uint8_t header[4] = {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
                        static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)};
   iovec iov[2] = {{header, sizeof(header)}, {body.data(), body.size()}};
-  if (auto s = WriteAll(socket_.native_handle(), iov, 2, peer_); !s.ok()) return s;
+  if (auto s = vmm::WriteFully(socket_.native_handle(), iov, 2, absl::StrCat("send to ", peer_));
+      !s.ok()) {
+    return s;
+  }
   bytes_sent_ += 4 + body.size();
   return absl::OkStatus();
 }

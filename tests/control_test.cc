@@ -11,10 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fstream>
+#include <future>
 
 #include "tests/test_util.h"
+#include "vmm/ledger_protocol.h"
 
 namespace romulus {
 namespace {
@@ -81,6 +84,38 @@ TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
   mirror.Signal(SIGTERM);
   EXPECT_EQ(mirror.Wait(30), 0) << mirror.output();
   EXPECT_NE(::access(sock.c_str(), F_OK), 0);  // the socket file is gone with the mirror
+}
+
+// A client that leaves before its answer is written costs the server nothing: the write fails
+// quietly (a SIGPIPE would end the whole primary), and the next client is served.
+TEST(ControlSocket, AClientThatLeavesBeforeItsAnswerDoesNotHurtTheServer) {
+  TempDir dir;
+  std::string sock = dir.File("control.sock");
+  std::promise<void> left;
+  std::shared_future<void> client_left = left.get_future().share();
+  std::atomic<int> asked{0};
+  auto server = cli::ControlServer::Start(sock, {.status = [&] {
+                                            if (asked++ == 0) client_left.wait();
+                                            pb::StatusReply r;
+                                            r.set_role("mirror");
+                                            return r;
+                                          }});
+  ASSERT_TRUE(server.ok()) << server.status();
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un u{};
+  u.sun_family = AF_UNIX;
+  std::strcpy(u.sun_path, sock.c_str());
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&u), sizeof(u)), 0);
+  pb::ControlRequest req;
+  req.set_status(true);
+  std::string frame = vmm::EncodeFrame(req);
+  ASSERT_EQ(::write(fd, frame.data(), frame.size()), static_cast<ssize_t>(frame.size()));
+  ::close(fd);
+  left.set_value();
+  auto again = cli::QueryStatus(sock);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->role(), "mirror");
+  EXPECT_EQ(asked.load(), 2);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <linux/kvm.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -68,6 +69,41 @@ inline absl::Status ReadFully(int fd, void* buf, size_t len, absl::string_view w
     len -= static_cast<size_t>(n);
   }
   return absl::OkStatus();
+}
+
+// Writes all of `iov[0..count)` to a blocking socket, retrying on EINTR, and advances `iov` as
+// it goes. MSG_NOSIGNAL: a peer that went away is an error here, not a SIGPIPE that ends the
+// process. SO_SNDTIMEO running out is DeadlineExceeded ("WHAT: timed out"); any other failure
+// is ErrnoStatus(what).
+inline absl::Status WriteFully(int fd, iovec* iov, int count, absl::string_view what) {
+  while (count > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(count);
+    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return absl::DeadlineExceededError(absl::StrCat(what, ": timed out"));
+      return ErrnoStatus(what);
+    }
+    auto left = static_cast<size_t>(w);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      count--;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status WriteFully(int fd, absl::string_view bytes, absl::string_view what) {
+  iovec iov{const_cast<char*>(bytes.data()), bytes.size()};
+  return WriteFully(fd, &iov, 1, what);
 }
 
 // Runs an ioctl, retrying on EINTR, and returns its non-negative result or an error naming it.
