@@ -13,6 +13,7 @@
 #include <mutex>
 #include <thread>
 
+#include "replicator/channel.h"
 #include "replicator/replicator.h"
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
@@ -208,7 +209,7 @@ TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
   auto second = primary_->stats().sync;
   // The noise (3/4 of memory) was already there and did not travel: what went on the wire is
   // what was not already there (pages the VM wrote, in as many pre-copy rounds as the machine's
-  // speed needed), plus the hashes.
+  // speed needed), plus the tree comparison and the claims of what was there.
   // Pages the VM may have changed: its working set, page 0 (its write count) and the block
   // device's command and buffer pages.
   EXPECT_GE(second.unchanged_bytes, kMemory - (2048 + 3) * 4096ull) << Logs();
@@ -221,6 +222,83 @@ TEST_P(SoftReplication, AReturningMirrorReceivesOnlyWhatDiffers) {
       static_cast<double>(first.wire_bytes) / (1 << 20));
   std::lock_guard<std::mutex> lock(mu_);
   EXPECT_EQ(early_, 0u);
+}
+
+// A primary that holds the key but lies during the tree comparison or in its claims of what the
+// replica holds is dropped, and the committed replica stays as it was; a genuine primary then
+// resynchronises it.
+TEST_P(SoftReplication, APrimaryThatLiesAboutTheReplicaIsDroppedAndTheReplicaKept) {
+  StartMirror();
+  StartPrimary();
+  ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 5; }, 60)) << Logs();
+  primary_.reset();
+  // What was on its way when the primary went is applied before the mirror sees it gone.
+  ASSERT_TRUE(WaitUntil([&] { return !mirror_->stats().connected; }, 30)) << Logs();
+  auto replica_state = [&] {
+    std::tuple<int64_t, uint64_t, uint64_t> st;
+    mirror_->WithReplica([&](checkpoint::ReplicaStore& r) {
+      st = {r.committed_epoch(), r.MemoryDigest(), *r.DiskDigest()};
+    });
+    return st;
+  };
+  auto before = replica_state();
+  auto query = [](uint32_t level, uint64_t node) {
+    pb::Frame f;
+    f.mutable_tree_query()->set_level(level);
+    f.mutable_tree_query()->add_nodes(node);
+    return f;
+  };
+  pb::Frame done;
+  done.mutable_tree_query()->set_done(true);
+  auto claim = [](uint32_t level, std::vector<uint64_t> nodes, std::vector<uint64_t> hashes) {
+    pb::Frame f;
+    f.mutable_same_pages()->set_level(level);
+    for (uint64_t n : nodes) f.mutable_same_pages()->add_nodes(n);
+    for (uint64_t h : hashes) f.mutable_same_pages()->add_hashes(h);
+    return f;
+  };
+  pb::Frame keepalive;
+  keepalive.set_keepalive(true);
+  const std::vector<std::pair<std::string, std::vector<pb::Frame>>> lies = {
+      {"a query for a level the tree does not have", {query(99, 0)}},
+      {"a query for a node the level does not have", {query(1, 1u << 30)}},
+      {"another frame before the comparison is done", {keepalive}},
+      {"a claim with more nodes than hashes", {done, claim(0, {1, 2}, {7})}},
+      {"a claim with a hash that is not the replica's", {done, claim(1, {0}, {7})}},
+      {"queries past what any comparison needs", std::vector<pb::Frame>(2000, query(1, 0))},
+  };
+  for (const auto& [what, frames] : lies) {
+    boost::asio::io_context io;
+    auto ch = replicator::Channel::Connect(
+        io, "127.0.0.1", mirror_->port(), {"soft-vm", kMemory, kDisk}, kKey, 42,
+        std::chrono::milliseconds(2000));  // before the mirror's 5 s
+    ASSERT_TRUE(ch.ok()) << what << ": " << ch.status();
+    auto roots = (*ch)->Receive();
+    ASSERT_TRUE(roots.ok() && roots->has_replica_roots() && !roots->replica_roots().empty())
+        << what;
+    absl::Status dropped;
+    for (const pb::Frame& f : frames) {
+      dropped = (*ch)->Send(f);
+      if (dropped.ok() && f.has_tree_query() && !f.tree_query().done()) {
+        auto answer = (*ch)->Receive();
+        dropped = answer.ok() && answer->has_tree_answer() ? absl::OkStatus() : answer.status();
+      }
+      if (!dropped.ok()) break;
+    }
+    if (dropped.ok()) dropped = (*ch)->Receive().status();  // the mirror ends the connection
+    EXPECT_FALSE(dropped.ok()) << what;
+    EXPECT_NE(dropped.code(), absl::StatusCode::kDeadlineExceeded) << what << ": not dropped";
+    EXPECT_EQ(replica_state(), before) << what;
+  }
+  EXPECT_GE(mirror_->stats().rejected, 4u) << Logs();
+
+  StartPrimary();
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch > std::get<0>(before); }, 60))
+      << Logs();
+  int64_t epoch = mirror_->stats().committed_epoch;
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= epoch + 5; }, 60));
+  pauses_.ExpectReplicaMatches(*mirror_);
+  EXPECT_GT(primary_->stats().sync.unchanged_bytes, kMemory / 2) << Logs();
 }
 
 // A mirror that accepts the connection and then says nothing (a hung host, a peer lost behind a
