@@ -143,7 +143,8 @@ TEST_P(SoftReplication, PreCopyThenEpochsKeepTheReplicaExactAndOutputsWaitForIt)
   EXPECT_GE(sync.done_bytes - sync.wire_bytes, 20ull << 20);
   EXPECT_FALSE(sync.active) << Logs();
   EXPECT_NE(Logs().find("pre-copy done"), std::string::npos) << Logs();
-  ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 150; }, 120)) << Logs();
+  const uint64_t epochs = testing::LongRun(150);
+  ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= epochs; }, 120)) << Logs();
   for (int i = 0; i < 20; i++) {
     pauses_.ExpectReplicaMatches(*mirror_);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));  // let more epochs commit
