@@ -35,6 +35,18 @@ void HashPages(PageRun& run) {
   }
 }
 
+// Writes a checkpoint's disk writes, already checked against the disk's size, to the image `fd`.
+absl::Status WriteDiskWrites(int fd, const std::vector<DiskWrite>& writes, const char* what) {
+  for (const DiskWrite& w : writes) {
+    if (::pwrite(fd, w.data.data(), w.data.size(),
+                 static_cast<off_t>(w.sector * RML_SECTOR_SIZE)) !=
+        static_cast<ssize_t>(w.data.size())) {
+      return vmm::ErrnoStatus(what);
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void SyncDigest::AddPage(uint64_t gfn, uint64_t hash) { value_ = Chain(value_, {1, gfn, hash}); }
@@ -441,13 +453,8 @@ absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   for (size_t i = 0; i < c.gfns.size(); i++) {
     std::memcpy(memory_->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
   }
-  for (const DiskWrite& w : c.disk_writes) {
-    if (::pwrite(disk_.get(), w.data.data(), w.data.size(),
-                 static_cast<off_t>(w.sector * RML_SECTOR_SIZE)) !=
-        static_cast<ssize_t>(w.data.size())) {
-      return vmm::ErrnoStatus("write replica disk");  // host I/O failure, not bad input
-    }
-  }
+  // A host I/O failure, not bad input.
+  if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
   sequence_reset_ = false;
@@ -527,12 +534,11 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
     std::memcpy(st.memory->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
     st.pages.Set(c.gfns[i]);
   }
+  if (auto s = WriteDiskWrites(st.disk.get(), c.disk_writes, "write staging disk"); !s.ok()) {
+    return s;
+  }
   for (const DiskWrite& w : c.disk_writes) {
     uint64_t off = w.sector * RML_SECTOR_SIZE;
-    if (::pwrite(st.disk.get(), w.data.data(), w.data.size(), static_cast<off_t>(off)) !=
-        static_cast<ssize_t>(w.data.size())) {
-      return vmm::ErrnoStatus("write staging disk");
-    }
     if (off % kDiskChunk == 0 && w.data.size() == std::min(kDiskChunk, disk_bytes_ - off)) {
       st.chunks.Set(off / kDiskChunk);
     }
@@ -581,13 +587,7 @@ absl::Status ReplicaStore::CopyReceivedIntoReplica(const Staging& st, const Chec
     }
   }
   // The full checkpoint's writes may fall in chunks that were the same: they go over those too.
-  for (const DiskWrite& w : c.disk_writes) {
-    if (::pwrite(disk_.get(), w.data.data(), w.data.size(),
-                 static_cast<off_t>(w.sector * RML_SECTOR_SIZE)) !=
-        static_cast<ssize_t>(w.data.size())) {
-      return vmm::ErrnoStatus("write replica disk");
-    }
-  }
+  if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
   ::unlink((disk_path_ + ".sync").c_str());
   return absl::OkStatus();
 }

@@ -99,6 +99,8 @@ Channel::Channel(tcp::socket socket, std::chrono::milliseconds timeout)
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "unknown" : absl::StrCat(ep.address().to_string(), ":", ep.port());
+  send_what_ = absl::StrCat("send to ", peer_);
+  receive_what_ = absl::StrCat("receive from ", peer_);
   socket_.set_option(tcp::no_delay(true), ec);
   // Blocking reads and writes give up after the timeout instead of waiting on a dead peer.
   timeval tv{static_cast<time_t>(timeout.count() / 1000),
@@ -156,18 +158,14 @@ absl::Status Channel::Send(const pb::Frame& frame) {
   uint8_t header[4] = {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
                        static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)};
   iovec iov[2] = {{header, sizeof(header)}, {body.data(), body.size()}};
-  if (auto s = vmm::WriteFully(socket_.native_handle(), iov, 2, absl::StrCat("send to ", peer_));
-      !s.ok()) {
-    return s;
-  }
+  if (auto s = vmm::WriteFully(socket_.native_handle(), iov, 2, send_what_); !s.ok()) return s;
   bytes_sent_ += 4 + body.size();
   return absl::OkStatus();
 }
 
 absl::StatusOr<pb::Frame> Channel::Receive() {
   uint8_t header[4];
-  if (auto s = vmm::ReadFully(socket_.native_handle(), header, sizeof(header),
-                              absl::StrCat("receive from ", peer_));
+  if (auto s = vmm::ReadFully(socket_.native_handle(), header, sizeof(header), receive_what_);
       !s.ok())
     return s;
   uint32_t n =
@@ -177,9 +175,7 @@ absl::StatusOr<pb::Frame> Channel::Receive() {
                                             kMaxFrameBytes, " allowed)"));
   }
   std::string body(n, '\0');
-  if (auto s = vmm::ReadFully(socket_.native_handle(), body.data(), n,
-                              absl::StrCat("receive from ", peer_));
-      !s.ok()) {
+  if (auto s = vmm::ReadFully(socket_.native_handle(), body.data(), n, receive_what_); !s.ok()) {
     return s;
   }
   pb::Frame f;

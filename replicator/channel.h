@@ -42,6 +42,7 @@ class Channel {
   Channel(boost::asio::ip::tcp::socket socket, std::chrono::milliseconds timeout);
   boost::asio::ip::tcp::socket socket_;
   std::string peer_;
+  std::string send_what_, receive_what_;  // what a failed send or receive is called
   uint64_t bytes_sent_ = 0;
 };
 
