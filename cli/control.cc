@@ -96,7 +96,8 @@ class ControlServerImpl : public ControlServer {
                     : ms > 600000 ? absl::InvalidArgumentError("migration timeout over 600000 ms")
                                   : handlers_.migrate(std::chrono::milliseconds(ms ? ms : 10000));
         if (done.ok()) {
-          reply.set_migrated(*done);
+          reply.set_migrated(done->line);
+          reply.set_downtime_ms(done->downtime_ms);
         } else {
           reply.set_error(std::string(done.status().message()));
         }
@@ -172,13 +173,13 @@ absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force
   return reply->promoted();
 }
 
-absl::StatusOr<std::string> RequestMigration(const std::string& path,
-                                             std::chrono::milliseconds timeout) {
+absl::StatusOr<Migrated> RequestMigration(const std::string& path,
+                                          std::chrono::milliseconds timeout) {
   pb::ControlRequest req;
   req.mutable_migrate()->set_timeout_ms(static_cast<uint32_t>(timeout.count()));
   auto reply = Ask(path, req, static_cast<int>(timeout.count()) + 5000);
   if (!reply.ok()) return reply.status();
-  return reply->migrated();
+  return Migrated{.line = reply->migrated(), .downtime_ms = reply->downtime_ms()};
 }
 
 std::string FormatStatus(const pb::StatusReply& s) {
@@ -199,6 +200,15 @@ std::string FormatStatus(const pb::StatusReply& s) {
             ? 100.0 * static_cast<double>(y.done_bytes()) / static_cast<double>(y.total_bytes())
             : 0.0,
         y.mb_per_s(), y.eta_s(), y.round(), static_cast<double>(y.wire_bytes()) / (1 << 20));
+  }
+  if (s.has_last_sync()) {
+    const pb::SyncStatus& y = s.last_sync();
+    absl::StrAppendFormat(&out,
+                          "last sync:        %.1f MiB of memory and disk in %.2f s (%.1f MiB "
+                          "already at the mirror), %.1f MiB on the wire\n",
+                          static_cast<double>(y.done_bytes()) / (1 << 20), y.seconds(),
+                          static_cast<double>(y.unchanged_bytes()) / (1 << 20),
+                          static_cast<double>(y.wire_bytes()) / (1 << 20));
   }
   if (s.paths_size() > 0) {
     absl::StrAppendFormat(&out, "peer alive:       %s\n", s.peer_alive() ? "yes" : "no");
@@ -329,7 +339,9 @@ int MigrateCommand(int argc, char** argv) {
         if (timeout_ms < 1 || timeout_ms > 600000) {
           return absl::InvalidArgumentError("--timeout-ms must be 1 to 600000");
         }
-        return RequestMigration(socket, std::chrono::milliseconds(timeout_ms));
+        auto done = RequestMigration(socket, std::chrono::milliseconds(timeout_ms));
+        if (!done.ok()) return done.status();
+        return done->line;
       },
       argc, argv);
 }

@@ -13,13 +13,19 @@
 
 namespace romulus::cli {
 
+// What a planned migration did: one line for the operator, and its downtime.
+struct Migrated {
+  std::string line;
+  double downtime_ms = 0;
+};
+
 // What a process answers on its control socket.
 struct ControlHandlers {
   std::function<pb::StatusReply()> status = nullptr;
   // Promotes this host (a mirror); returns what it did. Unset: the process cannot be promoted.
   std::function<absl::StatusOr<std::string>(bool force)> promote = nullptr;
   // Hands the VM over to the mirror (a primary); returns what it did. Unset: not a primary.
-  std::function<absl::StatusOr<std::string>(std::chrono::milliseconds timeout)> migrate = nullptr;
+  std::function<absl::StatusOr<Migrated>(std::chrono::milliseconds timeout)> migrate = nullptr;
 };
 
 class ControlServer {
@@ -42,8 +48,8 @@ std::string FormatStatus(const pb::StatusReply& s);
 
 int StatusCommand(int argc, char** argv);
 // Asks the process behind `path` (a primary) to hand its VM over to its mirror.
-absl::StatusOr<std::string> RequestMigration(const std::string& path,
-                                             std::chrono::milliseconds timeout);
+absl::StatusOr<Migrated> RequestMigration(const std::string& path,
+                                          std::chrono::milliseconds timeout);
 
 int PromoteCommand(int argc, char** argv);
 int MigrateCommand(int argc, char** argv);

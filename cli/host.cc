@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
+#include "cli/load.h"
 #include "cli/signals.h"
 
 namespace romulus::cli {
@@ -29,15 +30,20 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
   r.set_pause_p99_ms(Percentile(s.pause_ms, 0.99));
   r.set_bytes(s.bytes_sent);
   r.set_resyncs(s.resyncs);
-  if (s.sync.active) {
-    pb::SyncStatus* y = r.mutable_sync();
+  if (s.sync.active || s.sync.seconds > 0) {
+    pb::SyncStatus* y = s.sync.active ? r.mutable_sync() : r.mutable_last_sync();
     y->set_done_bytes(s.sync.done_bytes);
     y->set_total_bytes(s.sync.total_bytes);
     y->set_wire_bytes(s.sync.wire_bytes);
     y->set_round(s.sync.round);
+    y->set_unchanged_bytes(s.sync.unchanged_bytes);
+    y->set_seconds(s.sync.seconds);
     double rate = s.sync.seconds > 0 ? static_cast<double>(s.sync.done_bytes) / s.sync.seconds : 0;
     y->set_mb_per_s(rate / 1e6);
-    y->set_eta_s(rate > 0 ? static_cast<double>(s.sync.total_bytes - s.sync.done_bytes) / rate : 0);
+    if (s.sync.active) {
+      y->set_eta_s(rate > 0 ? static_cast<double>(s.sync.total_bytes - s.sync.done_bytes) / rate
+                            : 0);
+    }
   }
   return r;
 }
@@ -123,12 +129,12 @@ std::unique_ptr<vmm::GuestMemory> LedgerVm::TakeMemory() {
   return vm_->TakeMemory();
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
-}
+namespace {
 
+// Rates between two samples of a primary's stats `dt` seconds apart.
+struct Rates {
+  double epochs_per_s, mb_per_s, dirty_per_epoch, pause_p50, pause_p99;
+};
 Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primary::Stats& b,
                    double dt) {
   Rates r{};
@@ -169,6 +175,8 @@ std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r) {
       s.connected ? "protected" : "UNPROTECTED", r.epochs_per_s, r.pause_p50, r.pause_p99,
       r.dirty_per_epoch, r.mb_per_s, s.held_outputs, s.lag_epochs);
 }
+
+}  // namespace
 
 pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s) {
   using Role = switchover::Node::Role;
@@ -319,17 +327,18 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
              return r;
            },
        .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
-       .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<std::string> {
+       .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<Migrated> {
          auto report = n.Migrate(timeout);
          if (!report.ok()) return report.status();
          auto now = n.status();
-         return absl::StrFormat(
+         std::string line = absl::StrFormat(
              "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and "
              "resumed at the mirror %.1f ms after the VM paused here (downtime); %s",
              report->epoch, report->final_pages, report->commit_ms, report->downtime_ms,
              now.role == switchover::Node::Role::kMirror
                  ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
                  : std::string("this host is idle (no replication_port to be the mirror on)"));
+         return Migrated{.line = line, .downtime_ms = report->downtime_ms};
        }});
   if (!control.ok()) return Fail(who, control.status());
 

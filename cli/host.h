@@ -82,17 +82,7 @@ class LedgerVm : public switchover::NodeVm {
   std::unique_ptr<vmm::LedgerEndpoint> endpoint_;
 };
 
-// Status lines and replies.
-double Percentile(std::vector<double> v, double p);
-// Rates between two samples of a primary's stats `dt` seconds apart.
-struct Rates {
-  double epochs_per_s, mb_per_s, dirty_per_epoch, pause_p50, pause_p99;
-};
-Rates RatesBetween(const replicator::Primary::Stats& a, const replicator::Primary::Stats& b,
-                   double dt);
-// "synchronising: 120.0/320.0 MiB (37%), 95.1 MB/s, ETA 2.1 s, round 1"
-std::string SyncLine(const replicator::Primary::SyncProgress& p);
-std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r);
+// What `romulus status` answers for a node.
 pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s);
 
 // What a node needs besides what it starts with.

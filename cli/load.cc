@@ -85,7 +85,10 @@ class Client {
         answered_on_standby_ = standby;
       }
       auto r = conn_->Call(q);
-      if (r.ok() && r->request_id() == q.request_id()) return *r;
+      if (r.ok() && r->request_id() == q.request_id()) {
+        if (answered_on_standby_ && !first_standby_answer_) first_standby_answer_ = Clock::now();
+        return *r;
+      }
       conn_.reset();
       Failed();
     }
@@ -93,6 +96,7 @@ class Client {
   }
   uint64_t reconnects() const { return reconnects_; }
   uint64_t switches() const { return switches_; }
+  std::optional<Clock::time_point> first_standby_answer() const { return first_standby_answer_; }
 
  private:
   const LoadOptions& o_;
@@ -106,6 +110,7 @@ class Client {
   std::optional<LedgerClient> conn_;
   bool on_standby_ = false, answered_on_standby_ = false;
   uint64_t reconnects_ = 0, switches_ = 0;
+  std::optional<Clock::time_point> first_standby_answer_;
 };
 
 void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& accounts,
@@ -189,13 +194,9 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   shared.report.retries_checked += retries;
   shared.report.reconnects += client.reconnects();
   shared.report.switches += client.switches();
-}
-
-double Percentile(std::vector<double>& v, double p) {
-  if (v.empty()) return 0;
-  size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())));
-  std::nth_element(v.begin(), v.begin() + static_cast<long>(i), v.end());
-  return v[i];
+  auto first = client.first_standby_answer();
+  auto& earliest = shared.report.first_standby_answer;
+  if (first && (!earliest || *first < *earliest)) earliest = first;
 }
 
 }  // namespace
@@ -276,6 +277,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     rep.last_seq = std::max(rep.last_seq, r->seq());
     auto it = shared.last.find(a);
     if (rep.unresolved == 0 && it != shared.last.end() && it->second.second != r->balance()) {
+      rep.lost_acknowledged++;
       rep.violations.push_back(absl::StrCat("account ", a, " reads ", r->balance(),
                                             " but the newest acknowledged write (seq ",
                                             it->second.first, ") left ", it->second.second));
@@ -286,6 +288,13 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
         absl::StrCat("balances sum to ", rep.final_total, ", deposits to ", rep.expected_total));
   }
   return rep;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())));
+  std::nth_element(v.begin(), v.begin() + static_cast<long>(i), v.end());
+  return v[i];
 }
 
 std::string FormatReport(const LoadReport& r) {
@@ -300,8 +309,10 @@ std::string FormatReport(const LoadReport& r) {
                         "reconnects (%d to the other address); %d unresolved\n",
                         absl::StrJoin(st, " "), r.retries_checked, r.reconnects, r.switches,
                         r.unresolved);
-  absl::StrAppendFormat(&out, "load: balances sum %d, deposits %d, last seq %d\n", r.final_total,
-                        r.expected_total, r.last_seq);
+  absl::StrAppendFormat(&out,
+                        "load: balances sum %d, deposits %d, last seq %d; acknowledged writes "
+                        "missing from %d accounts\n",
+                        r.final_total, r.expected_total, r.last_seq, r.lost_acknowledged);
   if (r.ok()) {
     absl::StrAppend(&out,
                     "load: invariants hold (sum, newest-write balances, exactly-once "
@@ -319,10 +330,11 @@ std::string FormatReportJson(const LoadReport& r) {
       "{\"requests\":%d,\"seconds\":%.3f,\"ops_per_s\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,"
       "\"p99_us\":%.1f,\"max_us\":%.1f,\"unresolved\":%d,\"reconnects\":%d,\"switches\":%d,"
       "\"retries_checked\":%d,"
-      "\"balances_sum\":%d,\"deposits\":%d,\"last_seq\":%d,\"violations\":%d,\"ok\":%s}",
+      "\"balances_sum\":%d,\"deposits\":%d,\"last_seq\":%d,\"lost_acknowledged\":%d,"
+      "\"violations\":%d,\"ok\":%s}",
       r.requests, r.seconds, r.ops_per_s, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.unresolved,
       r.reconnects, r.switches, r.retries_checked, r.final_total, r.expected_total, r.last_seq,
-      r.violations.size(), r.ok() ? "true" : "false");
+      r.lost_acknowledged, r.violations.size(), r.ok() ? "true" : "false");
 }
 
 }  // namespace romulus::cli

@@ -3,8 +3,10 @@
 #ifndef ROMULUS_CLI_LOAD_H_
 #define ROMULUS_CLI_LOAD_H_
 
+#include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,8 @@ struct LoadReport {
   uint64_t unresolved = 0;  // requests never answered
   uint64_t reconnects = 0;
   uint64_t switches = 0;  // reconnects that went to the other address
+  // When the first answer came from the other address (a failover's first response).
+  std::optional<std::chrono::steady_clock::time_point> first_standby_answer;
   uint64_t retries_checked = 0;
   double seconds = 0;
   double ops_per_s = 0;
@@ -42,11 +46,16 @@ struct LoadReport {
   std::map<uint32_t, uint64_t> by_status;
   int64_t expected_total = 0, final_total = 0;
   uint64_t last_seq = 0;
+  // Accounts whose final balance is not the newest write a client saw acknowledged: what a
+  // failover lost (counted only when every request was answered).
+  uint64_t lost_acknowledged = 0;
   std::vector<std::string> violations;
   bool ok() const { return violations.empty() && unresolved == 0; }
 };
 
 absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options);
+// The p-quantile (p in 0..1) of `v`; 0 when it is empty.
+double Percentile(std::vector<double> v, double p);
 std::string FormatReport(const LoadReport& report);
 std::string FormatReportJson(const LoadReport& report);
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, on this machine: a mirror, a primary running the reference guest (ledger and a
-# memory workload) replicated every epoch, and ledger clients, all on loopback. Live status, a
-# summary, then the mirror's replica is resumed as a VM and checked against what clients saw.
+# The main job, on this machine: a witness and two hosts of one protected VM as `romulus`
+# processes on loopback, and ledger clients. The primary is killed under load and the mirror
+# takes over (act 1), the killed host returns as the mirror and is resynchronised by hash (act 2),
+# and the VM migrates back to it (act 3); every answer the clients saw is checked each time.
 # Options are passed to `romulus demo` (see `romulus demo --help`; --json for one JSON object).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -78,8 +78,9 @@ TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
 
   Child missing({"status", "--socket", dir.File("nothing.sock")});
   EXPECT_EQ(missing.Wait(30), 1);
-  EXPECT_NE(missing.output().find("is romulus running there?"), std::string::npos);
-  EXPECT_EQ(std::count(missing.output().begin(), missing.output().end(), '\n'), 1);
+  std::string said = missing.output();
+  EXPECT_NE(said.find("is romulus running there?"), std::string::npos);
+  EXPECT_EQ(std::count(said.begin(), said.end(), '\n'), 1);
 
   mirror.Signal(SIGTERM);
   EXPECT_EQ(mirror.Wait(30), 0) << mirror.output();

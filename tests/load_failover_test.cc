@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -60,6 +61,10 @@ class TwoHostLedger {
   uint16_t port(int host) const { return ports_[host]; }
   uint64_t answered(int host) const { return answered_[host]; }
   bool died() const { return died_; }
+  std::chrono::steady_clock::time_point died_at() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return died_at_;
+  }
 
  private:
   void Serve(int host) {
@@ -110,6 +115,7 @@ class TwoHostLedger {
     {
       std::lock_guard<std::mutex> lock(mu_);
       died_ = true;
+      died_at_ = std::chrono::steady_clock::now();
       for (int fd : conns_) ::shutdown(fd, SHUT_RDWR);
     }
     ::shutdown(fds_[0], SHUT_RDWR);
@@ -171,8 +177,9 @@ class TwoHostLedger {
   uint16_t ports_[2] = {0, 0};
   std::atomic<bool> stop_{false}, died_{false};
   std::atomic<uint64_t> answered_[2] = {0, 0};
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::vector<int> conns_;
+  std::chrono::steady_clock::time_point died_at_;
   std::vector<std::thread> threads_;
   uint64_t served_ = 0, seq_ = 0;
   std::vector<int64_t> balances_;
@@ -198,6 +205,10 @@ TEST(LoadFailover, ClientsGivenBothAddressesSwitchOverAndLoseOrRepeatNothing) {
   EXPECT_GT(ledger.answered(1), 0u);
   EXPECT_GT(report->retries_checked, 0u);
   EXPECT_EQ(report->final_total, report->expected_total);
+  EXPECT_EQ(report->lost_acknowledged, 0u);
+  // The failover's first response came from the second host, after the first one died.
+  ASSERT_TRUE(report->first_standby_answer.has_value());
+  EXPECT_GE(*report->first_standby_answer, ledger.died_at());
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "cli/control.h"
 #include "cli/ledger_client.h"
 #include "cli/load.h"
+#include "cli/local_hosts.h"
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
 #include "tests/soft_vm.h"
@@ -298,93 +299,56 @@ TEST_F(MirrorPromotion, ARestartedMirrorReceivesOnlyWhatDiffers) {
   ASSERT_TRUE(WaitUntil([&] { return Status().committed_epoch() >= epoch + 10; }, 30));
 }
 
-// The whole failover on KVM: a witness, a mirror and a primary as processes on loopback; the
-// primary is killed (-9) under ledger load; the mirror wins the lease, resumes its replica and
-// answers on its own ledger address, continuing from every answer the clients saw.
-// Written in a session without /dev/kvm: it has not run yet.
-// Witness, mirror and primary processes of one VM on loopback, started and protected, and the
-// options of a ledger load given both ledger addresses.
-struct KvmPair {
-  TempDir dir;
-  // Replication listeners: the mirror's, and the primary's once it has handed the VM over.
-  uint16_t port = FreePort(), primary_port = FreePort();
-  uint16_t primary_ledger = FreePort(), mirror_ledger = FreePort();
-  uint16_t witness = FreePort(SOCK_DGRAM), hb_p = FreePort(SOCK_DGRAM), hb_m = FreePort(SOCK_DGRAM);
-  std::unique_ptr<Child> w, mirror, primary;
-
-  void Start() {
-    std::ofstream(dir.File("key")) << kKey << "\n";
-    auto switchover = [&](const char* node, uint16_t local, uint16_t remote) {
-      return "switchover { node: \"" + std::string(node) +
-             "\" path { local: \"127.0.0.1:" + std::to_string(local) +
-             "\" remote: \"127.0.0.1:" + std::to_string(remote) +
-             "\" } witness: \"127.0.0.1:" + std::to_string(witness) + "\" }\n";
-    };
-    std::ofstream(dir.File("mirror.conf"))
-        << "vm_id: \"f\"\nmemory_mib: 64\ndisk_mib: 8\nport: " << port << "\npsk_file: \""
-        << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
-        << "\"\nledger_port: " << mirror_ledger << "\nreplicate_to: \"127.0.0.1:" << primary_port
-        << "\"\ncontrol_socket: \"" << dir.File("mirror.sock") << "\"\n"
-        << switchover("m", hb_m, hb_p);
-    std::ofstream(dir.File("primary.conf"))
-        << "vm_id: \"f\"\nmemory_mib: 64\ndisk: \"" << dir.File("primary.img")
-        << "\"\ndisk_mib: 8\nmirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
-        << "\"\nledger_port: " << primary_ledger << "\ncontrol_socket: \""
-        << dir.File("primary.sock") << "\"\nreplication_port: " << primary_port << "\n"
-        << "workload { working_set_pages: 1024 write_rate: 20000 }\n"
-        << switchover("p", hb_p, hb_m);
-    w = std::make_unique<Child>(std::vector<std::string>{"witness", "--psk-file", dir.File("key"),
-                                                         "--listen",
-                                                         "127.0.0.1:" + std::to_string(witness)});
-    ASSERT_FALSE(w->WaitForLine("serving leases", 30).empty()) << w->output();
-    mirror = std::make_unique<Child>(
-        std::vector<std::string>{"mirror", "--config", dir.File("mirror.conf")});
-    ASSERT_FALSE(mirror->WaitForLine("waiting for the primary", 30).empty()) << mirror->output();
-    primary = std::make_unique<Child>(
-        std::vector<std::string>{"primary", "--config", dir.File("primary.conf")});
-    ASSERT_FALSE(primary->WaitForLine("protected: replicating", 60).empty()) << primary->output();
-  }
-
-  // Clients that start at `first` and know the other ledger address.
-  cli::LoadOptions Load(bool first_primary = true) const {
-    cli::LoadOptions o;
-    o.port = first_primary ? primary_ledger : mirror_ledger;
-    o.standby_host = "127.0.0.1";
-    o.standby_port = first_primary ? mirror_ledger : primary_ledger;
-    o.clients = 8;
-    o.duration_s = 2;
-    o.accounts = 8;
-    o.attempts = 200;  // 50 ms apart: 10 s for detection, the lease and the promotion
-    return o;
-  }
-};
+// Two hosts and a witness of one VM as processes on loopback (cli::LocalHosts, what `romulus
+// demo` runs), with small guests. Written in sessions without /dev/kvm: these have not run yet.
+std::unique_ptr<cli::LocalHosts> StartKvmHosts(const TempDir& dir) {
+  auto hosts = cli::LocalHosts::Start({.binary = ROMULUS_BINARY,
+                                       .dir = dir.path(),
+                                       .memory_mib = 64,
+                                       .disk_mib = 8,
+                                       .working_set_pages = 1024,
+                                       .write_rate = 20000});
+  EXPECT_TRUE(hosts.ok()) << hosts.status();
+  return hosts.ok() ? std::move(*hosts) : nullptr;
+}
+using Host = cli::LocalHosts::Host;
 
 // Must-show 1: the primary is killed (SIGKILL) at a random moment while clients given both ledger
-// addresses run; they fail over to the promoted mirror and resend what was unanswered. Every
-// invariant of the run must hold there: each balance is the newest write any client saw,
-// retries are answered identically (exactly once), the sum is what was deposited. Repeated with
-// fresh processes and random kill times.
+// addresses run; the mirror wins the lease, resumes its replica and answers on its own ledger
+// address; the clients fail over to it and resend what was unanswered. Every invariant of the run
+// must hold there: each balance is the newest write any client saw, retries are answered
+// identically (exactly once), the sum is what was deposited. Repeated with fresh processes and
+// random kill times.
 TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
   ROMULUS_REQUIRE_KVM();
   constexpr int kKills = 20;
   std::mt19937 rng(std::random_device{}());
   for (int kill = 0; kill < kKills && !::testing::Test::HasFailure(); kill++) {
     SCOPED_TRACE("kill " + std::to_string(kill));
-    KvmPair pair;
-    ASSERT_NO_FATAL_FAILURE(pair.Start());
+    TempDir dir;
+    auto hosts = StartKvmHosts(dir);
+    ASSERT_NE(hosts, nullptr);
+    cli::LoadOptions o = hosts->Load(Host::kA);
+    o.clients = 8;
+    o.duration_s = 2;
     absl::StatusOr<cli::LoadReport> report;
-    std::thread load([&, o = pair.Load()] { report = cli::RunLoad(o); });
+    std::thread load([&] { report = cli::RunLoad(o); });
     // A random moment of the run (this is when the primary dies, not a wait for something).
     std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1200));
-    pair.primary->Signal(SIGKILL);
-    std::string promoted = pair.mirror->WaitForLine("promoted (", 30);
+    auto killed = std::chrono::steady_clock::now();
+    hosts->process(Host::kA).Signal(SIGKILL);
+    auto promoted = hosts->process(Host::kB).WaitForLine("promoted (", milliseconds(30000));
     load.join();
-    ASSERT_FALSE(promoted.empty()) << pair.mirror->output();
+    cli::Process& b = hosts->process(Host::kB);
+    ASSERT_TRUE(promoted.ok()) << promoted.status() << b.output();
     ASSERT_TRUE(report.ok()) << report.status();
-    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << pair.mirror->output();
+    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << b.output();
+    EXPECT_EQ(report->lost_acknowledged, 0u);
     EXPECT_GT(report->switches, 0u) << cli::FormatReport(*report);
-    pair.mirror->Signal(SIGTERM);
-    EXPECT_EQ(pair.mirror->Wait(60), 0) << pair.mirror->output();
+    ASSERT_TRUE(report->first_standby_answer.has_value());
+    EXPECT_GT(*report->first_standby_answer, killed);
+    b.Signal(SIGTERM);
+    EXPECT_EQ(b.Wait(milliseconds(60000)), 0) << b.output();
   }
 }
 
@@ -394,37 +358,43 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
 // migration needs no full copy first.
 TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
   ROMULUS_REQUIRE_KVM();
-  KvmPair pair;
-  ASSERT_NO_FATAL_FAILURE(pair.Start());
-  struct Leg {
-    const char* socket;
-    Child* from;
-    Child* to;
-    bool first_primary;
-  };
-  for (const Leg& leg : {Leg{"primary.sock", pair.primary.get(), pair.mirror.get(), true},
-                         Leg{"mirror.sock", pair.mirror.get(), pair.primary.get(), false}}) {
-    SCOPED_TRACE(leg.socket);
+  TempDir dir;
+  auto hosts = StartKvmHosts(dir);
+  ASSERT_NE(hosts, nullptr);
+  for (auto [from, to] : {std::pair{Host::kA, Host::kB}, std::pair{Host::kB, Host::kA}}) {
+    SCOPED_TRACE(cli::LocalHosts::Name(from));
+    cli::LoadOptions o = hosts->Load(from);
+    o.clients = 8;
+    o.duration_s = 2;
     absl::StatusOr<cli::LoadReport> report;
-    std::thread load([&, o = pair.Load(leg.first_primary)] { report = cli::RunLoad(o); });
+    std::thread load([&] { report = cli::RunLoad(o); });
     std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
-    Child migrate({"migrate", "--socket", pair.dir.File(leg.socket)});
+    Child migrate({"migrate", "--socket", hosts->control_socket(from)});
     int rc = migrate.Wait(60);
     load.join();
-    ASSERT_EQ(rc, 0) << migrate.output() << pair.primary->output() << pair.mirror->output();
-    EXPECT_NE(migrate.output().find("this host is now its mirror"), std::string::npos)
-        << migrate.output();
-    EXPECT_FALSE(leg.to->WaitForLine("handed over: resumed epoch", 10).empty()) << leg.to->output();
+    cli::Process& new_primary = hosts->process(to);
+    ASSERT_EQ(rc, 0) << migrate.output() << hosts->process(from).output() << new_primary.output();
+    EXPECT_THAT(migrate.output(), HasSubstr("this host is now its mirror"));
+    EXPECT_TRUE(new_primary.WaitForLine("handed over: resumed epoch", milliseconds(10000)).ok())
+        << new_primary.output();
     ASSERT_TRUE(report.ok()) << report.status();
     EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
     EXPECT_EQ(report->unresolved, 0u);
     // Protected again: the old primary, now the mirror, has the new one's synchronisation.
-    ASSERT_FALSE(leg.to->WaitForLine("protected: replicating", 60).empty()) << leg.to->output();
+    ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", milliseconds(60000)).ok())
+        << new_primary.output();
   }
-  for (Child* c : {pair.mirror.get(), pair.primary.get()}) {
-    c->Signal(SIGTERM);
-    EXPECT_EQ(c->Wait(60), 0) << c->output();
-  }
+  EXPECT_TRUE(hosts->Stop().ok());
+}
+
+// The main job: `romulus demo` runs its three acts (failover, re-protection, migration back) and
+// every check in them passes.
+TEST(KvmDemo, RunsItsThreeActsAndEveryCheckPasses) {
+  ROMULUS_REQUIRE_KVM();
+  Child demo({"demo", "--seconds", "2", "--memory-mib", "64", "--working-set", "1024", "--json"});
+  ASSERT_EQ(demo.Wait(300), 0) << demo.output();
+  EXPECT_THAT(demo.output(), HasSubstr("\"ok\":true"));
+  EXPECT_THAT(demo.output(), HasSubstr("\"lost_acknowledged\":0"));
 }
 
 }  // namespace

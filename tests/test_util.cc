@@ -1,15 +1,12 @@
 #include "tests/test_util.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <signal.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <thread>
@@ -42,55 +39,26 @@ std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig work
 }
 
 Child::Child(const std::vector<std::string>& args) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) std::abort();
-  pid_ = ::fork();
-  if (pid_ == 0) {
-    ::dup2(fds[1], 1);
-    ::dup2(fds[1], 2);
-    std::vector<char*> argv;
-    std::string bin = ROMULUS_BINARY;
-    argv.push_back(bin.data());
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execv(bin.c_str(), argv.data());
-    ::_exit(127);
+  auto p = cli::Process::Start(ROMULUS_BINARY, args);
+  if (!p.ok()) {
+    std::fprintf(stderr, "cannot start %s: %s\n", ROMULUS_BINARY,
+                 std::string(p.status().message()).c_str());
+    std::abort();
   }
-  ::close(fds[1]);
-  out_fd_ = fds[0];
-}
-
-Child::~Child() {
-  if (pid_ > 0 && Wait(0) == -1) {
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
-  }
-  if (out_fd_ >= 0) ::close(out_fd_);
+  process_ = std::move(*p);
 }
 
 std::string Child::WaitForLine(const std::string& needle, double seconds) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  for (;;) {
-    size_t nl;
-    while ((nl = buffer_.find('\n')) != std::string::npos) {
-      std::string line = buffer_.substr(0, nl);
-      buffer_.erase(0, nl + 1);
-      if (line.find(needle) != std::string::npos) return line;
-    }
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) break;
-    pollfd p{out_fd_, POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-    char buf[4096];
-    ssize_t n = ::read(out_fd_, buf, sizeof(buf));
-    if (n <= 0) break;  // the child closed its output
-    buffer_.append(buf, static_cast<size_t>(n));
-    output_.append(buf, static_cast<size_t>(n));
-  }
-  ADD_FAILURE() << "no line with '" << needle << "' within " << seconds << " s; output:\n"
-                << output_;
+  auto line = process_->WaitForLine(
+      needle, std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  if (line.ok()) return *line;
+  ADD_FAILURE() << line.status().message() << "; output:\n" << process_->output();
   return "";
+}
+
+int Child::Wait(double seconds) {
+  auto code = process_->Wait(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  return code ? *code : -1;
 }
 
 std::string Field(const std::string& line, const std::string& key) {
@@ -111,28 +79,6 @@ uint16_t ListeningPort(const std::string& line) {
   size_t colon = line.rfind(':');
   EXPECT_NE(colon, std::string::npos) << line;
   return colon == std::string::npos ? 0 : static_cast<uint16_t>(std::stoi(line.substr(colon + 1)));
-}
-
-void Child::Signal(int sig) { ::kill(pid_, sig); }
-
-int Child::Wait(double seconds) {
-  if (pid_ <= 0) return -1;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  for (;;) {
-    int status = 0;
-    pid_t r = ::waitpid(pid_, &status, WNOHANG);
-    if (r == pid_) {
-      pid_ = -1;
-      // Keep what the child printed last.
-      char buf[4096];
-      ssize_t n;
-      while ((n = ::read(out_fd_, buf, sizeof(buf))) > 0)
-        output_.append(buf, static_cast<size_t>(n));
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    }
-    if (std::chrono::steady_clock::now() >= deadline) return -1;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a child's exit
-  }
 }
 
 void PauseDigests::Watch(checkpoint::EpochEngine& engine, vmm::CheckpointableVm& vm,

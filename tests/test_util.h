@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli/process.h"
 #include "replicator/replicator.h"
 #include "vmm/vmm.h"
 
@@ -79,22 +80,19 @@ class TempDir {
 // A small VM (64 MiB, 8 MiB disk) with the reference guest, not yet started.
 std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig workload = {});
 
-// A `romulus` child process. Every wait is bounded; the destructor kills what is still running.
+// A `romulus` child process (cli::Process) whose failed waits fail the calling test.
 class Child {
  public:
   explicit Child(const std::vector<std::string>& args);
-  ~Child();
-  // Reads lines until one contains `needle` (returns it) or `seconds` pass (fails, returns "").
+  // The next line that contains `needle`; "" (and a test failure) if none within `seconds`.
   std::string WaitForLine(const std::string& needle, double seconds);
-  void Signal(int sig);
+  void Signal(int sig) { process_->Signal(sig); }
   // Waits up to `seconds` for exit; returns the exit code, or -1 on timeout.
   int Wait(double seconds);
-  const std::string& output() const { return output_; }
+  std::string output() const { return process_->output(); }
 
  private:
-  int pid_ = -1;
-  int out_fd_ = -1;
-  std::string buffer_, output_;
+  std::unique_ptr<cli::Process> process_;
 };
 
 // A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).

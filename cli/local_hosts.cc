@@ -1,0 +1,223 @@
+#include "cli/local_hosts.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/text_format.h"
+#include "proto/romulus.pb.h"
+
+namespace romulus::cli {
+namespace {
+
+const char kVmId[] = "demo";
+
+// A port on `address` that was free a moment ago.
+absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
+  int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  ::inet_pton(AF_INET, address, &a.sin_addr);
+  socklen_t len = sizeof(a);
+  int ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+           ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  int e = errno;
+  ::close(fd);
+  if (!ok) return absl::UnavailableError(absl::StrCat("no free port on ", address, ": ", e));
+  return ntohs(a.sin_port);
+}
+
+// What went wrong with a host, and the last thing it said (its own reason, when it gave up).
+absl::Status HostError(LocalHosts::Host h, const Process& p, const absl::Status& s) {
+  std::string out = p.output();
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  std::string last = out.substr(out.rfind('\n') == std::string::npos ? 0 : out.rfind('\n') + 1);
+  return absl::Status(s.code(), absl::StrCat("host ", LocalHosts::Name(h), ": ", s.message(),
+                                             last.empty() ? "" : "; it said last: ", last));
+}
+
+std::string At(const char* address, uint16_t port) { return absl::StrCat(address, ":", port); }
+
+absl::Status WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::trunc);
+  f << text;
+  f.close();
+  if (!f) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
+}
+
+std::string Text(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::TextFormat::PrintToString(m, &out);
+  return out;
+}
+
+}  // namespace
+
+LocalHosts::LocalHosts(Options options) : o_(std::move(options)) {}
+
+LocalHosts::~LocalHosts() = default;  // each Process kills its child
+
+std::string LocalHosts::control_socket(Host h) const {
+  return File(absl::StrCat(Name(h), ".sock"));
+}
+
+absl::StatusOr<std::unique_ptr<Process>> LocalHosts::Run(const std::string& name,
+                                                         const std::vector<std::string>& args) {
+  Process::LineFn echo = nullptr;
+  if (o_.echo) {
+    echo = [echo = o_.echo, prefix = absl::StrCat("[", name, "] ")](absl::string_view line) {
+      echo(absl::StrCat(prefix, line));
+    };
+  }
+  return Process::Start(o_.binary, args, std::move(echo));
+}
+
+absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
+  std::unique_ptr<LocalHosts> l(new LocalHosts(std::move(options)));
+  for (int h = 0; h < 2; h++) {
+    for (auto [port, type, address] : {std::tuple{&l->replication_[h], SOCK_STREAM, "127.0.0.1"},
+                                       {&l->ledger_[h], SOCK_STREAM, "127.0.0.1"},
+                                       {&l->heartbeat_[h], SOCK_DGRAM, "127.0.0.1"},
+                                       {&l->heartbeat2_[h], SOCK_DGRAM, "127.0.0.2"}}) {
+      auto p = FreePort(type, address);
+      if (!p.ok()) return p.status();
+      *port = *p;
+    }
+  }
+  auto w = FreePort(SOCK_DGRAM, "127.0.0.1");
+  if (!w.ok()) return w.status();
+  l->witness_ = *w;
+  if (auto s = WriteFile(l->File("key"), absl::StrCat("romulus-local-", ::getpid(), "-key\n"));
+      !s.ok()) {
+    return s;
+  }
+
+  pb::PrimaryConfig a;
+  a.set_vm_id(kVmId);
+  a.set_memory_mib(l->o_.memory_mib);
+  a.set_disk(l->disk(kA));
+  a.set_disk_mib(l->o_.disk_mib);
+  a.set_memory_file(l->File("a.mem"));
+  a.set_mirror(At("127.0.0.1", l->replication_[kB]));
+  a.set_replication_port(l->replication_[kA]);
+  a.set_psk_file(l->File("key"));
+  a.set_epoch_ms(l->o_.epoch_ms);
+  a.set_compression(l->o_.compression);
+  a.set_ledger_port(l->ledger_[kA]);
+  a.set_control_socket(l->control_socket(kA));
+  a.mutable_workload()->set_working_set_pages(l->o_.working_set_pages);
+  a.mutable_workload()->set_write_rate(l->o_.write_rate);
+  *a.mutable_switchover() = l->SwitchoverOf(kA);
+  if (auto s = WriteFile(l->File("a.conf"), Text(a)); !s.ok()) return s;
+  if (auto s = WriteFile(l->File("b.conf"), l->MirrorConfig(kB)); !s.ok()) return s;
+
+  auto witness = l->Run("witness", {"witness", "--psk-file", l->File("key"), "--listen",
+                                    At("127.0.0.1", l->witness_)});
+  if (!witness.ok()) return witness.status();
+  l->witness_process_ = std::move(*witness);
+  if (auto line = l->witness_process_->WaitForLine("serving leases", l->o_.wait); !line.ok()) {
+    return line.status();
+  }
+  for (Host h : {kB, kA}) {
+    auto p = l->Run(Name(h), {h == kA ? "primary" : "mirror", "--config",
+                              l->File(absl::StrCat(Name(h), ".conf"))});
+    if (!p.ok()) return p.status();
+    l->hosts_[h] = std::move(*p);
+    auto line = l->hosts_[h]->WaitForLine(
+        h == kA ? "protected: replicating" : "waiting for the primary", l->o_.wait);
+    if (!line.ok()) return HostError(h, *l->hosts_[h], line.status());
+  }
+  return l;
+}
+
+std::string LocalHosts::MirrorConfig(Host h) const {
+  Host other = h == kA ? kB : kA;
+  pb::MirrorConfig c;
+  c.set_vm_id(kVmId);
+  c.set_memory_mib(o_.memory_mib);
+  c.set_disk_mib(o_.disk_mib);
+  c.set_port(replication_[h]);
+  c.set_psk_file(File("key"));
+  c.set_replica_disk(disk(h));
+  // Host a returns with what it held when it was killed.
+  if (h == kA) c.set_seed_memory_file(File("a.mem"));
+  c.set_control_socket(control_socket(h));
+  c.set_ledger_port(ledger_[h]);
+  c.set_replicate_to(At("127.0.0.1", replication_[other]));
+  c.set_epoch_ms(o_.epoch_ms);
+  c.set_compression(o_.compression);
+  *c.mutable_switchover() = SwitchoverOf(h);
+  return Text(c);
+}
+
+pb::SwitchoverConfig LocalHosts::SwitchoverOf(Host h) const {
+  Host other = h == kA ? kB : kA;
+  pb::SwitchoverConfig s;
+  s.set_node(Name(h));
+  pb::HeartbeatPath* p = s.add_path();
+  p->set_local(At("127.0.0.1", heartbeat_[h]));
+  p->set_remote(At("127.0.0.1", heartbeat_[other]));
+  p = s.add_path();
+  p->set_local(At("127.0.0.2", heartbeat2_[h]));
+  p->set_remote(At("127.0.0.2", heartbeat2_[other]));
+  s.set_witness(At("127.0.0.1", witness_));
+  return s;
+}
+
+LoadOptions LocalHosts::Load(Host primary) const {
+  Host other = primary == kA ? kB : kA;
+  LoadOptions o;
+  o.port = ledger_[primary];
+  o.standby_host = "127.0.0.1";
+  o.standby_port = ledger_[other];
+  o.accounts = 8;
+  o.attempts = 200;  // 50 ms apart: 10 s for detection, the lease and the promotion
+  return o;
+}
+
+absl::Status LocalHosts::Rejoin(Host h) {
+  if (hosts_[h] && !hosts_[h]->Wait(std::chrono::milliseconds(0))) {
+    return absl::FailedPreconditionError(absl::StrCat("host ", Name(h), " still runs"));
+  }
+  std::string config = File(absl::StrCat(Name(h), "-mirror.conf"));
+  if (auto s = WriteFile(config, MirrorConfig(h)); !s.ok()) return s;
+  auto p = Run(Name(h), {"mirror", "--config", config});
+  if (!p.ok()) return p.status();
+  hosts_[h] = std::move(*p);
+  if (auto line = hosts_[h]->WaitForLine("waiting for the primary", o_.wait); !line.ok()) {
+    return HostError(h, *hosts_[h], line.status());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LocalHosts::Stop() {
+  std::vector<std::pair<std::string, Process*>> running;
+  for (Host h : {kA, kB}) {
+    if (hosts_[h]) running.emplace_back(Name(h), hosts_[h].get());
+  }
+  if (witness_process_) running.emplace_back("witness", witness_process_.get());
+  for (auto& [name, p] : running) {
+    if (!p->Wait(std::chrono::milliseconds(0))) p->Signal(SIGTERM);
+  }
+  absl::Status result;
+  for (auto& [name, p] : running) {
+    auto code = p->Wait(o_.wait);
+    if (!code) {
+      result.Update(absl::DeadlineExceededError(absl::StrCat(name, " did not stop")));
+    } else if (*code != 0) {
+      result.Update(absl::InternalError(absl::StrCat(name, " exited with ", *code)));
+    }
+  }
+  return result;
+}
+
+}  // namespace romulus::cli

@@ -1,0 +1,79 @@
+// Two hosts of one protected VM and their witness, as `romulus` processes on this machine's
+// loopback: what `romulus demo` shows, and what the KVM failover and migration tests run.
+// Host a starts as the primary, keeping its guest RAM in a memory file (so that a host killed
+// with -9 still holds it), and host b as its mirror. Heartbeats run on two paths (127.0.0.1 and
+// 127.0.0.2), promotion needs the witness's lease, and each host serves the ledger on a port of
+// its own while it is the primary.
+#ifndef ROMULUS_CLI_LOCAL_HOSTS_H_
+#define ROMULUS_CLI_LOCAL_HOSTS_H_
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "cli/load.h"
+#include "cli/process.h"
+#include "proto/romulus.pb.h"
+
+namespace romulus::cli {
+
+class LocalHosts {
+ public:
+  struct Options {
+    std::string binary{};  // the romulus executable
+    std::string dir{};     // for the key, configs, disks, memory files and sockets
+    uint64_t memory_mib = 64, disk_mib = 8;
+    uint64_t working_set_pages = 1024, write_rate = 20000;
+    uint32_t epoch_ms = 25;
+    std::string compression = "lz4";
+    // Each line a process prints, prefixed with its name ("a", "b" or "witness").
+    Process::LineFn echo = nullptr;
+    // For a process to get where it is going (listening, protected).
+    std::chrono::milliseconds wait{60000};
+  };
+  enum Host { kA = 0, kB = 1 };
+
+  // Starts the witness, host b as the mirror and host a as the primary; returns once a's first
+  // synchronisation has committed (protected).
+  static absl::StatusOr<std::unique_ptr<LocalHosts>> Start(Options options);
+  // Kills whatever still runs.
+  ~LocalHosts();
+
+  Process& process(Host h) { return *hosts_[h]; }
+  std::string control_socket(Host h) const;
+  uint16_t ledger_port(Host h) const { return ledger_[h]; }
+  // The host's disk image: the VM's while it is the primary, the replica's while the mirror.
+  std::string disk(Host h) const { return File(absl::StrCat(Name(h), ".img")); }
+  static const char* Name(Host h) { return h == kA ? "a" : "b"; }
+  // Ledger clients that start at `primary` and know the other host's address.
+  LoadOptions Load(Host primary) const;
+
+  // Starts host `h` again, after it was killed, as the mirror of the other host: seeded from
+  // the memory file and disk it left, so that only what differs is sent. Returns once it
+  // listens (its synchronisation runs on).
+  absl::Status Rejoin(Host h);
+  // SIGTERM to both hosts and the witness; fails unless each exits 0.
+  absl::Status Stop();
+
+ private:
+  explicit LocalHosts(Options options);
+  absl::StatusOr<std::unique_ptr<Process>> Run(const std::string& name,
+                                               const std::vector<std::string>& args);
+  std::string File(const std::string& name) const { return o_.dir + "/" + name; }
+  std::string MirrorConfig(Host h) const;
+  pb::SwitchoverConfig SwitchoverOf(Host h) const;
+
+  Options o_;
+  uint16_t witness_ = 0;
+  std::array<uint16_t, 2> replication_{}, ledger_{}, heartbeat_{}, heartbeat2_{};
+  std::unique_ptr<Process> witness_process_;
+  std::array<std::unique_ptr<Process>, 2> hosts_;
+};
+
+}  // namespace romulus::cli
+
+#endif  // ROMULUS_CLI_LOCAL_HOSTS_H_
