@@ -19,22 +19,6 @@ namespace {
 
 const char kVmId[] = "demo";
 
-// A port on `address` that was free a moment ago.
-absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
-  int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  ::inet_pton(AF_INET, address, &a.sin_addr);
-  socklen_t len = sizeof(a);
-  int ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-           ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  int e = errno;
-  ::close(fd);
-  if (!ok) return absl::UnavailableError(absl::StrCat("no free port on ", address, ": ", e));
-  return ntohs(a.sin_port);
-}
-
 // What went wrong with a host, and the last thing it said (its own reason, when it gave up).
 absl::Status HostError(LocalHosts::Host h, const Process& p, const absl::Status& s) {
   std::string out = p.output();
@@ -61,6 +45,24 @@ std::string Text(const google::protobuf::Message& m) {
 }
 
 }  // namespace
+
+absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
+  int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  socklen_t len = sizeof(a);
+  bool ok = ::inet_pton(AF_INET, address, &a.sin_addr) == 1 &&
+            ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+            ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  int e = errno;
+  ::close(fd);
+  if (!ok) {
+    return absl::UnavailableError(
+        absl::StrCat("no free port on ", address, ": ", std::strerror(e)));
+  }
+  return ntohs(a.sin_port);
+}
 
 LocalHosts::LocalHosts(Options options) : o_(std::move(options)) {}
 

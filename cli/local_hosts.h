@@ -21,6 +21,9 @@
 
 namespace romulus::cli {
 
+// A port on `address` (IPv4) that was free a moment ago, for SOCK_STREAM or SOCK_DGRAM.
+absl::StatusOr<uint16_t> FreePort(int type, const char* address = "127.0.0.1");
+
 class LocalHosts {
  public:
   struct Options {

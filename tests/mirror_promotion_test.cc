@@ -179,7 +179,11 @@ TEST_F(MirrorPromotion, AFailedPrimaryReturningAsMirrorIsSeededFromItsMemoryFile
 }
 
 TEST_F(MirrorPromotion, WithoutWitnessOrFenceItRefusesAndSaysWhy) {
-  StartMirror("");
+  // Replication traffic alone must keep the primary alive below, so the timeout is well above
+  // the gaps between checkpoints in a sanitizer build (5 to 8 a second there; with the default
+  // 50 ms the peer flaps between dead and alive). This check was vacuous until the test's child
+  // output was read as it came: it saw only the lines read by the last wait.
+  StartMirror("heartbeat_timeout_ms: 1000");
   StartPrimary();
   auto refused = cli::RequestPromotion(Sock(), /*force=*/false);
   EXPECT_THAT(std::string(refused.status().message()),

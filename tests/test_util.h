@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli/local_hosts.h"
 #include "cli/process.h"
 #include "replicator/replicator.h"
 #include "vmm/vmm.h"
