@@ -1,6 +1,7 @@
 #include "cli/local_hosts.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -8,9 +9,10 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
+#include <random>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "google/protobuf/text_format.h"
 #include "proto/romulus.pb.h"
 
@@ -30,11 +32,13 @@ absl::Status HostError(LocalHosts::Host h, const Process& p, const absl::Status&
 
 std::string At(const char* address, uint16_t port) { return absl::StrCat(address, ":", port); }
 
+// Readable by this user only (the key is among these files).
 absl::Status WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::trunc);
-  f << text;
-  f.close();
-  if (!f) return absl::InternalError(absl::StrCat("cannot write ", path));
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  int e = errno;
+  if (fd >= 0) ::close(fd);
+  if (!ok) return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(e)));
   return absl::OkStatus();
 }
 
@@ -98,10 +102,11 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   auto w = FreePort(SOCK_DGRAM, "127.0.0.1");
   if (!w.ok()) return w.status();
   l->witness_ = *w;
-  if (auto s = WriteFile(l->File("key"), absl::StrCat("romulus-local-", ::getpid(), "-key\n"));
-      !s.ok()) {
-    return s;
-  }
+  // A fresh random key: nothing else on this machine can join these hosts.
+  std::random_device random;
+  std::string key;
+  for (int i = 0; i < 4; i++) absl::StrAppendFormat(&key, "%08x", random());
+  if (auto s = WriteFile(l->File("key"), key + "\n"); !s.ok()) return s;
 
   pb::PrimaryConfig a;
   a.set_vm_id(kVmId);

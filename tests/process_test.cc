@@ -7,6 +7,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <filesystem>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -107,6 +108,10 @@ TEST(LocalHosts, StartsTheWitnessAndBothHostsFromTheConfigsItWrites) {
                                        .disk_mib = 4,
                                        .working_set_pages = 256,
                                        .wait = milliseconds(30000)});
+  // The hosts' key is random and readable by this user only.
+  auto key = std::filesystem::status(dir.File("key")).permissions();
+  EXPECT_EQ(key, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  EXPECT_GE(std::filesystem::file_size(dir.File("key")), 33u);
   if (!vmm::CheckKvm().ok()) {
     ASSERT_FALSE(hosts.ok());
     EXPECT_THAT(hosts.status().message(), HasSubstr("host a: "));
