@@ -8,6 +8,7 @@
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
+#include "vmm/vmm.h"
 
 namespace romulus::cli {
 namespace {
@@ -73,6 +74,9 @@ absl::Status CheckVm(Parsed& p, Config& c) {
     return p.Bad("memory_mib", "must be an even number from 16 to 4096");
   }
   if (c.disk_mib() == 0) c.set_disk_mib(64);
+  if (auto platform = vmm::ParsePlatform(c.platform()); !platform.ok()) {
+    return p.Bad("platform", "must be kvm or process (or unset: kvm where /dev/kvm works)");
+  }
   return absl::OkStatus();
 }
 

@@ -14,8 +14,8 @@
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "google/protobuf/util/json_util.h"
-#include "vmm/kvm.h"
 #include "vmm/ledger_protocol.h"
+#include "vmm/sys.h"
 
 namespace romulus::cli {
 namespace {
@@ -183,9 +183,10 @@ absl::StatusOr<Migrated> RequestMigration(const std::string& path,
 }
 
 std::string FormatStatus(const pb::StatusReply& s) {
-  std::string out =
-      absl::StrFormat("role:             %s\nvm:               %s\nstate:            %s\n",
-                      s.role(), s.vm_id(), s.state());
+  std::string out = absl::StrFormat(
+      "role:             %s\nvm:               %s\nplatform:         %s\n"
+      "state:            %s\n",
+      s.role(), s.vm_id(), s.platform().empty() ? "-" : s.platform(), s.state());
   absl::StrAppendFormat(&out, "peer:             %s\n",
                         s.peer_connected() ? s.peer() : std::string("not connected"));
   if (s.has_sync()) {

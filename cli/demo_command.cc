@@ -69,7 +69,7 @@ std::string Verdict(const LoadReport& r) {
 int DemoCommand(int argc, char** argv) {
   uint64_t seconds = 8, clients = 4, memory_mib = 256, ws = 4096, rate = 20000, epoch_ms = 25;
   bool json = false;
-  std::string compression = "lz4";
+  std::string compression = "lz4", platform_name;
   Args args(
       "romulus demo [options]",
       "On this machine, as `romulus` processes on loopback: a witness, and two hosts of one\n"
@@ -88,6 +88,8 @@ int DemoCommand(int argc, char** argv) {
   args.Uint("write-rate", &rate, "workload page writes per second");
   args.Uint("epoch-ms", &epoch_ms, "checkpoint epoch in milliseconds (5-1000)");
   args.String("compression", &compression, "page compression on the wire: none or lz4");
+  args.String("platform", &platform_name,
+              "kvm or process (default: kvm where /dev/kvm can run VMs, else process)");
   args.Bool("json", &json, "print only a summary, as one JSON object");
   if (auto s = args.Parse(argc, argv); !s.ok()) return Fail("demo", s);
   if (args.help()) {
@@ -110,7 +112,11 @@ int DemoCommand(int argc, char** argv) {
   vc.memory_bytes = memory_mib << 20;
   vc.workload = {.working_set_pages = ws, .write_rate = rate};
   if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("demo", s);
-  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail("demo", s);
+  auto requested = vmm::ParsePlatform(platform_name);
+  if (!requested.ok()) return Fail("demo", requested.status());
+  auto platform = vmm::ChoosePlatform(*requested);
+  if (!platform.ok()) return Fail("demo", platform.status());
+  const std::string platform_str(vmm::PlatformName(*platform));
   std::error_code ec;
   std::string binary = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return Fail("demo", absl::InternalError("cannot find this program: " + ec.message()));
@@ -133,9 +139,9 @@ int DemoCommand(int argc, char** argv) {
   } cleanup{dir};  // declared first: the processes are gone before their files are
   const uint64_t disk_mib = 64;
   say(absl::StrFormat(
-      "starting a witness, host a (the primary: a %d MiB VM with a %d MiB disk, workload %d "
-      "pages at %d writes/s) and host b (its mirror), all on loopback",
-      memory_mib, disk_mib, ws, rate));
+      "platform %s: starting a witness, host a (the primary: a %d MiB VM with a %d MiB disk, "
+      "workload %d pages at %d writes/s) and host b (its mirror), all on loopback",
+      platform_str, memory_mib, disk_mib, ws, rate));
   auto t0 = Clock::now();
   auto hosts = LocalHosts::Start(
       {.binary = binary,
@@ -146,6 +152,7 @@ int DemoCommand(int argc, char** argv) {
        .write_rate = rate,
        .epoch_ms = static_cast<uint32_t>(epoch_ms),
        .compression = compression,
+       .platform = platform_str,
        .echo = [&](absl::string_view l) { print(absl::StrCat("romulus demo:   ", l)); }});
   if (!hosts.ok()) return Fail("demo", hosts.status());
   LocalHosts& h = **hosts;
@@ -171,6 +178,8 @@ int DemoCommand(int argc, char** argv) {
   load.duration_s = static_cast<double>(seconds);
   Clients act1(load);
   std::this_thread::sleep_for(half);  // the moment of the kill, by design
+  auto before_kill = status(Host::kA);
+  if (!before_kill.ok()) return Fail("demo", before_kill.status());
   auto killed = Clock::now();
   h.process(Host::kA).Signal(SIGKILL);
   say("host a killed (-9)");
@@ -213,6 +222,8 @@ int DemoCommand(int argc, char** argv) {
   load.duration_s = static_cast<double>(seconds);
   Clients act3(load);
   std::this_thread::sleep_for(half);  // the moment of the migration, by design
+  auto before_migration = status(Host::kB);
+  if (!before_migration.ok()) return Fail("demo", before_migration.status());
   auto migrated = RequestMigration(h.control_socket(Host::kB), milliseconds(10000));
   auto report3 = act3.Finish();
   if (!migrated.ok()) return Fail("demo", migrated.status());
@@ -241,19 +252,30 @@ int DemoCommand(int argc, char** argv) {
                                  : "TRANSACTIONS MISSING"));
   bool ok =
       report1->ok() && report3->ok() && report1->first_standby_answer && stopped.ok() && journal_ok;
+  // Epochs committed and pause times: host a's until it was killed, host b's until it handed
+  // the VM back.
+  int64_t epochs = std::max<int64_t>(before_kill->committed_epoch() + 1, 0) +
+                   std::max<int64_t>(before_migration->committed_epoch() + 1, 0);
   std::string summary = absl::StrFormat(
-      "{\"initial_sync_wire_mib\":%.1f,\"failover_ms\":%.1f,\"act1\":%s,"
-      "\"reprotect_s\":%.3f,\"reprotect_wire_mib\":%.1f,\"reprotect_unchanged_mib\":%.1f,"
-      "\"migration_downtime_ms\":%.1f,\"act3\":%s,\"replica_journal_seq\":%d,\"ok\":%s}",
-      MiB(sync.wire_bytes()), failover_ms, FormatReportJson(*report1), reprotect_s,
-      MiB(again.wire_bytes()), MiB(again.unchanged_bytes()), migrated->downtime_ms,
+      "{\"platform\":\"%s\",\"epochs_committed\":%d,\"pause_p50_ms\":%.3f,"
+      "\"pause_p99_ms\":%.3f,\"initial_sync_wire_mib\":%.1f,\"failover_ms\":%.1f,"
+      "\"lost_acknowledged\":%d,\"act1\":%s,\"reprotect_s\":%.3f,\"reprotect_wire_mib\":%.1f,"
+      "\"reprotect_memory_and_disk_mib\":%.1f,\"reprotect_unchanged_mib\":%.1f,"
+      "\"migration_downtime_ms\":%.1f,\"clients_longest_wait_ms\":%.1f,\"act3\":%s,"
+      "\"replica_journal_seq\":%d,\"ok\":%s}",
+      platform_str, epochs, before_migration->pause_p50_ms(), before_migration->pause_p99_ms(),
+      MiB(sync.wire_bytes()), failover_ms, report1->lost_acknowledged + report3->lost_acknowledged,
+      FormatReportJson(*report1), reprotect_s, MiB(again.wire_bytes()), MiB(again.done_bytes()),
+      MiB(again.unchanged_bytes()), migrated->downtime_ms, report3->max_us / 1000,
       FormatReportJson(*report3), journal.ok() ? journal->last_seq : 0, ok ? "true" : "false");
   if (json) {
     std::printf("%s\n", summary.c_str());
   } else {
     say(absl::StrFormat(
-        "summary: failover %.0f ms to the first answer, lost acknowledged writes %d; "
-        "re-protection %.1f MiB on the wire of %.1f MiB; migration downtime %.1f ms, lost %d; %s",
+        "summary (platform %s): %d epochs committed, pause p50 %.2f ms p99 %.2f ms; failover %.0f "
+        "ms to the first answer, lost acknowledged writes %d; re-protection %.1f MiB on the wire "
+        "of %.1f MiB; migration downtime %.1f ms, lost %d; %s",
+        platform_str, epochs, before_migration->pause_p50_ms(), before_migration->pause_p99_ms(),
         failover_ms, report1->lost_acknowledged, MiB(again.wire_bytes()), MiB(again.done_bytes()),
         migrated->downtime_ms, report3->lost_acknowledged,
         ok ? "every check passed" : "CHECKS FAILED"));

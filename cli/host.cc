@@ -306,13 +306,9 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (!vm.ok()) return vm.status();
     return std::make_unique<LedgerVm>(std::move(*vm), gate, listen, port, who);
   };
-  h.node.can_resume = [](const pb::VmSnapshot& state) -> absl::Status {
-    if (auto s = vmm::CheckKvm(); !s.ok()) return s;
-    if (state.vcpus_size() != 1) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("its state has ", state.vcpus_size(), " vCPUs; this monitor runs one"));
-    }
-    return absl::OkStatus();
+  h.node.can_resume = [platform = h.platform](const pb::VmSnapshot& state) -> absl::Status {
+    if (auto s = vmm::CheckPlatform(platform); !s.ok()) return s;
+    return vmm::CheckResumable(state, platform);
   };
   auto node = start(h.node);
   if (!node.ok()) return Fail(who, node.status());
@@ -323,6 +319,7 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
       {.status =
            [&] {
              auto r = NodeStatusReply(h.vm_id, n.status());
+             r.set_platform(std::string(vmm::PlatformName(h.platform)));
              ha->AddStatus(&r);
              return r;
            },

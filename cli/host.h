@@ -93,6 +93,7 @@ struct HostSettings {
   std::string snapshot_dir{};  // as the mirror: SIGUSR1 and stopping save the replica there
   std::string ledger_listen{};
   uint16_t ledger_port = 0;
+  pb::Platform platform = pb::PLATFORM_UNSPECIFIED;  // what runs (or would run) the VM here
   // Filled in by the command (identity, key, replication); RunHost adds the switchover pieces
   // and how this host runs a VM.
   switchover::Node::Options node{};

@@ -7,7 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/romulus.pb.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
 
 namespace romulus::cli {
 

@@ -119,6 +119,7 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   a.set_psk_file(l->File("key"));
   a.set_epoch_ms(l->o_.epoch_ms);
   a.set_compression(l->o_.compression);
+  a.set_platform(l->o_.platform);
   a.set_ledger_port(l->ledger_[kA]);
   a.set_control_socket(l->control_socket(kA));
   a.mutable_workload()->set_working_set_pages(l->o_.working_set_pages);
@@ -162,6 +163,7 @@ std::string LocalHosts::MirrorConfig(Host h) const {
   c.set_replicate_to(At("127.0.0.1", replication_[other]));
   c.set_epoch_ms(o_.epoch_ms);
   c.set_compression(o_.compression);
+  c.set_platform(o_.platform);
   *c.mutable_switchover() = SwitchoverOf(h);
   return Text(c);
 }

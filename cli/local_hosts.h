@@ -33,6 +33,7 @@ class LocalHosts {
     uint64_t working_set_pages = 1024, write_rate = 20000;
     uint32_t epoch_ms = 25;
     std::string compression = "lz4";
+    std::string platform{};  // "kvm", "process", "": each host chooses
     // Each line a process prints, prefixed with its name ("a", "b" or "witness").
     Process::LineFn echo = nullptr;
     // For a process to get where it is going (listening, protected).

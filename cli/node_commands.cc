@@ -105,9 +105,13 @@ int PrimaryCommand(int argc, char** argv) {
   if (!c.ok()) return Fail("primary", c.status());
   auto key = replicator::ReadKeyFile(c->psk_file());
   if (!key.ok()) return Fail("primary", key.status());
-  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail("primary", s);
+  auto platform = vmm::ChoosePlatform(*vmm::ParsePlatform(c->platform()));
+  if (!platform.ok()) return Fail("primary", platform.status());
+  std::printf("romulus primary: platform %s\n", std::string(vmm::PlatformName(*platform)).c_str());
+  std::fflush(stdout);
   sigset_t signals = TakeSignals();
   vmm::VmConfig vc;
+  vc.platform = *platform;
   vc.memory_bytes = c->memory_mib() << 20;
   vc.disk_path = c->disk();
   vc.memory_path = c->memory_file();
@@ -126,9 +130,10 @@ int PrimaryCommand(int argc, char** argv) {
                  .switchover = c->switchover(),
                  .control_socket = c->control_socket(),
                  .ledger_listen = c->ledger_listen(),
-                 .ledger_port = static_cast<uint16_t>(c->ledger_port())};
+                 .ledger_port = static_cast<uint16_t>(c->ledger_port()),
+                 .platform = *platform};
   switchover::Node::Options& o = h.node;
-  o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20};
+  o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20, *platform};
   o.key = *key;
   o.listen = c->replication_listen();
   o.port = static_cast<uint16_t>(c->replication_port());
@@ -184,6 +189,19 @@ int MirrorCommand(int argc, char** argv) {
   if (!c.ok()) return Fail("mirror", c.status());
   auto key = replicator::ReadKeyFile(c->psk_file());
   if (!key.ok()) return Fail("mirror", key.status());
+  // The platform a promotion would run the VM on; a primary on another platform is refused when
+  // it connects. None here at all: the mirror still holds the replica, and says it cannot resume.
+  auto requested = *vmm::ParsePlatform(c->platform());
+  auto chosen = vmm::ChoosePlatform(requested);
+  pb::Platform platform = chosen.ok()                             ? *chosen
+                          : requested != pb::PLATFORM_UNSPECIFIED ? requested
+                                                                  : pb::PROCESS;
+  std::printf(
+      "romulus mirror: platform %s%s\n", std::string(vmm::PlatformName(platform)).c_str(),
+      chosen.ok()
+          ? ""
+          : absl::StrCat(" (cannot run VMs here: ", chosen.status().message(), ")").c_str());
+  std::fflush(stdout);
   sigset_t signals = TakeSignals();
   auto replica = MirrorReplica(*c);
   if (!replica.ok()) return Fail("mirror", replica.status());
@@ -192,9 +210,10 @@ int MirrorCommand(int argc, char** argv) {
                  .control_socket = c->control_socket(),
                  .snapshot_dir = c->snapshot_dir(),
                  .ledger_listen = c->ledger_listen(),
-                 .ledger_port = static_cast<uint16_t>(c->ledger_port())};
+                 .ledger_port = static_cast<uint16_t>(c->ledger_port()),
+                 .platform = platform};
   switchover::Node::Options& o = h.node;
-  o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20};
+  o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20, platform};
   o.key = *key;
   o.listen = c->listen();
   o.port = static_cast<uint16_t>(c->port());

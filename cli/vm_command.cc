@@ -37,17 +37,21 @@ std::string StatusLine(const rml_status& g) {
 int VmCommand(int argc, char** argv) {
   vmm::VmConfig config;
   std::string disk = "romulus-disk.img", pattern = "uniform", listen = "127.0.0.1";
-  std::string snapshot_to, restore_from;
+  std::string snapshot_to, restore_from, platform_name;
   uint64_t disk_size = 64ull << 20, port = 7070, accounts = config.max_accounts;
   double snapshot_after = 0, run_for = 0;
   bool quiet = false;
   config.workload.working_set_pages = 4096;
   config.workload.write_rate = 20000;
   Args args("romulus vm [options]",
-            "Runs the reference guest on KVM: a memory workload and the ledger service, reached\n"
-            "over TCP. With --snapshot-to it writes a snapshot (on SIGUSR1, or after\n"
+            "Runs the reference guest (on KVM where /dev/kvm can run VMs, else on the process\n"
+            "platform): a memory workload and the ledger service, reached over TCP. With "
+            "--snapshot-to it writes a snapshot (on SIGUSR1, or after\n"
             "--snapshot-after seconds) and exits; --restore-from resumes such a snapshot in a new\n"
             "process. SIGINT/SIGTERM stop it.");
+  args.String("platform", &platform_name,
+              "kvm or process (default: kvm where /dev/kvm can run VMs, else process); a "
+              "restored snapshot runs on the platform that wrote it");
   args.Size("memory", &config.memory_bytes, "guest RAM, 16M to 4G in 2M steps");
   args.String("disk", &disk,
               "disk image (created with --disk-size when missing; on restore, overwritten with the "
@@ -93,7 +97,11 @@ int VmCommand(int argc, char** argv) {
   if (snapshot_after > 0 && snapshot_to.empty()) {
     return Fail(absl::InvalidArgumentError("--snapshot-after needs --snapshot-to"));
   }
-  if (auto s = vmm::CheckKvm(); !s.ok()) return Fail(s);
+  auto requested = vmm::ParsePlatform(platform_name);
+  if (!requested.ok()) return Fail(requested.status());
+  auto platform = vmm::ChoosePlatform(*requested);
+  if (!platform.ok()) return Fail(platform.status());
+  config.platform = *platform;
 
   sigset_t signals = TakeSignals();
 
@@ -109,8 +117,9 @@ int VmCommand(int argc, char** argv) {
   if (!restore_from.empty()) {
     vm = vmm::Vm::Restore(restore_from, disk, console);
     if (!vm.ok()) return Fail(vm.status());
-    Say(absl::StrFormat("restored %s memory_xxh3=%016x %s", restore_from, (*vm)->memory().Digest(),
-                        StatusLine((*vm)->guest_status())));
+    Say(absl::StrFormat("platform %s: restored %s memory_xxh3=%016x %s",
+                        vmm::PlatformName((*vm)->platform()), restore_from,
+                        (*vm)->memory().Digest(), StatusLine((*vm)->guest_status())));
   } else {
     struct stat st;
     if (::stat(disk.c_str(), &st) != 0) {
@@ -120,9 +129,10 @@ int VmCommand(int argc, char** argv) {
     vm = vmm::Vm::Boot(config);
     if (!vm.ok()) return Fail(vm.status());
     Say(absl::StrFormat(
-        "booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d writes/s (%s)",
-        config.memory_bytes >> 20, disk, config.workload.working_set_pages,
-        config.workload.write_rate, pattern));
+        "platform %s: booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d "
+        "writes/s (%s)",
+        vmm::PlatformName((*vm)->platform()), config.memory_bytes >> 20, disk,
+        config.workload.working_set_pages, config.workload.write_rate, pattern));
   }
   vmm::OutputGate gate;  // open: nothing holds outputs until replication arrives
   auto endpoint =

@@ -6,23 +6,29 @@
 
 #include <stdint.h>
 
-#define RML_ABI_VERSION 1u
+#define RML_ABI_VERSION 2u
 #define RML_PAGE_SIZE 4096u
 #define RML_SECTOR_SIZE 512u
 
-// Guest-physical layout. The monitor identity-maps all of guest RAM with 2 MiB user pages.
+// Guest-physical layout. Below RML_GUEST_LOW lie only structures the monitor builds for the CPU
+// on KVM (page tables identity-mapping all of guest RAM with 2 MiB user pages, GDT, TSS); guest
+// code never touches them. Everything the guest program uses lies at or above RML_GUEST_LOW,
+// which is vm.mmap_min_addr on a stock Debian: the process platform maps guest RAM into its stub
+// process at the guest-physical addresses, and only from there up. (ABI 1 kept the boot page,
+// console and block buffers below it.)
 #define RML_PML4_GPA 0x1000u
 #define RML_PDPT_GPA 0x2000u
 #define RML_PD_GPA 0x3000u  // four page directories: up to 4 GiB
 #define RML_GDT_GPA 0x7000u
-#define RML_BOOT_GPA 0x8000u     // struct rml_boot: knobs from the monitor, status from the guest
-#define RML_CONSOLE_GPA 0x9000u  // console bytes, length given to RML_PORT_CONSOLE
-#define RML_BLOCK_CMD_GPA 0xA000u
-#define RML_BLOCK_BUF_GPA 0xB000u
+#define RML_TSS_GPA 0x8000u  // TSS with an I/O permission bitmap for the ports below
+#define RML_GUEST_LOW 0x10000u
+#define RML_BOOT_GPA 0x10000u     // struct rml_boot: knobs from the monitor, status from the guest
+#define RML_CONSOLE_GPA 0x11000u  // console bytes, length given to RML_PORT_CONSOLE
+#define RML_BLOCK_CMD_GPA 0x12000u
+#define RML_BLOCK_BUF_GPA 0x14000u
 #define RML_BLOCK_BUF_BYTES 0x4000u  // 32 sectors per command
-#define RML_REQ_RING_GPA 0x10000u
-#define RML_RESP_RING_GPA 0x20000u
-#define RML_TSS_GPA 0x30000u  // TSS with an I/O permission bitmap for the ports below
+#define RML_REQ_RING_GPA 0x20000u
+#define RML_RESP_RING_GPA 0x30000u
 #define RML_STACK_TOP 0x100000u
 #define RML_IMAGE_GPA 0x100000u
 #define RML_IMAGE_LIMIT 0x400000u  // image + bss must end below this address

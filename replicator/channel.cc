@@ -10,7 +10,8 @@
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
+#include "vmm/vmm.h"
 
 namespace romulus::replicator {
 namespace {
@@ -42,6 +43,7 @@ pb::Frame HelloFrame(const Identity& me, const std::string& nonce, uint64_t sess
   h->set_vm_id(me.vm_id);
   h->set_memory_bytes(me.memory_bytes);
   h->set_disk_bytes(me.disk_bytes);
+  h->set_platform(me.platform);
   h->set_nonce(nonce);
   h->set_session(session);
   return f;
@@ -61,6 +63,11 @@ absl::Status CheckHello(const pb::Frame& f, const Identity& me) {
         absl::StrCat("peer replicates VM '", h.vm_id().substr(0, 64), "' (", h.memory_bytes(),
                      " B memory, ", h.disk_bytes(), " B disk), this side '", me.vm_id, "' (",
                      me.memory_bytes, " B, ", me.disk_bytes, " B)"));
+  }
+  if (h.platform() != me.platform) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "peer runs the VM on the ", vmm::PlatformName(h.platform()), " platform, this side on the ",
+        vmm::PlatformName(me.platform), " platform: neither could resume the other's state"));
   }
   if (h.nonce().size() != kNonceBytes) return absl::PermissionDeniedError("bad nonce");
   return absl::OkStatus();

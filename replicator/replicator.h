@@ -20,7 +20,7 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 5;
+inline constexpr uint32_t kProtocolVersion = 6;  // 6: the platform in Hello
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -29,6 +29,9 @@ struct Identity {
   std::string vm_id;
   uint64_t memory_bytes = 0;
   uint64_t disk_bytes = 0;
+  // The platform this side runs (or would run) the VM on: a mirror whose platform differs from
+  // its primary's could not resume the replica, so the pair refuses to connect.
+  pb::Platform platform = pb::PLATFORM_UNSPECIFIED;
 };
 
 using LogFn = std::function<void(absl::string_view line)>;

@@ -13,7 +13,7 @@
 #include "absl/status/statusor.h"
 #include "proto/romulus.pb.h"
 #include "vmm/guest_memory.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 

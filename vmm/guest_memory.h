@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "vmm/dirty_bitmap.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 

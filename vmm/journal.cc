@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "guest/abi.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 

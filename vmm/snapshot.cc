@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/block_device.h"
-#include "vmm/kvm.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 namespace {

@@ -1,15 +1,19 @@
-// Public interface of the Romulus monitor: a KVM virtual machine running the reference guest,
-// whose complete state can be paused at a clean point, harvested, saved and restored.
+// Public interface of the Romulus monitor: a virtual machine running the reference guest, on KVM
+// or on the process platform, whose complete state can be paused at a clean point, harvested,
+// saved and restored.
 #ifndef ROMULUS_VMM_VMM_H_
 #define ROMULUS_VMM_VMM_H_
 
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -18,14 +22,30 @@
 #include "vmm/block_device.h"
 #include "vmm/dirty_bitmap.h"
 #include "vmm/guest_memory.h"
-#include "vmm/kvm.h"
 #include "vmm/ledger_device.h"
 #include "vmm/output_gate.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 
+// The platforms that run a VM (pb::Platform): KVM where /dev/kvm can run VMs, and the process
+// platform (the guest natively in a traced stub process) on Linux 6.7 or later. Nothing outside
+// vmm/ depends on which one runs.
 // OK when /dev/kvm can run VMs here; otherwise a one-line reason.
 absl::Status CheckKvm();
+// OK when `platform` can run VMs here; otherwise a one-line reason.
+absl::Status CheckPlatform(pb::Platform platform);
+// PLATFORM_UNSPECIFIED: KVM where /dev/kvm can run VMs, else the process platform; otherwise the
+// platform asked for, if it can run here. The error says why none can.
+absl::StatusOr<pb::Platform> ChoosePlatform(pb::Platform requested = pb::PLATFORM_UNSPECIFIED);
+// The platforms that can run VMs here (for tests and reports).
+std::vector<pb::Platform> AvailablePlatforms();
+// "kvm", "process"; "" parses as PLATFORM_UNSPECIFIED.
+absl::string_view PlatformName(pb::Platform platform);
+absl::StatusOr<pb::Platform> ParsePlatform(absl::string_view name);
+// OK when a VM can be resumed from `state` on `platform` here (the platform that wrote it, one
+// vCPU); otherwise a one-line reason. Checks shape only: Restore checks every field.
+absl::Status CheckResumable(const pb::VmSnapshot& state, pb::Platform platform);
 
 struct WorkloadConfig {
   uint64_t working_set_pages = 0;  // 0: no memory workload
@@ -36,6 +56,7 @@ struct WorkloadConfig {
 };
 
 struct VmConfig {
+  pb::Platform platform = pb::PLATFORM_UNSPECIFIED;  // unspecified: ChoosePlatform()
   uint64_t memory_bytes = 256ull << 20;
   std::string disk_path;  // an existing image (BlockDevice::CreateImage makes one)
   // Guest RAM in this file (recreated at boot) instead of an anonymous memfd: after a crash the
@@ -59,7 +80,7 @@ struct SnapshotInfo {
   rml_status guest{};
 };
 
-inline constexpr uint32_t kSnapshotFormatVersion = 1;
+inline constexpr uint32_t kSnapshotFormatVersion = 2;  // 2: vCPU state per platform
 
 // Writes a snapshot directory (state.pb, memory.bin, disk.img) atomically from a state, a memory
 // and a disk image (for a live VM: Vm::SaveSnapshot; for a mirror's replica). Fills the digests
@@ -88,18 +109,25 @@ class CheckpointableVm {
   virtual BlockDevice& disk() = 0;
 };
 
+class Backend;
+struct VcpuExit;
+
+// One vCPU running the reference guest. Its vCPU thread lives as long as the Vm: every call into
+// the platform runs there (ptrace requires it of the process platform), and the guest runs
+// there between Start and Stop.
 class Vm : public CheckpointableVm {
  public:
   // Creates the VM, loads the guest and sets it up to start at its entry point.
   static absl::StatusOr<std::unique_ptr<Vm>> Boot(const VmConfig& config);
-  // Creates a VM from a snapshot directory. Its disk is copied to `disk_path`; its memory file is
-  // mapped (copy-on-write), not copied. Every file is verified against its digest first.
+  // Creates a VM from a snapshot directory, on the platform that wrote it. Its disk is copied to
+  // `disk_path` and its memory read into a fresh memfd. Every file is verified against its
+  // digest first.
   static absl::StatusOr<std::unique_ptr<Vm>> Restore(const std::string& snapshot_dir,
                                                      const std::string& disk_path,
                                                      std::function<void(absl::string_view)> console,
                                                      OutputGate* output_gate = nullptr);
   // Creates a VM from memory already holding the guest (a mirror's replica memfd, adopted, not
-  // copied), its saved state, and a disk image used in place.
+  // copied), its saved state (run on the platform that wrote it), and a disk image used in place.
   static absl::StatusOr<std::unique_ptr<Vm>> Adopt(std::unique_ptr<GuestMemory> memory,
                                                    const pb::VmSnapshot& state,
                                                    const std::string& disk_path,
@@ -109,19 +137,21 @@ class Vm : public CheckpointableVm {
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;
 
-  // Starts the vCPU thread.
+  pb::Platform platform() const { return platform_; }
+  // Lets the guest run.
   absl::Status Start();
   // Stops the vCPU at a clean point (no half-done I/O) and returns once it is stopped.
   absl::Status Pause() override;
   absl::Status Resume() override;
-  // Ends the vCPU thread and returns why it ended (OK when asked to stop).
+  // Stops the guest for good and returns why it stopped (OK when asked to stop).
   absl::Status Stop();
-  // Blocks until the vCPU thread ends on its own (guest error) or Stop() is called.
+  // Blocks until the guest stops on its own (guest error) or Stop() is called.
   absl::Status Wait();
-  // True once the vCPU thread has ended.
+  // True once the guest has stopped for good.
   bool exited();
   // Stops the VM for good and gives up its memory (to become a replica after a planned
-  // migration): KVM's mapping of it is gone once this returns. Only destruction may follow.
+  // migration): the platform's mapping of it is gone once this returns. Only destruction may
+  // follow.
   std::unique_ptr<GuestMemory> TakeMemory();
 
   absl::StatusOr<DirtyBitmap> HarvestDirty() override;
@@ -137,29 +167,32 @@ class Vm : public CheckpointableVm {
 
  private:
   Vm() = default;
-  absl::Status CreateKvmVm(uint64_t memory_bytes);
+  // Starts the vCPU thread and creates the platform's backend on it.
+  absl::Status CreateBackend(pb::Platform platform);
   absl::Status CreateDevices(std::function<void(absl::string_view)> console,
                              OutputGate* output_gate, const std::string& disk_path);
-  void RunLoop();
-  absl::Status HandleExit();
-  absl::Status ExitError(absl::string_view what);
+  // Runs `fn` on the vCPU thread while the guest is not running, and returns its result.
+  absl::Status OnVcpuThread(std::function<absl::Status()> fn);
+  void VcpuThread();
+  absl::Status HandleExit(const VcpuExit& exit);
   absl::Status WaitStopped();
 
-  Fd kvm_, vm_, vcpu_;
-  struct kvm_run* run_ = nullptr;
-  size_t run_size_ = 0;
-  bool manual_dirty_protect_ = false;
+  pb::Platform platform_ = pb::PLATFORM_UNSPECIFIED;
   std::unique_ptr<GuestMemory> memory_;
   std::unique_ptr<BlockDevice> disk_;
   std::unique_ptr<class Console> console_;
   std::unique_ptr<class IdleDevice> idle_;
   std::unique_ptr<LedgerDevice> ledger_;
+  // Port writes the guest may make, by port (each port is 32 bits wide): the devices' doorbells.
+  std::map<uint16_t, std::function<absl::Status(uint32_t value)>> ports_;
+  std::unique_ptr<Backend> backend_;  // created, used and destroyed on the vCPU thread
 
   std::mutex mu_;
   std::condition_variable cv_;
   std::thread thread_;
+  std::deque<std::function<void()>> requests_;  // for the vCPU thread
   bool started_ = false, pause_requested_ = false, paused_ = false, stop_requested_ = false;
-  bool exited_ = false;
+  bool exited_ = false, quit_ = false;
   absl::Status exit_status_;
 };
 

@@ -1,7 +1,7 @@
-// The saved state of one vCPU and of the VM clock. Each type captures itself from KVM and applies
-// itself back, in the order KVM needs (see shared/KVM-NOTES.md).
-#ifndef ROMULUS_VMM_VCPU_STATE_H_
-#define ROMULUS_VMM_VCPU_STATE_H_
+// The saved state of a KVM vCPU and of the KVM VM clock. Each type captures itself from KVM and
+// applies itself back, in the order KVM needs (see shared/KVM-NOTES.md). Internal to vmm/kvm/.
+#ifndef ROMULUS_VMM_KVM_VCPU_STATE_H_
+#define ROMULUS_VMM_KVM_VCPU_STATE_H_
 
 #include <cstdint>
 #include <vector>
@@ -11,17 +11,17 @@
 
 namespace romulus::vmm {
 
-class VcpuState {
+class KvmVcpu {
  public:
   // `kvm_fd` is /dev/kvm (for the MSR list), `vcpu_fd` a paused vCPU at a clean point.
-  static absl::StatusOr<pb::VcpuState> Save(int kvm_fd, int vcpu_fd);
+  static absl::StatusOr<pb::KvmVcpuState> Save(int kvm_fd, int vcpu_fd);
   // Applies `state` to a freshly created vCPU. Every field is checked before use.
-  static absl::Status Restore(int vcpu_fd, const pb::VcpuState& state);
+  static absl::Status Restore(int vcpu_fd, const pb::KvmVcpuState& state);
   // Installs the host's supported CPUID on a fresh vCPU (first boot).
   static absl::Status SetSupportedCpuid(int kvm_fd, int vcpu_fd);
 };
 
-class VmClockState {
+class KvmClock {
  public:
   static absl::StatusOr<pb::VmClockState> Save(int vm_fd);
   static absl::Status Restore(int vm_fd, const pb::VmClockState& state);
@@ -29,4 +29,4 @@ class VmClockState {
 
 }  // namespace romulus::vmm
 
-#endif  // ROMULUS_VMM_VCPU_STATE_H_
+#endif  // ROMULUS_VMM_KVM_VCPU_STATE_H_

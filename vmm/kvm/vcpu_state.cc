@@ -1,4 +1,4 @@
-#include "vmm/vcpu_state.h"
+#include "vmm/kvm/vcpu_state.h"
 
 #include <linux/kvm.h>
 
@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "vmm/kvm.h"
+#include "vmm/kvm/kvm_api.h"
 
 namespace romulus::vmm {
 namespace {
@@ -64,7 +64,7 @@ absl::StatusOr<std::vector<uint32_t>> ReadableMsrs(int kvm_fd, int vcpu_fd) {
 // KVM_SET_MSRS stops at the first MSR it refuses. Some readable MSRs cannot be written back
 // without devices this VM does not create (e.g. MSR_KVM_ASYNC_PF_INT needs an in-kernel LAPIC);
 // a refused MSR is accepted only when the vCPU already holds the saved value.
-absl::Status RestoreMsrs(int vcpu_fd, const pb::VcpuState& in) {
+absl::Status RestoreMsrs(int vcpu_fd, const pb::KvmVcpuState& in) {
   size_t n = static_cast<size_t>(in.msrs_size());
   size_t done = 0;
   while (done < n) {
@@ -95,7 +95,7 @@ absl::Status RestoreMsrs(int vcpu_fd, const pb::VcpuState& in) {
 
 }  // namespace
 
-absl::Status VcpuState::SetSupportedCpuid(int kvm_fd, int vcpu_fd) {
+absl::Status KvmVcpu::SetSupportedCpuid(int kvm_fd, int vcpu_fd) {
   CpuidList cpuid(kMaxCpuidEntries);
   cpuid.header()->nent = kMaxCpuidEntries;
   if (auto s = Ioctl(kvm_fd, kKvmGetSupportedCpuid, cpuid.get(), "KVM_GET_SUPPORTED_CPUID");
@@ -105,8 +105,8 @@ absl::Status VcpuState::SetSupportedCpuid(int kvm_fd, int vcpu_fd) {
   return Ioctl(vcpu_fd, kKvmSetCpuid2, cpuid.get(), "KVM_SET_CPUID2");
 }
 
-absl::StatusOr<pb::VcpuState> VcpuState::Save(int kvm_fd, int vcpu_fd) {
-  pb::VcpuState out;
+absl::StatusOr<pb::KvmVcpuState> KvmVcpu::Save(int kvm_fd, int vcpu_fd) {
+  pb::KvmVcpuState out;
   {
     CpuidList cpuid(kMaxCpuidEntries);
     cpuid.header()->nent = kMaxCpuidEntries;
@@ -174,7 +174,7 @@ absl::StatusOr<pb::VcpuState> VcpuState::Save(int kvm_fd, int vcpu_fd) {
   return out;
 }
 
-absl::Status VcpuState::Restore(int vcpu_fd, const pb::VcpuState& in) {
+absl::Status KvmVcpu::Restore(int vcpu_fd, const pb::KvmVcpuState& in) {
   // Decode and check everything before touching the vCPU.
   if (in.cpuid_size() == 0 || in.cpuid_size() > kMaxCpuidEntries) {
     return absl::InvalidArgumentError(
@@ -221,7 +221,7 @@ absl::Status VcpuState::Restore(int vcpu_fd, const pb::VcpuState& in) {
   return Ioctl(vcpu_fd, KVM_SET_VCPU_EVENTS, &events, "KVM_SET_VCPU_EVENTS");
 }
 
-absl::StatusOr<pb::VmClockState> VmClockState::Save(int vm_fd) {
+absl::StatusOr<pb::VmClockState> KvmClock::Save(int vm_fd) {
   kvm_clock_data clock{};
   if (auto s = Ioctl(vm_fd, KVM_GET_CLOCK, &clock, "KVM_GET_CLOCK"); !s.ok()) return s;
   pb::VmClockState out;
@@ -229,7 +229,7 @@ absl::StatusOr<pb::VmClockState> VmClockState::Save(int vm_fd) {
   return out;
 }
 
-absl::Status VmClockState::Restore(int vm_fd, const pb::VmClockState& state) {
+absl::Status KvmClock::Restore(int vm_fd, const pb::VmClockState& state) {
   // Without KVM_CLOCK_REALTIME the guest's clock resumes where it stopped.
   kvm_clock_data clock{};
   clock.clock = state.clock_ns();
