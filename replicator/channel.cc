@@ -102,7 +102,8 @@ bool SameMac(absl::string_view a, absl::string_view b) {
 }
 
 Channel::Channel(tcp::socket socket, std::chrono::milliseconds timeout)
-    : socket_(std::move(socket)) {
+    : socket_(std::move(socket)), timeout_(timeout) {
+  last_receive_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "unknown" : absl::StrCat(ep.address().to_string(), ":", ep.port());
@@ -165,12 +166,58 @@ absl::Status Channel::Send(const pb::Frame& frame) {
   uint8_t header[4] = {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
                        static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)};
   iovec iov[2] = {{header, sizeof(header)}, {body.data(), body.size()}};
-  if (auto s = vmm::WriteFully(socket_.native_handle(), iov, 2, send_what_); !s.ok()) return s;
+  std::lock_guard<std::mutex> lock(send_mu_);
+  for (;;) {
+    absl::Status s = vmm::WriteFully(socket_.native_handle(), iov, 2, send_what_);
+    if (s.ok()) break;
+    // A peer that cannot take more (a mirror in a long commit) but is heard from is alive: its
+    // sends are what the timeout measures, so the write goes on.
+    if (s.code() != absl::StatusCode::kDeadlineExceeded ||
+        std::chrono::steady_clock::now() - last_receive() > timeout_) {
+      return s;
+    }
+  }
   bytes_sent_ += 4 + body.size();
+  last_send_ = std::chrono::steady_clock::now();
   return absl::OkStatus();
 }
 
+void Channel::KeepAlive(std::chrono::milliseconds idle) {
+  keepalive_ = std::thread([this, idle] {
+    pb::Frame keepalive;
+    keepalive.set_keepalive(true);
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(keepalive_mu_);
+        if (keepalive_cv_.wait_for(lock, idle / 2, [this] { return shut_; })) return;
+      }
+      bool due;
+      {
+        std::lock_guard<std::mutex> send_lock(send_mu_);
+        due = std::chrono::steady_clock::now() - last_send_ >= idle;
+      }
+      if (due && !Send(keepalive).ok()) return;
+    }
+  });
+}
+
+Channel::~Channel() {
+  Shutdown();
+  if (keepalive_.joinable()) keepalive_.join();
+}
+
 absl::StatusOr<pb::Frame> Channel::Receive() {
+  for (;;) {
+    auto f = ReceiveFrame();
+    if (f.ok()) {
+      last_receive_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
+      if (on_frame_) on_frame_();
+    }
+    if (!f.ok() || !f->has_keepalive()) return f;
+  }
+}
+
+absl::StatusOr<pb::Frame> Channel::ReceiveFrame() {
   uint8_t header[4];
   if (auto s = vmm::ReadFully(socket_.native_handle(), header, sizeof(header), receive_what_);
       !s.ok())
@@ -191,6 +238,13 @@ absl::StatusOr<pb::Frame> Channel::Receive() {
   return f;
 }
 
-void Channel::Shutdown() { ::shutdown(socket_.native_handle(), SHUT_RDWR); }
+void Channel::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(keepalive_mu_);
+    shut_ = true;
+  }
+  keepalive_cv_.notify_all();
+  ::shutdown(socket_.native_handle(), SHUT_RDWR);
+}
 
 }  // namespace romulus::replicator

@@ -8,9 +8,14 @@
 #include <utility>
 #include <boost/asio.hpp>
 // clang-format on
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "replicator/replicator.h"
@@ -31,19 +36,43 @@ class Channel {
                                                          std::chrono::milliseconds timeout,
                                                          uint64_t* peer_session);
 
+  ~Channel();
+
+  // Any thread (sends are serialised).
   absl::Status Send(const pb::Frame& frame);
+  // The next frame that is not a keepalive; `on_frame` (if set) runs for every frame, keepalives
+  // included: each is a sign of the peer's life.
   absl::StatusOr<pb::Frame> Receive();
+  void set_on_frame(std::function<void()> on_frame) { on_frame_ = std::move(on_frame); }
+  // From now on a thread sends a keepalive whenever nothing was sent for `idle`, so that the
+  // peer's receive timeout measures this side's life, not how long its work takes (a long
+  // commit, hashing a large memory). Ends with Shutdown.
+  void KeepAlive(std::chrono::milliseconds idle);
   // Any thread: makes blocked Send/Receive calls return with an error.
   void Shutdown();
   std::string peer() const { return peer_; }
-  uint64_t bytes_sent() const { return bytes_sent_; }
+  uint64_t bytes_sent() const { return bytes_sent_.load(); }
 
  private:
   Channel(boost::asio::ip::tcp::socket socket, std::chrono::milliseconds timeout);
+  absl::StatusOr<pb::Frame> ReceiveFrame();
+  std::chrono::steady_clock::time_point last_receive() const {
+    return std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(last_receive_ns_.load()));
+  }
   boost::asio::ip::tcp::socket socket_;
+  std::chrono::milliseconds timeout_;
+  std::atomic<int64_t> last_receive_ns_{0};  // when the peer was last heard from
   std::string peer_;
   std::string send_what_, receive_what_;  // what a failed send or receive is called
-  uint64_t bytes_sent_ = 0;
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::function<void()> on_frame_;
+  std::mutex send_mu_;
+  std::chrono::steady_clock::time_point last_send_;  // under send_mu_
+  std::mutex keepalive_mu_;
+  std::condition_variable keepalive_cv_;
+  bool shut_ = false;  // under keepalive_mu_
+  std::thread keepalive_;
 };
 
 }  // namespace romulus::replicator

@@ -24,8 +24,12 @@
 namespace romulus::replicator {
 namespace {
 
-// The primary sends a keepalive frame when it has sent nothing for this long.
+// The primary's epoch loop sends a keepalive frame when it has sent nothing for this long.
 constexpr std::chrono::milliseconds kKeepalive{10};
+// Either side's channel sends one when it has sent nothing for this long, also while its own
+// thread is busy (a mirror committing a large checkpoint, a primary hashing its memory): the
+// peer's receive timeout then measures this host's life, not the length of its work.
+constexpr std::chrono::milliseconds kChannelKeepalive{100};
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -112,6 +116,8 @@ class MirrorImpl : public Mirror {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
         continue;
       }
+      (*ch)->set_on_frame(options_.on_traffic);
+      (*ch)->KeepAlive(kChannelKeepalive);  // a long commit here is no silence
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stop_) return;  // stopped during the handshake: the channel was not there to shut
@@ -168,12 +174,10 @@ class MirrorImpl : public Mirror {
     while (!stop_) {
       auto f = ch.Receive();
       if (!f.ok()) return f.status();
-      if (options_.on_traffic) options_.on_traffic();
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
       }
-      if (f->has_keepalive()) continue;
       if (f->has_handover()) {
         bool resumed = false;
         if (auto s = AnswerHandover(ch, f->handover().epoch(), synchronised, resumed); !s.ok()) {
@@ -443,6 +447,8 @@ class PrimaryImpl : public Primary {
         continue;
       }
       last_error.clear();
+      (*ch)->set_on_frame(options_.on_traffic);
+      (*ch)->KeepAlive(kChannelKeepalive);  // hashing a large memory here is no silence
       auto roots = (*ch)->Receive();
       if (roots.ok() && !roots->has_replica_roots()) {
         roots = absl::DataLossError("expected the replica's tree roots");
@@ -746,7 +752,6 @@ class PrimaryImpl : public Primary {
   void AckLoop() {
     for (;;) {
       auto f = channel_->Receive();
-      if (f.ok() && options_.on_traffic) options_.on_traffic();
       if (f.ok() && f->has_handover_reply()) {
         std::lock_guard<std::mutex> lock(mu_);
         handover_reply_ = f->handover_reply();

@@ -72,9 +72,10 @@ inline absl::Status ReadFully(int fd, void* buf, size_t len, absl::string_view w
 }
 
 // Writes all of `iov[0..count)` to a blocking socket, retrying on EINTR, and advances `iov` as
-// it goes. MSG_NOSIGNAL: a peer that went away is an error here, not a SIGPIPE that ends the
-// process. SO_SNDTIMEO running out is DeadlineExceeded ("WHAT: timed out"); any other failure
-// is ErrnoStatus(what).
+// it goes (a written entry's length becomes 0), so that a call again with the same array after
+// a timeout writes only the rest. MSG_NOSIGNAL: a peer that went away is an error here, not a
+// SIGPIPE that ends the process. SO_SNDTIMEO running out is DeadlineExceeded ("WHAT: timed out");
+// any other failure is ErrnoStatus(what).
 inline absl::Status WriteFully(int fd, iovec* iov, int count, absl::string_view what) {
   while (count > 0) {
     msghdr msg{};
@@ -90,6 +91,7 @@ inline absl::Status WriteFully(int fd, iovec* iov, int count, absl::string_view 
     auto left = static_cast<size_t>(w);
     while (count > 0 && left >= iov->iov_len) {
       left -= iov->iov_len;
+      iov->iov_len = 0;
       iov++;
       count--;
     }
