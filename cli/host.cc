@@ -320,6 +320,9 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
            [&] {
              auto r = NodeStatusReply(h.vm_id, n.status());
              r.set_platform(std::string(vmm::PlatformName(h.platform)));
+             if (absl::Status why = n.vm_exit_status(); !why.ok()) {
+               r.set_state(absl::StrCat("VM stopped: ", why.message()));
+             }
              ha->AddStatus(&r);
              return r;
            },
@@ -361,11 +364,21 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   auto tick = std::chrono::milliseconds(ha->heartbeat ? 5 : 1000);
   auto last_line = Clock::now(), next_attempt = Clock::now();
   switchover::Node::Status last = n.status();
+  bool vm_stopped = false;
   for (;;) {
     int sig = WaitSignal(signals, tick);
     if (sig == SIGINT || sig == SIGTERM) break;
     if (sig == SIGUSR1) save();
-    if (n.vm_exited()) break;
+    // A guest that stopped on its own (a fault, a panic) leaves this host up, saying why, for
+    // `romulus status` and the operator; its replica at the mirror holds the last commit.
+    if (absl::Status why = n.vm_exit_status(); !why.ok() && !vm_stopped) {
+      vm_stopped = true;
+      std::printf(
+          "romulus %s: VM stopped: %s (this host keeps answering romulus status; stop it "
+          "with SIGTERM)\n",
+          who, std::string(why.message()).c_str());
+      std::fflush(stdout);
+    }
     auto now = n.status();
     if (peer_dead && now.role == switchover::Node::Role::kMirror &&
         now.mirror->committed_epoch >= 0 && Clock::now() >= next_attempt) {

@@ -65,7 +65,7 @@ class LedgerVm : public switchover::NodeVm {
   ~LedgerVm() override;
   absl::Status Start() override;
   std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
-  bool exited() override { return vm_->exited(); }
+  absl::Status exit_status() override { return vm_->exited() ? vm_->Wait() : absl::OkStatus(); }
   absl::Status Pause() override { return vm_->Pause(); }
   absl::Status Resume() override { return vm_->Resume(); }
   absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override { return vm_->HarvestDirty(); }

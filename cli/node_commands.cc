@@ -115,6 +115,7 @@ int PrimaryCommand(int argc, char** argv) {
   vc.memory_bytes = c->memory_mib() << 20;
   vc.disk_path = c->disk();
   vc.memory_path = c->memory_file();
+  vc.guest_image_path = c->guest_image();
   vc.workload.working_set_pages = c->workload().working_set_pages();
   vc.workload.write_rate = c->workload().write_rate();
   vc.workload.pattern = PatternOf(c->workload().pattern());

@@ -121,6 +121,7 @@ int VmCommand(int argc, char** argv) {
                         vmm::PlatformName((*vm)->platform()), restore_from,
                         (*vm)->memory().Digest(), StatusLine((*vm)->guest_status())));
   } else {
+    Say(absl::StrFormat("platform %s", vmm::PlatformName(config.platform)));
     struct stat st;
     if (::stat(disk.c_str(), &st) != 0) {
       if (auto s = vmm::BlockDevice::CreateImage(disk, disk_size); !s.ok()) return Fail(s);
@@ -129,10 +130,9 @@ int VmCommand(int argc, char** argv) {
     vm = vmm::Vm::Boot(config);
     if (!vm.ok()) return Fail(vm.status());
     Say(absl::StrFormat(
-        "platform %s: booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d "
-        "writes/s (%s)",
-        vmm::PlatformName((*vm)->platform()), config.memory_bytes >> 20, disk,
-        config.workload.working_set_pages, config.workload.write_rate, pattern));
+        "booted the reference guest: %d MiB RAM, disk %s, workload %d pages at %d writes/s (%s)",
+        config.memory_bytes >> 20, disk, config.workload.working_set_pages,
+        config.workload.write_rate, pattern));
   }
   vmm::OutputGate gate;  // open: nothing holds outputs until replication arrives
   auto endpoint =

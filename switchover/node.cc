@@ -236,9 +236,9 @@ class NodeImpl : public Node {
     if (role_ == Role::kMirror) m_.mirror->WithReplica(fn);
   }
 
-  bool vm_exited() override {
+  absl::Status vm_exit_status() override {
     std::lock_guard<std::mutex> lock(mu_);
-    return role_ == Role::kPrimary && p_.vm->exited();
+    return role_ == Role::kPrimary ? p_.vm->exit_status() : absl::OkStatus();
   }
 
  private:

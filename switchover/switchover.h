@@ -160,8 +160,8 @@ class NodeVm : public vmm::CheckpointableVm {
   virtual absl::Status Start() = 0;
   // Stops it for good (the service closes) and gives up its memory.
   virtual std::unique_ptr<vmm::GuestMemory> TakeMemory() = 0;
-  // The guest stopped on its own (an error).
-  virtual bool exited() = 0;
+  // OK while the guest runs (or was stopped on request); the error it stopped with on its own.
+  virtual absl::Status exit_status() = 0;
 };
 
 // One host of a protected VM, in whichever role it holds now, and the role changes:
@@ -240,7 +240,7 @@ class Node {
   // While the mirror: `fn` runs while no checkpoint is being applied.
   virtual void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) = 0;
   // While the primary: the guest stopped on its own.
-  virtual bool vm_exited() = 0;
+  virtual absl::Status vm_exit_status() = 0;
 };
 
 }  // namespace romulus::switchover

@@ -48,7 +48,7 @@ class SoftVm : public switchover::NodeVm {
   std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
 
   absl::Status Start() override;
-  bool exited() override { return false; }
+  absl::Status exit_status() override { return absl::OkStatus(); }
   absl::Status Pause() override;
   absl::Status Resume() override;
   absl::StatusOr<vmm::DirtyBitmap> HarvestDirty() override;

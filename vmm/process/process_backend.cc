@@ -95,9 +95,10 @@ struct SpawnArgs {
 };
 
 // Runs in the child of a vfork-style clone, sharing the monitor's memory until execveat: raw
-// system calls only. The monitor thread that cloned it is its parent and its tracer; its death
-// (thread or process) kills the stub (PR_SET_PDEATHSIG here, PTRACE_O_EXITKILL later).
-int StubChild(void* p) {
+// system calls only, and no sanitizer bookkeeping (it would land in the monitor's shadow memory).
+// The monitor thread that cloned it is its parent and its tracer; its death (thread or process)
+// kills the stub (PR_SET_PDEATHSIG here, PTRACE_O_EXITKILL later).
+__attribute__((no_sanitize("address", "thread", "undefined"))) int StubChild(void* p) {
   auto* a = static_cast<SpawnArgs*>(p);
   Sys(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL);
   if (Sys(SYS_getppid) != a->monitor) Sys(SYS_exit, 126);
@@ -161,7 +162,7 @@ void CaptureCpuid(pb::ProcessVcpuState* out) {
 }
 
 // Decodes the instruction at `rip` that raised #GP: port I/O (only `out` is part of the ABI),
-// or a privileged instruction. `len` is set for an `out` the guest moves past.
+// or a privileged instruction. `len` is set to the length of a port I/O instruction.
 VcpuExit DecodeGp(const GuestMemory& mem, const user_regs_struct& r, uint32_t* len) {
   VcpuExit e;
   e.rip = r.rip;
@@ -169,26 +170,21 @@ VcpuExit DecodeGp(const GuestMemory& mem, const user_regs_struct& r, uint32_t* l
   e.fault = "general protection fault";
   if (r.rip < RML_GUEST_LOW || r.rip >= mem.size()) return e;
   const uint8_t* b = mem.data() + r.rip;
-  size_t n = std::min<uint64_t>(15, mem.size() - r.rip), i = 0;
-  bool op16 = false, rep = false;
-  for (; i < n && (b[i] == 0x66 || b[i] == 0xf3 || b[i] == 0xf2); i++) {
-    op16 |= b[i] == 0x66;
-    rep |= b[i] != 0x66;
-  }
+  uint64_t n = std::min<uint64_t>(15, mem.size() - r.rip), i = 0;
+  bool op16 = false;
+  for (; i < n && b[i] == 0x66; i++) op16 = true;
   if (i >= n) return e;
-  uint8_t op = b[i];
-  uint32_t wide = op16 ? 2 : 4;
-  auto port_io = [&](VcpuExit::Kind kind, uint16_t port, uint32_t size, uint32_t length) {
+  const uint32_t wide = op16 ? 2 : 4;
+  const uint16_t dx = static_cast<uint16_t>(r.rdx);
+  const uint8_t imm = i + 1 < n ? b[i + 1] : 0;
+  auto port_io = [&](VcpuExit::Kind kind, uint16_t port, uint32_t size, uint64_t length) {
     e.kind = kind;
     e.port = port;
     e.size = size;
     e.value = static_cast<uint32_t>(r.rax) & (size == 4 ? ~0u : (1u << (size * 8)) - 1);
-    e.count = rep ? static_cast<uint32_t>(r.rcx) : 1;
-    *len = length;
+    *len = static_cast<uint32_t>(length);
   };
-  uint16_t dx = static_cast<uint16_t>(r.rdx);
-  uint8_t imm = i + 1 < n ? b[i + 1] : 0;
-  switch (op) {
+  switch (b[i]) {
     case 0xef:
       port_io(VcpuExit::Kind::kPortOut, dx, wide, i + 1);
       break;
@@ -213,21 +209,11 @@ VcpuExit DecodeGp(const GuestMemory& mem, const user_regs_struct& r, uint32_t* l
     case 0xe4:
       port_io(VcpuExit::Kind::kPortIn, imm, 1, i + 2);
       break;
-    case 0x6f:
-      port_io(VcpuExit::Kind::kPortOut, dx, wide, i + 1);
-      e.count = 2;
-      break;
-    case 0x6e:
-      port_io(VcpuExit::Kind::kPortOut, dx, 1, i + 1);
-      e.count = 2;
-      break;
-    case 0x6d:
-      port_io(VcpuExit::Kind::kPortIn, dx, wide, i + 1);
-      e.count = 2;
-      break;
     case 0x6c:
-      port_io(VcpuExit::Kind::kPortIn, dx, 1, i + 1);
-      e.count = 2;
+    case 0x6d:
+    case 0x6e:
+    case 0x6f:
+      e.fault = absl::StrFormat("unsupported port I/O (string instruction, port 0x%x)", dx);
       break;
     case 0xf4:
       e.fault = "halt (hlt)";
@@ -241,7 +227,6 @@ VcpuExit DecodeGp(const GuestMemory& mem, const user_regs_struct& r, uint32_t* l
     default:
       break;
   }
-  if (e.kind != VcpuExit::Kind::kFault && rep) e.count = std::max<uint32_t>(e.count, 2);
   return e;
 }
 
@@ -566,7 +551,7 @@ absl::StatusOr<VcpuExit> ProcessBackend::Run() {
           }
           uint32_t len = 0;
           e = DecodeGp(memory_, regs_, &len);
-          if (e.kind == VcpuExit::Kind::kPortOut && e.count == 1) advance_ = len;
+          if (e.kind == VcpuExit::Kind::kPortOut) advance_ = len;
           return e;
         }
         e.fault = absl::StrFormat("access outside guest RAM at 0x%x", addr);
