@@ -3,7 +3,9 @@
 # long exactness runs are a fifth as long: testing::LongRun), and the networking tests a third
 # time under ThreadSanitizer. The benchmarks are built (and so compiled warning-free) in the
 # normal build only.
-# Tests that need /dev/kvm skip only when it is absent, and say so; the summary counts them.
+# Tests that run a VM run once per platform this machine has (KVM where /dev/kvm works, the
+# process platform on Linux 6.7 or later): their names end in /kvm or /process. With no platform
+# at all they run once as /none and skip, saying why; the summary counts them per platform.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,7 +16,15 @@ count_netns() {
   netns_ran=$((netns_ran + $(grep -cE "Test +#[0-9]+: .*Netns.* Passed" "$1" || true)))
   netns_skipped=$((netns_skipped + $(grep -cE "Test +#[0-9]+: .*Netns.*Skipped" "$1" || true)))
 }
-passed=0 failed=0 skipped=0 kvm_ran=0 kvm_skipped=0 netns_ran=0 netns_skipped=0
+# VM tests (Platforms/Vm*.*/PLATFORM) that passed on each platform, and those skipped.
+count_vm() {
+  vm_kvm=$(grep -cE "Test +#[0-9]+: Platforms/[^ ]*/kvm .* Passed" "$1" || true)
+  vm_process=$(grep -cE "Test +#[0-9]+: Platforms/[^ ]*/process .* Passed" "$1" || true)
+  vm_skipped=$(grep -cE "Test +#[0-9]+: Platforms/[^ ]* .*Skipped" "$1" || true)
+  vm_kvm_ran=$((vm_kvm_ran + vm_kvm)) vm_process_ran=$((vm_process_ran + vm_process))
+  vm_skipped_all=$((vm_skipped_all + vm_skipped))
+}
+passed=0 failed=0 skipped=0 vm_kvm_ran=0 vm_process_ran=0 vm_skipped_all=0 netns_ran=0 netns_skipped=0
 for variant in release asan; do
   dir=build-$variant
   flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo)
@@ -32,20 +42,20 @@ for variant in release asan; do
   p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
   f=$(grep -cE "Test +#[0-9]+: .*[ *](Failed|Timeout|Exception)" "$dir/ctest.log" || true)
   s=$(grep -cE "Test +#[0-9]+: .*Skipped" "$dir/ctest.log" || true)
-  kr=$(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)
-  ks=$(grep -cE "Test +#[0-9]+: Kvm.*Skipped" "$dir/ctest.log" || true)
-  echo "== $variant: KVM tests: $kr ran and passed, $ks skipped"
-  if ((ks > 0)); then
-    "$dir/tests/romulus_tests" --gtest_filter='KvmCheckpoint.*' 2>&1 | grep -m1 -o "needs /dev/kvm: .*" || true
+  count_vm "$dir/ctest.log"
+  echo "== $variant: VM tests: $vm_kvm ran on kvm, $vm_process ran on process, $vm_skipped skipped"
+  if ((vm_skipped > 0)); then
+    "$dir/tests/romulus_tests" --gtest_filter='Platforms/VmCheckpoint.*' 2>&1 |
+      grep -m1 -o "needs a platform that runs VMs: .*" || true
   fi
   passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-  kvm_ran=$((kvm_ran + kr)) kvm_skipped=$((kvm_skipped + ks))
   count_netns "$dir/ctest.log"
   if ((rc != 0 && f == 0)); then failed=$((failed + 1)); fi
 done
 # ThreadSanitizer over the networking code: the ledger endpoint, the output gate and the
 # replication transport, heartbeats and leases (the long exactness runs stay in the two builds
-# above).
+# above). The VM tests among them run on the process platform only (the networking code does not
+# depend on the platform; the two builds above run them on every one).
 dir=build-tsan
 echo "== tsan: configure and build ($dir)"
 cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON >/dev/null
@@ -53,7 +63,7 @@ cmake --build "$dir" -j"$jobs" --target romulus_tests romulus >/dev/null
 echo "== tsan: networking tests"
 set +e
 TSAN_OPTIONS=halt_on_error=1 ctest --test-dir "$dir" --output-on-failure -j"$jobs" \
-  -R 'OutputGate|ControlSocket|^Process\.|LocalHosts|WireFormat|Witness|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|KvmLedger|KvmBadInput|KvmReplication\.(AWrongKey|Garbage|ARestarted)' 2>&1 |
+  -R 'OutputGate|ControlSocket|^Process\.|^LocalHosts\.|WireFormat|^Witness\.|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|/(VmLocalHosts\.|VmLedger\.|VmBadInput\.|VmReplication\.(AWrongKey|Garbage|ARestarted)).*/(process|none)( |$)' 2>&1 |
   tee "$dir/ctest.log"
 rc=${PIPESTATUS[0]}
 set -e
@@ -61,12 +71,12 @@ p=$(grep -cE "Test +#[0-9]+: .* Passed" "$dir/ctest.log" || true)
 f=$(grep -cE "Test +#[0-9]+: .*[ *](Failed|Timeout|Exception)" "$dir/ctest.log" || true)
 s=$(grep -cE "Test +#[0-9]+: .*Skipped" "$dir/ctest.log" || true)
 passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-kvm_ran=$((kvm_ran + $(grep -cE "Test +#[0-9]+: Kvm.* Passed" "$dir/ctest.log" || true)))
-kvm_skipped=$((kvm_skipped + $(grep -cE "Test +#[0-9]+: Kvm.*Skipped" "$dir/ctest.log" || true)))
+count_vm "$dir/ctest.log"
+echo "== tsan: VM tests: $vm_kvm ran on kvm, $vm_process ran on process, $vm_skipped skipped"
 count_netns "$dir/ctest.log"
 if ((rc != 0 && f == 0)); then failed=$((failed + 1)); fi
 
 echo "Network-namespace tests over all builds: $netns_ran ran, $netns_skipped skipped"
-echo "KVM tests over all builds: $kvm_ran ran, $kvm_skipped skipped"
+echo "VM tests over all builds: $vm_kvm_ran ran on kvm, $vm_process_ran ran on process, $vm_skipped_all skipped"
 echo "romulus: $passed passed, $failed failed, $skipped skipped"
 ((failed == 0))

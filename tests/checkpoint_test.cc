@@ -52,10 +52,11 @@ class LedgerTraffic {
   std::thread thread_;
 };
 
-TEST(KvmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
-  ROMULUS_REQUIRE_KVM();
+class VmCheckpoint : public testing::PlatformTest {};
+
+TEST_P(VmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 4096, .write_rate = 400000});
+  auto vm = testing::BootTestVm(platform(), dir, {.working_set_pages = 4096, .write_rate = 400000});
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   EpochEngine engine(*vm, gate, {});
@@ -88,10 +89,9 @@ TEST(KvmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
   EXPECT_TRUE(vm->Stop().ok());
 }
 
-TEST(KvmCheckpoint, AtMostTheConfiguredNumberOfCheckpointsWaitForAcks) {
-  ROMULUS_REQUIRE_KVM();
+TEST_P(VmCheckpoint, AtMostTheConfiguredNumberOfCheckpointsWaitForAcks) {
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 64, .write_rate = 1000});
+  auto vm = testing::BootTestVm(platform(), dir, {.working_set_pages = 64, .write_rate = 1000});
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   EpochEngine engine(*vm, gate, {.max_in_flight_checkpoints = 3});
@@ -104,10 +104,9 @@ TEST(KvmCheckpoint, AtMostTheConfiguredNumberOfCheckpointsWaitForAcks) {
   EXPECT_TRUE(vm->Stop().ok());
 }
 
-TEST(KvmCheckpoint, ASavedReplicaResumesWithEveryAcknowledgedTransaction) {
-  ROMULUS_REQUIRE_KVM();
+TEST_P(VmCheckpoint, ASavedReplicaResumesWithEveryAcknowledgedTransaction) {
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 1024, .write_rate = 100000});
+  auto vm = testing::BootTestVm(platform(), dir, {.working_set_pages = 1024, .write_rate = 100000});
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   EpochEngine engine(*vm, gate, {});
@@ -161,11 +160,12 @@ TEST(KvmCheckpoint, ASavedReplicaResumesWithEveryAcknowledgedTransaction) {
   EXPECT_TRUE((*resumed)->Stop().ok());
 }
 
-class KvmCheckpointFaults : public ::testing::Test {
+class VmCheckpointFaults : public testing::PlatformTest {
  protected:
   void SetUp() override {
-    ROMULUS_REQUIRE_KVM();
-    vm_ = testing::BootTestVm(dir_, {.working_set_pages = 1024, .write_rate = 200000});
+    PlatformTest::SetUp();
+    if (IsSkipped()) return;
+    vm_ = testing::BootTestVm(platform(), dir_, {.working_set_pages = 1024, .write_rate = 200000});
     ASSERT_NE(vm_, nullptr);
     engine_ = std::make_unique<EpochEngine>(*vm_, gate_, EpochEngine::Options{});
     auto r = ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
@@ -175,7 +175,7 @@ class KvmCheckpointFaults : public ::testing::Test {
     for (int i = 0; i < 4; i++) {
       // Let the guest dirty memory first: back-to-back checkpoints could find nothing new.
       uint64_t before = vm_->guest_status().workload_pages;
-      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      auto deadline = std::chrono::steady_clock::now() + testing::Scaled(20);
       while (vm_->guest_status().workload_pages < before + 200 &&
              std::chrono::steady_clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling the guest's counter
@@ -215,14 +215,14 @@ class KvmCheckpointFaults : public ::testing::Test {
   uint64_t memory_ = 0, disk_ = 0;
 };
 
-TEST_F(KvmCheckpointFaults, CorruptedPageIsRejected) {
+TEST_P(VmCheckpointFaults, CorruptedPageIsRejected) {
   Checkpoint c = Next();
   ASSERT_FALSE(c.pages.empty());
   c.pages[c.pages.size() / 2] ^= 1;
   ExpectRejected(c);
 }
 
-TEST_F(KvmCheckpointFaults, TruncatedCheckpointIsRejected) {
+TEST_P(VmCheckpointFaults, TruncatedCheckpointIsRejected) {
   Checkpoint c = Next();
   c.pages.resize(c.pages.size() - vmm::kPageSize);
   ExpectRejected(c);
@@ -233,15 +233,23 @@ TEST_F(KvmCheckpointFaults, TruncatedCheckpointIsRejected) {
   ExpectRejected(d);
 }
 
-TEST_F(KvmCheckpointFaults, ReplayedAndReorderedCheckpointsAreRejected) {
+TEST_P(VmCheckpointFaults, ReplayedAndReorderedCheckpointsAreRejected) {
   ExpectRejected(*cps_[1]);
   ExpectRejected(*cps_[0]);
   ExpectRejected(*cps_[3]);
 }
 
-TEST_F(KvmCheckpointFaults, ForgedContentsAreRejected) {
+TEST_P(VmCheckpointFaults, ForgedContentsAreRejected) {
   Checkpoint c = Next();
-  c.state.mutable_vcpus(0)->set_mp_state(77);  // anything the digest covers
+  pb::VcpuState* vcpu = c.state.mutable_vcpus(0);  // anything the digest covers
+  if (platform() == pb::KVM) {
+    ASSERT_TRUE(vcpu->has_kvm());
+    vcpu->mutable_kvm()->set_mp_state(77);
+  } else {
+    ASSERT_TRUE(vcpu->has_process());
+    ASSERT_FALSE(vcpu->process().regs().empty());
+    (*vcpu->mutable_process()->mutable_regs())[0] ^= 1;
+  }
   ExpectRejected(c);
   Checkpoint d = Next();
   d.disk_writes.push_back({kDisk / 512 - 1, std::string(1024, 'x')});  // past the end
@@ -253,16 +261,17 @@ TEST_F(KvmCheckpointFaults, ForgedContentsAreRejected) {
   ExpectRejected(e);
 }
 
-TEST_F(KvmCheckpointFaults, TheGenuineCheckpointStillApplies) {
+TEST_P(VmCheckpointFaults, TheGenuineCheckpointStillApplies) {
   ASSERT_TRUE(replica_->Apply(*cps_[2]).ok());
   ASSERT_TRUE(replica_->Apply(*cps_[3]).ok());
   EXPECT_EQ(replica_->committed_epoch(), 3);
 }
 
-TEST(KvmCheckpoint, OutputsLeaveOnlyWhenTheirEpochIsAcknowledged) {
-  ROMULUS_REQUIRE_KVM();
+ROMULUS_ON_EVERY_PLATFORM(VmCheckpointFaults);
+
+TEST_P(VmCheckpoint, OutputsLeaveOnlyWhenTheirEpochIsAcknowledged) {
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 256, .write_rate = 1000});
+  auto vm = testing::BootTestVm(platform(), dir, {.working_set_pages = 256, .write_rate = 1000});
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   EpochEngine engine(*vm, gate, {});
@@ -283,7 +292,7 @@ TEST(KvmCheckpoint, OutputsLeaveOnlyWhenTheirEpochIsAcknowledged) {
     ASSERT_TRUE(client->SendBytes(vmm::EncodeFrame(q)).ok());
   };
   auto wait_held = [&](size_t n) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    auto deadline = std::chrono::steady_clock::now() + testing::Scaled(10);
     while (gate.held() < n && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling the gate
     }
@@ -312,11 +321,10 @@ TEST(KvmCheckpoint, OutputsLeaveOnlyWhenTheirEpochIsAcknowledged) {
   EXPECT_TRUE(vm->Stop().ok());
 }
 
-TEST(KvmCheckpoint, AStalledMirrorBoundsThePrimarysMemory) {
-  ROMULUS_REQUIRE_KVM();
+TEST_P(VmCheckpoint, AStalledMirrorBoundsThePrimarysMemory) {
   TempDir dir;
   constexpr uint64_t kWs = 2048;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = kWs, .write_rate = 0});
+  auto vm = testing::BootTestVm(platform(), dir, {.working_set_pages = kWs, .write_rate = 0});
   ASSERT_NE(vm, nullptr);
   vmm::OutputGate gate;
   constexpr uint64_t kBudget = 1ull << 20;
@@ -348,6 +356,8 @@ TEST(KvmCheckpoint, AStalledMirrorBoundsThePrimarysMemory) {
   EXPECT_TRUE(engine.TakeCheckpoint(std::chrono::milliseconds(200)).ok());
   EXPECT_TRUE(vm->Stop().ok());
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmCheckpoint);
 
 }  // namespace
 }  // namespace romulus

@@ -17,21 +17,23 @@ using testing::TempDir;
 constexpr uint64_t kWorkloadFirstPage = RML_WORKLOAD_GPA / vmm::kPageSize;
 
 void WaitForPages(vmm::Vm& vm, uint64_t pages) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(20);
   while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
   }
   ASSERT_EQ(vm.guest_status().workload_pages, pages);
 }
 
-TEST(KvmDirtyLog, SequentialWritesAreReportedExactly) {
-  ROMULUS_REQUIRE_KVM();
+class VmDirtyLog : public testing::PlatformTest {};
+
+TEST_P(VmDirtyLog, SequentialWritesAreReportedExactly) {
   TempDir dir;
   constexpr uint64_t kWs = 300;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 1000,
-                                      .write_rate = 0,
-                                      .write_limit = kWs,
-                                      .pattern = RML_PATTERN_SEQUENTIAL});
+  auto vm = testing::BootTestVm(platform(), dir,
+                                {.working_set_pages = 1000,
+                                 .write_rate = 0,
+                                 .write_limit = kWs,
+                                 .pattern = RML_PATTERN_SEQUENTIAL});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->HarvestDirty().ok());  // forget what the loader wrote
   ASSERT_TRUE(vm->Start().ok());
@@ -58,14 +60,14 @@ TEST(KvmDirtyLog, SequentialWritesAreReportedExactly) {
   EXPECT_EQ(empty->Count(), 0u);
 }
 
-TEST(KvmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
-  ROMULUS_REQUIRE_KVM();
+TEST_P(VmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
   TempDir dir;
   constexpr uint64_t kWs = 4096, kFirst = 2000, kSecond = 6000;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = kWs,
-                                      .write_rate = 0,
-                                      .write_limit = kFirst,
-                                      .pattern = RML_PATTERN_UNIFORM});
+  auto vm = testing::BootTestVm(platform(), dir,
+                                {.working_set_pages = kWs,
+                                 .write_rate = 0,
+                                 .write_limit = kFirst,
+                                 .pattern = RML_PATTERN_UNIFORM});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->Start().ok());
   WaitForPages(*vm, kFirst);
@@ -86,7 +88,7 @@ TEST(KvmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
   ASSERT_TRUE(vm->ledger().Submit(req).ok());
   ASSERT_TRUE(vm->Resume().ok());
   WaitForPages(*vm, kSecond);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(10);
   while (vm->guest_status().ledger_requests < 1 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
   }
@@ -112,6 +114,8 @@ TEST(KvmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
   EXPECT_TRUE(dirty->Test(RML_REQ_RING_GPA / vmm::kPageSize));   // written by the monitor
   EXPECT_TRUE(dirty->Test(RML_RESP_RING_GPA / vmm::kPageSize));  // written by the guest
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmDirtyLog);
 
 }  // namespace
 }  // namespace romulus

@@ -16,11 +16,12 @@ namespace {
 
 using testing::TempDir;
 
-class KvmLedger : public ::testing::Test {
+class VmLedger : public testing::PlatformTest {
  protected:
   void SetUp() override {
-    ROMULUS_REQUIRE_KVM();
-    vm_ = testing::BootTestVm(dir_, {.working_set_pages = 512, .write_rate = 5000});
+    PlatformTest::SetUp();
+    if (IsSkipped()) return;
+    vm_ = testing::BootTestVm(platform(), dir_, {.working_set_pages = 512, .write_rate = 5000});
     ASSERT_NE(vm_, nullptr);
     auto ep = vmm::LedgerEndpoint::Start(vm_->ledger(), gate_, "127.0.0.1", 0, nullptr);
     ASSERT_TRUE(ep.ok()) << ep.status();
@@ -55,7 +56,7 @@ class KvmLedger : public ::testing::Test {
   std::unique_ptr<vmm::LedgerEndpoint> endpoint_;
 };
 
-TEST_F(KvmLedger, ConcurrentRandomTransfersKeepInvariants) {
+TEST_P(VmLedger, ConcurrentRandomTransfersKeepInvariants) {
   cli::LoadOptions o;
   o.port = endpoint_->port();
   o.clients = 8;
@@ -76,7 +77,7 @@ TEST_F(KvmLedger, ConcurrentRandomTransfersKeepInvariants) {
   EXPECT_EQ(vm_->guest_status().journal_records, vm_->guest_status().ledger_seq);
 }
 
-TEST_F(KvmLedger, RetriedRequestAppliesOnceAndOlderIdsAreRefused) {
+TEST_P(VmLedger, RetriedRequestAppliesOnceAndOlderIdsAreRefused) {
   auto c = Connect();
   auto open = c.Call(Request(99, 1, pb::OPEN));
   ASSERT_TRUE(open.ok()) << open.status();
@@ -105,12 +106,12 @@ TEST_F(KvmLedger, RetriedRequestAppliesOnceAndOlderIdsAreRefused) {
   EXPECT_EQ(read2->balance(), 50);
 }
 
-TEST_F(KvmLedger, HeldResponsesWaitForTheGateAndLeaveInOrder) {
+TEST_P(VmLedger, HeldResponsesWaitForTheGateAndLeaveInOrder) {
   gate_.SetHolding(true);
   auto c = Connect();
   ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(Request(5, 1, pb::OPEN))).ok());
   ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(Request(5, 2, pb::READ, 0))).ok());
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(10);
   while (gate_.held() < 2 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the gate
   }
@@ -122,6 +123,8 @@ TEST_F(KvmLedger, HeldResponsesWaitForTheGateAndLeaveInOrder) {
   EXPECT_EQ(r1->request_id(), 1u);
   EXPECT_EQ(r2->request_id(), 2u);
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmLedger);
 
 }  // namespace
 }  // namespace romulus

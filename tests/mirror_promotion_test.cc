@@ -1,7 +1,9 @@
-// A `romulus mirror` process watching its primary (no KVM needed): the primary here is a software
-// VM replicated from this test process, with heartbeats on one loopback path. When the primary
-// falls silent the mirror decides whether it may promote (witness lease, fencing command, or
-// neither) and says why; until it can actually resume the replica, the replica stays intact.
+// A `romulus mirror` process watching its primary (no platform needed): the primary here is a
+// software VM replicated from this test process, with heartbeats on one loopback path. When the
+// primary falls silent the mirror decides whether it may promote (witness lease, fencing command,
+// or neither) and says why; a software VM's replica holds no vCPU state of any platform, so the
+// mirror refuses to resume it, before taking it, and the replica stays intact. Then the real
+// thing, on every platform: failover, migration and `romulus demo` with VMs in `romulus` processes.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -26,6 +28,7 @@ namespace romulus {
 namespace {
 
 using std::chrono::milliseconds;
+using ::testing::AllOf;
 using testing::Child;
 using testing::FreePort;
 using ::testing::HasSubstr;
@@ -34,6 +37,17 @@ using testing::TempDir;
 using testing::WaitUntil;
 
 const char kKey[] = "promotion-test-key-0123456789";
+// Why a mirror cannot resume a software VM's replica (its state names no platform), on any host.
+const char kNoPlatform[] =
+    "cannot resume the replica here: its state holds no vCPU state of any platform";
+
+// The platform a `romulus mirror` process picks when its config names none (KVM where /dev/kvm
+// runs VMs, else the process platform; that one also where none can run). The replication
+// handshake requires the primary's to be the same.
+pb::Platform MirrorDefaultPlatform() {
+  auto chosen = vmm::ChoosePlatform();
+  return chosen.ok() ? *chosen : pb::PROCESS;
+}
 
 class MirrorPromotion : public ::testing::Test {
  protected:
@@ -74,7 +88,7 @@ class MirrorPromotion : public ::testing::Test {
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
     ASSERT_TRUE(vm_->Start().ok());
     replicator::Primary::Options o;
-    o.identity = {"pm", 16ull << 20, 4ull << 20};
+    o.identity = {"pm", 16ull << 20, 4ull << 20, MirrorDefaultPlatform()};
     o.key = kKey;
     o.mirror_port = port_;
     auto p = replicator::Primary::Start(*engine_, gate_, o);
@@ -123,9 +137,9 @@ class MirrorPromotion : public ::testing::Test {
   std::unique_ptr<switchover::LeaseClient> lease_;
 };
 
-// A planned migration to a mirror that cannot run the replica (no KVM here, or a software VM's
-// state): the mirror refuses the hand-over and says why; the primary's VM runs on, still
-// replicated to it, and the mirror's replica stays intact and in use.
+// A planned migration to a mirror that cannot run the replica (a software VM's state, which holds
+// no vCPU state of any platform): the mirror refuses the hand-over and says why; the primary's VM
+// runs on, still replicated to it, and the mirror's replica stays intact and in use.
 TEST_F(MirrorPromotion, AHandOverTheMirrorCannotResumeLeavesTheVmWithThePrimary) {
   StartMirror("");
   StartPrimary();
@@ -133,8 +147,10 @@ TEST_F(MirrorPromotion, AHandOverTheMirrorCannotResumeLeavesTheVmWithThePrimary)
   auto report = primary_->HandOver(std::chrono::seconds(20), nullptr);
   ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
   EXPECT_THAT(std::string(report.status().message()),
-              HasSubstr("the mirror refused: cannot resume the replica here"));
-  EXPECT_NE(mirror_->WaitForLine("hand-over refused: cannot resume the replica here", 10), "")
+              AllOf(HasSubstr("the mirror refused: cannot resume the replica here"),
+                    HasSubstr(kNoPlatform)));
+  EXPECT_THAT(mirror_->WaitForLine("hand-over refused: cannot resume the replica here", 10),
+              HasSubstr(kNoPlatform))
       << mirror_->output();
   uint64_t writes = vm_->writes();
   int64_t epoch = Status().committed_epoch();
@@ -206,11 +222,12 @@ TEST_F(MirrorPromotion, WithoutWitnessOrFenceItRefusesAndSaysWhy) {
   EXPECT_EQ(Status().role(), "mirror");
 
   // An operator's --force skips the lease and the fence; this replica (a software VM's) cannot
-  // run here, which is found before it is handed over: the mirror keeps it.
+  // run on any platform, which is found before it is taken: the mirror keeps it.
   int64_t kept = Status().committed_epoch();
   auto forced = cli::RequestPromotion(Sock(), /*force=*/true);
   EXPECT_THAT(std::string(forced.status().message()),
-              HasSubstr("authorised (forced), but cannot resume the replica here"));
+              AllOf(HasSubstr("authorised (forced), but cannot resume the replica here"),
+                    HasSubstr(kNoPlatform)));
   EXPECT_EQ(Status().role(), "mirror");
   EXPECT_EQ(Status().committed_epoch(), kept);
   mirror_->Signal(SIGTERM);
@@ -224,7 +241,8 @@ TEST_F(MirrorPromotion, TheFencingCommandDecides) {
   StopPrimary();
   ASSERT_NE(mirror_->WaitForLine("failed: exit 1", 10), "") << mirror_->output();
   std::ofstream(flag) << "yes\n";  // the fence now succeeds
-  ASSERT_NE(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10), "")
+  EXPECT_THAT(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10),
+              HasSubstr(kNoPlatform))
       << mirror_->output();
   EXPECT_EQ(Status().role(), "mirror");
 }
@@ -256,10 +274,12 @@ TEST_F(MirrorPromotion, TheWitnessLeaseDecides) {
   EXPECT_EQ(Status().lease_holder(), "p");
 
   // The primary is gone for good: its lease lapses and the mirror wins it. This replica (a
-  // software VM's) cannot run here, so the mirror hands the lease back and keeps its replica.
+  // software VM's) cannot run on any platform, so the mirror hands the lease back and keeps its
+  // replica.
   lease_.reset();
   ASSERT_NE(mirror_->WaitForLine("lease gained from witness", 10), "") << mirror_->output();
-  ASSERT_NE(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10), "")
+  EXPECT_THAT(mirror_->WaitForLine("authorised, but cannot resume the replica here", 10),
+              HasSubstr(kNoPlatform))
       << mirror_->output();
   EXPECT_TRUE(WaitUntil([&] { return (*witness)->holders().empty(); }, 5));
   EXPECT_EQ(Status().role(), "mirror");
@@ -304,14 +324,17 @@ TEST_F(MirrorPromotion, ARestartedMirrorReceivesOnlyWhatDiffers) {
 }
 
 // Two hosts and a witness of one VM as processes on loopback (cli::LocalHosts, what `romulus
-// demo` runs), with small guests. Written in sessions without /dev/kvm: these have not run yet.
-std::unique_ptr<cli::LocalHosts> StartKvmHosts(const TempDir& dir) {
-  auto hosts = cli::LocalHosts::Start({.binary = ROMULUS_BINARY,
-                                       .dir = dir.path(),
-                                       .memory_mib = 64,
-                                       .disk_mib = 8,
-                                       .working_set_pages = 1024,
-                                       .write_rate = 20000});
+// demo` runs), with small guests on `platform` ("kvm" or "process").
+std::unique_ptr<cli::LocalHosts> StartHosts(const TempDir& dir, const std::string& platform) {
+  cli::LocalHosts::Options o{.binary = ROMULUS_BINARY,
+                             .dir = dir.path(),
+                             .memory_mib = 64,
+                             .disk_mib = 8,
+                             .working_set_pages = 1024,
+                             .write_rate = 20000};
+  o.platform = platform;
+  o.wait = testing::ScaledMs(60);
+  auto hosts = cli::LocalHosts::Start(std::move(o));
   EXPECT_TRUE(hosts.ok()) << hosts.status();
   return hosts.ok() ? std::move(*hosts) : nullptr;
 }
@@ -323,14 +346,15 @@ using Host = cli::LocalHosts::Host;
 // must hold there: each balance is the newest write any client saw, retries are answered
 // identically (exactly once), the sum is what was deposited. Repeated with fresh processes and
 // random kill times.
-TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
-  ROMULUS_REQUIRE_KVM();
+class VmFailover : public testing::PlatformTest {};
+
+TEST_P(VmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
   constexpr int kKills = 20;
   std::mt19937 rng(std::random_device{}());
   for (int kill = 0; kill < kKills && !::testing::Test::HasFailure(); kill++) {
     SCOPED_TRACE("kill " + std::to_string(kill));
     TempDir dir;
-    auto hosts = StartKvmHosts(dir);
+    auto hosts = StartHosts(dir, platform_name());
     ASSERT_NE(hosts, nullptr);
     cli::LoadOptions o = hosts->Load(Host::kA);
     o.clients = 8;
@@ -341,7 +365,7 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
     std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1200));
     auto killed = std::chrono::steady_clock::now();
     hosts->process(Host::kA).Signal(SIGKILL);
-    auto promoted = hosts->process(Host::kB).WaitForLine("promoted (", milliseconds(30000));
+    auto promoted = hosts->process(Host::kB).WaitForLine("promoted (", testing::ScaledMs(30));
     load.join();
     cli::Process& b = hosts->process(Host::kB);
     ASSERT_TRUE(promoted.ok()) << promoted.status() << b.output();
@@ -352,7 +376,7 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
     ASSERT_TRUE(report->first_standby_answer.has_value());
     EXPECT_GT(*report->first_standby_answer, killed);
     b.Signal(SIGTERM);
-    EXPECT_EQ(b.Wait(milliseconds(60000)), 0) << b.output();
+    EXPECT_EQ(b.Wait(testing::ScaledMs(60)), 0) << b.output();
   }
 }
 
@@ -360,10 +384,13 @@ TEST(KvmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransactio
 // to the other address, no error, and every invariant holds on the new primary. The old primary
 // becomes the mirror of the new one (seeded with its own memory and disk), so the second
 // migration needs no full copy first.
-TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
-  ROMULUS_REQUIRE_KVM();
+ROMULUS_ON_EVERY_PLATFORM(VmFailover);
+
+class VmMigration : public testing::PlatformTest {};
+
+TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
   TempDir dir;
-  auto hosts = StartKvmHosts(dir);
+  auto hosts = StartHosts(dir, platform_name());
   ASSERT_NE(hosts, nullptr);
   for (auto [from, to] : {std::pair{Host::kA, Host::kB}, std::pair{Host::kB, Host::kA}}) {
     SCOPED_TRACE(cli::LocalHosts::Name(from));
@@ -379,13 +406,13 @@ TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
     cli::Process& new_primary = hosts->process(to);
     ASSERT_EQ(rc, 0) << migrate.output() << hosts->process(from).output() << new_primary.output();
     EXPECT_THAT(migrate.output(), HasSubstr("this host is now its mirror"));
-    EXPECT_TRUE(new_primary.WaitForLine("handed over: resumed epoch", milliseconds(10000)).ok())
+    EXPECT_TRUE(new_primary.WaitForLine("handed over: resumed epoch", testing::ScaledMs(10)).ok())
         << new_primary.output();
     ASSERT_TRUE(report.ok()) << report.status();
     EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
     EXPECT_EQ(report->unresolved, 0u);
     // Protected again: the old primary, now the mirror, has the new one's synchronisation.
-    ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", milliseconds(60000)).ok())
+    ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", testing::ScaledMs(60)).ok())
         << new_primary.output();
   }
   EXPECT_TRUE(hosts->Stop().ok());
@@ -393,13 +420,19 @@ TEST(KvmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
 
 // The main job: `romulus demo` runs its three acts (failover, re-protection, migration back) and
 // every check in them passes.
-TEST(KvmDemo, RunsItsThreeActsAndEveryCheckPasses) {
-  ROMULUS_REQUIRE_KVM();
-  Child demo({"demo", "--seconds", "2", "--memory-mib", "64", "--working-set", "1024", "--json"});
+ROMULUS_ON_EVERY_PLATFORM(VmMigration);
+
+class VmDemo : public testing::PlatformTest {};
+
+TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
+  Child demo({"demo", "--platform", platform_name(), "--seconds", "2", "--memory-mib", "64",
+              "--working-set", "1024", "--json"});
   ASSERT_EQ(demo.Wait(300), 0) << demo.output();
   EXPECT_THAT(demo.output(), HasSubstr("\"ok\":true"));
   EXPECT_THAT(demo.output(), HasSubstr("\"lost_acknowledged\":0"));
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmDemo);
 
 }  // namespace
 }  // namespace romulus

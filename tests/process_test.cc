@@ -1,5 +1,5 @@
 // cli::Process (child processes read line by line, every wait bounded) and cli::LocalHosts (the
-// witness and two hosts `romulus demo` runs), as far as they go without KVM.
+// witness and two hosts `romulus demo` runs), on every platform.
 #include "cli/process.h"
 
 #include <gmock/gmock.h>
@@ -97,39 +97,69 @@ TEST(Process, AGrandchildHoldingTheOutputDoesNotHoldUpTheEnd) {
   ::kill(std::stoi(grandchild), SIGKILL);
 }
 
-// The witness, host b's mirror and host a's primary start from the configs LocalHosts writes.
-// Without KVM host a stops at /dev/kvm, which it checks only after its config was accepted, and
-// the error names the host and its reason.
-TEST(LocalHosts, StartsTheWitnessAndBothHostsFromTheConfigsItWrites) {
-  testing::TempDir dir;
-  auto hosts = cli::LocalHosts::Start({.binary = ROMULUS_BINARY,
-                                       .dir = dir.path(),
-                                       .memory_mib = 16,
-                                       .disk_mib = 4,
-                                       .working_set_pages = 256,
-                                       .wait = milliseconds(30000)});
-  // The hosts' key is random and readable by this user only.
+// The hosts' key is random and readable by this user only.
+void ExpectAPrivateKey(const testing::TempDir& dir) {
   auto key = std::filesystem::status(dir.File("key")).permissions();
   EXPECT_EQ(key, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   EXPECT_GE(std::filesystem::file_size(dir.File("key")), 33u);
-  if (!vmm::CheckKvm().ok()) {
-    ASSERT_FALSE(hosts.ok());
-    EXPECT_THAT(hosts.status().message(), HasSubstr("host a: "));
-    EXPECT_THAT(hosts.status().message(), HasSubstr("it said last: romulus primary: cannot open"));
-    EXPECT_THAT(hosts.status().message(), HasSubstr("/dev/kvm"));
-    return;
-  }
+}
+
+cli::LocalHosts::Options SmallHosts(const testing::TempDir& dir, const std::string& platform) {
+  cli::LocalHosts::Options o{.binary = ROMULUS_BINARY,
+                             .dir = dir.path(),
+                             .memory_mib = 16,
+                             .disk_mib = 4,
+                             .working_set_pages = 256,
+                             .wait = testing::ScaledMs(30)};
+  o.platform = platform;
+  return o;
+}
+
+// The witness, host b's mirror and host a's primary start from the configs LocalHosts writes,
+// and run the VM on the platform asked for.
+class VmLocalHosts : public testing::PlatformTest {};
+
+TEST_P(VmLocalHosts, StartsTheWitnessAndBothHostsFromTheConfigsItWrites) {
+  testing::TempDir dir;
+  auto hosts = cli::LocalHosts::Start(SmallHosts(dir, platform_name()));
+  ExpectAPrivateKey(dir);
   ASSERT_TRUE(hosts.ok()) << hosts.status();
   auto b = cli::QueryStatus((*hosts)->control_socket(cli::LocalHosts::kB));
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ(b->role(), "mirror");
+  EXPECT_EQ(b->platform(), platform_name());
   EXPECT_EQ(b->paths_size(), 2);
   auto a = cli::QueryStatus((*hosts)->control_socket(cli::LocalHosts::kA));
   ASSERT_TRUE(a.ok()) << a.status();
   EXPECT_EQ(a->role(), "primary");
+  EXPECT_EQ(a->platform(), platform_name());
   EXPECT_TRUE(a->lease_held());
   EXPECT_GT(a->last_sync().wire_bytes(), 0u);
   EXPECT_TRUE((*hosts)->Stop().ok());
+}
+
+ROMULUS_ON_EVERY_PLATFORM(VmLocalHosts);
+
+// On a platform that cannot run VMs here, host a stops at it, which it checks only after its
+// config was accepted, and the error names the host and its reason. (Where every platform runs
+// VMs there is nothing to try: the test skips.)
+TEST(LocalHosts, AHostWhosePlatformCannotRunHereSaysWhy) {
+  std::vector<pb::Platform> missing;
+  for (pb::Platform p : {pb::KVM, pb::PROCESS}) {
+    if (!vmm::CheckPlatform(p).ok()) missing.push_back(p);
+  }
+  if (missing.empty()) GTEST_SKIP() << "every platform runs VMs here";
+  for (pb::Platform p : missing) {
+    std::string name(vmm::PlatformName(p));
+    SCOPED_TRACE(name);
+    testing::TempDir dir;
+    auto hosts = cli::LocalHosts::Start(SmallHosts(dir, name));
+    ExpectAPrivateKey(dir);
+    ASSERT_FALSE(hosts.ok());
+    EXPECT_THAT(hosts.status().message(), HasSubstr("host a: "));
+    EXPECT_THAT(hosts.status().message(), HasSubstr("it said last: romulus primary: "));
+    EXPECT_THAT(hosts.status().message(), HasSubstr(std::string(vmm::CheckPlatform(p).message())));
+  }
 }
 
 }  // namespace

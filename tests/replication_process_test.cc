@@ -25,14 +25,17 @@ using testing::UintField;
 
 // A port that was free a moment ago (the kernel's choice for a socket bound to port 0).
 
-TEST(KvmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes) {
-  ROMULUS_REQUIRE_KVM();
+class VmReplicationProcess : public testing::PlatformTest {};
+
+TEST_P(VmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes) {
   TempDir dir;
+  std::string platform = "platform: \"" + platform_name() + "\"\n";
   std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
-  std::ofstream(dir.File("mirror.conf")) << "vm_id: \"t\"\nmemory_mib: 64\ndisk_mib: 8\n"
-                                         << "port: 0\npsk_file: \"" << dir.File("key") << "\"\n"
-                                         << "replica_disk: \"" << dir.File("replica.img") << "\"\n"
-                                         << "snapshot_dir: \"" << dir.File("snap") << "\"\n";
+  std::ofstream(dir.File("mirror.conf"))
+      << "vm_id: \"t\"\nmemory_mib: 64\ndisk_mib: 8\n"
+      << platform << "port: 0\npsk_file: \"" << dir.File("key") << "\"\n"
+      << "replica_disk: \"" << dir.File("replica.img") << "\"\n"
+      << "snapshot_dir: \"" << dir.File("snap") << "\"\n";
   // Port 0 is refused for the mirror's listener in a config: the primary must know it.
   Child probe({"mirror", "--config", dir.File("mirror.conf")});
   EXPECT_NE(probe.Wait(30), 0);
@@ -42,15 +45,19 @@ TEST(KvmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes)
   std::ofstream(dir.File("mirror.conf"), std::ios::trunc)
       << "vm_id: \"t\"\nmemory_mib: 64\ndisk_mib: 8\nport: " << port << "\n"
       << "psk_file: \"" << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img")
-      << "\"\nsnapshot_dir: \"" << dir.File("snap") << "\"\n";
+      << "\"\nsnapshot_dir: \"" << dir.File("snap") << "\"\n"
+      << platform;
   std::ofstream(dir.File("primary.conf"))
       << "vm_id: \"t\"\nmemory_mib: 64\ndisk: \"" << dir.File("primary.img") << "\"\ndisk_mib: 8\n"
-      << "mirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key") << "\"\n"
+      << platform << "mirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
+      << "\"\n"
       << "epoch_ms: 10\nledger_port: " << ledger_port << "\n"
       << "workload { working_set_pages: 1024 write_rate: 20000 }\n";
   Child mirror({"mirror", "--config", dir.File("mirror.conf")});
+  ASSERT_FALSE(mirror.WaitForLine("romulus mirror: platform " + platform_name(), 30).empty());
   ASSERT_FALSE(mirror.WaitForLine("waiting for the primary", 30).empty());
   Child primary({"primary", "--config", dir.File("primary.conf")});
+  ASSERT_FALSE(primary.WaitForLine("romulus primary: platform " + platform_name(), 30).empty());
   ASSERT_FALSE(primary.WaitForLine("protected: replicating", 60).empty());
 
   cli::LoadOptions o;
@@ -72,13 +79,16 @@ TEST(KvmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes)
   mirror.Signal(SIGTERM);
   EXPECT_EQ(mirror.Wait(60), 0) << mirror.output();
 
-  Child resumed({"vm", "--restore-from", dir.File("snap"), "--disk", dir.File("resumed.img"),
-                 "--ledger-port", "0", "--quiet", "--run-for", "1"});
-  std::string line = resumed.WaitForLine("romulus vm: restored", 60);
+  Child resumed({"vm", "--platform", platform_name(), "--restore-from", dir.File("snap"), "--disk",
+                 dir.File("resumed.img"), "--ledger-port", "0", "--quiet", "--run-for", "1"});
+  // The replica resumes on the platform the primary ran it on.
+  std::string line = testing::WaitForRestore(resumed, platform_name(), 60);
   ASSERT_FALSE(line.empty());
   EXPECT_GE(UintField(line, "ledger_seq"), report->last_seq);  // every acknowledged transaction
   EXPECT_EQ(resumed.Wait(30), 0) << resumed.output();
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmReplicationProcess);
 
 }  // namespace
 }  // namespace romulus

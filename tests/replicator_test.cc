@@ -22,11 +22,12 @@ using testing::WaitUntil;
 constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;
 const char kKey[] = "0123456789abcdef-test-key";
 
-class KvmReplication : public ::testing::Test {
+class VmReplication : public testing::PlatformTest {
  protected:
   void SetUp() override {
-    ROMULUS_REQUIRE_KVM();
-    vm_ = testing::BootTestVm(dir_, {.working_set_pages = 2048, .write_rate = 50000});
+    PlatformTest::SetUp();
+    if (IsSkipped()) return;
+    vm_ = testing::BootTestVm(platform(), dir_, {.working_set_pages = 2048, .write_rate = 50000});
     ASSERT_NE(vm_, nullptr);
     engine_ =
         std::make_unique<checkpoint::EpochEngine>(*vm_, gate_, checkpoint::EpochEngine::Options{});
@@ -45,16 +46,18 @@ class KvmReplication : public ::testing::Test {
       EXPECT_TRUE(vm_->Stop().ok());
     }
   }
-  replicator::Identity Id() const { return {"test-vm", kMemory, kDisk}; }
-  void StartMirror(uint16_t port = 0) {
+  replicator::Identity Id() const { return {"test-vm", kMemory, kDisk, platform()}; }
+  // A mirror that would resume the replica on `platform` (unspecified: the test's platform).
+  void StartMirror(uint16_t port = 0, pb::Platform platform = pb::PLATFORM_UNSPECIFIED) {
     auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
     ASSERT_TRUE(r.ok());
     replica_ = std::move(*r);
+    replicator::Identity id = Id();
+    if (platform != pb::PLATFORM_UNSPECIFIED) id.platform = platform;
     auto m = replicator::Mirror::Start(
-        *replica_,
-        {.identity = Id(), .key = kKey, .port = port, .log = [this](absl::string_view l) {
-           Note(l);
-         }});
+        *replica_, {.identity = id, .key = kKey, .port = port, .log = [this](absl::string_view l) {
+                      Note(l);
+                    }});
     ASSERT_TRUE(m.ok()) << m.status();
     mirror_ = std::move(*m);
   }
@@ -92,7 +95,7 @@ class KvmReplication : public ::testing::Test {
   std::vector<std::string> log_;
 };
 
-TEST_F(KvmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
+TEST_P(VmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
   StartMirror();
   StartPrimary(kKey);
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 0; }, 30));
@@ -118,7 +121,7 @@ TEST_F(KvmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
   EXPECT_EQ(mirror_->stats().rejected, 0u);
 }
 
-TEST_F(KvmReplication, AWrongKeyIsRefusedAndNothingIsApplied) {
+TEST_P(VmReplication, AWrongKeyIsRefusedAndNothingIsApplied) {
   StartMirror();
   StartPrimary("not-the-right-key-at-all");
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().rejected >= 2; }, 30));
@@ -131,7 +134,7 @@ TEST_F(KvmReplication, AWrongKeyIsRefusedAndNothingIsApplied) {
   EXPECT_TRUE(said);
 }
 
-TEST_F(KvmReplication, GarbageFromAnUnauthenticatedPeerIsRefused) {
+TEST_P(VmReplication, GarbageFromAnUnauthenticatedPeerIsRefused) {
   StartMirror();
   for (const std::string& junk : {std::string("\x10\x00\x00\x00garbage-garbage!", 20),
                                   std::string("\xff\xff\xff\x7f", 4), std::string(3, '\0')}) {
@@ -148,7 +151,19 @@ TEST_F(KvmReplication, GarbageFromAnUnauthenticatedPeerIsRefused) {
   pauses_.ExpectReplicaMatches(*mirror_);
 }
 
-TEST_F(KvmReplication, ARestartedMirrorIsResynchronised) {
+// Saved state resumes only on the platform that wrote it: a mirror on another platform could
+// never take over, so the pair refuses to connect and nothing is applied.
+TEST_P(VmReplication, AMirrorOnAnotherPlatformIsRefused) {
+  StartMirror(0, platform() == pb::KVM ? pb::PROCESS : pb::KVM);
+  StartPrimary(kKey);
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().rejected >= 2; }, 30)) << Logs();
+  EXPECT_EQ(mirror_->stats().committed_epoch, -1);
+  EXPECT_EQ(mirror_->stats().checkpoints, 0u);
+  EXPECT_FALSE(primary_->stats().connected);
+  EXPECT_NE(Logs().find("neither could resume the other's state"), std::string::npos) << Logs();
+}
+
+TEST_P(VmReplication, ARestartedMirrorIsResynchronised) {
   StartMirror();
   StartPrimary(kKey);
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 5; }, 30));
@@ -161,6 +176,8 @@ TEST_F(KvmReplication, ARestartedMirrorIsResynchronised) {
   pauses_.ExpectReplicaMatches(*mirror_);
   EXPECT_GE(primary_->stats().resyncs, 2u);
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmReplication);
 
 }  // namespace
 }  // namespace romulus

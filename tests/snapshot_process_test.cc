@@ -41,20 +41,24 @@ std::map<uint32_t, int64_t> ReadBalances(uint16_t port, uint64_t client, uint32_
   return out;
 }
 
-TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
-  ROMULUS_REQUIRE_KVM();
+class VmSnapshotProcess : public testing::PlatformTest {};
+
+TEST_P(VmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   TempDir dir;
   std::string snap = dir.File("snap");
-  std::vector<std::string> common = {"vm", "--memory",      "64M", "--disk-size",
-                                     "8M", "--ledger-port", "0",   "--progress-ms",
-                                     "0",  "--quiet"};
+  std::vector<std::string> common = {
+      "vm",          "--platform", platform_name(), "--memory", "64M",
+      "--disk-size", "8M",         "--ledger-port", "0",        "--progress-ms",
+      "0",           "--quiet"};
 
   // Process A: boot, serve a load, snapshot on SIGUSR1.
   auto args_a = common;
   args_a.insert(args_a.end(), {"--disk", dir.File("a.img"), "--working-set", "2048", "--write-rate",
                                "20000", "--snapshot-to", snap});
   Child a(args_a);
-  std::string line = a.WaitForLine("ledger listening on 127.0.0.1:", 30);
+  std::string line = a.WaitForLine("romulus vm: platform " + platform_name(), 30);
+  ASSERT_FALSE(line.empty());
+  line = a.WaitForLine("ledger listening on 127.0.0.1:", 30);
   ASSERT_FALSE(line.empty());
   uint16_t port_a = testing::ListeningPort(line);
   cli::LoadOptions o;
@@ -84,7 +88,8 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
   auto args_b = common;
   args_b.insert(args_b.end(), {"--disk", dir.File("b.img"), "--restore-from", snap});
   Child b(args_b);
-  line = b.WaitForLine("romulus vm: restored ", 60);
+  // It runs on the platform that wrote the snapshot.
+  line = testing::WaitForRestore(b, platform_name(), 60);
   ASSERT_FALSE(line.empty());
   EXPECT_EQ(Field(line, "memory_xxh3"), digest_a);
   EXPECT_EQ(UintField(line, "workload_pages"), pages_a);
@@ -138,6 +143,8 @@ TEST(KvmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
         << "account " << account;
   }
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmSnapshotProcess);
 
 }  // namespace
 }  // namespace romulus

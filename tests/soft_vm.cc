@@ -143,7 +143,8 @@ absl::StatusOr<pb::VmSnapshot> SoftVm::SaveState() {
   s.set_memory_bytes(memory_->size());
   s.set_disk_bytes(disk_->sectors() * RML_SECTOR_SIZE);
   uint64_t n = writes_.load();
-  s.add_vcpus()->set_regs(std::string(reinterpret_cast<const char*>(&n), sizeof(n)));
+  s.add_vcpus();  // no platform: a software VM cannot be resumed by a monitor
+  s.mutable_devices()->mutable_idle()->set_idle_exits(n);
   *s.mutable_devices()->mutable_block() = disk_->Save();
   return s;
 }

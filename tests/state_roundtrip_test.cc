@@ -16,7 +16,7 @@ using testing::TempDir;
 
 // Lets the guest run until it has done `pages` workload writes (bounded), then pauses it.
 void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(20);
   while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
   }
@@ -24,13 +24,15 @@ void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
   ASSERT_TRUE(vm.Pause().ok());
 }
 
-TEST(KvmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
-  ROMULUS_REQUIRE_KVM();
+class VmStateRoundTrip : public testing::PlatformTest {};
+
+TEST_P(VmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
   TempDir dir;
-  auto vm = testing::BootTestVm(dir, {.working_set_pages = 256,
-                                      .write_rate = 0,
-                                      .write_limit = 5000,
-                                      .pattern = RML_PATTERN_UNIFORM});
+  auto vm = testing::BootTestVm(platform(), dir,
+                                {.working_set_pages = 256,
+                                 .write_rate = 0,
+                                 .write_limit = 5000,
+                                 .pattern = RML_PATTERN_UNIFORM});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->Start().ok());
   RunUntilPages(*vm, 5000);
@@ -45,28 +47,41 @@ TEST(KvmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
   auto again = (*restored)->SaveState();
   ASSERT_TRUE(again.ok()) << again.status();
 
-  const pb::VcpuState& a = saved->vcpus(0);
-  const pb::VcpuState& b = again->vcpus(0);
-  EXPECT_EQ(a.regs(), b.regs());
-  EXPECT_EQ(a.sregs(), b.sregs());
-  EXPECT_EQ(a.xsave(), b.xsave());
-  EXPECT_EQ(a.xcrs(), b.xcrs());
-  EXPECT_EQ(a.debugregs(), b.debugregs());
-  EXPECT_EQ(a.events(), b.events());
-  EXPECT_EQ(a.mp_state(), b.mp_state());
-  EXPECT_EQ(a.cpuid_size(), b.cpuid_size());
-  for (int i = 0; i < a.cpuid_size() && i < b.cpuid_size(); i++) {
-    EXPECT_TRUE(MessageDifferencer::Equals(a.cpuid(i), b.cpuid(i))) << "CPUID entry " << i;
-  }
-  ASSERT_EQ(a.msrs_size(), b.msrs_size());
-  constexpr uint32_t kTsc = 0x10;  // time moves on: compared below as "not earlier"
-  for (int i = 0; i < a.msrs_size(); i++) {
-    EXPECT_EQ(a.msrs(i).index(), b.msrs(i).index());
-    if (a.msrs(i).index() == kTsc) {
-      EXPECT_GE(b.msrs(i).value(), a.msrs(i).value());
+  EXPECT_EQ(saved->platform(), platform());
+  EXPECT_EQ(again->platform(), platform());
+  ASSERT_EQ(again->vcpus_size(), 1);
+  if (platform() == pb::KVM) {
+    const pb::KvmVcpuState& a = saved->vcpus(0).kvm();
+    const pb::KvmVcpuState& b = again->vcpus(0).kvm();
+    EXPECT_EQ(a.regs(), b.regs());
+    EXPECT_EQ(a.sregs(), b.sregs());
+    EXPECT_EQ(a.xsave(), b.xsave());
+    EXPECT_EQ(a.xcrs(), b.xcrs());
+    EXPECT_EQ(a.debugregs(), b.debugregs());
+    EXPECT_EQ(a.events(), b.events());
+    EXPECT_EQ(a.mp_state(), b.mp_state());
+    EXPECT_EQ(a.cpuid_size(), b.cpuid_size());
+    for (int i = 0; i < a.cpuid_size() && i < b.cpuid_size(); i++) {
+      EXPECT_TRUE(MessageDifferencer::Equals(a.cpuid(i), b.cpuid(i))) << "CPUID entry " << i;
     }
+    ASSERT_EQ(a.msrs_size(), b.msrs_size());
+    constexpr uint32_t kTsc = 0x10;  // time moves on: compared below as "not earlier"
+    for (int i = 0; i < a.msrs_size(); i++) {
+      EXPECT_EQ(a.msrs(i).index(), b.msrs(i).index());
+      if (a.msrs(i).index() == kTsc) {
+        EXPECT_GE(b.msrs(i).value(), a.msrs(i).value());
+      }
+    }
+    EXPECT_GE(again->clock().clock_ns(), saved->clock().clock_ns());
+  } else {
+    const pb::ProcessVcpuState& a = saved->vcpus(0).process();
+    const pb::ProcessVcpuState& b = again->vcpus(0).process();
+    EXPECT_FALSE(a.regs().empty());
+    EXPECT_FALSE(a.xsave().empty());
+    EXPECT_EQ(a.regs(), b.regs());
+    EXPECT_EQ(a.xsave(), b.xsave());
+    EXPECT_TRUE(MessageDifferencer::Equals(a, b));
   }
-  EXPECT_GE(again->clock().clock_ns(), saved->clock().clock_ns());
   EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().console(), again->devices().console()));
   EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().block(), again->devices().block()));
   EXPECT_TRUE(MessageDifferencer::Equals(saved->devices().idle(), again->devices().idle()));
@@ -77,6 +92,8 @@ TEST(KvmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
   EXPECT_EQ((*restored)->memory().Digest(), info->memory_xxh3);
   EXPECT_EQ((*restored)->guest_status().workload_pages, 5000u);
 }
+
+ROMULUS_ON_EVERY_PLATFORM(VmStateRoundTrip);
 
 }  // namespace
 }  // namespace romulus

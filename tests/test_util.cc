@@ -20,8 +20,52 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
-std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig workload) {
+std::vector<pb::Platform> TestPlatforms() {
+  std::vector<pb::Platform> all = vmm::AvailablePlatforms();
+  if (all.empty()) all.push_back(pb::PLATFORM_UNSPECIFIED);
+  return all;
+}
+
+std::string PlatformTestName(const ::testing::TestParamInfo<pb::Platform>& info) {
+  return info.param == pb::PLATFORM_UNSPECIFIED ? "none"
+                                                : std::string(vmm::PlatformName(info.param));
+}
+
+double TimeScale() {
+  static const double scale = [] {
+    const char* env = std::getenv("ROMULUS_TEST_TIME_SCALE");
+    double s = env ? std::atof(env) : 0;
+    if (s > 0) return s;
+#ifdef ROMULUS_SANITIZED
+    return 4.0;
+#else
+    return 1.0;
+#endif
+  }();
+  return scale;
+}
+
+std::string HandmadeImage(const std::string& code, uint64_t image_end) {
+  rml_image_header h{};
+  h.magic = RML_IMAGE_MAGIC;
+  h.abi_version = RML_ABI_VERSION;
+  h.header_bytes = sizeof(h);
+  h.entry = RML_IMAGE_GPA + sizeof(h);
+  h.image_end = image_end ? image_end : RML_IMAGE_GPA + sizeof(h) + code.size();
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h)) + code;
+}
+
+void PlatformTest::SetUp() {
+  if (GetParam() == pb::PLATFORM_UNSPECIFIED) {
+    auto chosen = vmm::ChoosePlatform();
+    GTEST_SKIP() << "needs a platform that runs VMs: " << chosen.status().message();
+  }
+}
+
+std::unique_ptr<vmm::Vm> BootTestVm(pb::Platform platform, const TempDir& dir,
+                                    vmm::WorkloadConfig workload) {
   vmm::VmConfig config;
+  config.platform = platform;
   config.memory_bytes = 64ull << 20;
   config.disk_path = dir.File("disk.img");
   config.workload = workload;
@@ -45,15 +89,20 @@ Child::Child(const std::vector<std::string>& args) {
 
 std::string Child::WaitForLine(const std::string& needle, double seconds) {
   auto line = process_->WaitForLine(
-      needle, std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+      needle, std::chrono::duration_cast<std::chrono::milliseconds>(Scaled(seconds)));
   if (line.ok()) return *line;
   ADD_FAILURE() << line.status().message() << "; output:\n" << process_->output();
   return "";
 }
 
 int Child::Wait(double seconds) {
-  auto code = process_->Wait(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  auto code =
+      process_->Wait(std::chrono::duration_cast<std::chrono::milliseconds>(Scaled(seconds)));
   return code ? *code : -1;
+}
+
+std::string WaitForRestore(Child& vm, const std::string& platform, double seconds) {
+  return vm.WaitForLine("romulus vm: platform " + platform + ": restored ", seconds);
 }
 
 std::string Field(const std::string& line, const std::string& key) {

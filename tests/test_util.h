@@ -1,4 +1,4 @@
-// Helpers shared by the tests: skipping without KVM, temporary directories, a booted test VM,
+// Helpers shared by the tests: VM tests on every platform, temporary directories, a booted test VM,
 // and child `romulus` processes whose output is read line by line with bounded waits.
 #ifndef ROMULUS_TESTS_TEST_UTIL_H_
 #define ROMULUS_TESTS_TEST_UTIL_H_
@@ -20,13 +20,23 @@
 
 namespace romulus::testing {
 
-// Skips the calling test, with the reason, when this machine cannot run KVM VMs.
-#define ROMULUS_REQUIRE_KVM()                                             \
-  do {                                                                    \
-    if (auto kvm_status = ::romulus::vmm::CheckKvm(); !kvm_status.ok()) { \
-      GTEST_SKIP() << "needs /dev/kvm: " << kvm_status.message();         \
-    }                                                                     \
-  } while (0)
+// The platforms a VM test runs on: every one this machine can run VMs on (its name ends in
+// /kvm or /process). With none, a single instance (/none) that skips and says why.
+std::vector<pb::Platform> TestPlatforms();
+std::string PlatformTestName(const ::testing::TestParamInfo<pb::Platform>& info);
+
+// A test that runs a VM, once per platform.
+class PlatformTest : public ::testing::TestWithParam<pb::Platform> {
+ protected:
+  void SetUp() override;  // skips, saying why, when no platform can run VMs here
+  pb::Platform platform() const { return GetParam(); }
+  std::string platform_name() const { return std::string(vmm::PlatformName(GetParam())); }
+};
+
+#define ROMULUS_ON_EVERY_PLATFORM(Suite)                                             \
+  INSTANTIATE_TEST_SUITE_P(Platforms, Suite,                                         \
+                           ::testing::ValuesIn(::romulus::testing::TestPlatforms()), \
+                           ::romulus::testing::PlatformTestName)
 
 // The length of a long exactness run: a fifth of it in sanitizer builds. Their allocators map
 // each large block afresh, and a fresh page costs a fault (about 13 us on a PVM guest), so a
@@ -40,10 +50,23 @@ constexpr int LongRun(int n) {
 #endif
 }
 
-// Polls `pred` until it holds (true) or `seconds` pass (false).
+// How much longer than in a release build on an idle machine a wait may take: sanitizer builds
+// run several times slower, and a loaded machine slower still. Every time limit in the tests
+// goes through it; ROMULUS_TEST_TIME_SCALE (a factor) overrides it.
+double TimeScale();
+inline std::chrono::steady_clock::duration Scaled(double seconds) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(seconds * TimeScale()));
+}
+
+inline std::chrono::milliseconds ScaledMs(double seconds) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Scaled(seconds));
+}
+
+// Polls `pred` until it holds (true) or `seconds` (scaled) pass (false).
 template <typename Pred>
 bool WaitUntil(Pred pred, double seconds) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  auto deadline = std::chrono::steady_clock::now() + Scaled(seconds);
   while (!pred()) {
     if (std::chrono::steady_clock::now() >= deadline) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a condition
@@ -78,8 +101,13 @@ class TempDir {
   std::string path_;
 };
 
-// A small VM (64 MiB, 8 MiB disk) with the reference guest, not yet started.
-std::unique_ptr<vmm::Vm> BootTestVm(const TempDir& dir, vmm::WorkloadConfig workload = {});
+// A small VM (64 MiB, 8 MiB disk) with the reference guest on `platform`, not yet started.
+std::unique_ptr<vmm::Vm> BootTestVm(pb::Platform platform, const TempDir& dir,
+                                    vmm::WorkloadConfig workload = {});
+
+// A guest image built by hand: the ABI header, then `code` at the entry point (0x100020);
+// `image_end` (default: the end of the code) is where it says its bss ends.
+std::string HandmadeImage(const std::string& code, uint64_t image_end = 0);
 
 // A `romulus` child process (cli::Process) whose failed waits fail the calling test.
 class Child {
@@ -88,6 +116,7 @@ class Child {
   // The next line that contains `needle`; "" (and a test failure) if none within `seconds`.
   std::string WaitForLine(const std::string& needle, double seconds);
   void Signal(int sig) { process_->Signal(sig); }
+  pid_t pid() const { return process_->pid(); }
   // Waits up to `seconds` for exit; returns the exit code, or -1 on timeout.
   int Wait(double seconds);
   std::string output() const { return process_->output(); }
@@ -95,6 +124,11 @@ class Child {
  private:
   std::unique_ptr<cli::Process> process_;
 };
+
+// `romulus vm --restore-from`: waits for its line naming the platform it runs on, which must be
+// `platform` (the one that wrote the snapshot), and returns the line that says what it restored
+// ("... restored DIR memory_xxh3=... workload_pages=..."); "" (and a test failure) if none.
+std::string WaitForRestore(Child& vm, const std::string& platform, double seconds);
 
 // A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).
 uint16_t FreePort(int type = 1 /* SOCK_STREAM */);

@@ -145,6 +145,12 @@ absl::Status LoadSnapshotContents(const std::string& dir, GuestMemory& memory, u
   std::string path = SnapshotMemoryPath(dir);
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return ErrnoStatus(absl::StrCat("open ", path));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(absl::StrCat("stat ", path));
+  if (static_cast<uint64_t>(st.st_size) != memory.size()) {
+    return absl::DataLossError(absl::StrCat(path, " holds ", st.st_size, " bytes, expected ",
+                                            memory.size(), " (truncated or wrong file)"));
+  }
   for (uint64_t off = 0; off < memory.size();) {
     ssize_t n =
         ::pread(fd.get(), memory.data() + off, memory.size() - off, static_cast<off_t>(off));
