@@ -283,7 +283,7 @@ TEST_P(VmCheckpoint, OutputsLeaveOnlyWhenTheirEpochIsAcknowledged) {
   engine.Acknowledge((*first)->epoch);
 
   auto client = cli::LedgerClient::Connect("127.0.0.1", (*ep)->port(), 5000);
-  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(client.ok()) << client.status();
   auto send = [&](uint64_t id) {
     pb::LedgerRequest q;
     q.set_client_id(11);
