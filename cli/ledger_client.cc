@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include "absl/strings/numbers.h"
@@ -40,7 +41,18 @@ absl::StatusOr<LedgerClient> LedgerClient::Connect(const std::string& host, uint
   int one = 1;
   ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return vmm::ErrnoStatus(absl::StrCat("connect to ", host, ":", port));
+    // Interrupted by a signal, the connection goes on in the background: wait for its outcome.
+    if (errno != EINTR) return vmm::ErrnoStatus(absl::StrCat("connect to ", host, ":", port));
+    pollfd p{fd.get(), POLLOUT, 0};
+    int err = 0;
+    socklen_t len = sizeof(err);
+    int n;
+    while ((n = ::poll(&p, 1, timeout_ms)) < 0 && errno == EINTR) {
+    }
+    if (n == 0) err = ETIMEDOUT;
+    if (n < 0) err = errno;
+    if (n > 0) ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) return vmm::ErrnoStatus(absl::StrCat("connect to ", host, ":", port), err);
   }
   return LedgerClient(std::move(fd));
 }

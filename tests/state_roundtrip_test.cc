@@ -4,6 +4,7 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "tests/test_util.h"
 #include "vmm/vmm.h"
@@ -48,6 +49,16 @@ TEST_P(VmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
   ASSERT_TRUE(again.ok()) << again.status();
 
   EXPECT_EQ(saved->platform(), platform());
+  // State moves only within its platform: the other one refuses it, saying why.
+  EXPECT_TRUE(vmm::CheckResumable(*saved, platform()).ok());
+  pb::Platform other = platform() == pb::KVM ? pb::PROCESS : pb::KVM;
+  absl::Status refused = vmm::CheckResumable(*saved, other);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.message().find(absl::StrCat("saved by the ", platform_name(),
+                                                " platform and this host runs the ",
+                                                vmm::PlatformName(other), " platform")),
+            absl::string_view::npos)
+      << refused;
   EXPECT_EQ(again->platform(), platform());
   ASSERT_EQ(again->vcpus_size(), 1);
   if (platform() == pb::KVM) {
