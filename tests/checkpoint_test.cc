@@ -70,7 +70,8 @@ TEST_P(VmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
   ASSERT_TRUE(vm->Start().ok());
   LedgerTraffic traffic(*vm);
   uint64_t pages = 0, disk_writes = 0;
-  for (int epoch = 0; epoch < 1500; epoch++) {
+  constexpr int kEpochs = testing::LongRun(1500);
+  for (int epoch = 0; epoch < kEpochs; epoch++) {
     auto cp = engine.TakeCheckpoint();
     ASSERT_TRUE(cp.ok()) << cp.status();
     ASSERT_TRUE((*replica)->Apply(**cp).ok());
@@ -82,9 +83,9 @@ TEST_P(VmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
       disk_writes += (*cp)->disk_writes.size();
     }
   }
-  EXPECT_EQ((*replica)->committed_epoch(), 1499);
-  EXPECT_GT(pages, 1499u * 10);  // the workload dirtied memory in every epoch
-  EXPECT_GT(disk_writes, 100u);  // and the ledger wrote its journal
+  EXPECT_EQ((*replica)->committed_epoch(), kEpochs - 1);
+  EXPECT_GT(pages, (kEpochs - 1) * 10u);  // the workload dirtied memory in every epoch
+  EXPECT_GT(disk_writes, kEpochs / 15u);  // and the ledger wrote its journal
   EXPECT_EQ(engine.stats().in_flight_bytes, 0u);
   EXPECT_TRUE(vm->Stop().ok());
 }

@@ -5,7 +5,6 @@
 #include <signal.h>
 
 #include <cstring>
-#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -254,17 +253,24 @@ std::unique_ptr<GuestMemory> Vm::TakeMemory() {
 }
 
 absl::Status Vm::OnVcpuThread(std::function<absl::Status()> fn) {
-  std::promise<absl::Status> done;
-  auto result = done.get_future();
-  {
+  bool done = false;
+  absl::Status result;
+  std::unique_lock<std::mutex> lock(mu_);
+  if (quit_ || !thread_.joinable()) return absl::FailedPreconditionError("VM torn down");
+  requests_.push_back([this, &fn, &done, &result] {
+    absl::Status s = fn();
     std::lock_guard<std::mutex> lock(mu_);
-    if (quit_ || !thread_.joinable()) return absl::FailedPreconditionError("VM torn down");
-    requests_.push_back([&fn, &done] { done.set_value(fn()); });
-    if (backend_ && started_ && !exited_ && !paused_) backend_->Kick();
+    result = std::move(s);
+    done = true;
     cv_.notify_all();
-  }
+  });
+  if (backend_ && started_ && !exited_ && !paused_) backend_->Kick();
+  cv_.notify_all();
+  lock.unlock();
   if (idle_) idle_->Kick();
-  return result.get();
+  lock.lock();
+  cv_.wait(lock, [&done] { return done; });
+  return result;
 }
 
 void Vm::VcpuThread() {
