@@ -94,10 +94,11 @@ struct SpawnArgs {
   pid_t monitor;
 };
 
-// Runs in the child of a vfork-style clone, sharing the monitor's memory until execveat: raw
-// system calls only, and no sanitizer bookkeeping (it would land in the monitor's shadow memory).
-// The monitor thread that cloned it is its parent and its tracer; its death (thread or process)
-// kills the stub (PR_SET_PDEATHSIG here, PTRACE_O_EXITKILL later).
+// Runs in the child of a vfork-style clone until execveat: raw system calls only (the monitor has
+// other threads). The child has its own copy of the monitor's memory (no CLONE_VM: sharing it
+// would let the child's sanitizer bookkeeping land in the cloning thread's). The monitor thread
+// that cloned it is its parent and its tracer; its death (thread or process) kills the stub
+// (PR_SET_PDEATHSIG here, PTRACE_O_EXITKILL later).
 __attribute__((no_sanitize("address", "thread", "undefined"))) int StubChild(void* p) {
   auto* a = static_cast<SpawnArgs*>(p);
   Sys(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL);
@@ -295,8 +296,7 @@ absl::Status ProcessBackend::Spawn() {
   constexpr size_t kStack = 64 << 10;
   void* stack = ::mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (stack == MAP_FAILED) return ErrnoStatus("mmap a stack for the stub's clone");
-  pid_ = ::clone(StubChild, static_cast<uint8_t*>(stack) + kStack, CLONE_VM | CLONE_VFORK | SIGCHLD,
-                 &args);
+  pid_ = ::clone(StubChild, static_cast<uint8_t*>(stack) + kStack, CLONE_VFORK | SIGCHLD, &args);
   int err = errno;
   ::munmap(stack, kStack);
   if (pid_ < 0) return ErrnoStatus("clone the stub process", err);
