@@ -133,6 +133,9 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
     return p.Bad("compression", "must be none or lz4");
   }
+  if (!replicator::ParseEncryption(c.encryption()).ok()) {
+    return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");
+  }
   const std::string& pat = c.workload().pattern();
   if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
     return p.Bad("workload", "pattern must be sequential, uniform or hotcold");
@@ -165,6 +168,9 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (c.compression().empty()) c.set_compression("lz4");
   if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
     return p.Bad("compression", "must be none or lz4");
+  }
+  if (!replicator::ParseEncryption(c.encryption()).ok()) {
+    return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");
   }
   if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
   return c;

@@ -141,6 +141,7 @@ int PrimaryCommand(int argc, char** argv) {
   SplitHostPort(c->mirror(), &o.peer_host, &o.peer_port);
   o.epoch = std::chrono::milliseconds(c->epoch_ms());
   o.compression = *replicator::ParseCompression(c->compression());
+  o.protection = *replicator::ParseEncryption(c->encryption());
   o.max_in_flight_bytes = c->max_in_flight_mib() << 20;
   o.run_unprotected = c->run_unprotected();
   o.disk_path = c->disk();
@@ -221,6 +222,7 @@ int MirrorCommand(int argc, char** argv) {
   if (!c->replicate_to().empty()) SplitHostPort(c->replicate_to(), &o.peer_host, &o.peer_port);
   o.epoch = std::chrono::milliseconds(c->epoch_ms());
   o.compression = *replicator::ParseCompression(c->compression());
+  o.protection = *replicator::ParseEncryption(c->encryption());
   return RunHost(
       "mirror", std::move(h), signals,
       [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {

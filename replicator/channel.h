@@ -1,5 +1,6 @@
 // A replication connection: length-prefixed Frame messages over a blocking Boost.Asio socket,
-// opened by the HMAC handshake. Internal to the replicator.
+// opened by a handshake in which both ends prove the pre-shared key (HMAC over a hash of both
+// Hello frames); every frame after it is sealed (frame_protection.h). Internal to the replicator.
 #ifndef ROMULUS_REPLICATOR_CHANNEL_H_
 #define ROMULUS_REPLICATOR_CHANNEL_H_
 
@@ -18,21 +19,29 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "replicator/frame_protection.h"
 #include "replicator/replicator.h"
 
 namespace romulus::replicator {
 
 class Channel {
  public:
-  // Primary side: connects and runs the handshake.
+  // What a handshake needs: who this side is, the key, and how it protects frames.
+  struct Terms {
+    Identity identity;
+    std::string key;
+    Protection protection = {};
+  };
+  // Primary side: connects and runs the handshake. Its `protection` (the cipher resolved to the
+  // cheapest here when unspecified) is what both directions use.
   static absl::StatusOr<std::unique_ptr<Channel>> Connect(boost::asio::io_context& io,
                                                           const std::string& host, uint16_t port,
-                                                          const Identity& me,
-                                                          const std::string& key, uint64_t session,
+                                                          const Terms& terms, uint64_t session,
                                                           std::chrono::milliseconds timeout);
-  // Mirror side: runs the handshake on an accepted socket; returns the primary's session.
+  // Mirror side: runs the handshake on an accepted socket; returns the primary's session. The
+  // primary's cipher is accepted; whether frames are encrypted must agree with `protection`.
   static absl::StatusOr<std::unique_ptr<Channel>> Accept(boost::asio::ip::tcp::socket socket,
-                                                         const Identity& me, const std::string& key,
+                                                         const Terms& terms,
                                                          std::chrono::milliseconds timeout,
                                                          uint64_t* peer_session);
 
@@ -52,10 +61,22 @@ class Channel {
   void Shutdown();
   std::string peer() const { return peer_; }
   uint64_t bytes_sent() const { return bytes_sent_.load(); }
+  // Bytes of frames received on this connection, headers and tags included.
+  uint64_t bytes_received() const { return bytes_received_.load(); }
+  // How this connection's frames are protected, e.g. "aes-256-gcm" or "chacha20-poly1305,
+  // in clear".
+  std::string protection() const;
 
  private:
   Channel(boost::asio::ip::tcp::socket socket, std::chrono::milliseconds timeout);
-  absl::StatusOr<pb::Frame> ReceiveFrame();
+  // A frame as bytes (the handshake's Hellos are hashed as they crossed the wire).
+  absl::Status SendBody(const std::string& body);
+  absl::Status WriteFrame(std::string& frame);  // with send_mu_ held
+  absl::StatusOr<pb::Frame> ReceiveFrame(std::string* body = nullptr);
+  // After the handshake: from now on frames are sealed with `send_key` and opened with
+  // `receive_key`.
+  absl::Status Protect(const Protection& protection, absl::string_view send_key,
+                       absl::string_view receive_key);
   std::chrono::steady_clock::time_point last_receive() const {
     return std::chrono::steady_clock::time_point(
         std::chrono::steady_clock::duration(last_receive_ns_.load()));
@@ -65,9 +86,12 @@ class Channel {
   std::atomic<int64_t> last_receive_ns_{0};  // when the peer was last heard from
   std::string peer_;
   std::string send_what_, receive_what_;  // what a failed send or receive is called
-  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0};
   std::function<void()> on_frame_;
+  Protection protection_;
+  std::unique_ptr<FrameSealer> opener_;  // used by the one receiving thread
   std::mutex send_mu_;
+  std::unique_ptr<FrameSealer> sealer_;  // under send_mu_: frames are sealed in sending order
   std::chrono::steady_clock::time_point last_send_;  // under send_mu_
   std::mutex keepalive_mu_;
   std::condition_variable keepalive_cv_;

@@ -110,8 +110,9 @@ class MirrorImpl : public Mirror {
       acceptor_.accept(socket, ec);
       if (ec || stop_) return;
       uint64_t session = 0;
-      auto ch = Channel::Accept(std::move(socket), options_.identity, options_.key,
-                                options_.peer_timeout, &session);
+      auto ch =
+          Channel::Accept(std::move(socket), {options_.identity, options_.key, options_.protection},
+                          options_.peer_timeout, &session);
       if (!ch.ok()) {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
         continue;
@@ -436,8 +437,9 @@ class PrimaryImpl : public Primary {
         std::unique_lock<std::mutex> lock(mu_);
         if (stop_) return;
       }
-      auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port, options_.identity,
-                                 options_.key, session_, options_.peer_timeout);
+      auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port,
+                                 {options_.identity, options_.key, options_.protection}, session_,
+                                 options_.peer_timeout);
       if (!ch.ok()) {
         std::string err(ch.status().message());
         if (err != last_error) Log(options_.log, absl::StrCat("mirror unreachable: ", err));
@@ -465,6 +467,7 @@ class PrimaryImpl : public Primary {
         std::lock_guard<std::mutex> lock(mu_);
         channel_ = std::move(*ch);
         queue_.clear();
+        unacked_.clear();
         ack_failed_ = false;  // a failure of the previous connection's ack reader is history
         acked_epoch_ = -1;
         connection_++;
@@ -740,6 +743,7 @@ class PrimaryImpl : public Primary {
         }
         cp = queue_.front();
         queue_.pop_front();
+        unacked_.push_back(cp->epoch);  // before its frames go: the ack may come at once
       }
       for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression)) {
         if (auto s = channel_->Send(f); !s.ok()) return s;
@@ -762,11 +766,29 @@ class PrimaryImpl : public Primary {
         cv_.notify_all();
         continue;
       }
-      if (!f.ok() || !f->has_ack()) {
+      absl::Status bad;
+      if (!f.ok()) {
+        bad = f.status();
+      } else if (!f->has_ack()) {
+        bad = absl::DataLossError("mirror sent something other than an ack");
+      } else {
+        // The mirror commits checkpoints in the order they were sent and acknowledges each:
+        // anything but the oldest one not yet acknowledged would release outputs of epochs it
+        // may not hold.
+        std::lock_guard<std::mutex> lock(mu_);
+        if (unacked_.empty() || unacked_.front() != f->ack().epoch()) {
+          bad = absl::DataLossError(absl::StrCat(
+              "mirror acknowledged epoch ", f->ack().epoch(), " but ",
+              unacked_.empty() ? "none is awaiting acknowledgement"
+                               : absl::StrCat("epoch ", unacked_.front(), " is next")));
+        } else {
+          unacked_.pop_front();
+        }
+      }
+      if (!bad.ok()) {
         std::lock_guard<std::mutex> lock(mu_);
         ack_failed_ = true;
-        ack_error_ =
-            f.ok() ? absl::DataLossError("mirror sent something other than an ack") : f.status();
+        ack_error_ = bad;
         cv_.notify_all();
         return;
       }
@@ -805,6 +827,7 @@ class PrimaryImpl : public Primary {
   std::optional<pb::HandoverReply> handover_reply_;
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
+  std::deque<uint64_t> unacked_;  // epochs sent on this connection and not yet acknowledged
   std::unique_ptr<Channel> channel_;
   pb::ReplicaRoots mirror_roots_;  // of the connected mirror's replica
   Stats stats_;

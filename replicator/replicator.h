@@ -20,7 +20,8 @@
 
 namespace romulus::replicator {
 
-inline constexpr uint32_t kProtocolVersion = 6;  // 6: the platform in Hello
+// 6: the platform in Hello. 7: frames after the handshake are sealed; the proofs cover both Hellos.
+inline constexpr uint32_t kProtocolVersion = 7;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -45,6 +46,17 @@ absl::StatusOr<std::string> ReadKeyFile(const std::string& path);
 
 // "none" (or empty) or "lz4".
 absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name);
+
+// How the frames of a connection are protected once its handshake is done: each is sealed with
+// an AEAD under keys bound to the connection, so that one altered, replayed, reordered or taken
+// from another connection is refused and the connection dropped. VM memory does not cross the
+// network in clear unless an operator asks for it.
+struct Protection {
+  pb::FrameCipher cipher = pb::FRAME_CIPHER_UNSPECIFIED;  // unspecified: the cheapest here
+  bool encrypt = true;                                    // false: authenticated, but in clear
+};
+// "auto" (or empty), "aes-256-gcm", "chacha20-poly1305", or "off" (authenticated, in clear).
+absl::StatusOr<Protection> ParseEncryption(absl::string_view name);
 
 // Resynchronisation first compares the mirror's replica with the primary's VM as hash trees
 // (checkpoint::HashTree). The mirror sends its roots (RootsOf); the primary descends from them
@@ -116,6 +128,7 @@ class Mirror {
     std::string listen = "127.0.0.1";
     uint16_t port = 0;  // 0: any free port
     std::chrono::milliseconds peer_timeout{5000};
+    Protection protection = {};  // the primary's cipher is taken; `encrypt` must agree
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
     // Planned migration: the primary paused its VM for good after `epoch`, which is committed
     // here; resume it on this host. OK means it runs here now and replication ends (the replica
@@ -155,6 +168,7 @@ class Primary {
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
     pb::Compression compression = pb::COMPRESSION_NONE;
+    Protection protection = {};
     // Pre-copy ends when what is left fits an epoch at the rate measured so far, when a round
     // no longer shrinks it, or after this many rounds; the rest goes in the full checkpoint.
     uint32_t max_sync_rounds = 20;

@@ -58,6 +58,7 @@ class NodeImpl : public Node {
                                            .epoch = o_.epoch,
                                            .run_unprotected = run_unprotected,
                                            .compression = o_.compression,
+                                           .protection = o_.protection,
                                            .on_traffic = TrafficHook(),
                                            .log = o_.log});
       if (!r.ok()) return r.status();
@@ -84,6 +85,7 @@ class NodeImpl : public Node {
                    .key = o_.key,
                    .listen = o_.listen,
                    .port = o_.port,
+                   .protection = o_.protection,
                    .on_traffic = TrafficHook(),
                    .on_handover = [this](uint64_t epoch) { return TakeHandover(epoch); },
                    .log = o_.log});

@@ -190,6 +190,7 @@ class Node {
     uint16_t peer_port = 0;
     std::chrono::milliseconds epoch{25};
     pb::Compression compression = pb::COMPRESSION_NONE;
+    replicator::Protection protection = {};  // of replication frames, in either role
     uint64_t max_in_flight_bytes = 256ull << 20;
     // The VM this node starts with releases outputs while no mirror is connected. A VM it
     // resumed always does: its outputs must not wait for a mirror that may never return.

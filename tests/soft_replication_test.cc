@@ -271,7 +271,7 @@ TEST_P(SoftReplication, APrimaryThatLiesAboutTheReplicaIsDroppedAndTheReplicaKep
   for (const auto& [what, frames] : lies) {
     boost::asio::io_context io;
     auto ch = replicator::Channel::Connect(
-        io, "127.0.0.1", mirror_->port(), {"soft-vm", kMemory, kDisk}, kKey, 42,
+        io, "127.0.0.1", mirror_->port(), {{"soft-vm", kMemory, kDisk}, kKey}, 42,
         std::chrono::milliseconds(2000));  // before the mirror's 5 s
     ASSERT_TRUE(ch.ok()) << what << ": " << ch.status();
     auto roots = (*ch)->Receive();
