@@ -446,6 +446,7 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
 
 absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   trees_.reset();
+  if (staging_) staging_->holdings.reset();
   absl::Status s = Verify(c);
   if (s.ok() && c.full) s = CommitStaging(c);
   if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
@@ -471,8 +472,11 @@ absl::Status ReplicaStore::StartStaging() {
   if (auto s = vmm::BlockDevice::CreateImage(path, disk_bytes_); !s.ok()) return s;
   st->disk = vmm::Fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
   if (!st->disk.valid()) return vmm::ErrnoStatus(absl::StrCat("open staging disk ", path));
-  st->pages = st->same_pages = vmm::DirtyBitmap(memory_->pages());
-  st->chunks = st->same_chunks = vmm::DirtyBitmap((disk_bytes_ + kDiskChunk - 1) / kDiskChunk);
+  st->pages = st->same_pages = st->kept_pages = vmm::DirtyBitmap(memory_->pages());
+  st->chunks = st->same_chunks = st->kept_chunks =
+      vmm::DirtyBitmap((disk_bytes_ + kDiskChunk - 1) / kDiskChunk);
+  st->page_hashes.assign(memory_->pages(), 0);
+  st->chunk_hashes.assign(st->chunks.pages(), 0);
   staging_ = std::move(st);
   return absl::OkStatus();
 }
@@ -498,6 +502,7 @@ absl::Status ReplicaStore::StageSyncPages(const PageRun& run) {
     std::memcpy(staging_->memory->data() + run.gfns[i] * kPage, run.pages.data() + i * kPage,
                 kPage);
     staging_->pages.Set(run.gfns[i]);
+    staging_->page_hashes[run.gfns[i]] = run.hashes[i];
     staging_->digest.AddPage(run.gfns[i], run.hashes[i]);
   }
   return absl::OkStatus();
@@ -523,8 +528,20 @@ absl::Status ReplicaStore::StageSyncDisk(uint64_t offset, uint64_t length, const
     return vmm::ErrnoStatus("write staging disk");
   }
   staging_->chunks.Set(offset / kDiskChunk);
+  staging_->chunk_hashes[offset / kDiskChunk] = hash;
   staging_->digest.AddDisk(offset, length, hash);
   return absl::OkStatus();
+}
+
+void ReplicaStore::SuspendSync() {
+  if (!staging_) return;
+  Staging& st = *staging_;
+  st.kept_pages.Merge(st.pages);
+  st.kept_chunks.Merge(st.chunks);
+  st.pages = st.same_pages = vmm::DirtyBitmap(st.pages.pages());
+  st.chunks = st.same_chunks = vmm::DirtyBitmap(st.chunks.pages());
+  st.digest = SyncDigest();
+  st.holdings.reset();
 }
 
 absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
@@ -607,6 +624,7 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
 
 absl::Status ReplicaStore::Seed(const std::string& dir) {
   trees_.reset();
+  staging_.reset();  // what it kept was kept over other contents
   if (auto s = vmm::LoadSnapshotContents(dir, *memory_, disk_bytes_, disk_path_); !s.ok()) {
     return s;
   }
@@ -619,6 +637,26 @@ absl::Status ReplicaStore::Seed(const std::string& dir) {
 
 absl::StatusOr<const ReplicaTrees*> ReplicaStore::CommittedTrees() {
   if (!has_contents()) return absl::FailedPreconditionError("the replica holds nothing yet");
+  return ContentTrees();
+}
+
+absl::StatusOr<const ReplicaTrees*> ReplicaStore::HoldingsTrees() {
+  bool kept = staging_ && (staging_->kept_pages.Count() + staging_->kept_chunks.Count() > 0);
+  if (!kept) return CommittedTrees();
+  if (staging_->holdings) return staging_->holdings.get();
+  // The replica's own contents count where nothing was kept over them, committed or not: the
+  // primary's claims are checked against these hashes, so they are true of what lies here.
+  auto trees = ContentTrees();
+  if (!trees.ok()) return trees.status();
+  std::vector<uint64_t> pages = (*trees)->pages.leaves(), chunks = (*trees)->chunks.leaves();
+  staging_->kept_pages.ForEach([&](uint64_t gfn) { pages[gfn] = staging_->page_hashes[gfn]; });
+  staging_->kept_chunks.ForEach([&](uint64_t i) { chunks[i] = staging_->chunk_hashes[i]; });
+  staging_->holdings = std::make_unique<ReplicaTrees>(
+      ReplicaTrees{HashTree(std::move(pages)), HashTree(std::move(chunks))});
+  return staging_->holdings.get();
+}
+
+absl::StatusOr<const ReplicaTrees*> ReplicaStore::ContentTrees() {
   if (!trees_) {
     auto chunks = HashTree::OverDisk(disk_.get(), disk_bytes_);
     if (!chunks.ok()) return chunks.status();
@@ -629,7 +667,7 @@ absl::StatusOr<const ReplicaTrees*> ReplicaStore::CommittedTrees() {
 }
 
 absl::Status ReplicaStore::StageSamePages(size_t level, uint64_t node, uint64_t hash) {
-  auto trees = CommittedTrees();
+  auto trees = HoldingsTrees();
   if (!trees.ok()) return absl::DataLossError("pre-copy refers to pages this replica lacks");
   const HashTree& t = (*trees)->pages;
   if (level > t.top() || node >= t.width(level) || t.node(level, node) != hash) {
@@ -638,13 +676,15 @@ absl::Status ReplicaStore::StageSamePages(size_t level, uint64_t node, uint64_t 
   }
   if (auto s = StartStaging(); !s.ok()) return s;
   auto [first, end] = t.Leaves(level, node);
-  for (uint64_t gfn = first; gfn < end; gfn++) staging_->same_pages.Set(gfn);
+  for (uint64_t gfn = first; gfn < end; gfn++) {
+    (staging_->kept_pages.Test(gfn) ? staging_->pages : staging_->same_pages).Set(gfn);
+  }
   staging_->digest.AddSamePages(level, node, hash);
   return absl::OkStatus();
 }
 
 absl::Status ReplicaStore::StageSameDisk(uint64_t offset, uint64_t length, uint64_t hash) {
-  auto trees = CommittedTrees();
+  auto trees = HoldingsTrees();
   if (!trees.ok()) return absl::DataLossError("pre-copy refers to a disk chunk this replica lacks");
   const std::vector<uint64_t>& chunks = (*trees)->chunks.leaves();
   if (offset % kDiskChunk || offset >= disk_bytes_ ||
@@ -653,7 +693,8 @@ absl::Status ReplicaStore::StageSameDisk(uint64_t offset, uint64_t length, uint6
                                             length, " bytes is not this replica's"));
   }
   if (auto s = StartStaging(); !s.ok()) return s;
-  staging_->same_chunks.Set(offset / kDiskChunk);
+  uint64_t i = offset / kDiskChunk;
+  (staging_->kept_chunks.Test(i) ? staging_->chunks : staging_->same_chunks).Set(i);
   staging_->digest.AddDisk(offset, length, hash);
   return absl::OkStatus();
 }

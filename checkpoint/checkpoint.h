@@ -236,7 +236,11 @@ class ReplicaStore {
   // `data` is nullptr for a chunk the primary flagged all-zero.
   absl::Status StageSyncDisk(uint64_t offset, uint64_t length, const std::string* data,
                              uint64_t hash);
-  // Forgets a synchronisation in progress (the connection that carried it is gone).
+  // The connection that carried a synchronisation is gone before it finished. What it staged
+  // and verified is kept: HoldingsTrees() shows it to the next synchronisation, which then claims
+  // it instead of sending it again, so that a link that keeps failing still makes progress.
+  void SuspendSync();
+  // Forgets a synchronisation in progress and everything it staged.
   void DiscardSync() { staging_.reset(); }
 
   // -1 until the first (full) checkpoint is committed.
@@ -259,12 +263,17 @@ class ReplicaStore {
   // Committed, or seeded: what a synchronisation can compare against.
   bool has_contents() const { return committed_epoch_ >= 0 || seeded_; }
   // Trees over the pages and disk chunks of the committed (or seeded) replica, which must have
-  // contents: what a resynchronisation compares. Built once per committed state.
+  // contents. Built once per committed state.
   absl::StatusOr<const ReplicaTrees*> CommittedTrees();
-  // Pre-copy: the pages under node `node` of `level` of the pages tree are the committed
-  // replica's; `hash` must be that node's. Nothing is copied: the commit keeps them in place.
+  // What a resynchronisation compares: the committed (or seeded) replica, with what suspended
+  // synchronisations staged and verified in place of its pages and chunks. FailedPrecondition
+  // when it holds nothing of the VM.
+  absl::StatusOr<const ReplicaTrees*> HoldingsTrees();
+  // Pre-copy: the pages under node `node` of `level` of the pages tree are what this replica
+  // holds (HoldingsTrees); `hash` must be that node's. Nothing is copied: the commit takes them
+  // from where they are.
   absl::Status StageSamePages(size_t level, uint64_t node, uint64_t hash);
-  // Pre-copy: the disk chunk at `offset` is the committed replica's (its hash is `hash`).
+  // Pre-copy: the disk chunk at `offset` is what this replica holds (its hash is `hash`).
   absl::Status StageSameDisk(uint64_t offset, uint64_t length, uint64_t hash);
   struct Committed {
     std::unique_ptr<vmm::GuestMemory> memory;
@@ -280,10 +289,15 @@ class ReplicaStore {
   struct Staging {
     std::unique_ptr<vmm::GuestMemory> memory;
     vmm::Fd disk;
-    vmm::DirtyBitmap pages;   // pages received
-    vmm::DirtyBitmap chunks;  // disk chunks received
-    vmm::DirtyBitmap same_pages, same_chunks;
+    vmm::DirtyBitmap pages;   // pages received (or claimed where kept: they are here)
+    vmm::DirtyBitmap chunks;  // disk chunks received (likewise)
+    vmm::DirtyBitmap same_pages, same_chunks;  // claimed, and the replica's
     SyncDigest digest;
+    // Staged and verified by synchronisations that were suspended, with their hashes: this
+    // copy holds them in place of the replica's.
+    vmm::DirtyBitmap kept_pages, kept_chunks;
+    std::vector<uint64_t> page_hashes, chunk_hashes;  // of what this copy holds
+    std::unique_ptr<ReplicaTrees> holdings;           // HoldingsTrees() while kept is non-empty
   };
   ReplicaStore(std::unique_ptr<vmm::GuestMemory> memory, vmm::Fd disk, std::string disk_path,
                uint64_t disk_bytes)
@@ -292,6 +306,7 @@ class ReplicaStore {
         disk_path_(std::move(disk_path)),
         disk_bytes_(disk_bytes) {}
   absl::Status Verify(const Checkpoint& c) const;
+  absl::StatusOr<const ReplicaTrees*> ContentTrees();  // CommittedTrees, contents or not
   absl::Status StartStaging();
   // Applies a verified full checkpoint to the staging copy; then the staging copy replaces the
   // replica (nothing was the same), or what it received is written over the replica.

@@ -189,6 +189,13 @@ std::string FormatStatus(const pb::StatusReply& s) {
       s.role(), s.vm_id(), s.platform().empty() ? "-" : s.platform(), s.state());
   absl::StrAppendFormat(&out, "peer:             %s\n",
                         s.peer_connected() ? s.peer() : std::string("not connected"));
+  if (!s.protection().empty()) {
+    absl::StrAppendFormat(&out, "frames:           %s\n", s.protection());
+  }
+  if (s.role() == "primary" && s.unprotected_s() > 0) {
+    absl::StrAppendFormat(&out, "unprotected:      for %.1f s, %d connections failed since\n",
+                          s.unprotected_s(), s.failed_connections());
+  }
   if (s.has_sync()) {
     const pb::SyncStatus& y = s.sync();
     absl::StrAppendFormat(

@@ -30,6 +30,9 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
   r.set_pause_p99_ms(Percentile(s.pause_ms, 0.99));
   r.set_bytes(s.bytes_sent);
   r.set_resyncs(s.resyncs);
+  r.set_unprotected_s(s.unprotected_seconds);
+  r.set_failed_connections(s.failed_connections);
+  r.set_protection(s.protection);
   if (s.sync.active || s.sync.seconds > 0) {
     pb::SyncStatus* y = s.sync.active ? r.mutable_sync() : r.mutable_last_sync();
     y->set_done_bytes(s.sync.done_bytes);

@@ -320,7 +320,13 @@ absl::StatusOr<pb::Frame> Channel::ReceiveFrame(std::string* body) {
   }
   std::string buf(n, '\0');
   auto* p = reinterpret_cast<uint8_t*>(buf.data());
-  if (auto s = vmm::ReadFully(socket_.native_handle(), p, n, receive_what_); !s.ok()) return s;
+  // A frame arrives whole within the peer timeout: a length altered on the way must not leave
+  // this side waiting for megabytes that keepalives would trickle in for hours.
+  if (auto s = vmm::ReadFully(socket_.native_handle(), p, n, receive_what_,
+                              std::chrono::steady_clock::now() + timeout_);
+      !s.ok()) {
+    return s;
+  }
   bytes_received_ += 4 + n;
   if (opener_) {
     absl::string_view h(reinterpret_cast<const char*>(header), sizeof(header));

@@ -14,6 +14,7 @@
 #include <deque>
 #include <fstream>
 #include <mutex>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -24,6 +25,8 @@
 namespace romulus::replicator {
 namespace {
 
+// Reconnecting waits this long at first, doubling while connections get nowhere, up to the max.
+constexpr std::chrono::milliseconds kBackOffFirst{25}, kBackOffMax{1000};
 // The primary's epoch loop sends a keepalive frame when it has sent nothing for this long.
 constexpr std::chrono::milliseconds kKeepalive{10};
 // Either side's channel sends one when it has sent nothing for this long, also while its own
@@ -128,17 +131,18 @@ class MirrorImpl : public Mirror {
         stats_.peer = channel_->peer();
       }
       Log(options_.log, absl::StrCat("primary ", channel_->peer(), " connected"));
-      {
+      if (session != session_) {
         std::lock_guard<std::mutex> lock(apply_mu_);
-        replica_.DiscardSync();
-        if (session != session_) replica_.ExpectFullCheckpoint();
+        replica_.ExpectFullCheckpoint();
       }
       session_ = session;
       absl::Status why = AnswerComparison(*channel_);
       if (why.ok()) why = Receive(*channel_);
       {
+        // A synchronisation the connection did not finish commits nothing, but what of it
+        // verified is kept for the next one.
         std::lock_guard<std::mutex> lock(apply_mu_);
-        replica_.DiscardSync();  // a synchronisation the connection did not finish is void
+        replica_.SuspendSync();
       }
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -268,11 +272,12 @@ class MirrorImpl : public Mirror {
     {
       std::lock_guard<std::mutex> lock(apply_mu_);
       const checkpoint::ReplicaTrees* trees = nullptr;
-      if (replica_.has_contents()) {
-        auto t = replica_.CommittedTrees();
-        if (!t.ok()) return t.status();
+      auto t = replica_.HoldingsTrees();
+      if (t.ok()) {
         trees = *t;
         budget = TreeQueryBudget(*trees);
+      } else if (t.status().code() != absl::StatusCode::kFailedPrecondition) {
+        return t.status();  // holds something, but reading it failed
       }
       *roots.mutable_replica_roots() = RootsOf(trees);
     }
@@ -285,7 +290,7 @@ class MirrorImpl : public Mirror {
       absl::StatusOr<pb::TreeAnswer> answer;
       {
         std::lock_guard<std::mutex> lock(apply_mu_);
-        auto trees = replica_.CommittedTrees();
+        auto trees = replica_.HoldingsTrees();
         answer = trees.ok() ? AnswerTreeQuery(**trees, f->tree_query(), budget)
                             : absl::DataLossError("a tree query, but this replica holds nothing");
       }
@@ -326,11 +331,11 @@ class MirrorImpl : public Mirror {
       return absl::OkStatus();
     }
     const pb::SyncDisk& d = f.sync_disk();
-    if ((d.zero() || d.same()) != d.data().empty() || (d.zero() && d.same())) {
-      return absl::DataLossError("pre-copy disk chunk: zero or same flag and data disagree");
-    }
+    auto data = SyncDiskData(d);
+    if (!data.ok()) return data.status();
     if (d.same()) return replica_.StageSameDisk(d.offset(), d.length(), d.hash());
-    return replica_.StageSyncDisk(d.offset(), d.length(), d.zero() ? nullptr : &d.data(), d.hash());
+    return replica_.StageSyncDisk(d.offset(), d.length(), data->has_value() ? &**data : nullptr,
+                                  d.hash());
   }
 
   checkpoint::ReplicaStore& replica_;
@@ -382,6 +387,11 @@ class PrimaryImpl : public Primary {
       s.sync.seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
     }
+    if (!protected_) {
+      s.unprotected_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - unprotected_since_)
+              .count();
+    }
     s.held_outputs = gate_.held();
     auto e = engine_.stats();
     s.lag_epochs = e.epochs > e.acknowledged ? e.epochs - e.acknowledged : 0;
@@ -429,9 +439,23 @@ class PrimaryImpl : public Primary {
     cv_.notify_all();
   }
 
+  // Before connecting again: a wait that doubles with each connection in a row that got
+  // nowhere (the mirror held no more of the VM than the time before, and none committed), with
+  // jitter, so that a mirror that refuses or a link that corrupts is not hammered.
+  void BackOff(std::mt19937_64& rng) {
+    using std::chrono::milliseconds;
+    auto wait = std::min(kBackOffFirst * (1u << std::min<uint32_t>(no_progress_, 10)), kBackOffMax);
+    double jitter = std::uniform_real_distribution<double>(0.5, 1.5)(rng);
+    std::unique_lock<std::mutex> lock(mu_);
+    stats_.failed_connections++;
+    cv_.wait_for(lock, std::chrono::duration_cast<milliseconds>(wait * jitter),
+                 [this] { return stop_; });
+  }
+
   void ConnectLoop() {
     asio::io_context io;
     std::string last_error;
+    std::mt19937_64 rng(session_);
     while (true) {
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -444,8 +468,8 @@ class PrimaryImpl : public Primary {
         std::string err(ch.status().message());
         if (err != last_error) Log(options_.log, absl::StrCat("mirror unreachable: ", err));
         last_error = err;
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; });  // back-off
+        no_progress_++;
+        BackOff(rng);
         continue;
       }
       last_error.clear();
@@ -457,8 +481,8 @@ class PrimaryImpl : public Primary {
       }
       if (!roots.ok()) {
         Log(options_.log, absl::StrCat("mirror refused: ", roots.status().message()));
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; });  // back-off
+        no_progress_++;
+        BackOff(rng);
         continue;
       }
       mirror_roots_ = roots->replica_roots();
@@ -468,11 +492,14 @@ class PrimaryImpl : public Primary {
         channel_ = std::move(*ch);
         queue_.clear();
         unacked_.clear();
+        committed_on_connection_ = false;
+        mirror_held_ = 0;
         ack_failed_ = false;  // a failure of the previous connection's ack reader is history
         acked_epoch_ = -1;
         connection_++;
         stats_.resyncs++;
         stats_.peer = channel_->peer();
+        stats_.protection = channel_->protection();
       }
       SetState(absl::StrCat("synchronising with ", channel_->peer(),
                             options_.run_unprotected ? ": running UNPROTECTED until it commits"
@@ -508,6 +535,24 @@ class PrimaryImpl : public Primary {
       SetState(absl::StrCat(options_.run_unprotected ? "mirror lost, running UNPROTECTED: "
                                                      : "mirror lost, outputs held: ",
                             why.message()));
+      bool progress;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (protected_) {
+          protected_ = false;
+          unprotected_since_ = std::chrono::steady_clock::now();
+          stats_.failed_connections = 0;
+        }
+        // Progress: a commit on this connection, or a synchronisation that found more of the VM
+        // at the mirror than the last one (what verified there is kept across connections).
+        progress = committed_on_connection_ || mirror_held_ > last_mirror_held_;
+        last_mirror_held_ = committed_on_connection_ ? 0 : mirror_held_;
+      }
+      no_progress_ = progress ? 0 : no_progress_ + 1;
+      // A synchronisation that did not finish shrinks the next one's page batches, so that on a
+      // link that fails every so many bytes each connection still lands whole frames.
+      if (!committed_on_connection_) sync_batch_pages_ = std::max<size_t>(sync_batch_pages_ / 2, 4);
+      BackOff(rng);
     }
   }
 
@@ -659,12 +704,16 @@ class PrimaryImpl : public Primary {
     if (!holdings.ok()) return holdings.status();
     uint64_t total = options_.identity.memory_bytes + options_.identity.disk_bytes;
     uint64_t unchanged = holdings->same_page_count * kPage;  // already at the mirror
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      mirror_held_ = holdings->same_page_count + holdings->same_chunk_count;
+    }
     uint64_t done = unchanged;
     for (;;) {
       auto chunk = engine_.NextSyncDisk();
       if (!chunk.ok()) return chunk.status();
       if (!chunk->has_value()) break;
-      pb::Frame f = SyncDiskFrame(**chunk, &holdings->chunks);
+      pb::Frame f = SyncDiskFrame(**chunk, &holdings->chunks, options_.compression);
       if (auto s = channel_->Send(f); !s.ok()) return s;
       done += (*chunk)->data.size();
       if (f.sync_disk().same()) unchanged += (*chunk)->data.size();
@@ -674,7 +723,7 @@ class PrimaryImpl : public Primary {
     uint32_t round = 0;
     for (;; round++) {
       for (;;) {
-        checkpoint::PageRun run = engine_.NextSyncPages(kPagesPerBatch);
+        checkpoint::PageRun run = engine_.NextSyncPages(sync_batch_pages_);
         if (run.gfns.empty()) break;
         pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
         if (auto s = channel_->Send(f); !s.ok()) return s;
@@ -801,6 +850,12 @@ class PrimaryImpl : public Primary {
         cv_.notify_all();
         first = stats_.sync.active;
         stats_.sync.active = false;
+        if (!committed_on_connection_) {
+          committed_on_connection_ = true;
+          protected_ = true;
+          no_progress_ = 0;
+          sync_batch_pages_ = kPagesPerBatch;
+        }
         if (first) {
           stats_.sync.seconds =
               std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
@@ -828,6 +883,15 @@ class PrimaryImpl : public Primary {
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
   std::deque<uint64_t> unacked_;  // epochs sent on this connection and not yet acknowledged
+  // Protection: whether some mirror commits now, and since when none has.
+  bool protected_ = false;
+  std::chrono::steady_clock::time_point unprotected_since_ = std::chrono::steady_clock::now();
+  bool committed_on_connection_ = false;  // the mirror acknowledged something on this connection
+  // Reconnecting: pages and chunks the mirror held at this and the last synchronisation, and
+  // connections in a row without progress (the connect thread's own).
+  uint64_t mirror_held_ = 0, last_mirror_held_ = 0;
+  uint32_t no_progress_ = 0;
+  size_t sync_batch_pages_ = kPagesPerBatch;  // the connect thread's own
   std::unique_ptr<Channel> channel_;
   pb::ReplicaRoots mirror_roots_;  // of the connected mirror's replica
   Stats stats_;

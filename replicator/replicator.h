@@ -72,6 +72,7 @@ struct MirrorHoldings {
   // node), level by level from the top. None when it holds nothing.
   std::vector<std::pair<uint32_t, uint64_t>> same_pages;
   uint64_t same_page_count = 0;
+  uint64_t same_chunk_count = 0;  // disk chunks the mirror holds as the VM has them
   // The mirror's hash of every disk chunk; empty when it holds nothing.
   std::vector<uint64_t> chunks;
 };
@@ -96,9 +97,14 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const checkpoint::PageRun& r
 // The pages of a batch from an untrusted peer, with counts, sizes, page numbers and
 // decompression checked. Page hashes are checked by ReplicaStore.
 absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages);
-// One disk chunk of a pre-copy stream (all-zero, or equal to the mirror's chunk, as a flag).
+// One disk chunk of a pre-copy stream (all-zero, or equal to the mirror's chunk, as a flag; the
+// rest compressed when that makes it smaller).
 pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk,
-                        const std::vector<uint64_t>* mirror = nullptr);
+                        const std::vector<uint64_t>* mirror = nullptr,
+                        pb::Compression compression = pb::COMPRESSION_NONE);
+// The bytes of a pre-copy disk chunk from an untrusted peer, decompressed and checked against
+// its length; nullopt for a chunk flagged zero or same. Its hash is checked by ReplicaStore.
+absl::StatusOr<std::optional<std::string>> SyncDiskData(const pb::SyncDisk& d);
 
 // The frames that carry one checkpoint: page batches, disk-write batches, then the trailer.
 std::vector<pb::Frame> CheckpointFrames(const checkpoint::Checkpoint& c,
@@ -200,6 +206,11 @@ class Primary {
     std::string state;             // one line: what the primary is doing or waiting for
     std::string peer;
     SyncProgress sync;
+    // While no mirror commits: for how long, and how many connections failed since it last did
+    // (reconnects back off while they get nowhere).
+    double unprotected_seconds = 0;
+    uint32_t failed_connections = 0;
+    std::string protection;  // of the frames on the current (or last) connection
   };
   // What a planned migration took, measured on this host.
   struct HandoverReport {

@@ -109,6 +109,10 @@ absl::StatusOr<MirrorHoldings> CompareTrees(const checkpoint::ReplicaTrees& own,
   if (auto s = Descend(true, own.chunks, roots.chunks(), ask, same_chunks, &h.chunks); !s.ok()) {
     return s;
   }
+  for (auto [level, node] : same_chunks) {
+    auto [first, last] = own.chunks.Leaves(level, node);
+    h.same_chunk_count += last - first;
+  }
   return h;
 }
 

@@ -16,6 +16,8 @@ using checkpoint::PageRun;
 constexpr uint64_t kPage = 4096;
 constexpr size_t kDiskBytesPerBatch = 1 << 20;
 
+constexpr size_t kSector = 512;
+
 bool AllZero(const uint8_t* p, size_t n) {
   uint64_t acc = 0;
   for (size_t i = 0; i < n; i += 8) {
@@ -24,6 +26,37 @@ bool AllZero(const uint8_t* p, size_t n) {
     acc |= w;
   }
   return acc == 0;
+}
+
+// `raw` as it goes on the wire into `out`: LZ4-compressed when asked and it makes it smaller.
+pb::Compression Pack(std::string raw, pb::Compression compression, std::string* out) {
+  if (compression == pb::LZ4 && !raw.empty()) {
+    std::string packed(static_cast<size_t>(LZ4_compressBound(static_cast<int>(raw.size()))), '\0');
+    int len = LZ4_compress_default(raw.data(), packed.data(), static_cast<int>(raw.size()),
+                                   static_cast<int>(packed.size()));
+    if (len > 0 && static_cast<size_t>(len) < raw.size()) {  // else: incompressible, send raw
+      packed.resize(static_cast<size_t>(len));
+      *out = std::move(packed);
+      return pb::LZ4;
+    }
+  }
+  *out = std::move(raw);
+  return pb::COMPRESSION_NONE;
+}
+
+// Decompresses what a peer sent, which must come to exactly `size` bytes.
+absl::Status Unpack(const std::string& data, pb::Compression compression, size_t size,
+                    absl::string_view what, std::string* out) {
+  if (compression != pb::LZ4) {
+    return absl::DataLossError(absl::StrCat(what, " with unknown compression ", compression));
+  }
+  out->resize(size);
+  int got = LZ4_decompress_safe(data.data(), out->data(), static_cast<int>(data.size()),
+                                static_cast<int>(size));
+  if (got < 0 || static_cast<size_t>(got) != size) {
+    return absl::DataLossError(absl::StrCat(what, " does not decompress to its size"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -58,18 +91,7 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t b
     }
   }
   if (any_zero) b->set_zero(std::move(zero));
-  if (compression == pb::LZ4 && !raw.empty()) {
-    std::string packed(static_cast<size_t>(LZ4_compressBound(static_cast<int>(raw.size()))), '\0');
-    int len = LZ4_compress_default(raw.data(), packed.data(), static_cast<int>(raw.size()),
-                                   static_cast<int>(packed.size()));
-    if (len > 0 && static_cast<size_t>(len) < raw.size()) {  // else: incompressible, send raw
-      packed.resize(static_cast<size_t>(len));
-      b->set_compression(pb::LZ4);
-      b->set_data(std::move(packed));
-      return f;
-    }
-  }
-  b->set_data(std::move(raw));
+  b->set_compression(Pack(std::move(raw), compression, b->mutable_data()));
   return f;
 }
 
@@ -94,17 +116,12 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   }
   std::string unpacked;
   const std::string* data = &b.data();
-  if (b.compression() == pb::LZ4) {
-    unpacked.resize(nonzero * kPage);
-    int got =
-        LZ4_decompress_safe(b.data().data(), unpacked.data(), static_cast<int>(b.data().size()),
-                            static_cast<int>(unpacked.size()));
-    if (got < 0 || static_cast<size_t>(got) != unpacked.size()) {
-      return absl::DataLossError("page batch does not decompress to its page count");
+  if (b.compression() != pb::COMPRESSION_NONE) {
+    if (auto s = Unpack(b.data(), b.compression(), nonzero * kPage, "page batch", &unpacked);
+        !s.ok()) {
+      return s;
     }
     data = &unpacked;
-  } else if (b.compression() != pb::COMPRESSION_NONE) {
-    return absl::DataLossError(absl::StrCat("unknown compression ", b.compression()));
   }
   if (data->size() != nonzero * kPage) {
     return absl::DataLossError("page batch with inconsistent counts or sizes");
@@ -122,7 +139,8 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   return run;
 }
 
-pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk, const std::vector<uint64_t>* mirror) {
+pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk, const std::vector<uint64_t>* mirror,
+                        pb::Compression compression) {
   pb::Frame f;
   pb::SyncDisk* d = f.mutable_sync_disk();
   d->set_offset(chunk.offset);
@@ -134,9 +152,64 @@ pb::Frame SyncDiskFrame(const checkpoint::SyncChunk& chunk, const std::vector<ui
   } else if (AllZero(reinterpret_cast<const uint8_t*>(chunk.data.data()), chunk.data.size())) {
     d->set_zero(true);
   } else {
-    d->set_data(chunk.data);
+    // Zero sectors travel as flags, as zero pages do: one sector written into an empty chunk
+    // costs a sector, not the chunk.
+    size_t sectors = chunk.data.size() % kSector ? 0 : chunk.data.size() / kSector;
+    std::string zero((sectors + 7) / 8, '\0'), rest;
+    bool any_zero = false;
+    for (size_t i = 0; i < sectors; i++) {
+      const char* s = chunk.data.data() + i * kSector;
+      if (AllZero(reinterpret_cast<const uint8_t*>(s), kSector)) {
+        zero[i / 8] = static_cast<char>(zero[i / 8] | (1 << (i % 8)));
+        any_zero = true;
+      } else {
+        rest.append(s, kSector);
+      }
+    }
+    if (any_zero) d->set_zero_sectors(std::move(zero));
+    d->set_compression(
+        Pack(any_zero ? std::move(rest) : chunk.data, compression, d->mutable_data()));
   }
   return f;
+}
+
+absl::StatusOr<std::optional<std::string>> SyncDiskData(const pb::SyncDisk& d) {
+  if ((d.zero() || d.same()) != d.data().empty() || (d.zero() && d.same())) {
+    return absl::DataLossError("pre-copy disk chunk: zero or same flag and data disagree");
+  }
+  if (d.zero() || d.same()) return std::nullopt;
+  if (d.length() == 0 || d.length() > checkpoint::kDiskChunk) {
+    return absl::DataLossError(absl::StrCat("pre-copy disk chunk of ", d.length(), " bytes"));
+  }
+  const std::string& mask = d.zero_sectors();
+  size_t sectors = d.length() / kSector;
+  if (!mask.empty() && (d.length() % kSector || mask.size() != (sectors + 7) / 8)) {
+    return absl::DataLossError("pre-copy disk chunk with a zero-sector mask of the wrong size");
+  }
+  auto is_zero = [&](size_t i) {
+    return !mask.empty() && (static_cast<uint8_t>(mask[i / 8]) >> (i % 8)) & 1;
+  };
+  size_t nonzero = d.length();
+  for (size_t i = 0; i < sectors; i++) nonzero -= is_zero(i) ? kSector : 0;
+  std::string data;
+  if (d.compression() == pb::COMPRESSION_NONE) {
+    data = d.data();
+  } else if (auto s = Unpack(d.data(), d.compression(), nonzero, "pre-copy disk chunk", &data);
+             !s.ok()) {
+    return s;
+  }
+  if (data.size() != nonzero) {
+    return absl::DataLossError("pre-copy disk chunk whose data does not fit its length");
+  }
+  if (mask.empty()) return data;
+  std::string chunk(d.length(), '\0');
+  const char* src = data.data();
+  for (size_t i = 0; i < sectors; i++) {
+    if (is_zero(i)) continue;
+    std::memcpy(chunk.data() + i * kSector, src, kSector);
+    src += kSector;
+  }
+  return chunk;
 }
 
 std::vector<pb::Frame> CheckpointFrames(const Checkpoint& c, pb::Compression compression) {

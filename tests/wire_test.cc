@@ -5,6 +5,7 @@
 #include <xxhash.h>
 
 #include <cstring>
+#include <functional>
 
 #include "replicator/replicator.h"
 
@@ -259,6 +260,35 @@ TEST(HashTree, BadQueriesAndAnswersAreRefused) {
     return a;
   };
   EXPECT_FALSE(replicator::CompareTrees(own, replicator::RootsOf(&t), short_answer).ok());
+}
+
+// A pre-copy disk chunk with one sector written costs about that sector on the wire, raw or
+// compressed, and decodes to the chunk; masks and data that do not fit its length are refused.
+TEST(WireFormat, ZeroSectorsOfADiskChunkAreFlags) {
+  checkpoint::SyncChunk chunk{.offset = 0, .data = std::string(checkpoint::kDiskChunk, '\0')};
+  for (size_t b = 0; b < 512; b++) chunk.data[7 * 512 + b] = static_cast<char>(b * 31 + 7);
+  chunk.hash = XXH3_64bits(chunk.data.data(), chunk.data.size());
+  for (pb::Compression c : {pb::COMPRESSION_NONE, pb::LZ4}) {
+    pb::Frame f = replicator::SyncDiskFrame(chunk, nullptr, c);
+    EXPECT_LE(f.ByteSizeLong(), 600u) << c;
+    auto data = replicator::SyncDiskData(f.sync_disk());
+    ASSERT_TRUE(data.ok() && data->has_value()) << data.status();
+    EXPECT_EQ(**data, chunk.data);
+  }
+  pb::Frame f = replicator::SyncDiskFrame(chunk, nullptr, pb::COMPRESSION_NONE);
+  const std::vector<std::pair<const char*, std::function<void(pb::SyncDisk&)>>> bad = {
+      {"a mask of the wrong size", [](pb::SyncDisk& d) { d.mutable_zero_sectors()->pop_back(); }},
+      {"a sector too few", [](pb::SyncDisk& d) { d.mutable_data()->resize(100); }},
+      {"a sector too many", [](pb::SyncDisk& d) { d.mutable_data()->append(512, 'x'); }},
+      {"a length past the chunk", [](pb::SyncDisk& d) { d.set_length(1u << 20); }},
+      {"data with the zero flag", [](pb::SyncDisk& d) { d.set_zero(true); }},
+      {"an unknown compression", [](pb::SyncDisk& d) { d.set_compression(pb::Compression(9)); }},
+  };
+  for (const auto& [what, change] : bad) {
+    pb::SyncDisk d = f.sync_disk();
+    change(d);
+    EXPECT_FALSE(replicator::SyncDiskData(d).ok()) << what;
+  }
 }
 
 }  // namespace
