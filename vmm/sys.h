@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <utility>
@@ -53,10 +54,17 @@ inline absl::Status ErrnoStatus(absl::string_view what, int err = errno) {
 
 // Reads exactly `len` bytes from a blocking socket, retrying on EINTR. The peer closing first
 // is Unavailable ("WHAT: connection closed"); SO_RCVTIMEO running out is DeadlineExceeded
-// ("WHAT: timed out"); any other failure is ErrnoStatus(what).
-inline absl::Status ReadFully(int fd, void* buf, size_t len, absl::string_view what) {
+// ("WHAT: timed out"), and so is `deadline` passing while bytes still trickle in.
+// Any other failure is ErrnoStatus(what).
+inline absl::Status ReadFully(
+    int fd, void* buf, size_t len, absl::string_view what,
+    std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max()) {
   auto* p = static_cast<uint8_t*>(buf);
   while (len > 0) {
+    if (deadline != std::chrono::steady_clock::time_point::max() &&
+        std::chrono::steady_clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(what, ": timed out"));
+    }
     ssize_t n = ::recv(fd, p, len, 0);
     if (n == 0) return absl::UnavailableError(absl::StrCat(what, ": connection closed"));
     if (n < 0) {
