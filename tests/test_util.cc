@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 namespace romulus::testing {
@@ -103,6 +104,17 @@ int Child::Wait(double seconds) {
 
 std::string WaitForRestore(Child& vm, const std::string& platform, double seconds) {
   return vm.WaitForLine("romulus vm: platform " + platform + ": restored ", seconds);
+}
+
+std::string ProcStatusField(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(key + ":", 0) == 0) {
+      size_t v = line.find_first_not_of(" \t", key.size() + 1);
+      return v == std::string::npos ? "" : line.substr(v);
+    }
+  }
+  return "";
 }
 
 std::string Field(const std::string& line, const std::string& key) {

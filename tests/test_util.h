@@ -130,6 +130,9 @@ class Child {
 // ("... restored DIR memory_xxh3=... workload_pages=..."); "" (and a test failure) if none.
 std::string WaitForRestore(Child& vm, const std::string& platform, double seconds);
 
+// The value of `key` in /proc/PID/status ("" if absent), e.g. "VmRSS" -> "12345 kB".
+std::string ProcStatusField(pid_t pid, const std::string& key);
+
 // A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).
 uint16_t FreePort(int type = 1 /* SOCK_STREAM */);
 

@@ -1,5 +1,3 @@
-#include "vmm/ledger_endpoint.h"
-
 #include <atomic>
 #include <boost/asio.hpp>
 #include <deque>
@@ -9,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "proto/romulus.pb.h"
+#include "vmm/ledger_endpoint.h"
 #include "vmm/ledger_protocol.h"
 
 namespace romulus::vmm {
@@ -18,6 +17,9 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 
 constexpr size_t kMaxInFlightPerConnection = 64;
+// A reply from the guest carries no error text: its frame is at most 71 bytes (seven fields of at
+// most 11 bytes each, and the length). Each request in flight counts as this much.
+constexpr size_t kHeldReplyBytes = 128;
 
 class Endpoint;
 
@@ -36,6 +38,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Reply(const pb::LedgerResponse& r) { Send(EncodeFrame(r)); }
   void WriteNext();
   void Close(absl::string_view why);
+  // Replies waiting to be written, and those still to come for requests in flight.
+  size_t queued_bytes() const { return out_bytes_ + in_flight_ * kHeldReplyBytes; }
 
   Endpoint& endpoint_;
   tcp::socket socket_;
@@ -43,6 +47,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uint8_t header_[4];
   std::vector<uint8_t> body_;
   std::deque<std::string> out_;
+  size_t out_bytes_ = 0;  // in out_
   size_t in_flight_ = 0;
   bool reading_paused_ = false;
   bool closed_ = false;
@@ -143,8 +148,8 @@ class Endpoint : public LedgerEndpoint {
     auto delivery = std::make_shared<Delivery>(Delivery{io_, std::move(c), EncodeFrame(out)});
     gate_.Push([delivery] {
       asio::post(*delivery->io, [delivery] {
+        delivery->conn->ResponseDone();  // first: the reply is no longer counted as in flight
         delivery->conn->Send(std::move(delivery->frame));
-        delivery->conn->ResponseDone();
       });
     });
   }
@@ -177,9 +182,15 @@ void Connection::Close(absl::string_view why) {
   boost::system::error_code ec;
   socket_.shutdown(tcp::socket::shutdown_both, ec);
   socket_.close(ec);
+  // Nothing more will be written; the front may still be the buffer of a write being aborted.
+  while (out_.size() > 1) {
+    out_bytes_ -= out_.back().size();
+    out_.pop_back();
+  }
 }
 
 void Connection::ReadHeader() {
+  if (closed_) return;  // dropped while answering the last request
   if (in_flight_ >= kMaxInFlightPerConnection) {
     reading_paused_ = true;  // resumes when a response goes out
     return;
@@ -256,6 +267,11 @@ void Connection::ResponseDone() {
 
 void Connection::Send(std::string frame) {
   if (closed_) return;
+  if (queued_bytes() + frame.size() > LedgerEndpoint::kMaxQueuedBytes) {
+    return Close(absl::StrCat("does not read its replies: queued_bytes=", queued_bytes(),
+                              " limit_bytes=", LedgerEndpoint::kMaxQueuedBytes));
+  }
+  out_bytes_ += frame.size();
   out_.push_back(std::move(frame));
   if (out_.size() == 1) WriteNext();
 }
@@ -264,6 +280,7 @@ void Connection::WriteNext() {
   asio::async_write(socket_, asio::buffer(out_.front()),
                     [self = shared_from_this()](boost::system::error_code ec, size_t) {
                       if (ec) return self->Close("");
+                      self->out_bytes_ -= self->out_.front().size();
                       self->out_.pop_front();
                       if (!self->out_.empty()) self->WriteNext();
                     });
