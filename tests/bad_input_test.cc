@@ -185,6 +185,51 @@ TEST_P(VmBadInput, AClientThatDoesNotReadIsDroppedAndCostsBoundedMemory) {
   EXPECT_EQ(vm.Wait(30), 0) << vm.output();
 }
 
+// One failed accept ended the ledger's listener: with the monitor's descriptors exhausted once,
+// no client was served after they were back. Now it logs the failure once, keeps trying
+// (pausing after each failure), and serves the client that waited and new ones.
+TEST_P(VmBadInput, TheLedgerAcceptsAgainOnceItHasDescriptors) {
+  TempDir dir;
+  testing::Child vm({"vm", "--platform", platform_name(), "--disk", dir.File("disk.img"),
+                     "--memory", "32M", "--working-set", "0", "--ledger-port", "0", "--progress-ms",
+                     "0", "--quiet"});
+  uint16_t port = testing::ListeningPort(vm.WaitForLine("ledger listening on", 30));
+  ASSERT_NE(port, 0);
+  auto connect = [&] {
+    auto c = cli::LedgerClient::Connect("127.0.0.1", port,
+                                        static_cast<int>(testing::ScaledMs(10).count()));
+    EXPECT_TRUE(c.ok()) << c.status();
+    return std::move(*c);
+  };
+  auto failed = [&] { return vm.output().find("accept failed") != std::string::npos; };
+  std::vector<cli::LedgerClient> clients;
+  {
+    testing::DescriptorLimit limit(vm.pid());
+    ASSERT_TRUE(limit.lowered());
+    // The kernel completes each connection; the monitor takes none from the backlog once it is
+    // out of descriptors (the first already, unless it closed one meanwhile).
+    for (int i = 0; i < 8 && !failed(); i++) {
+      clients.push_back(connect());
+      testing::WaitUntil(failed, 2);
+    }
+    ASSERT_TRUE(failed()) << vm.output();
+    std::string line = vm.WaitForLine("accept failed", 1);
+    EXPECT_NE(line.find("Too many open files"), std::string::npos) << line;
+  }
+  // The connection that waited is served, and so is a new one.
+  auto waited = clients.back().Call(Open(5, 1));
+  ASSERT_TRUE(waited.ok()) << waited.status();
+  EXPECT_EQ(waited->status(), RML_OK);
+  auto c = connect();
+  auto r = c.Call(Open(6, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status(), RML_OK);
+  EXPECT_NE(vm.output().find("accepting again"), std::string::npos) << vm.output();
+  EXPECT_EQ(vm.output().find("accept failed"), vm.output().rfind("accept failed"));
+  vm.Signal(SIGTERM);
+  EXPECT_EQ(vm.Wait(30), 0) << vm.output();
+}
+
 ROMULUS_ON_EVERY_PLATFORM(VmBadInput);
 
 class VmBadSnapshot : public testing::PlatformTest {

@@ -3,8 +3,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 namespace romulus::testing {
@@ -115,6 +117,35 @@ std::string ProcStatusField(pid_t pid, const std::string& key) {
     }
   }
   return "";
+}
+
+DescriptorLimit::DescriptorLimit(pid_t pid) : pid_(pid) {
+  std::set<int> open;
+  std::error_code ec;
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    open.insert(std::atoi(e.path().filename().c_str()));
+  }
+  EXPECT_FALSE(ec) << "cannot list the descriptors of " << pid << ": " << ec.message();
+  while (open.count(limit_)) limit_++;
+  struct rlimit low {};
+  if (::prlimit(pid, RLIMIT_NOFILE, nullptr, &saved_) != 0) {
+    ADD_FAILURE() << "prlimit " << pid << ": " << std::strerror(errno);
+    return;
+  }
+  low.rlim_cur = static_cast<rlim_t>(limit_);
+  low.rlim_max = saved_.rlim_max;
+  if (::prlimit(pid, RLIMIT_NOFILE, &low, nullptr) != 0) {
+    ADD_FAILURE() << "prlimit " << pid << ": " << std::strerror(errno);
+    return;
+  }
+  lowered_ = true;
+}
+
+void DescriptorLimit::Restore() {
+  if (!lowered_) return;
+  lowered_ = false;
+  EXPECT_EQ(::prlimit(pid_, RLIMIT_NOFILE, &saved_, nullptr), 0) << std::strerror(errno);
 }
 
 std::string Field(const std::string& line, const std::string& key) {

@@ -1,3 +1,5 @@
+#include "vmm/ledger_endpoint.h"
+
 #include <atomic>
 #include <boost/asio.hpp>
 #include <deque>
@@ -7,8 +9,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "proto/romulus.pb.h"
-#include "vmm/ledger_endpoint.h"
 #include "vmm/ledger_protocol.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 namespace {
@@ -69,7 +71,8 @@ class Endpoint : public LedgerEndpoint {
         gate_(gate),
         log_(std::move(log)),
         io_(std::make_shared<asio::io_context>()),
-        acceptor_(*io_) {}
+        acceptor_(*io_),
+        accept_retry_(*io_) {}
 
   ~Endpoint() override {
     ledger_.SetResponseSink(nullptr);  // waits for a response being handed over
@@ -120,10 +123,30 @@ class Endpoint : public LedgerEndpoint {
  private:
   void Accept() {
     acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
-      if (ec) return;
+      if (ec == asio::error::operation_aborted) return;  // the acceptor was closed
+      if (ec) return AcceptFailed(ec);
+      if (accept_failures_ > 0) {
+        Log(absl::StrCat("ledger endpoint: accepting again after ", accept_failures_,
+                         " failed accepts"));
+        accept_failures_ = 0;
+      }
       connections_++;
       std::make_shared<Connection>(*this, std::move(socket))->Start();
       Accept();
+    });
+  }
+
+  // Say, out of descriptors: the client's connection waits in the backlog, and the endpoint
+  // keeps trying to take it (said once, not at every try).
+  void AcceptFailed(const boost::system::error_code& ec) {
+    if (accept_failures_++ == 0) {
+      Log(absl::StrCat("ledger endpoint: accept failed: ", ec.message(),
+                       "; retrying until it works"));
+    }
+    if (AcceptFailedForThatConnection(ec.value())) return Accept();
+    accept_retry_.expires_after(kAcceptRetryPause);
+    accept_retry_.async_wait([this](boost::system::error_code e) {
+      if (!e) Accept();
     });
   }
 
@@ -159,6 +182,8 @@ class Endpoint : public LedgerEndpoint {
   std::function<void(absl::string_view)> log_;
   std::shared_ptr<asio::io_context> io_;
   tcp::acceptor acceptor_;
+  asio::steady_timer accept_retry_;
+  uint64_t accept_failures_ = 0;  // in a row (io thread)
   std::thread thread_;
   uint16_t port_ = 0;
   std::mutex mu_;
