@@ -369,6 +369,10 @@ TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
   EXPECT_THAT(std::string(failed.message()), HasSubstr("exit 3"));
   absl::Status hung = RunFenceCommand("sleep 30", milliseconds(100));
   EXPECT_EQ(hung.code(), absl::StatusCode::kDeadlineExceeded);
+  // A negative timeout was handed to poll as is, which then waits for as long as the command
+  // runs: now it is no wait at all (and one past INT_MAX ms is INT_MAX, not negative).
+  absl::Status negative = RunFenceCommand("sleep 30", milliseconds(-1));
+  EXPECT_EQ(negative.code(), absl::StatusCode::kDeadlineExceeded);
 }
 
 TEST(Promotion, NeedsALeaseOrAFenceOrAnOperatorsForce) {
