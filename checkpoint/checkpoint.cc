@@ -403,6 +403,7 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
     return absl::DataLossError(absl::StrCat("checkpoint ", c.epoch, " rejected: ", why));
   };
   uint64_t pages = memory_->pages();
+  if (c.epoch > kMaxEpoch) return bad(absl::StrCat("epoch beyond ", kMaxEpoch));
   if (sequence_reset_ || committed_epoch_ < 0) {
     if (!c.full) return bad("a full checkpoint is needed first");
   } else if (c.full ? static_cast<int64_t>(c.epoch) <= committed_epoch_

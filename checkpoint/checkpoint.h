@@ -36,6 +36,11 @@ struct PageRun {
   std::vector<uint8_t> pages;    // gfns.size() pages of 4 KiB
 };
 
+// The highest epoch a replica accepts. Epochs come from the peer and are kept as int64_t (-1:
+// none yet) and counted on from: bounded here, that arithmetic cannot overflow. A new epoch
+// every millisecond reaches it after 146 million years.
+inline constexpr uint64_t kMaxEpoch = uint64_t{1} << 62;
+
 // One epoch's changes, staged at the pause. A full checkpoint ends a synchronisation: together
 // with the pre-copy stream sent before it, it carries all of memory and disk.
 struct Checkpoint : PageRun {

@@ -3,7 +3,10 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cli/ledger_client.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
@@ -24,7 +27,7 @@ class FirstError : public google::protobuf::io::ErrorCollector {
   std::string error;
 };
 
-// Parses `path` into `msg`; `where(field)` then names the line a field was set on.
+// Parses `path` into `msg`; Bad() then names the line a field was set on.
 class Parsed {
  public:
   absl::Status Load(const std::string& path, Message* msg) {
@@ -45,11 +48,39 @@ class Parsed {
     msg_ = msg;
     return absl::OkStatus();
   }
-  absl::Status Bad(const std::string& field, const std::string& what) {
-    const auto* fd = msg_->GetDescriptor()->FindFieldByName(field);
-    auto loc = fd ? tree_.GetLocation(fd, -1) : TextFormat::ParseLocation();
-    std::string line = loc.line >= 0 ? absl::StrCat(loc.line + 1, ":") : "";
-    return absl::InvalidArgumentError(absl::StrCat(path_, ":", line, " ", field, ": ", what));
+
+  // "FILE:LINE: FIELD: WHAT". `field` is a path such as "switchover.path[2].local" (index from
+  // 0); the line is where the parser met it, or where its closest enclosing message began (none
+  // when the field is absent from the file).
+  absl::Status Bad(absl::string_view field, absl::string_view what) const {
+    int line = -1;
+    const google::protobuf::Descriptor* type = msg_->GetDescriptor();
+    const TextFormat::ParseInfoTree* tree = &tree_;
+    for (absl::string_view part : absl::StrSplit(field, '.')) {
+      int index = -1;
+      if (size_t open = part.find('['); open != absl::string_view::npos) {
+        if (!absl::SimpleAtoi(part.substr(open + 1, part.size() - open - 2), &index)) break;
+        part = part.substr(0, open);
+      }
+      const auto* fd = type ? type->FindFieldByName(std::string(part)) : nullptr;
+      if (fd == nullptr || tree == nullptr) break;
+      auto loc = tree->GetLocation(fd, index);
+      if (loc.line < 0) break;
+      line = loc.line;
+      type = fd->message_type();
+      tree = type ? tree->GetTreeForNested(fd, index) : nullptr;
+    }
+    std::string at = line >= 0 ? absl::StrCat(line + 1, ":") : "";
+    return absl::InvalidArgumentError(absl::StrCat(path_, ":", at, " ", field, ": ", what));
+  }
+
+  // `value` must be within [`min`, `max`]; `unit` follows the numbers in the error.
+  template <typename T>
+  absl::Status Range(absl::string_view field, T value, uint64_t min, uint64_t max,
+                     absl::string_view unit = "") const {
+    if (value >= min && value <= max) return absl::OkStatus();
+    return Bad(field, absl::StrCat(value, " is out of range: ", min, " to ", max,
+                                   unit.empty() ? "" : " ", unit));
   }
 
  private:
@@ -58,58 +89,95 @@ class Parsed {
   TextFormat::ParseInfoTree tree_;
 };
 
-bool ValidHostPort(const std::string& s) {
-  auto colon = s.rfind(':');
-  if (colon == std::string::npos || colon == 0) return false;
-  int port = std::atoi(s.c_str() + colon + 1);
-  return port > 0 && port < 65536;
+// Bounds an operator would expect, and far enough inside the types that the arithmetic done on
+// them (MiB to bytes, milliseconds to a poll timeout) cannot wrap.
+constexpr uint64_t kMaxDiskMib = 4ull << 20;          // 4 TiB
+constexpr uint64_t kMaxInFlightMib = 64ull << 10;     // 64 GiB of staged checkpoints
+constexpr uint64_t kMaxWriteRate = 10'000'000;        // page writes per second (40 GB/s)
+constexpr uint64_t kMaxHeartbeatIntervalMs = 10'000;  // below the 60 s timeout bound
+constexpr uint64_t kMaxFenceTimeoutMs = 3'600'000;    // an hour
+
+// "HOST:PORT" with a port of 1 to 65535 and a host that is not empty.
+absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::string& value) {
+  std::string host;
+  uint16_t port = 0;
+  if (!ParseHostPort(value, &host, &port).ok() || host.empty()) {
+    return p.Bad(field, absl::StrCat("'", value, "' is not HOST:PORT (a port of 1 to 65535)"));
+  }
+  return absl::OkStatus();
+}
+
+// A port: 1 to 65535, or 0 where the caller gave 0 its meaning (a default, or "none").
+absl::Status CheckPort(const Parsed& p, absl::string_view field, uint32_t value) {
+  return value == 0 ? absl::OkStatus() : p.Range(field, value, 1, 65535);
 }
 
 // The fields both roles share: which VM, and how much memory and disk it has.
 template <typename Config>
-absl::Status CheckVm(Parsed& p, Config& c) {
+absl::Status CheckVm(const Parsed& p, Config& c) {
   if (c.vm_id().empty()) return p.Bad("vm_id", "is required (both hosts must name the same VM)");
   if (c.memory_mib() == 0) c.set_memory_mib(256);
   if (c.memory_mib() < 16 || c.memory_mib() > 4096 || c.memory_mib() % 2) {
     return p.Bad("memory_mib", "must be an even number from 16 to 4096");
   }
   if (c.disk_mib() == 0) c.set_disk_mib(64);
+  if (auto s = p.Range("disk_mib", c.disk_mib(), 1, kMaxDiskMib, "MiB (4 TiB)"); !s.ok()) return s;
   if (auto platform = vmm::ParsePlatform(c.platform()); !platform.ok()) {
     return p.Bad("platform", "must be kvm or process (or unset: kvm where /dev/kvm works)");
+  }
+  if (c.epoch_ms() == 0) c.set_epoch_ms(25);
+  if (auto s = p.Range("epoch_ms", c.epoch_ms(), 5, 1000); !s.ok()) return s;
+  if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
+  if (c.ledger_port() == 0) c.set_ledger_port(7070);
+  if (auto s = CheckPort(p, "ledger_port", c.ledger_port()); !s.ok()) return s;
+  if (c.compression().empty()) c.set_compression("lz4");
+  if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
+    return p.Bad("compression", "must be none or lz4");
   }
   return absl::OkStatus();
 }
 
 // Heartbeat paths, the witness and the fence; defaults filled in. Absent: no switchover.
-absl::Status CheckSwitchover(Parsed& p, pb::SwitchoverConfig* s) {
+absl::Status CheckSwitchover(const Parsed& p, pb::SwitchoverConfig* s) {
   if (s->ByteSizeLong() == 0) return absl::OkStatus();
-  auto bad = [&](const std::string& what) { return p.Bad("switchover", what); };
   if (s->node().empty() || s->node().size() > 64) {
-    return bad("node (this host's name, 1 to 64 bytes) is required");
+    return p.Bad("switchover.node", "this host's name, 1 to 64 bytes, is required");
   }
   for (int i = 0; i < s->path_size(); i++) {
-    for (const std::string* e : {&s->path(i).local(), &s->path(i).remote()}) {
-      if (auto ep = switchover::ParseEndpoint(*e); !ep.ok()) {
-        return bad(absl::StrCat("path ", i + 1, ": ", ep.status().message()));
+    const pb::HeartbeatPath& path = s->path(i);
+    for (auto [end, value] : {std::pair{"local", &path.local()}, {"remote", &path.remote()}}) {
+      if (auto ep = switchover::ParseEndpoint(*value); !ep.ok()) {
+        return p.Bad(absl::StrCat("switchover.path[", i, "].", end), ep.status().message());
       }
     }
   }
   if (s->heartbeat_interval_ms() == 0) s->set_heartbeat_interval_ms(10);
+  if (auto r = p.Range("switchover.heartbeat_interval_ms", s->heartbeat_interval_ms(), 1,
+                       kMaxHeartbeatIntervalMs);
+      !r.ok()) {
+    return r;
+  }
   if (s->heartbeat_timeout_ms() == 0) s->set_heartbeat_timeout_ms(50);
   if (s->heartbeat_timeout_ms() <= s->heartbeat_interval_ms() ||
       s->heartbeat_timeout_ms() > 60000) {
-    return bad("heartbeat_timeout_ms must exceed heartbeat_interval_ms and be at most 60000");
+    return p.Bad("switchover.heartbeat_timeout_ms",
+                 "must exceed heartbeat_interval_ms and be at most 60000");
   }
   if (!s->witness().empty()) {
     if (auto ep = switchover::ParseEndpoint(s->witness()); !ep.ok()) {
-      return bad(absl::StrCat("witness: ", ep.status().message()));
+      return p.Bad("switchover.witness", ep.status().message());
     }
   }
   if (s->lease_renew_ms() == 0) s->set_lease_renew_ms(30);
-  if (s->lease_renew_ms() < 5 || s->lease_renew_ms() > 10000) {
-    return bad("lease_renew_ms must be 5 to 10000");
+  if (auto r = p.Range("switchover.lease_renew_ms", s->lease_renew_ms(), 5, 10000); !r.ok()) {
+    return r;
   }
   if (s->fence_timeout_ms() == 0) s->set_fence_timeout_ms(5000);
+  if (auto r = p.Range("switchover.fence_timeout_ms", s->fence_timeout_ms(), 1, kMaxFenceTimeoutMs,
+                       "ms (an hour)");
+      !r.ok()) {
+    return r;
+  }
   return absl::OkStatus();
 }
 
@@ -121,26 +189,33 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (auto s = p.Load(path, &c); !s.ok()) return s;
   if (auto s = CheckVm(p, c); !s.ok()) return s;
   if (c.disk().empty()) return p.Bad("disk", "is required");
-  if (c.mirror().empty() || !ValidHostPort(c.mirror())) return p.Bad("mirror", "must be HOST:PORT");
+  if (c.mirror().empty()) return p.Bad("mirror", "is required (HOST:PORT)");
+  if (auto s = CheckHostPort(p, "mirror", c.mirror()); !s.ok()) return s;
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
-  if (c.epoch_ms() == 0) c.set_epoch_ms(25);
-  if (c.epoch_ms() < 5 || c.epoch_ms() > 1000) return p.Bad("epoch_ms", "must be 5 to 1000");
   if (c.max_in_flight_mib() == 0) c.set_max_in_flight_mib(256);
-  if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
-  if (c.ledger_port() == 0) c.set_ledger_port(7070);
-  if (c.ledger_port() > 65535) return p.Bad("ledger_port", "must be at most 65535");
-  if (c.compression().empty()) c.set_compression("lz4");
-  if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
-    return p.Bad("compression", "must be none or lz4");
+  if (auto s = p.Range("max_in_flight_mib", c.max_in_flight_mib(), 1, kMaxInFlightMib, "MiB");
+      !s.ok()) {
+    return s;
   }
   if (!replicator::ParseEncryption(c.encryption()).ok()) {
     return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");
   }
-  const std::string& pat = c.workload().pattern();
-  if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
-    return p.Bad("workload", "pattern must be sequential, uniform or hotcold");
+  const pb::WorkloadConfig& w = c.workload();
+  vmm::VmConfig vm;
+  vm.memory_bytes = c.memory_mib() << 20;
+  vm.workload.working_set_pages = w.working_set_pages();
+  if (auto s = vmm::ValidateVmConfig(vm); !s.ok()) {
+    return p.Bad("workload.working_set_pages", s.message());
   }
-  if (c.replication_port() > 65535) return p.Bad("replication_port", "must be at most 65535");
+  if (auto s = p.Range("workload.write_rate", w.write_rate(), 0, kMaxWriteRate, "pages/s");
+      !s.ok()) {
+    return s;
+  }
+  const std::string& pat = w.pattern();
+  if (!pat.empty() && pat != "sequential" && pat != "uniform" && pat != "hotcold") {
+    return p.Bad("workload.pattern", "must be sequential, uniform or hotcold");
+  }
+  if (auto s = CheckPort(p, "replication_port", c.replication_port()); !s.ok()) return s;
   if (c.replication_port() != 0 && c.replication_listen().empty()) {
     c.set_replication_listen("127.0.0.1");
   }
@@ -154,20 +229,12 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (auto s = p.Load(path, &c); !s.ok()) return s;
   if (auto s = CheckVm(p, c); !s.ok()) return s;
   if (c.listen().empty()) c.set_listen("127.0.0.1");
-  if (c.port() == 0 || c.port() > 65535) return p.Bad("port", "must be 1 to 65535");
+  if (c.port() == 0) return p.Bad("port", "is required (1 to 65535: the primary must know it)");
+  if (auto s = CheckPort(p, "port", c.port()); !s.ok()) return s;
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.replica_disk().empty()) return p.Bad("replica_disk", "is required");
-  if (c.ledger_listen().empty()) c.set_ledger_listen("127.0.0.1");
-  if (c.ledger_port() == 0) c.set_ledger_port(7070);
-  if (c.ledger_port() > 65535) return p.Bad("ledger_port", "must be at most 65535");
-  if (!c.replicate_to().empty() && !ValidHostPort(c.replicate_to())) {
-    return p.Bad("replicate_to", "must be HOST:PORT");
-  }
-  if (c.epoch_ms() == 0) c.set_epoch_ms(25);
-  if (c.epoch_ms() < 5 || c.epoch_ms() > 1000) return p.Bad("epoch_ms", "must be 5 to 1000");
-  if (c.compression().empty()) c.set_compression("lz4");
-  if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
-    return p.Bad("compression", "must be none or lz4");
+  if (!c.replicate_to().empty()) {
+    if (auto s = CheckHostPort(p, "replicate_to", c.replicate_to()); !s.ok()) return s;
   }
   if (!replicator::ParseEncryption(c.encryption()).ok()) {
     return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");

@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "cli/config.h"
 #include "cli/host.h"
+#include "cli/ledger_client.h"
 #include "cli/signals.h"
 #include "vmm/vmm.h"
 
@@ -25,8 +26,7 @@ rml_pattern PatternOf(const std::string& p) {
 
 // "HOST:PORT", checked by the config loader.
 void SplitHostPort(const std::string& s, std::string* host, uint16_t* port) {
-  *host = s.substr(0, s.rfind(':'));
-  *port = static_cast<uint16_t>(std::atoi(s.c_str() + s.rfind(':') + 1));
+  ParseHostPort(s, host, port).IgnoreError();
 }
 
 // A failed primary returning as the mirror: the guest memory its monitor left in its

@@ -4,12 +4,14 @@
 
 #include <cstdio>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/host.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
+#include "switchover/datagram.h"
 #include "switchover/switchover.h"
 
 namespace romulus::cli {
@@ -35,8 +37,9 @@ int WitnessCommand(int argc, char** argv) {
   }
   if (psk_file.empty())
     return Fail("witness", absl::InvalidArgumentError("--psk-file is required"));
-  if (lease_ms < 10 || lease_ms > 60000) {
-    return Fail("witness", absl::InvalidArgumentError("--lease-ms must be 10-60000"));
+  if (lease_ms < 10 || lease_ms > switchover::kMaxLeaseMs) {
+    return Fail("witness", absl::InvalidArgumentError(
+                               absl::StrCat("--lease-ms must be 10-", switchover::kMaxLeaseMs)));
   }
   auto endpoint = switchover::ParseEndpoint(listen);
   if (!endpoint.ok()) return Fail("witness", endpoint.status());

@@ -107,11 +107,27 @@ class MirrorImpl : public Mirror {
 
  private:
   void Serve() {
+    uint64_t accept_failures = 0;  // in a row: the first is logged, and the recovery
     while (!stop_) {
       tcp::socket socket(io_);
       boost::system::error_code ec;
       acceptor_.accept(socket, ec);
-      if (ec || stop_) return;
+      if (stop_) return;
+      if (ec) {  // say, out of descriptors: a primary's connection waits in the backlog
+        if (accept_failures++ == 0) {
+          Log(options_.log, absl::StrCat("accepting a primary failed: ", ec.message(),
+                                         "; retrying until it works"));
+        }
+        if (!vmm::AcceptFailedForThatConnection(ec.value())) {
+          std::this_thread::sleep_for(vmm::kAcceptRetryPause);
+        }
+        continue;
+      }
+      if (accept_failures > 0) {
+        Log(options_.log,
+            absl::StrCat("accepting primaries again after ", accept_failures, " failed accepts"));
+        accept_failures = 0;
+      }
       uint64_t session = 0;
       auto ch =
           Channel::Accept(std::move(socket), {options_.identity, options_.key, options_.protection},

@@ -22,6 +22,8 @@ namespace romulus::switchover {
 inline constexpr uint32_t kDatagramVersion = 1;
 inline constexpr size_t kMaxDatagramBytes = 1024;
 inline constexpr size_t kMaxNameBytes = 128;  // VM ids and node names
+// The longest lease a witness grants; a longer one in a reply is not believed.
+inline constexpr uint32_t kMaxLeaseMs = 60000;
 
 using Clock = std::chrono::steady_clock;
 

@@ -239,8 +239,9 @@ class HeartbeatImpl : public Heartbeat {
       return;
     }
     const pb::Heartbeat& h = m->heartbeat();
+    // Heartbeats are numbered from 1: a 0 is no heartbeat.
     if (h.vm_id() != o_.vm_id || h.node() == o_.node || h.node().size() > kMaxNameBytes ||
-        h.role().size() > kMaxNameBytes) {
+        h.role().size() > kMaxNameBytes || h.seq() == 0) {
       ++p.rejected;
       return;
     }
@@ -260,10 +261,16 @@ class HeartbeatImpl : public Heartbeat {
       p.window_start = now;
     }
     if (h.echo_seq() != 0 && h.echo_seq() <= p.seq && p.seq - h.echo_seq() < kSentRing) {
-      auto rtt =
-          now - p.sent_at[h.echo_seq() % kSentRing] - std::chrono::microseconds(h.echo_hold_us());
-      double ms = std::chrono::duration<double, std::milli>(rtt).count();
-      if (ms >= 0) p.rtt_ms = p.rtt_ms < 0 ? ms : 0.8 * p.rtt_ms + 0.2 * ms;
+      // The peer held our heartbeat for echo_hold_us of the time since we sent it; a hold longer
+      // than that time is no measurement (and converted to our clock's units, it could overflow).
+      auto since_sent = std::chrono::duration_cast<std::chrono::microseconds>(
+          now - p.sent_at[h.echo_seq() % kSentRing]);
+      if (since_sent.count() >= 0 &&
+          h.echo_hold_us() <= static_cast<uint64_t>(since_sent.count())) {
+        auto rtt = since_sent - std::chrono::microseconds(h.echo_hold_us());
+        double ms = std::chrono::duration<double, std::milli>(rtt).count();
+        p.rtt_ms = p.rtt_ms < 0 ? ms : 0.8 * p.rtt_ms + 0.2 * ms;
+      }
     }
     p.heard = true;
     p.peer_seq = h.seq();

@@ -191,7 +191,8 @@ class LeaseClientImpl : public LeaseClient {
     const pb::LeaseReply& r = m->lease_reply();
     std::unique_lock<std::mutex> lock(mu_);
     auto it = pending_.find(r.request_id());
-    if (it == pending_.end()) return;  // not an answer to a request of ours still open
+    if (it == pending_.end()) return;      // not an answer to a request of ours still open
+    if (r.ttl_ms() > kMaxLeaseMs) return;  // no witness grants that: not an answer to believe
     auto [sent_at, op] = it->second;
     pending_.erase(pending_.begin(), std::next(it));
     last_reply_ = now;

@@ -6,7 +6,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
+#include <climits>
 
 #include "absl/strings/str_cat.h"
 #include "switchover/switchover.h"
@@ -46,7 +48,9 @@ absl::Status RunFenceCommand(const std::string& command, std::chrono::millisecon
   bool exited = true;
   if (pidfd >= 0) {
     pollfd p{pidfd, POLLIN, 0};
-    exited = ::poll(&p, 1, static_cast<int>(timeout.count())) == 1;
+    // A negative poll timeout waits forever: whatever the caller passed, the wait ends.
+    auto ms = static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX));
+    exited = ::poll(&p, 1, ms) == 1;
     ::close(pidfd);
   }
   if (!exited) ::kill(pid, SIGKILL);

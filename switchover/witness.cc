@@ -39,7 +39,9 @@ class WitnessImpl : public Witness {
   }
 
   absl::Status Open() {
-    if (o_.lease.count() <= 0) return absl::InvalidArgumentError("lease must be positive");
+    if (o_.lease.count() <= 0 || o_.lease.count() > kMaxLeaseMs) {
+      return absl::InvalidArgumentError(absl::StrCat("lease must be 1 to ", kMaxLeaseMs, " ms"));
+    }
     auto local = ToUdp(o_.listen);
     if (!local.ok()) return local.status();
     boost::system::error_code ec;

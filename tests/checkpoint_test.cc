@@ -266,6 +266,24 @@ TEST_P(VmCheckpointFaults, ForgedContentsAreRejected) {
   ExpectRejected(e);
 }
 
+// Epochs come from the peer: one past kMaxEpoch, even in a full checkpoint that is otherwise
+// genuine, is refused, so counting on from the committed epoch cannot overflow (a full
+// checkpoint at INT64_MAX was committed, and the next checkpoint's check overflowed).
+TEST_P(VmCheckpointFaults, EpochsBeyondTheBoundAreRefused) {
+  for (uint64_t epoch : {checkpoint::kMaxEpoch + 1, uint64_t{INT64_MAX}, ~uint64_t{0}}) {
+    Checkpoint c = *cps_[0];
+    ASSERT_TRUE(c.full);
+    c.epoch = epoch;
+    c.digest = checkpoint::CheckpointDigest(c);
+    ExpectRejected(c);
+    c.full = false;
+    c.digest = checkpoint::CheckpointDigest(c);
+    ExpectRejected(c);
+  }
+  ASSERT_TRUE(replica_->Apply(*cps_[2]).ok());
+  EXPECT_EQ(replica_->committed_epoch(), 2);
+}
+
 TEST_P(VmCheckpointFaults, TheGenuineCheckpointStillApplies) {
   ASSERT_TRUE(replica_->Apply(*cps_[2]).ok());
   ASSERT_TRUE(replica_->Apply(*cps_[3]).ok());

@@ -71,7 +71,7 @@ epoch_ms: 2
                                        "vm_id: \"a\"\nport: 7000\npsk_file: \"k\"\nreplica_disk: "
                                        "\"r\"\nreplicate_to: \"nowhere\"\n"));
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find(":5: replicate_to: must be HOST:PORT"),
+  EXPECT_NE(r.status().message().find(":5: replicate_to: 'nowhere' is not HOST:PORT"),
             absl::string_view::npos)
       << r.status();
   auto good =
@@ -81,6 +81,120 @@ epoch_ms: 2
   ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_EQ(good->epoch_ms(), 25u);
   EXPECT_EQ(good->compression(), "lz4");
+}
+
+struct BadValue {
+  std::string text;     // from line 4 of the config on
+  int line;             // where the bad value is
+  std::string message;  // what follows "FILE:LINE: "
+};
+
+// Each value is refused, naming the file, the line and the field, before anything uses it.
+void ExpectRefused(bool primary, const std::vector<BadValue>& cases) {
+  testing::TempDir dir;
+  for (const BadValue& c : cases) {
+    std::string text = "vm_id: \"a\"\npsk_file: \"k\"\n";
+    text += primary ? "disk: \"d\"\n" : "replica_disk: \"r\"\n";
+    text += c.text + "\n";
+    if (primary && c.text.find("mirror:") == std::string::npos) text += "mirror: \"m:7400\"\n";
+    if (!primary && c.text.find("port:") != 0) text += "port: 7400\n";
+    std::string path = Write(dir, text);
+    absl::Status s =
+        primary ? cli::LoadPrimaryConfig(path).status() : cli::LoadMirrorConfig(path).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_EQ(s.message(), absl::StrCat(path, ":", c.line, ": ", c.message)) << c.text;
+  }
+}
+
+// atoi read "7A00" as 7 and wrapped 4294974296 to 7000; MiB counts shifted into bytes wrapped
+// (a max_in_flight_mib of 2^44 made the in-flight budget 0: no checkpoint was ever taken); a
+// fence timeout past INT_MAX became a negative poll timeout, which waits forever.
+TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
+  ExpectRefused(
+      true,
+      {
+          {"mirror: \"127.0.0.1:7A00\"", 4,
+           "mirror: '127.0.0.1:7A00' is not HOST:PORT (a port of 1 to 65535)"},
+          {"mirror: \":4294974296\"", 4,
+           "mirror: ':4294974296' is not HOST:PORT (a port of 1 to 65535)"},
+          {"mirror: \"127.0.0.1:0\"", 4,
+           "mirror: '127.0.0.1:0' is not HOST:PORT (a port of 1 to 65535)"},
+          {"disk_mib: 17592186044416", 4,
+           "disk_mib: 17592186044416 is out of range: 1 to 4194304 MiB (4 TiB)"},
+          {"max_in_flight_mib: 17592186044416", 4,
+           "max_in_flight_mib: 17592186044416 is out of range: 1 to 65536 MiB"},
+          {"epoch_ms: 4000000000", 4, "epoch_ms: 4000000000 is out of range: 5 to 1000"},
+          {"ledger_port: 70000", 4, "ledger_port: 70000 is out of range: 1 to 65535"},
+          {"replication_port: 65536", 4, "replication_port: 65536 is out of range: 1 to 65535"},
+          {"workload {\n  write_rate: 18446744073709551615\n}", 5,
+           "workload.write_rate: 18446744073709551615 is out of range: 0 to 10000000 pages/s"},
+          {"memory_mib: 64\nworkload { working_set_pages: 1000000 }", 5,
+           "workload.working_set_pages: working set of 1000000 pages does not fit: 64 MiB of "
+           "memory leaves 15360 pages for it"},
+          {"switchover {\n  node: \"a\"\n  fence_timeout_ms: 2147483648\n}", 6,
+           "switchover.fence_timeout_ms: 2147483648 is out of range: 1 to 3600000 ms (an hour)"},
+          {"switchover {\n  node: \"a\"\n  heartbeat_interval_ms: 4294967295\n}", 6,
+           "switchover.heartbeat_interval_ms: 4294967295 is out of range: 1 to 10000"},
+          {"switchover {\n  node: \"a\"\n  lease_renew_ms: 4294967295\n}", 6,
+           "switchover.lease_renew_ms: 4294967295 is out of range: 5 to 10000"},
+          {"switchover {\n  node: \"a\"\n  heartbeat_timeout_ms: 4294967295\n}", 6,
+           "switchover.heartbeat_timeout_ms: must exceed heartbeat_interval_ms and be at most "
+           "60000"},
+          {"switchover {\n  node: \"a\"\n  path { local: \"127.0.0.1:1\" remote: "
+           "\"127.0.0.1:2\" }\n  path {\n    local: \"127.0.0.1:1\"\n    remote: "
+           "\"127.0.0.1:4294974296\"\n  }\n}",
+           9, "switchover.path[1].remote: '127.0.0.1:4294974296' is not ADDR:PORT"},
+      });
+  ExpectRefused(false,
+                {
+                    {"replicate_to: \":4294974296\"", 4,
+                     "replicate_to: ':4294974296' is not HOST:PORT (a port of 1 to 65535)"},
+                    {"replicate_to: \"127.0.0.1:7A00\"", 4,
+                     "replicate_to: '127.0.0.1:7A00' is not HOST:PORT (a port of 1 to "
+                     "65535)"},
+                    {"port: 70000", 4, "port: 70000 is out of range: 1 to 65535"},
+                    {"disk_mib: 17592186044416", 4,
+                     "disk_mib: 17592186044416 is out of range: 1 to 4194304 MiB (4 TiB)"},
+                    {"ledger_port: 65536", 4, "ledger_port: 65536 is out of range: 1 to 65535"},
+                    {"epoch_ms: 1001", 4, "epoch_ms: 1001 is out of range: 5 to 1000"},
+                });
+}
+
+// A value past its type is a syntax error, also with its line.
+TEST(Config, ValuesPastTheirTypeAreSyntaxErrorsWithTheirLine) {
+  testing::TempDir dir;
+  std::string p2 = Write(dir, "vm_id: \"a\"\nswitchover {\n  fence_timeout_ms: 4294967296\n}\n");
+  auto c = cli::LoadPrimaryConfig(p2);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find(p2 + ":3:"), absl::string_view::npos) << c.status();
+}
+
+// Every bound is inclusive: a config at the limits loads.
+TEST(Config, ValuesAtTheirBoundsAreAccepted) {
+  testing::TempDir dir;
+  auto c = cli::LoadPrimaryConfig(Write(dir, R"(
+    vm_id: "a"
+    disk: "d"
+    disk_mib: 4194304
+    mirror: "127.0.0.1:65535"
+    psk_file: "k"
+    epoch_ms: 1000
+    max_in_flight_mib: 65536
+    ledger_port: 65535
+    replication_port: 1
+    memory_mib: 64
+    workload { working_set_pages: 15360 write_rate: 10000000 }
+    switchover {
+      node: "a"
+      heartbeat_interval_ms: 10000
+      heartbeat_timeout_ms: 60000
+      lease_renew_ms: 10000
+      fence_timeout_ms: 3600000
+    }
+  )"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_in_flight_mib() << 20, 64ull << 30);
+  EXPECT_EQ(c->switchover().fence_timeout_ms(), 3600000u);
 }
 
 }  // namespace

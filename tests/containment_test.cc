@@ -58,17 +58,6 @@ pid_t FindStub(pid_t pid) {
   return -1;
 }
 
-std::string StatusField(pid_t pid, const std::string& key) {
-  std::istringstream in(ReadFile("/proc/" + std::to_string(pid) + "/status"));
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind(key + ":", 0) == 0) {
-      size_t v = line.find_first_not_of(" \t", key.size() + 1);
-      return v == std::string::npos ? "" : line.substr(v);
-    }
-  }
-  return "";
-}
-
 TEST(ProcessPlatformStub, HoldsOnlyItsPagesAndGuestRamAndNoFiles) {
   if (auto s = vmm::CheckPlatform(pb::PROCESS); !s.ok()) {
     GTEST_SKIP() << "needs the process platform: " << s.message();
@@ -118,10 +107,10 @@ TEST(ProcessPlatformStub, HoldsOnlyItsPagesAndGuestRamAndNoFiles) {
   EXPECT_TRUE(open_fds.empty()) << open_fds.size() << " open descriptors, first " << open_fds[0];
 
   // A seccomp filter, no new privileges, and this process as its tracer.
-  EXPECT_EQ(StatusField(stub, "Seccomp"), "2");
-  EXPECT_EQ(StatusField(stub, "NoNewPrivs"), "1");
-  pid_t tracer = std::stoi(StatusField(stub, "TracerPid"));
-  EXPECT_EQ(StatusField(tracer, "Tgid"), std::to_string(::getpid()));
+  EXPECT_EQ(testing::ProcStatusField(stub, "Seccomp"), "2");
+  EXPECT_EQ(testing::ProcStatusField(stub, "NoNewPrivs"), "1");
+  pid_t tracer = std::stoi(testing::ProcStatusField(stub, "TracerPid"));
+  EXPECT_EQ(testing::ProcStatusField(tracer, "Tgid"), std::to_string(::getpid()));
   ASSERT_TRUE(vm->Stop().ok());
 }
 
@@ -143,11 +132,12 @@ TEST(ProcessPlatformStub, DiesWithItsMonitor) {
   // for a moment.
   EXPECT_TRUE(testing::WaitUntil(
       [&] {
-        std::string state = StatusField(stub, "State");
+        std::string state = testing::ProcStatusField(stub, "State");
         return state.empty() || state[0] == 'Z';
       },
       10))
-      << "the stub " << stub << " outlived its monitor: " << StatusField(stub, "State");
+      << "the stub " << stub
+      << " outlived its monitor: " << testing::ProcStatusField(stub, "State");
 }
 
 class VmContainment : public testing::PlatformTest {

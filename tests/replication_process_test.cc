@@ -88,6 +88,48 @@ TEST_P(VmReplicationProcess, PrimaryAndMirrorFromConfigFilesAndTheReplicaResumes
   EXPECT_EQ(resumed.Wait(30), 0) << resumed.output();
 }
 
+// One failed accept ended the mirror's listener: with its descriptors exhausted once, no primary
+// could connect after they were back. Now it logs the failure once, keeps trying (pausing after
+// each failure) and accepts the primary once it can.
+TEST_P(VmReplicationProcess, TheMirrorAcceptsAgainOnceItHasDescriptors) {
+  TempDir dir;
+  uint16_t port = FreePort();
+  std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
+  std::ofstream(dir.File("mirror.conf"))
+      << "vm_id: \"t\"\nmemory_mib: 32\ndisk_mib: 8\nport: " << port << "\npsk_file: \""
+      << dir.File("key") << "\"\nreplica_disk: \"" << dir.File("replica.img") << "\"\n"
+      << "platform: \"" << platform_name() << "\"\n";
+  std::ofstream(dir.File("primary.conf"))
+      << "vm_id: \"t\"\nmemory_mib: 32\ndisk: \"" << dir.File("primary.img")
+      << "\"\ndisk_mib: 8\nmirror: \"127.0.0.1:" << port << "\"\npsk_file: \"" << dir.File("key")
+      << "\"\nledger_port: " << FreePort() << "\nplatform: \"" << platform_name() << "\"\n";
+  Child mirror({"mirror", "--config", dir.File("mirror.conf")});
+  ASSERT_FALSE(mirror.WaitForLine("waiting for the primary", 30).empty());
+  {
+    testing::DescriptorLimit limit(mirror.pid());
+    ASSERT_TRUE(limit.lowered());
+    // The kernel completes the connection; the mirror cannot take it from the backlog.
+    vmm::Fd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    std::string failed = mirror.WaitForLine("accepting a primary failed", 30);
+    EXPECT_NE(failed.find("Too many open files"), std::string::npos) << failed;
+  }
+  Child primary({"primary", "--config", dir.File("primary.conf")});
+  EXPECT_FALSE(primary.WaitForLine("protected: replicating", 60).empty()) << mirror.output();
+  EXPECT_NE(mirror.output().find("accepting primaries again"), std::string::npos);
+  // Logged once, not once per retry.
+  EXPECT_EQ(mirror.output().find("accepting a primary failed"),
+            mirror.output().rfind("accepting a primary failed"));
+  primary.Signal(SIGTERM);
+  EXPECT_EQ(primary.Wait(30), 0) << primary.output();
+  mirror.Signal(SIGTERM);
+  EXPECT_EQ(mirror.Wait(60), 0) << mirror.output();
+}
+
 ROMULUS_ON_EVERY_PLATFORM(VmReplicationProcess);
 
 }  // namespace

@@ -218,6 +218,150 @@ TEST(Heartbeat, PeersOnTwoLoopbackPathsSeeEachOtherAndNoticeWhenOneIsGone) {
   EXPECT_TRUE((*a)->peer_alive());
 }
 
+// A UDP socket on loopback that plays the peer (or the witness), with bounded waits.
+class FakePeer {
+ public:
+  FakePeer() : socket_(io_, {boost::asio::ip::make_address("127.0.0.1"), 0}) {
+    socket_.non_blocking(true);
+  }
+  uint16_t port() const { return socket_.local_endpoint().port(); }
+  void SendTo(uint16_t port, const pb::SwitchoverMessage& m) {
+    socket_.send_to(boost::asio::buffer(Seal(kKey, m)),
+                    {boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+  // The next authentic message within `seconds` (scaled), and the port it came from.
+  std::optional<pb::SwitchoverMessage> Receive(double seconds, uint16_t* from = nullptr) {
+    std::optional<pb::SwitchoverMessage> out;
+    WaitUntil(
+        [&] {
+          std::array<char, 2048> buf;
+          boost::asio::ip::udp::endpoint sender;
+          boost::system::error_code ec;
+          size_t n = socket_.receive_from(boost::asio::buffer(buf), sender, 0, ec);
+          if (ec) return false;
+          auto m = Open(kKey, absl::string_view(buf.data(), n));
+          if (!m.ok()) return false;
+          if (from) *from = sender.port();
+          out = std::move(*m);
+          return true;
+        },
+        seconds);
+    return out;
+  }
+
+ private:
+  boost::asio::io_context io_;
+  boost::asio::ip::udp::socket socket_;
+};
+
+// A path to a fake peer "b" with a short interval and a long timeout (the path stays up between
+// the fake peer's heartbeats).
+std::unique_ptr<Heartbeat> HeartbeatTo(const FakePeer& b, uint16_t a_port) {
+  Heartbeat::Options o;
+  o.vm_id = "vm1";
+  o.node = "a";
+  o.role = "primary";
+  o.key = kKey;
+  o.paths = {{{"127.0.0.1", a_port}, {"127.0.0.1", b.port()}}};
+  o.interval = milliseconds(10);
+  o.timeout = milliseconds(5000);
+  auto a = Heartbeat::Start(o);
+  EXPECT_TRUE(a.ok()) << a.status();
+  return a.ok() ? std::move(*a) : nullptr;
+}
+
+// echo_hold_us comes from the peer: a hold of 2^62 us, converted to the clock's nanoseconds,
+// overflowed. A hold longer than the time since the echoed heartbeat was sent measures nothing:
+// the heartbeat counts, its round trip does not.
+TEST(Heartbeat, AnImpossibleEchoHoldGivesNoRoundTrip) {
+  FakePeer b;
+  uint16_t a_port = testing::FreePort(SOCK_DGRAM);
+  auto a = HeartbeatTo(b, a_port);
+  ASSERT_NE(a, nullptr);
+  uint64_t seq = 0;
+  auto reply = [&](uint64_t hold_us) {
+    auto heard = b.Receive(5);
+    if (!heard.has_value() || !heard->has_heartbeat()) return false;
+    pb::SwitchoverMessage m;
+    pb::Heartbeat* h = m.mutable_heartbeat();
+    h->set_vm_id("vm1");
+    h->set_node("b");
+    h->set_role("mirror");
+    h->set_session(7);
+    h->set_seq(++seq);
+    h->set_echo_seq(heard->heartbeat().seq());
+    h->set_echo_hold_us(hold_us);
+    b.SendTo(a_port, m);
+    return true;
+  };
+  for (uint64_t hold : {uint64_t{1} << 62, ~uint64_t{0}, uint64_t{1} << 40}) {
+    uint64_t received = a->paths()[0].received;
+    ASSERT_TRUE(reply(hold));
+    ASSERT_TRUE(WaitUntil([&] { return a->paths()[0].received > received; }, 5)) << hold;
+    EXPECT_TRUE(a->paths()[0].up);
+    EXPECT_EQ(a->paths()[0].rtt_ms, -1) << "hold " << hold;
+  }
+  // A hold that fits gives a round trip.
+  ASSERT_TRUE(reply(0));
+  EXPECT_TRUE(WaitUntil([&] { return a->paths()[0].rtt_ms >= 0; }, 5));
+}
+
+// Heartbeats are numbered from 1: one numbered 0 (its loss window would start at 2^64 - 1) is
+// refused, even as the first a path hears.
+TEST(Heartbeat, AHeartbeatNumberedZeroIsRefused) {
+  FakePeer b;
+  uint16_t a_port = testing::FreePort(SOCK_DGRAM);
+  auto a = HeartbeatTo(b, a_port);
+  ASSERT_NE(a, nullptr);
+  pb::SwitchoverMessage zero;
+  zero.mutable_heartbeat()->set_vm_id("vm1");
+  zero.mutable_heartbeat()->set_node("b");
+  zero.mutable_heartbeat()->set_session(7);
+  b.SendTo(a_port, zero);
+  EXPECT_TRUE(WaitUntil([&] { return a->paths()[0].rejected == 1; }, 5));
+  EXPECT_EQ(a->paths()[0].received, 0u);
+  EXPECT_FALSE(a->paths()[0].up);
+}
+
+// A lease longer than any witness grants (ttl_ms up to 49 days) is not believed.
+TEST(Lease, AGrantLongerThanAnyWitnessGivesIsNotBelieved) {
+  FakePeer witness;
+  LeaseClient::Options o;
+  o.vm_id = "vm1";
+  o.node = "a";
+  o.key = kKey;
+  o.witness = {"127.0.0.1", witness.port()};
+  o.renew = milliseconds(20);
+  auto c = LeaseClient::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  (*c)->Want(true);
+  auto grant = [&](uint32_t ttl_ms) {
+    uint16_t from = 0;
+    auto asked = witness.Receive(5, &from);
+    if (!asked.has_value() || !asked->has_lease_request()) return false;
+    pb::SwitchoverMessage m;
+    pb::LeaseReply* r = m.mutable_lease_reply();
+    r->set_request_id(asked->lease_request().request_id());
+    r->set_granted(true);
+    r->set_holder("a");
+    r->set_ttl_ms(ttl_ms);
+    r->set_next_nonce("n");
+    witness.SendTo(from, m);
+    return true;
+  };
+  for (uint32_t ttl : {kMaxLeaseMs + 1, ~uint32_t{0}}) {
+    ASSERT_TRUE(grant(ttl));
+    // The client renews every 20 ms, on the thread that handles replies: two requests later the
+    // reply (on loopback, there in microseconds) has been handled.
+    ASSERT_TRUE(witness.Receive(5).has_value());
+    ASSERT_TRUE(witness.Receive(5).has_value());
+    EXPECT_FALSE((*c)->held()) << ttl;
+  }
+  ASSERT_TRUE(grant(5000));
+  EXPECT_TRUE(WaitUntil([&] { return (*c)->held(); }, 5));
+  (*c)->Want(false);
+}
+
 TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
   EXPECT_TRUE(RunFenceCommand("true", milliseconds(2000)).ok());
   absl::Status failed = RunFenceCommand("exit 3", milliseconds(2000));
@@ -225,6 +369,10 @@ TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
   EXPECT_THAT(std::string(failed.message()), HasSubstr("exit 3"));
   absl::Status hung = RunFenceCommand("sleep 30", milliseconds(100));
   EXPECT_EQ(hung.code(), absl::StatusCode::kDeadlineExceeded);
+  // A negative timeout was handed to poll as is, which then waits for as long as the command
+  // runs: now it is no wait at all (and one past INT_MAX ms is INT_MAX, not negative).
+  absl::Status negative = RunFenceCommand("sleep 30", milliseconds(-1));
+  EXPECT_EQ(negative.code(), absl::StatusCode::kDeadlineExceeded);
 }
 
 TEST(Promotion, NeedsALeaseOrAFenceOrAnOperatorsForce) {

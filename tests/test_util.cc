@@ -3,7 +3,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <set>
 #include <thread>
 
 namespace romulus::testing {
@@ -103,6 +106,46 @@ int Child::Wait(double seconds) {
 
 std::string WaitForRestore(Child& vm, const std::string& platform, double seconds) {
   return vm.WaitForLine("romulus vm: platform " + platform + ": restored ", seconds);
+}
+
+std::string ProcStatusField(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(key + ":", 0) == 0) {
+      size_t v = line.find_first_not_of(" \t", key.size() + 1);
+      return v == std::string::npos ? "" : line.substr(v);
+    }
+  }
+  return "";
+}
+
+DescriptorLimit::DescriptorLimit(pid_t pid) : pid_(pid) {
+  std::set<int> open;
+  std::error_code ec;
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    open.insert(std::atoi(e.path().filename().c_str()));
+  }
+  EXPECT_FALSE(ec) << "cannot list the descriptors of " << pid << ": " << ec.message();
+  while (open.count(limit_)) limit_++;
+  struct rlimit low {};
+  if (::prlimit(pid, RLIMIT_NOFILE, nullptr, &saved_) != 0) {
+    ADD_FAILURE() << "prlimit " << pid << ": " << std::strerror(errno);
+    return;
+  }
+  low.rlim_cur = static_cast<rlim_t>(limit_);
+  low.rlim_max = saved_.rlim_max;
+  if (::prlimit(pid, RLIMIT_NOFILE, &low, nullptr) != 0) {
+    ADD_FAILURE() << "prlimit " << pid << ": " << std::strerror(errno);
+    return;
+  }
+  lowered_ = true;
+}
+
+void DescriptorLimit::Restore() {
+  if (!lowered_) return;
+  lowered_ = false;
+  EXPECT_EQ(::prlimit(pid_, RLIMIT_NOFILE, &saved_, nullptr), 0) << std::strerror(errno);
 }
 
 std::string Field(const std::string& line, const std::string& key) {

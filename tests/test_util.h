@@ -4,6 +4,7 @@
 #define ROMULUS_TESTS_TEST_UTIL_H_
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <map>
@@ -129,6 +130,27 @@ class Child {
 // `platform` (the one that wrote the snapshot), and returns the line that says what it restored
 // ("... restored DIR memory_xxh3=... workload_pages=..."); "" (and a test failure) if none.
 std::string WaitForRestore(Child& vm, const std::string& platform, double seconds);
+
+// The value of `key` in /proc/PID/status ("" if absent), e.g. "VmRSS" -> "12345 kB".
+std::string ProcStatusField(pid_t pid, const std::string& key);
+
+// Lowers another process's RLIMIT_NOFILE to its lowest free descriptor number, so that the next
+// descriptor it opens fails with EMFILE, until Restore() or destruction puts the limit back.
+class DescriptorLimit {
+ public:
+  explicit DescriptorLimit(pid_t pid);
+  ~DescriptorLimit() { Restore(); }
+  DescriptorLimit(const DescriptorLimit&) = delete;
+  DescriptorLimit& operator=(const DescriptorLimit&) = delete;
+  bool lowered() const { return lowered_; }
+  void Restore();
+
+ private:
+  pid_t pid_;
+  bool lowered_ = false;
+  int limit_ = 0;
+  struct rlimit saved_ {};
+};
 
 // A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).
 uint16_t FreePort(int type = 1 /* SOCK_STREAM */);

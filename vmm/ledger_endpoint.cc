@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "proto/romulus.pb.h"
 #include "vmm/ledger_protocol.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 namespace {
@@ -18,6 +19,9 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 
 constexpr size_t kMaxInFlightPerConnection = 64;
+// A reply from the guest carries no error text: its frame is at most 71 bytes (seven fields of at
+// most 11 bytes each, and the length). Each request in flight counts as this much.
+constexpr size_t kHeldReplyBytes = 128;
 
 class Endpoint;
 
@@ -36,6 +40,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Reply(const pb::LedgerResponse& r) { Send(EncodeFrame(r)); }
   void WriteNext();
   void Close(absl::string_view why);
+  // Replies waiting to be written, and those still to come for requests in flight.
+  size_t queued_bytes() const { return out_bytes_ + in_flight_ * kHeldReplyBytes; }
 
   Endpoint& endpoint_;
   tcp::socket socket_;
@@ -43,6 +49,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uint8_t header_[4];
   std::vector<uint8_t> body_;
   std::deque<std::string> out_;
+  size_t out_bytes_ = 0;  // in out_
   size_t in_flight_ = 0;
   bool reading_paused_ = false;
   bool closed_ = false;
@@ -64,7 +71,8 @@ class Endpoint : public LedgerEndpoint {
         gate_(gate),
         log_(std::move(log)),
         io_(std::make_shared<asio::io_context>()),
-        acceptor_(*io_) {}
+        acceptor_(*io_),
+        accept_retry_(*io_) {}
 
   ~Endpoint() override {
     ledger_.SetResponseSink(nullptr);  // waits for a response being handed over
@@ -115,10 +123,30 @@ class Endpoint : public LedgerEndpoint {
  private:
   void Accept() {
     acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
-      if (ec) return;
+      if (ec == asio::error::operation_aborted) return;  // the acceptor was closed
+      if (ec) return AcceptFailed(ec);
+      if (accept_failures_ > 0) {
+        Log(absl::StrCat("ledger endpoint: accepting again after ", accept_failures_,
+                         " failed accepts"));
+        accept_failures_ = 0;
+      }
       connections_++;
       std::make_shared<Connection>(*this, std::move(socket))->Start();
       Accept();
+    });
+  }
+
+  // Say, out of descriptors: the client's connection waits in the backlog, and the endpoint
+  // keeps trying to take it (said once, not at every try).
+  void AcceptFailed(const boost::system::error_code& ec) {
+    if (accept_failures_++ == 0) {
+      Log(absl::StrCat("ledger endpoint: accept failed: ", ec.message(),
+                       "; retrying until it works"));
+    }
+    if (AcceptFailedForThatConnection(ec.value())) return Accept();
+    accept_retry_.expires_after(kAcceptRetryPause);
+    accept_retry_.async_wait([this](boost::system::error_code e) {
+      if (!e) Accept();
     });
   }
 
@@ -143,8 +171,8 @@ class Endpoint : public LedgerEndpoint {
     auto delivery = std::make_shared<Delivery>(Delivery{io_, std::move(c), EncodeFrame(out)});
     gate_.Push([delivery] {
       asio::post(*delivery->io, [delivery] {
+        delivery->conn->ResponseDone();  // first: the reply is no longer counted as in flight
         delivery->conn->Send(std::move(delivery->frame));
-        delivery->conn->ResponseDone();
       });
     });
   }
@@ -154,6 +182,8 @@ class Endpoint : public LedgerEndpoint {
   std::function<void(absl::string_view)> log_;
   std::shared_ptr<asio::io_context> io_;
   tcp::acceptor acceptor_;
+  asio::steady_timer accept_retry_;
+  uint64_t accept_failures_ = 0;  // in a row (io thread)
   std::thread thread_;
   uint16_t port_ = 0;
   std::mutex mu_;
@@ -177,9 +207,15 @@ void Connection::Close(absl::string_view why) {
   boost::system::error_code ec;
   socket_.shutdown(tcp::socket::shutdown_both, ec);
   socket_.close(ec);
+  // Nothing more will be written; the front may still be the buffer of a write being aborted.
+  while (out_.size() > 1) {
+    out_bytes_ -= out_.back().size();
+    out_.pop_back();
+  }
 }
 
 void Connection::ReadHeader() {
+  if (closed_) return;  // dropped while answering the last request
   if (in_flight_ >= kMaxInFlightPerConnection) {
     reading_paused_ = true;  // resumes when a response goes out
     return;
@@ -256,6 +292,11 @@ void Connection::ResponseDone() {
 
 void Connection::Send(std::string frame) {
   if (closed_) return;
+  if (queued_bytes() + frame.size() > LedgerEndpoint::kMaxQueuedBytes) {
+    return Close(absl::StrCat("does not read its replies: queued_bytes=", queued_bytes(),
+                              " limit_bytes=", LedgerEndpoint::kMaxQueuedBytes));
+  }
+  out_bytes_ += frame.size();
   out_.push_back(std::move(frame));
   if (out_.size() == 1) WriteNext();
 }
@@ -264,6 +305,7 @@ void Connection::WriteNext() {
   asio::async_write(socket_, asio::buffer(out_.front()),
                     [self = shared_from_this()](boost::system::error_code ec, size_t) {
                       if (ec) return self->Close("");
+                      self->out_bytes_ -= self->out_.front().size();
                       self->out_.pop_front();
                       if (!self->out_.empty()) self->WriteNext();
                     });

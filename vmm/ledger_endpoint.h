@@ -22,6 +22,11 @@ class LedgerEndpoint {
     uint64_t requests = 0;
     uint64_t rejected = 0;  // frames refused by the monitor itself
   };
+  // What one connection may have waiting for it: replies not yet written to its socket, and its
+  // requests in the guest or in the output gate (counted at the largest reply each). A client
+  // whose replies would pass this has stopped reading them and is dropped, so a client that
+  // sends without reading costs the monitor at most this much.
+  static constexpr uint64_t kMaxQueuedBytes = 256 << 10;
   // Listens on `address`:`port` (0: any free port). `log` receives one line per client error.
   static absl::StatusOr<std::unique_ptr<LedgerEndpoint>> Start(
       LedgerDevice& ledger, OutputGate& gate, const std::string& address, uint16_t port,

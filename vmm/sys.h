@@ -116,6 +116,15 @@ inline absl::Status WriteFully(int fd, absl::string_view bytes, absl::string_vie
   return WriteFully(fd, &iov, 1, what);
 }
 
+// accept(2) failed. A failure of that one connection (aborted, or its protocol failed) is
+// retried at once; any other (out of descriptors, buffers or memory) would fail again at once,
+// the connection still waiting in the backlog, so a listener pauses this long before it retries.
+inline constexpr std::chrono::milliseconds kAcceptRetryPause{100};
+inline bool AcceptFailedForThatConnection(int err) {
+  return err == ECONNABORTED || err == EPROTO || err == EINTR || err == EAGAIN ||
+         err == EWOULDBLOCK;
+}
+
 // Runs an ioctl, retrying on EINTR, and returns its non-negative result or an error naming it.
 template <typename Arg>
 absl::Status Ioctl(int fd, unsigned long request, Arg arg, absl::string_view name,
