@@ -34,6 +34,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/loopback.h"
 #include "bench/machine.h"
 #include "checkpoint/checkpoint.h"
 #include "cli/load.h"
@@ -542,38 +543,6 @@ absl::Status EpochPause(pb::Platform platform, uint64_t pages) {
   return absl::OkStatus();
 }
 
-// MB/s through a plain loopback TCP connection, 1 MiB writes, for `bytes`.
-double RawLoopbackMBps(uint64_t bytes) {
-  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  ::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  ::getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len);
-  ::listen(listener, 1);
-  std::thread sink([&] {
-    int c = ::accept(listener, nullptr, nullptr);
-    std::vector<char> buf(1 << 20);
-    while (::read(c, buf.data(), buf.size()) > 0) {
-    }
-    ::close(c);
-  });
-  int out = ::socket(AF_INET, SOCK_STREAM, 0);
-  ::connect(out, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  std::vector<char> buf(1 << 20, 'x');
-  auto t0 = Clock::now();
-  for (uint64_t sent = 0; sent < bytes;) {
-    ssize_t n = ::write(out, buf.data(), std::min<uint64_t>(buf.size(), bytes - sent));
-    if (n <= 0) break;
-    sent += static_cast<uint64_t>(n);
-  }
-  ::close(out);
-  sink.join();
-  ::close(listener);
-  return static_cast<double>(bytes) / Secs(Clock::now() - t0) / 1e6;
-}
-
 // Replication throughput and the cost of protection for the ledger, with 25 ms epochs.
 absl::Status Replication(pb::Platform platform, uint64_t dirty_pages, uint64_t clients) {
   Scratch s;
@@ -623,7 +592,8 @@ absl::Status Replication(pb::Platform platform, uint64_t dirty_pages, uint64_t c
   auto b = (*primary)->stats();
   double secs = Secs(Clock::now() - ta);
   double mbps = static_cast<double>(b.bytes_sent - a.bytes_sent) / secs / 1e6;
-  double raw = RawLoopbackMBps(std::max<uint64_t>(b.bytes_sent - a.bytes_sent, 64ull << 20));
+  double raw =
+      romulus::bench::RawLoopbackMBps(std::max<uint64_t>(b.bytes_sent - a.bytes_sent, 64ull << 20));
   primary->reset();
   mirror->reset();
   ep->reset();
