@@ -64,7 +64,7 @@ bool SameResponse(const pb::LedgerResponse& a, const pb::LedgerResponse& b) {
 // One client: a connection that reconnects and resends the same request id when it fails.
 class Client {
  public:
-  Client(const LoadOptions& o, uint64_t id, Shared& shared) : o_(o), id_(id), shared_(shared) {}
+  Client(const LoadOptions& o, uint64_t id) : o_(o), id_(id) {}
 
   std::optional<pb::LedgerResponse> Call(pb::LedgerRequest q) {
     q.set_client_id(id_);
@@ -101,7 +101,6 @@ class Client {
  private:
   const LoadOptions& o_;
   uint64_t id_;
-  Shared& shared_;
   // The next attempt goes to the other address, if there is one.
   void Failed() {
     if (o_.standby_port != 0) on_standby_ = !on_standby_;
@@ -115,7 +114,7 @@ class Client {
 
 void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& accounts,
                Clock::time_point end, uint64_t seed, Shared& shared) {
-  Client client(o, id, shared);
+  Client client(o, id);
   std::mt19937_64 rng(seed);
   uint64_t request_id = 0, last_seq = 0;
   std::vector<double> lat;
@@ -215,7 +214,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   Shared shared;
 
   // Setup: open this run's accounts and give each an initial balance.
-  Client setup(o, base, shared);
+  Client setup(o, base);
   std::vector<uint32_t> accounts;
   uint64_t rid = 0;
   for (uint64_t i = 0; i < o.accounts; i++) {

@@ -3,8 +3,10 @@
 # only what is missing, and needs root only when something is.
 set -euo pipefail
 
+# clang builds the sanitizer build and the fuzz targets; libclang-rt-14-dev holds its sanitizer
+# runtimes and libFuzzer (only recommended by clang, so named here).
 packages=(
-  cmake g++ make pkg-config clang-format
+  cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev
   iproute2 nftables
