@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "bench/bench_util.h"
 #include "bench/failover_decision.h"
 
 int main(int argc, char** argv) {

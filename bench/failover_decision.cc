@@ -47,11 +47,6 @@ struct Dead {
 
 }  // namespace
 
-double Quantile(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
-
 absl::StatusOr<FailoverDecision> MeasureFailoverDecision(const FailoverDecisionOptions& options) {
   uint16_t ports[4];
   for (uint16_t& port : ports) {

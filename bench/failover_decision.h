@@ -34,9 +34,6 @@ struct FailoverDecision {
 
 absl::StatusOr<FailoverDecision> MeasureFailoverDecision(const FailoverDecisionOptions& options);
 
-// The p-quantile (p in 0..1, nearest rank below) of `v`; 0 when it is empty.
-double Quantile(std::vector<double> v, double p);
-
 }  // namespace romulus::bench
 
 #endif  // ROMULUS_BENCH_FAILOVER_DECISION_H_

@@ -17,12 +17,14 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "replicator/replicator.h"
 #include "tests/soft_vm.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using romulus::bench::Clock;
+using romulus::bench::WaitFor;
 using romulus::testing::SoftVm;
 namespace cp = romulus::checkpoint;
 namespace rp = romulus::replicator;
@@ -30,24 +32,10 @@ namespace rp = romulus::replicator;
 const char kKey[] = "migration-bench-key-0123456789";
 constexpr uint64_t kDisk = 64ull << 20, kWorkingSet = 8192, kPage = 4096;
 
-double Pct(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
-
-template <typename Pred>
-bool WaitFor(Pred pred, double seconds) {
-  auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
-  while (!pred()) {
-    if (Clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return true;
-}
+double Pct(const std::vector<double>& v, double p) { return romulus::bench::Quantile(v, p); }
 
 [[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "romulus_migration_bench: %s\n", what.c_str());
-  std::exit(1);
+  romulus::bench::Die("romulus_migration_bench", what);
 }
 
 struct Host {

@@ -16,14 +16,17 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "bench/loopback.h"
-#include "bench/machine.h"
 #include "replicator/replicator.h"
 #include "tests/soft_vm.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using romulus::bench::Clock;
+using romulus::bench::Ratio;
+using romulus::bench::Secs;
+using romulus::bench::WaitFor;
 using romulus::testing::SoftVm;
 namespace cp = romulus::checkpoint;
 namespace pb = romulus::pb;
@@ -54,28 +57,10 @@ const Mode kModes[] = {
 constexpr size_t kModeCount = sizeof(kModes) / sizeof(kModes[0]);
 
 [[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "romulus_protection_bench: %s\n", what.c_str());
-  std::exit(1);
+  romulus::bench::Die("romulus_protection_bench", what);
 }
 
-double Secs(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-double Pct(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
-
-double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
-
-template <typename Pred>
-bool WaitFor(Pred pred, double seconds) {
-  auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
-  while (!pred()) {
-    if (Clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return true;
-}
+double Pct(const std::vector<double>& v, double p) { return romulus::bench::Quantile(v, p); }
 
 // One mode, one round.
 struct Sample {

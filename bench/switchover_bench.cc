@@ -31,8 +31,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
 #include "bench/failover_decision.h"
-#include "bench/machine.h"
 #include "cli/args.h"
 #include "cli/control.h"
 #include "cli/load.h"
@@ -45,7 +45,7 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using romulus::bench::Clock;
 using romulus::bench::Quantile;
 using romulus::cli::LocalHosts;
 using std::chrono::milliseconds;
@@ -74,8 +74,8 @@ void Line(const absl::FormatSpec<Args...>& format, const Args&... args) {
 }
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
-double Secs(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
+using romulus::bench::Ratio;
+using romulus::bench::Secs;
 Host Other(Host h) { return h == LocalHosts::kA ? LocalHosts::kB : LocalHosts::kA; }
 
 // The number after `key` in `line` (e.g. "authorised in " -> 12.5), if there is one.

@@ -34,8 +34,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
 #include "bench/loopback.h"
-#include "bench/machine.h"
 #include "checkpoint/checkpoint.h"
 #include "cli/load.h"
 #include "replicator/replicator.h"
@@ -44,7 +44,7 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using romulus::bench::Clock;
 using romulus::vmm::Vm;
 using std::chrono::milliseconds;
 namespace pb = romulus::pb;
@@ -76,17 +76,10 @@ void Section(const std::string& title) {
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 double Us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
-double Secs(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-double P99(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, v.size() * 99 / 100)];
-}
-double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
+using romulus::bench::Ratio;
+using romulus::bench::Secs;
+double Median(const std::vector<double>& v) { return romulus::bench::Quantile(v, 0.5); }
+double P99(const std::vector<double>& v) { return romulus::bench::Quantile(v, 0.99); }
 
 // Keeps the compiler from dropping a copy whose result nobody reads.
 void Clobber(const void* p) { asm volatile("" : : "r"(p) : "memory"); }
