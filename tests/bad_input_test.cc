@@ -115,23 +115,33 @@ uint64_t RssKiB(pid_t pid) {
   return v.empty() ? 0 : std::stoull(v);
 }
 
+// A `romulus vm` child process serving its ledger on a loopback port, for the tests that
+// misbehave as its clients.
+struct LedgerVm {
+  explicit LedgerVm(const std::string& platform)
+      : vm({"vm", "--platform", platform, "--disk", dir.File("disk.img"), "--memory", "32M",
+            "--working-set", "0", "--ledger-port", "0", "--progress-ms", "0", "--quiet"}),
+        port(testing::ListeningPort(vm.WaitForLine("ledger listening on", 30))) {}
+  cli::LedgerClient Connect() {
+    auto c = cli::LedgerClient::Connect("127.0.0.1", port,
+                                        static_cast<int>(testing::ScaledMs(10).count()));
+    EXPECT_TRUE(c.ok()) << c.status();
+    return std::move(*c);
+  }
+  TempDir dir;
+  testing::Child vm;
+  uint16_t port;
+};
+
 // A client that sends requests and never reads the replies cost the monitor memory for every
 // reply (28.6 MiB of requests grew it by 664 MiB). Now what one connection may have waiting is
 // bounded (LedgerEndpoint::kMaxQueuedBytes, 256 KiB): past it the client is dropped, with one
 // line, and the ledger serves others as before.
 TEST_P(VmBadInput, AClientThatDoesNotReadIsDroppedAndCostsBoundedMemory) {
-  TempDir dir;
-  testing::Child vm({"vm", "--platform", platform_name(), "--disk", dir.File("disk.img"),
-                     "--memory", "32M", "--working-set", "0", "--ledger-port", "0", "--progress-ms",
-                     "0", "--quiet"});
-  uint16_t port = testing::ListeningPort(vm.WaitForLine("ledger listening on", 30));
-  ASSERT_NE(port, 0);
-  auto connect = [&] {
-    auto c = cli::LedgerClient::Connect("127.0.0.1", port,
-                                        static_cast<int>(testing::ScaledMs(10).count()));
-    EXPECT_TRUE(c.ok()) << c.status();
-    return std::move(*c);
-  };
+  LedgerVm ledger(platform_name());
+  testing::Child& vm = ledger.vm;
+  ASSERT_NE(ledger.port, 0);
+  auto connect = [&] { return ledger.Connect(); };
   {  // the monitor's memory is measured after it has served a client once
     auto c = connect();
     auto r = c.Call(Open(1, 1));
@@ -189,18 +199,10 @@ TEST_P(VmBadInput, AClientThatDoesNotReadIsDroppedAndCostsBoundedMemory) {
 // no client was served after they were back. Now it logs the failure once, keeps trying
 // (pausing after each failure), and serves the client that waited and new ones.
 TEST_P(VmBadInput, TheLedgerAcceptsAgainOnceItHasDescriptors) {
-  TempDir dir;
-  testing::Child vm({"vm", "--platform", platform_name(), "--disk", dir.File("disk.img"),
-                     "--memory", "32M", "--working-set", "0", "--ledger-port", "0", "--progress-ms",
-                     "0", "--quiet"});
-  uint16_t port = testing::ListeningPort(vm.WaitForLine("ledger listening on", 30));
-  ASSERT_NE(port, 0);
-  auto connect = [&] {
-    auto c = cli::LedgerClient::Connect("127.0.0.1", port,
-                                        static_cast<int>(testing::ScaledMs(10).count()));
-    EXPECT_TRUE(c.ok()) << c.status();
-    return std::move(*c);
-  };
+  LedgerVm ledger(platform_name());
+  testing::Child& vm = ledger.vm;
+  ASSERT_NE(ledger.port, 0);
+  auto connect = [&] { return ledger.Connect(); };
   auto failed = [&] { return vm.output().find("accept failed") != std::string::npos; };
   std::vector<cli::LedgerClient> clients;
   {
