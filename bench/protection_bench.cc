@@ -4,8 +4,10 @@
 // incompressible memory (the cipher works on every byte: compression is off), then a steady
 // state with a large working set written, its replication MB/s and epoch pauses. Modes are
 // interleaved over several rounds so that a change in the machine's load falls on all of them;
-// throughputs are medians over rounds, pauses pooled. A raw loopback TCP blast of as many bytes
-// as a synchronisation sent is the ceiling the figures are read against.
+// throughputs are medians over rounds, pauses pooled, and each ratio to the baseline is the
+// median of the ratios within a round (a synchronisation lasts under a second, so the load
+// that the rounds meet differs more than the modes within one round do). A raw loopback TCP blast
+// of as many bytes as a synchronisation sent is the ceiling the figures are read against.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +20,7 @@
 
 #include "bench/bench_util.h"
 #include "bench/loopback.h"
+#include "replicator/frame_protection.h"
 #include "replicator/replicator.h"
 #include "tests/soft_vm.h"
 
@@ -41,7 +44,7 @@ struct Sizes {
 };
 // writes_per_ms 100 over 8192 pages: about 2,100 distinct pages (8 MiB) per 25 ms epoch, some
 // 340 MB/s offered, so that the steady state exercises the cipher rather than idles.
-constexpr Sizes kFull = {256ull << 20, 16ull << 20, 8192, 100, 3.0, 3};
+constexpr Sizes kFull = {256ull << 20, 16ull << 20, 8192, 100, 2.0, 5};
 constexpr Sizes kQuick = {32ull << 20, 4ull << 20, 1024, 20, 0.5, 1};
 
 struct Mode {
@@ -137,6 +140,10 @@ Sample RunOne(const Sizes& z, const Mode& mode, const std::string& dir) {
 
 }  // namespace
 
+double SyncMBps(const Sample& s) {
+  return static_cast<double>(s.sync_bytes) / std::max(s.sync_seconds, 1e-9) / 1e6;
+}
+
 int main(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; i++) {
@@ -170,32 +177,42 @@ int main(int argc, char** argv) {
   struct Figures {
     double sync_mbps, sync_seconds, steady_mbps, epochs_per_s, pages_per_epoch, p50, p99;
     uint64_t sync_bytes;
+    double sync_ratio, steady_ratio;  // to the baseline of the same round, median over rounds
   };
   std::vector<Figures> f(kModeCount);
   for (size_t m = 0; m < kModeCount; m++) {
-    std::vector<double> sync, sync_s, steady, eps, ppe, pauses;
-    for (const Sample& s : samples[m]) {
-      sync.push_back(static_cast<double>(s.sync_bytes) / std::max(s.sync_seconds, 1e-9) / 1e6);
+    std::vector<double> sync, sync_s, steady, eps, ppe, pauses, sync_ratio, steady_ratio;
+    for (size_t r = 0; r < samples[m].size(); r++) {
+      const Sample& s = samples[m][r];
+      const Sample& b = samples[0][r];
+      sync_ratio.push_back(Ratio(SyncMBps(s), SyncMBps(b)));
+      steady_ratio.push_back(Ratio(s.steady_mbps, b.steady_mbps));
+      sync.push_back(SyncMBps(s));
       sync_s.push_back(s.sync_seconds);
       steady.push_back(s.steady_mbps);
       eps.push_back(s.epochs_per_s);
       ppe.push_back(s.pages_per_epoch);
       pauses.insert(pauses.end(), s.pauses.begin(), s.pauses.end());
     }
-    f[m] = {Pct(sync, 0.5), Pct(sync_s, 0.5), Pct(steady, 0.5),  Pct(eps, 0.5),
-            Pct(ppe, 0.5),  Pct(pauses, 0.5), Pct(pauses, 0.99), samples[m].back().sync_bytes};
+    f[m] = {Pct(sync, 0.5),       Pct(sync_s, 0.5),
+            Pct(steady, 0.5),     Pct(eps, 0.5),
+            Pct(ppe, 0.5),        Pct(pauses, 0.5),
+            Pct(pauses, 0.99),    samples[m].back().sync_bytes,
+            Pct(sync_ratio, 0.5), Pct(steady_ratio, 0.5)};
   }
 
   const Figures& base = f[0];
   double raw = romulus::bench::RawLoopbackMBps(base.sync_bytes);
   std::printf("raw loopback TCP, %.0f MB in one connection: %.0f MB/s\n",
               static_cast<double>(base.sync_bytes) / 1e6, raw);
-  double worst = 1e9;
-  std::string worst_what;
+  // The goal is judged on what a default configuration (encryption: auto) runs here; the other
+  // ciphers are shown for a CPU where they would be chosen.
+  const pb::FrameCipher chosen = rp::CheapestCipher();
+  double worst = 1e9, worst_chosen = 1e9;
+  std::string worst_what, worst_chosen_what;
   for (size_t m = 0; m < kModeCount; m++) {
     const Figures& x = f[m];
-    double sync_ratio = Ratio(x.sync_mbps, base.sync_mbps);
-    double steady_ratio = Ratio(x.steady_mbps, base.steady_mbps);
+    double sync_ratio = x.sync_ratio, steady_ratio = x.steady_ratio;
     std::printf(
         "%-29s [%s] sync %.0f MB/s (%.0f MB in %.2f s) x%.2f, %.2f of raw; steady %.0f MB/s "
         "x%.2f (%.1f epochs/s, %.0f pages/epoch); pause p50 %.2f ms x%.2f, p99 %.2f ms x%.2f\n",
@@ -204,14 +221,19 @@ int main(int argc, char** argv) {
         Ratio(x.sync_mbps, raw), x.steady_mbps, steady_ratio, x.epochs_per_s, x.pages_per_epoch,
         x.p50, Ratio(x.p50, base.p50), x.p99, Ratio(x.p99, base.p99));
     if (m == 0) continue;
-    if (sync_ratio < worst) worst = sync_ratio, worst_what = std::string(kModes[m].name) + ", sync";
-    if (steady_ratio < worst) {
-      worst = steady_ratio, worst_what = std::string(kModes[m].name) + ", steady";
+    bool is_chosen = kModes[m].protection.cipher == chosen && kModes[m].protection.encrypt;
+    for (auto [ratio, phase] : {std::pair{sync_ratio, "sync"}, {steady_ratio, "steady"}}) {
+      std::string what = std::string(kModes[m].name) + ", " + phase;
+      if (ratio < worst) worst = ratio, worst_what = what;
+      if (is_chosen && ratio < worst_chosen) worst_chosen = ratio, worst_chosen_what = what;
     }
   }
   std::printf("machine: %s\n", romulus::bench::MachineLoad().c_str());
-  std::printf("goal: protected throughput >= 0.8 x unprotected: %s (worst ratio %.2f: %s)\n",
-              worst >= 0.8 ? "met" : "NOT met", worst, worst_what.c_str());
+  std::printf(
+      "goal: with the default (encryption: auto, here %s) throughput >= 0.8 x unprotected: %s "
+      "(worst ratio %.2f: %s); worst of all modes %.2f: %s\n",
+      std::string(rp::CipherName(chosen)).c_str(), worst_chosen >= 0.8 ? "met" : "NOT met",
+      worst_chosen, worst_chosen_what.c_str(), worst, worst_what.c_str());
   for (const char* name : {"/vm.img", "/replica.img"}) std::remove((dir + name).c_str());
   std::remove(dir.c_str());
   return 0;
