@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/load.h"
+#include "cli/service_manager.h"
 #include "cli/signals.h"
 
 namespace romulus::cli {
@@ -363,11 +364,20 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     std::fflush(stdout);
   };
   // With heartbeats the loop wakes every few milliseconds, so that a dead primary is acted on at
-  // once; the status line still comes once a second.
-  auto tick = std::chrono::milliseconds(ha->heartbeat ? 5 : 1000);
+  // once; the status line still comes once a second. Under systemd it wakes often enough for the
+  // watchdog too.
+  ServiceManager systemd;
+  auto tick = systemd.Tick(std::chrono::milliseconds(ha->heartbeat ? 5 : 1000));
   auto last_line = Clock::now(), next_attempt = Clock::now();
   switchover::Node::Status last = n.status();
   bool vm_stopped = false;
+  // systemd hears READY once the role is established: a mirror once it listens, a primary once
+  // its first checkpoint is committed (or at once when it may run unprotected).
+  auto tell_systemd = [&](const switchover::Node::Status& now) {
+    systemd.Status(NodeStatusReply(h.vm_id, now).state());
+    if (!now.primary || now.primary->acked > 0 || h.node.run_unprotected) systemd.Ready();
+  };
+  tell_systemd(last);
   for (;;) {
     int sig = WaitSignal(signals, tick);
     if (sig == SIGINT || sig == SIGTERM) break;
@@ -383,6 +393,10 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
       std::fflush(stdout);
     }
     auto now = n.status();
+    // The primary proves progress by its epoch loop; otherwise this loop, which promotes the
+    // mirror when the primary dies, is the proof.
+    systemd.Watchdog(now.primary ? now.primary->epoch_loop_at : Clock::now());
+    tell_systemd(now);
     if (peer_dead && now.role == switchover::Node::Role::kMirror &&
         now.mirror->committed_epoch >= 0 && Clock::now() >= next_attempt) {
       auto done = n.Promote(false, absl::StrFormat("the primary was silent on every path for %d ms",
@@ -419,6 +433,7 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     std::fflush(stdout);
     last = now;
   }
+  systemd.Stopping();
   save();  // the replica as of the last committed epoch (if the mirror), then stop
   control->reset();
   ref.Set(nullptr);  // the lease's hooks no longer reach the node

@@ -9,6 +9,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/host.h"
+#include "cli/service_manager.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
 #include "switchover/datagram.h"
@@ -54,10 +55,22 @@ int WitnessCommand(int argc, char** argv) {
   std::printf("romulus witness: serving leases of %lu ms on %s:%d\n",
               static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port());
   std::fflush(stdout);
+  ServiceManager systemd;
+  auto tick = systemd.Tick(std::chrono::milliseconds(1000));
   for (;;) {
-    int sig = WaitSignal(signals, std::chrono::milliseconds(1000));
+    // Asking the witness what it holds waits for its lock: a witness that is stuck stops the
+    // watchdog's pings along with the status.
+    size_t held = (*witness)->holders().size();
+    systemd.Status(
+        absl::StrFormat("serving leases of %u ms on %s:%d; %u held, %u datagrams refused", lease_ms,
+                        endpoint->host, (*witness)->port(), held, (*witness)->rejected()));
+    systemd.Ready();
+    systemd.Watchdog(ServiceManager::Clock::now());
+    int sig = WaitSignal(signals, tick);
     if (sig == SIGINT || sig == SIGTERM) break;
   }
+  systemd.Stopping();
+  std::printf("romulus witness: stopped\n");
   return 0;
 }
 

@@ -273,6 +273,7 @@ absl::Status Channel::WriteFrame(std::string& frame) {
 
 void Channel::KeepAlive(std::chrono::milliseconds idle) {
   keepalive_ = std::thread([this, idle] {
+    vmm::NameThread("rml-keepalive");
     pb::Frame keepalive;
     keepalive.set_keepalive(true);
     for (;;) {

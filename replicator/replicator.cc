@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "replicator/channel.h"
+#include "vmm/sys.h"
 
 namespace romulus::replicator {
 namespace {
@@ -89,7 +90,10 @@ class MirrorImpl : public Mirror {
                                                  options_.port, ": ", ec.message()));
     }
     port_ = acceptor_.local_endpoint().port();
-    thread_ = std::thread([this] { Serve(); });
+    thread_ = std::thread([this] {
+      vmm::NameThread("rml-mirror");
+      Serve();
+    });
     return absl::OkStatus();
   }
 
@@ -391,8 +395,14 @@ class PrimaryImpl : public Primary {
   }
 
   void Start() {
-    epoch_thread_ = std::thread([this] { EpochLoop(); });
-    connect_thread_ = std::thread([this] { ConnectLoop(); });
+    epoch_thread_ = std::thread([this] {
+      vmm::NameThread("rml-epoch");
+      EpochLoop();
+    });
+    connect_thread_ = std::thread([this] {
+      vmm::NameThread("rml-send");
+      ConnectLoop();
+    });
   }
 
   Stats stats() const override {
@@ -409,6 +419,8 @@ class PrimaryImpl : public Primary {
               .count();
     }
     s.held_outputs = gate_.held();
+    s.epoch_loop_at = std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(epoch_loop_ns_.load()));
     auto e = engine_.stats();
     s.lag_epochs = e.epochs > e.acknowledged ? e.epochs - e.acknowledged : 0;
     return s;
@@ -432,6 +444,7 @@ class PrimaryImpl : public Primary {
       auto now = std::chrono::steady_clock::now();
       if (next < now) next = now;  // a stretched epoch: start the next one now
       cv_.wait_until(lock, next, [this] { return stop_; });
+      epoch_loop_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
       if (stop_ || !connected_ || handing_over_) continue;
       taking_ = true;
       lock.unlock();
@@ -529,7 +542,10 @@ class PrimaryImpl : public Primary {
         std::lock_guard<std::mutex> lock(mu_);
         connected_ = true;
         cv_.notify_all();
-        acks = std::thread([this] { AckLoop(); });
+        acks = std::thread([this] {
+          vmm::NameThread("rml-acks");
+          AckLoop();
+        });
       }
       if (why.ok()) why = SendLoop();
       channel_->Shutdown();
@@ -913,6 +929,9 @@ class PrimaryImpl : public Primary {
   Stats stats_;
   std::chrono::steady_clock::time_point sync_start_;
   std::thread epoch_thread_, connect_thread_;
+  // When the epoch loop last made a pass (steady clock, ns): the daemon's watchdog proves
+  // progress with it. Atomic, so that reading it never waits on a loop that is stuck.
+  std::atomic<int64_t> epoch_loop_ns_{std::chrono::steady_clock::now().time_since_epoch().count()};
 };
 
 }  // namespace

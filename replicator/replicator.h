@@ -211,6 +211,9 @@ class Primary {
     double unprotected_seconds = 0;
     uint32_t failed_connections = 0;
     std::string protection;  // of the frames on the current (or last) connection
+    // The epoch loop's last pass (every epoch, protected or not): a loop that is stuck (a VM
+    // that does not pause, a commit that never ends) stops moving it.
+    std::chrono::steady_clock::time_point epoch_loop_at{};
   };
   // What a planned migration took, measured on this host.
   struct HandoverReport {

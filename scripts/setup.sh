@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(
   cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
   iproute2 nftables
 )
 

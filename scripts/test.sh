@@ -34,7 +34,9 @@ for variant in release asan; do
   dir=build-$variant
   # Line tables only (-g1, not -g): enough for file:line in a backtrace, and a tenth less to
   # compile (the build the test command makes; the sanitizer builds do the same).
-  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG")
+  # Warnings are errors here (ROMULUS_WERROR), not in everyone's build.
+  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG"
+         -DROMULUS_WERROR=ON)
   targets=()
   exclude=()
   if [[ $variant == asan ]]; then
@@ -112,7 +114,7 @@ echo "== fuzz: took $((SECONDS - t0)) s"
 dir=build-tsan
 echo "== tsan: configure and build ($dir)"
 t0=$SECONDS
-cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON >/dev/null
+cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON -DROMULUS_WERROR=ON >/dev/null
 cmake --build "$dir" -j"$jobs" --target romulus_tests romulus >/dev/null
 echo "== tsan: built in $((SECONDS - t0)) s"
 t0=$SECONDS
