@@ -299,15 +299,17 @@ std::string NodeMetrics(const pb::StatusReply& r, const switchover::Node::Status
   }
   m.Gauge("romulus_committed_epoch", "The last committed epoch (-1: none)",
           static_cast<double>(r.committed_epoch()));
-  m.Gauge("romulus_replica_lag_epochs", "Checkpoints taken but not yet acknowledged",
-          static_cast<double>(r.lag_epochs()));
-  m.Gauge("romulus_held_outputs", "Outputs held until the epoch that produced them commits",
-          static_cast<double>(r.held_outputs()));
+  if (r.role() == "primary") {  // the VM's outputs and checkpoints are the primary's
+    m.Gauge("romulus_replica_lag_epochs", "Checkpoints taken but not yet acknowledged",
+            static_cast<double>(r.lag_epochs()));
+    m.Gauge("romulus_held_outputs", "Outputs held until the epoch that produced them commits",
+            static_cast<double>(r.held_outputs()));
+    m.Counter("romulus_resyncs_total", "Initial synchronisations begun (one per connection)",
+              static_cast<double>(r.resyncs()));
+  }
   m.Counter("romulus_replication_bytes_total",
             "Replication bytes sent (primary) or received (mirror) on the current connection",
             static_cast<double>(r.bytes()));
-  m.Counter("romulus_resyncs_total", "Initial synchronisations begun (one per connection)",
-            static_cast<double>(r.resyncs()));
   m.Counter("romulus_rejected_connections_total",
             "Connections dropped for a bad frame, key or checkpoint",
             static_cast<double>(r.rejected()));
