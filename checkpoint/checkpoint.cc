@@ -207,6 +207,8 @@ absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
   if (pause_hook_) pause_hook_(*cp);
   if (auto s = ResumeVm(); !s.ok()) return s;
   double pause_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  cp->paused_at = t0;
+  pause_seconds_.Observe(pause_ms / 1000);
   next_epoch_++;
 
   // After the resume: hashing and the digest.
@@ -237,6 +239,8 @@ void EpochEngine::Acknowledge(uint64_t epoch) {
       release = true;
       stats_.in_flight_bytes -= in_flight_.front()->bytes();
       stats_.acknowledged = in_flight_.front()->epoch + 1;
+      commit_seconds_.Observe(
+          std::chrono::duration<double>(Clock::now() - in_flight_.front()->paused_at).count());
       in_flight_.pop_front();
     }
   }

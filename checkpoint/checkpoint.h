@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "checkpoint/histogram.h"
 #include "proto/romulus.pb.h"
 #include "vmm/vmm.h"
 
@@ -50,6 +51,7 @@ struct Checkpoint : PageRun {
   pb::VmSnapshot state;      // vCPU, clock and devices (no memory or disk contents)
   uint64_t output_mark = 0;  // outputs pushed before this mark belong to this epoch or earlier
   uint64_t digest = 0;       // CheckpointDigest() of the above (and of the pre-copy stream)
+  std::chrono::steady_clock::time_point paused_at{};  // the engine paused the VM for it
 
   uint64_t bytes() const;
 };
@@ -155,6 +157,10 @@ class EpochEngine {
   // a later checkpoint is acknowledged) and the next checkpoint is full again.
   void Restart();
   Stats stats() const;
+  // Each checkpoint's pause (VM paused to resumed), and its commit (VM paused to acknowledged),
+  // in seconds.
+  Histogram::Snapshot pause_seconds() const { return pause_seconds_.snapshot(); }
+  Histogram::Snapshot commit_seconds() const { return commit_seconds_.snapshot(); }
 
   // Pre-copy: sends memory and disk while the VM runs, so that the full checkpoint's pause only
   // copies what changed meanwhile. Called between Restart() and the full TakeCheckpoint() that
@@ -208,6 +214,7 @@ class EpochEngine {
   std::vector<DiskWrite> disk_writes_;
 
   mutable std::mutex mu_;
+  Histogram pause_seconds_ = Histogram::Seconds(), commit_seconds_ = Histogram::Seconds();
   std::condition_variable cv_;
   std::deque<std::shared_ptr<const Checkpoint>> in_flight_;
   Stats stats_;

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "cli/ledger_client.h"
+#include "cli/metrics.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
@@ -133,6 +134,11 @@ absl::Status CheckVm(const Parsed& p, Config& c) {
   if (c.compression().empty()) c.set_compression("lz4");
   if (auto comp = replicator::ParseCompression(c.compression()); !comp.ok()) {
     return p.Bad("compression", "must be none or lz4");
+  }
+  if (!c.metrics_listen().empty()) {
+    if (auto s = CheckMetricsListen(c.metrics_listen()); !s.ok()) {
+      return p.Bad("metrics_listen", s.message());
+    }
   }
   return absl::OkStatus();
 }

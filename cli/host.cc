@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
 #include "cli/load.h"
+#include "cli/metrics.h"
 #include "cli/service_manager.h"
 #include "cli/signals.h"
 
@@ -318,18 +319,31 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   if (!node.ok()) return Fail(who, node.status());
   ref.Set(node->get());
   switchover::Node& n = **node;
+  // What `romulus status` answers, and the metrics are made of.
+  auto status_of = [&](const switchover::Node::Status& st) {
+    auto r = NodeStatusReply(h.vm_id, st);
+    r.set_platform(std::string(vmm::PlatformName(h.platform)));
+    if (absl::Status why = n.vm_exit_status(); !why.ok()) {
+      r.set_state(absl::StrCat("VM stopped: ", why.message()));
+    }
+    ha->AddStatus(&r);
+    return r;
+  };
+  std::unique_ptr<MetricsServer> metrics;
+  if (!h.metrics_listen.empty()) {
+    auto m = MetricsServer::Start(
+        h.metrics_listen,
+        [&] {
+          auto st = n.status();
+          return NodeMetrics(status_of(st), st);
+        },
+        Logger(who));
+    if (!m.ok()) return Fail(who, m.status());
+    metrics = std::move(*m);
+  }
   auto control = MaybeControl(
       h.control_socket,
-      {.status =
-           [&] {
-             auto r = NodeStatusReply(h.vm_id, n.status());
-             r.set_platform(std::string(vmm::PlatformName(h.platform)));
-             if (absl::Status why = n.vm_exit_status(); !why.ok()) {
-               r.set_state(absl::StrCat("VM stopped: ", why.message()));
-             }
-             ha->AddStatus(&r);
-             return r;
-           },
+      {.status = [&] { return status_of(n.status()); },
        .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
        .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<Migrated> {
          auto report = n.Migrate(timeout);
@@ -374,7 +388,7 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   // systemd hears READY once the role is established: a mirror once it listens, a primary once
   // its first checkpoint is committed (or at once when it may run unprotected).
   auto tell_systemd = [&](const switchover::Node::Status& now) {
-    systemd.Status(NodeStatusReply(h.vm_id, now).state());
+    systemd.Status(status_of(now).state());
     if (!now.primary || now.primary->acked > 0 || h.node.run_unprotected) systemd.Ready();
   };
   tell_systemd(last);
@@ -435,6 +449,7 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   }
   systemd.Stopping();
   save();  // the replica as of the last committed epoch (if the mirror), then stop
+  metrics.reset();
   control->reset();
   ref.Set(nullptr);  // the lease's hooks no longer reach the node
   node->reset();

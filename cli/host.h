@@ -94,6 +94,7 @@ struct HostSettings {
   std::string ledger_listen{};
   uint16_t ledger_port = 0;
   pb::Platform platform = pb::PLATFORM_UNSPECIFIED;  // what runs (or would run) the VM here
+  std::string metrics_listen{};                      // ADDR:PORT for Prometheus metrics ("" none)
   // Filled in by the command (identity, key, replication); RunHost adds the switchover pieces
   // and how this host runs a VM.
   switchover::Node::Options node{};

@@ -102,6 +102,13 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   auto w = FreePort(SOCK_DGRAM, "127.0.0.1");
   if (!w.ok()) return w.status();
   l->witness_ = *w;
+  if (l->o_.metrics) {
+    for (uint16_t* port : {&l->metrics_[kA], &l->metrics_[kB], &l->witness_metrics_}) {
+      auto p = FreePort(SOCK_STREAM, "127.0.0.1");
+      if (!p.ok()) return p.status();
+      *port = *p;
+    }
+  }
   // A fresh random key: nothing else on this machine can join these hosts.
   std::random_device random;
   std::string key;
@@ -125,11 +132,17 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   a.mutable_workload()->set_working_set_pages(l->o_.working_set_pages);
   a.mutable_workload()->set_write_rate(l->o_.write_rate);
   *a.mutable_switchover() = l->SwitchoverOf(kA);
+  if (l->o_.metrics) a.set_metrics_listen(At("127.0.0.1", l->metrics_[kA]));
   if (auto s = WriteFile(l->File("a.conf"), Text(a)); !s.ok()) return s;
   if (auto s = WriteFile(l->File("b.conf"), l->MirrorConfig(kB)); !s.ok()) return s;
 
-  auto witness = l->Run("witness", {"witness", "--psk-file", l->File("key"), "--listen",
-                                    At("127.0.0.1", l->witness_)});
+  std::vector<std::string> witness_args = {"witness", "--psk-file", l->File("key"), "--listen",
+                                           At("127.0.0.1", l->witness_)};
+  if (l->o_.metrics) {
+    witness_args.insert(witness_args.end(),
+                        {"--metrics-listen", At("127.0.0.1", l->witness_metrics_)});
+  }
+  auto witness = l->Run("witness", witness_args);
   if (!witness.ok()) return witness.status();
   l->witness_process_ = std::move(*witness);
   if (auto line = l->witness_process_->WaitForLine("serving leases", l->o_.wait); !line.ok()) {
@@ -165,6 +178,7 @@ std::string LocalHosts::MirrorConfig(Host h) const {
   c.set_compression(o_.compression);
   c.set_platform(o_.platform);
   *c.mutable_switchover() = SwitchoverOf(h);
+  if (o_.metrics) c.set_metrics_listen(At("127.0.0.1", metrics_[h]));
   return Text(c);
 }
 

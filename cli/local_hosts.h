@@ -38,6 +38,7 @@ class LocalHosts {
     Process::LineFn echo = nullptr;
     // For a process to get where it is going (listening, protected).
     std::chrono::milliseconds wait{60000};
+    bool metrics = false;  // each host and the witness serve /metrics on a port of their own
   };
   enum Host { kA = 0, kB = 1 };
 
@@ -50,6 +51,9 @@ class LocalHosts {
   Process& process(Host h) { return *hosts_[h]; }
   std::string control_socket(Host h) const;
   uint16_t ledger_port(Host h) const { return ledger_[h]; }
+  // Where /metrics is served (with Options::metrics), on 127.0.0.1.
+  uint16_t metrics_port(Host h) const { return metrics_[h]; }
+  uint16_t witness_metrics_port() const { return witness_metrics_; }
   // The host's disk image: the VM's while it is the primary, the replica's while the mirror.
   std::string disk(Host h) const { return File(absl::StrCat(Name(h), ".img")); }
   static const char* Name(Host h) { return h == kA ? "a" : "b"; }
@@ -72,8 +76,8 @@ class LocalHosts {
   pb::SwitchoverConfig SwitchoverOf(Host h) const;
 
   Options o_;
-  uint16_t witness_ = 0;
-  std::array<uint16_t, 2> replication_{}, ledger_{}, heartbeat_{}, heartbeat2_{};
+  uint16_t witness_ = 0, witness_metrics_ = 0;
+  std::array<uint16_t, 2> replication_{}, ledger_{}, heartbeat_{}, heartbeat2_{}, metrics_{};
   std::unique_ptr<Process> witness_process_;
   std::array<std::unique_ptr<Process>, 2> hosts_;
 };

@@ -134,6 +134,7 @@ int PrimaryCommand(int argc, char** argv) {
                  .ledger_port = static_cast<uint16_t>(c->ledger_port()),
                  .platform = *platform};
   switchover::Node::Options& o = h.node;
+  h.metrics_listen = c->metrics_listen();
   o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20, *platform};
   o.key = *key;
   o.listen = c->replication_listen();
@@ -215,6 +216,7 @@ int MirrorCommand(int argc, char** argv) {
                  .ledger_port = static_cast<uint16_t>(c->ledger_port()),
                  .platform = platform};
   switchover::Node::Options& o = h.node;
+  h.metrics_listen = c->metrics_listen();
   o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20, platform};
   o.key = *key;
   o.listen = c->listen();

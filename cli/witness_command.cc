@@ -9,6 +9,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/host.h"
+#include "cli/metrics.h"
 #include "cli/service_manager.h"
 #include "cli/signals.h"
 #include "replicator/replicator.h"
@@ -18,7 +19,7 @@
 namespace romulus::cli {
 
 int WitnessCommand(int argc, char** argv) {
-  std::string listen = "0.0.0.0:7300", psk_file;
+  std::string listen = "0.0.0.0:7300", psk_file, metrics_listen;
   uint64_t lease_ms = 150;
   Args args("romulus witness --psk-file FILE [options]",
             "Grants the active lease of each VM to one host at a time. A primary renews its\n"
@@ -28,6 +29,8 @@ int WitnessCommand(int argc, char** argv) {
   args.String("listen", &listen, "UDP ADDR:PORT to serve leases on (port 0: any free port)");
   args.String("psk-file", &psk_file, "file holding the pre-shared key of the hosts it serves");
   args.Uint("lease-ms", &lease_ms, "how long a lease lasts unless renewed (10-60000)");
+  args.String("metrics-listen", &metrics_listen,
+              "TCP ADDR:PORT serving Prometheus metrics at /metrics (default: none)");
   if (auto s = args.Parse(argc, argv); !s.ok()) {
     std::fprintf(stderr, "romulus witness: %s\n", std::string(s.message()).c_str());
     return 2;
@@ -44,6 +47,12 @@ int WitnessCommand(int argc, char** argv) {
   }
   auto endpoint = switchover::ParseEndpoint(listen);
   if (!endpoint.ok()) return Fail("witness", endpoint.status());
+  if (!metrics_listen.empty()) {
+    if (auto s = CheckMetricsListen(metrics_listen); !s.ok()) {
+      return Fail("witness",
+                  absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", s.message())));
+    }
+  }
   auto key = replicator::ReadKeyFile(psk_file);
   if (!key.ok()) return Fail("witness", key.status());
   sigset_t signals = TakeSignals();
@@ -55,6 +64,13 @@ int WitnessCommand(int argc, char** argv) {
   std::printf("romulus witness: serving leases of %lu ms on %s:%d\n",
               static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port());
   std::fflush(stdout);
+  std::unique_ptr<MetricsServer> metrics;
+  if (!metrics_listen.empty()) {
+    auto m = MetricsServer::Start(
+        metrics_listen, [&w = **witness] { return WitnessMetrics(w); }, Logger("witness"));
+    if (!m.ok()) return Fail("witness", m.status());
+    metrics = std::move(*m);
+  }
   ServiceManager systemd;
   auto tick = systemd.Tick(std::chrono::milliseconds(1000));
   for (;;) {

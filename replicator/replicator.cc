@@ -421,6 +421,9 @@ class PrimaryImpl : public Primary {
     s.held_outputs = gate_.held();
     s.epoch_loop_at = std::chrono::steady_clock::time_point(
         std::chrono::steady_clock::duration(epoch_loop_ns_.load()));
+    s.pause_seconds = engine_.pause_seconds();
+    s.commit_seconds = engine_.commit_seconds();
+    s.dirty_pages_per_epoch = dirty_pages_per_epoch_.snapshot();
     auto e = engine_.stats();
     s.lag_epochs = e.epochs > e.acknowledged ? e.epochs - e.acknowledged : 0;
     return s;
@@ -460,7 +463,10 @@ class PrimaryImpl : public Primary {
   // A checkpoint just taken: counted, and queued for the send loop. With mu_ held.
   void Enqueue(std::shared_ptr<const Checkpoint> cp) {
     stats_.checkpoints++;
-    if (!cp->full) stats_.dirty_pages += cp->gfns.size();
+    if (!cp->full) {
+      stats_.dirty_pages += cp->gfns.size();
+      dirty_pages_per_epoch_.Observe(static_cast<double>(cp->gfns.size()));
+    }
     stats_.pause_ms.push_back(engine_.stats().last_pause_ms);
     if (stats_.pause_ms.size() > 2000)
       stats_.pause_ms.erase(stats_.pause_ms.begin(), stats_.pause_ms.begin() + 1000);
@@ -533,7 +539,12 @@ class PrimaryImpl : public Primary {
       SetState(absl::StrCat("synchronising with ", channel_->peer(),
                             options_.run_unprotected ? ": running UNPROTECTED until it commits"
                                                      : ": outputs held until it commits"));
+      uint64_t before_sync = channel_->bytes_sent();
       absl::Status why = Synchronize();
+      {
+        std::lock_guard<std::mutex> lock(mu_);  // also what a synchronisation that failed sent
+        stats_.wire.resync += channel_->bytes_sent() - before_sync;
+      }
       std::thread acks;
       if (why.ok()) {
         // From the full checkpoint on, outputs wait for the mirror (they were released so far
@@ -826,10 +837,21 @@ class PrimaryImpl : public Primary {
         queue_.pop_front();
         unacked_.push_back(cp->epoch);  // before its frames go: the ack may come at once
       }
+      Stats::Wire sent;
       for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression)) {
         if (auto s = channel_->Send(f); !s.ok()) return s;
+        if (f.has_pages()) {
+          (f.pages().compression() == pb::LZ4 ? sent.compressed : sent.pages) +=
+              f.pages().data().size();
+          sent.zero_flags += f.pages().zero().size();
+        }
+        for (const std::string& d : f.disk().data()) sent.disk += d.size();
       }
       std::lock_guard<std::mutex> lock(mu_);
+      stats_.wire.pages += sent.pages;
+      stats_.wire.compressed += sent.compressed;
+      stats_.wire.zero_flags += sent.zero_flags;
+      stats_.wire.disk += sent.disk;
       stats_.bytes_sent = channel_->bytes_sent();
     }
   }
@@ -914,6 +936,7 @@ class PrimaryImpl : public Primary {
   std::optional<pb::HandoverReply> handover_reply_;
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;
+  checkpoint::Histogram dirty_pages_per_epoch_ = checkpoint::Histogram::Pages();
   std::deque<uint64_t> unacked_;  // epochs sent on this connection and not yet acknowledged
   // Protection: whether some mirror commits now, and since when none has.
   bool protected_ = false;

@@ -214,6 +214,14 @@ class Primary {
     // The epoch loop's last pass (every epoch, protected or not): a loop that is stuck (a VM
     // that does not pause, a commit that never ends) stops moving it.
     std::chrono::steady_clock::time_point epoch_loop_at{};
+    // Checkpoint pauses and commits (seconds), and pages per incremental checkpoint.
+    checkpoint::Histogram::Snapshot pause_seconds, commit_seconds, dirty_pages_per_epoch;
+    // Replication bytes by what they carry, since this primary started: checkpoint page
+    // contents sent as they are and LZ4-compressed, the zero-page flags sent instead of zero
+    // pages, disk writes, and everything an initial synchronisation sent (on the wire).
+    struct Wire {
+      uint64_t pages = 0, compressed = 0, zero_flags = 0, disk = 0, resync = 0;
+    } wire;
   };
   // What a planned migration took, measured on this host.
   struct HandoverReport {

@@ -4,12 +4,13 @@
 set -euo pipefail
 
 # clang builds the sanitizer build and the fuzz targets; libclang-rt-14-dev holds its sanitizer
-# runtimes and libFuzzer (only recommended by clang, so named here).
+# runtimes and libFuzzer (only recommended by clang, so named here). prometheus: the metrics
+# tests run its server and promtool against the daemons' /metrics.
 packages=(
   cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
-  iproute2 nftables
+  iproute2 nftables prometheus
 )
 
 missing=()

@@ -138,6 +138,7 @@ class NodeImpl : public Node {
       }
       return report.status();
     }
+    migration_downtime_seconds_.Observe(report->downtime_ms / 1000);
     // The VM runs on the other host now. This one's memory and disk hold exactly the checkpoint
     // it resumed: they become its replica, and its synchronisation sends only what differs.
     AsPrimary old;
@@ -206,6 +207,7 @@ class NodeImpl : public Node {
     }
     mirror.reset();  // nothing more is received or applied: the replica is final
     if (auto s = ResumeReplica(); !s.ok()) return s;
+    promotion_seconds_.Observe(MsSince(t0) / 1000);
     return absl::StrFormat(
         "promoted (%s): resumed epoch %d as the primary in %.1f ms (authorised in %.1f ms%s); %s",
         why, resumed_epoch_, MsSince(t1), authorised_ms, force ? ", forced" : "", Protection());
@@ -222,6 +224,8 @@ class NodeImpl : public Node {
     Status s;
     s.role = role_;
     s.resumed_epoch = resumed_epoch_;
+    s.promotion_seconds = promotion_seconds_.snapshot();
+    s.migration_downtime_seconds = migration_downtime_seconds_.snapshot();
     if (role_ == Role::kPrimary) {
       if (p_.primary) s.primary = p_.primary->stats();
       s.held_outputs = p_.gate->held();
@@ -364,6 +368,8 @@ class NodeImpl : public Node {
   std::string disk_path_;  // the disk image of the VM, whichever role
   std::mutex role_mu_;
   mutable std::mutex mu_;
+  checkpoint::Histogram promotion_seconds_ = checkpoint::Histogram::Seconds();
+  checkpoint::Histogram migration_downtime_seconds_ = checkpoint::Histogram::Seconds();
   Role role_ = Role::kIdle;
   bool fenced_ = false;
   int64_t resumed_epoch_ = -1;

@@ -217,6 +217,9 @@ class Node {
     std::optional<replicator::Mirror::Stats> mirror;
     uint64_t held_outputs = 0;
     uint16_t port = 0;  // the mirror's replication listener
+    // Over this node's life: promotions (asked to resumed as the primary) and planned
+    // migrations away from it (their downtime: VM paused here to resumed at the peer), seconds.
+    checkpoint::Histogram::Snapshot promotion_seconds, migration_downtime_seconds;
   };
 
   // `vm` runs (once started here) with its outputs through `gate`.

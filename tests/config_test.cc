@@ -144,6 +144,12 @@ TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
            "\"127.0.0.1:2\" }\n  path {\n    local: \"127.0.0.1:1\"\n    remote: "
            "\"127.0.0.1:4294974296\"\n  }\n}",
            9, "switchover.path[1].remote: '127.0.0.1:4294974296' is not ADDR:PORT"},
+          {"metrics_listen: \"localhost:9100\"", 4,
+           "metrics_listen: 'localhost:9100' is not ADDR:PORT (a numeric address, a port of 1 "
+           "to 65535)"},
+          {"metrics_listen: \"127.0.0.1:0\"", 4,
+           "metrics_listen: '127.0.0.1:0' is not ADDR:PORT (a numeric address, a port of 1 to "
+           "65535)"},
       });
   ExpectRefused(false,
                 {
@@ -157,6 +163,9 @@ TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
                      "disk_mib: 17592186044416 is out of range: 1 to 4194304 MiB (4 TiB)"},
                     {"ledger_port: 65536", 4, "ledger_port: 65536 is out of range: 1 to 65535"},
                     {"epoch_ms: 1001", 4, "epoch_ms: 1001 is out of range: 5 to 1000"},
+                    {"metrics_listen: \"127.0.0.1:65536\"", 4,
+                     "metrics_listen: '127.0.0.1:65536' is not ADDR:PORT (a numeric address, a "
+                     "port of 1 to 65535)"},
                 });
 }
 
@@ -182,6 +191,7 @@ TEST(Config, ValuesAtTheirBoundsAreAccepted) {
     max_in_flight_mib: 65536
     ledger_port: 65535
     replication_port: 1
+    metrics_listen: "[::1]:65535"
     memory_mib: 64
     workload { working_set_pages: 15360 write_rate: 10000000 }
     switchover {
