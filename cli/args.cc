@@ -1,5 +1,6 @@
 #include "cli/args.h"
 
+#include <cstdio>
 #include <cstdlib>
 
 #include "absl/strings/numbers.h"
@@ -113,6 +114,23 @@ absl::Status Args::Parse(int argc, char** argv) {
     if (auto s = opt->set(value); !s.ok()) return s;
   }
   return absl::OkStatus();
+}
+
+int Args::Prologue(int argc, char** argv) {
+  if (auto s = Parse(argc, argv); !s.ok()) return UsageError(s.message());
+  if (help_) {
+    std::fputs(Help().c_str(), stdout);
+    return 0;
+  }
+  return -1;
+}
+
+int Args::UsageError(absl::string_view what) const {
+  // The command is the usage line's first two words: "romulus status --socket PATH" -> status.
+  std::string command = usage_.substr(0, usage_.find(' ', usage_.find(' ') + 1));
+  std::fprintf(stderr, "%s: %.*s (see %s --help)\n", command.c_str(), static_cast<int>(what.size()),
+               what.data(), command.c_str());
+  return 2;
 }
 
 std::string Args::Help() const {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace romulus::cli {
 
@@ -25,6 +26,12 @@ class Args {
 
   // Parses argv (after the subcommand). Unknown options and bad values are errors.
   absl::Status Parse(int argc, char** argv);
+  // What every subcommand does first: parses argv; prints the help for --help (exit code 0) or
+  // one line for a usage error (exit code 2). Returns that exit code, or -1 to go on.
+  int Prologue(int argc, char** argv);
+  // A usage error found after parsing (a required option missing, values that do not go
+  // together): "romulus COMMAND: what (see romulus COMMAND --help)" on stderr; returns 2.
+  int UsageError(absl::string_view what) const;
   bool help() const { return help_; }
   std::string Help() const;
 

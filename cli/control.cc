@@ -255,18 +255,8 @@ int StatusCommand(int argc, char** argv) {
             "replica lag, pause times, held outputs.");
   args.String("socket", &socket, "the control socket");
   args.Bool("json", &json, "print one JSON object");
-  if (auto s = args.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "romulus status: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (socket.empty()) {
-    std::fprintf(stderr, "romulus status: --socket is required\n");
-    return 2;
-  }
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
+  if (socket.empty()) return args.UsageError("--socket is required");
   auto st = QueryStatus(socket);
   if (!st.ok()) {
     std::fprintf(stderr, "romulus status: %s\n", std::string(st.status().message()).c_str());
@@ -286,20 +276,15 @@ int StatusCommand(int argc, char** argv) {
 
 namespace {
 
-// `romulus NAME --socket PATH ...`: parses, asks the process, prints what it did.
+// `romulus NAME --socket PATH ...`: parses, asks the process, prints what it did. `check`
+// finds usage errors in the other options.
 int ControlCommand(const char* name, Args& args, const std::string& socket,
-                   const std::function<absl::StatusOr<std::string>()>& ask, int argc, char** argv) {
-  if (auto s = args.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "romulus %s: %s\n", name, std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (socket.empty()) {
-    std::fprintf(stderr, "romulus %s: --socket is required\n", name);
-    return 2;
+                   const std::function<absl::StatusOr<std::string>()>& ask, int argc, char** argv,
+                   const std::function<absl::Status()>& check = nullptr) {
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
+  if (socket.empty()) return args.UsageError("--socket is required");
+  if (check) {
+    if (absl::Status s = check(); !s.ok()) return args.UsageError(s.message());
   }
   auto done = ask();
   if (!done.ok()) {
@@ -344,14 +329,16 @@ int MigrateCommand(int argc, char** argv) {
   return ControlCommand(
       "migrate", args, socket,
       [&]() -> absl::StatusOr<std::string> {
-        if (timeout_ms < 1 || timeout_ms > 600000) {
-          return absl::InvalidArgumentError("--timeout-ms must be 1 to 600000");
-        }
         auto done = RequestMigration(socket, std::chrono::milliseconds(timeout_ms));
         if (!done.ok()) return done.status();
         return done->line;
       },
-      argc, argv);
+      argc, argv,
+      [&] {
+        return timeout_ms < 1 || timeout_ms > 600000
+                   ? absl::InvalidArgumentError("--timeout-ms must be 1 to 600000")
+                   : absl::OkStatus();
+      });
 }
 
 }  // namespace romulus::cli

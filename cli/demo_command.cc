@@ -91,27 +91,23 @@ int DemoCommand(int argc, char** argv) {
   args.String("platform", &platform_name,
               "kvm or process (default: kvm where /dev/kvm can run VMs, else process)");
   args.Bool("json", &json, "print only a summary, as one JSON object");
-  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail("demo", s);
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (auto comp = replicator::ParseCompression(compression); !comp.ok()) {
-    return Fail("demo", comp.status());
+    return args.UsageError(comp.status().message());
   }
   if (seconds < 2 || seconds > 600) {
-    return Fail("demo", absl::InvalidArgumentError("--seconds must be 2 to 600"));
+    return args.UsageError("--seconds must be 2 to 600");
   }
   if (clients < 1 || clients > 1024) {
-    return Fail("demo", absl::InvalidArgumentError("--clients must be 1 to 1024"));
+    return args.UsageError("--clients must be 1 to 1024");
   }
   if (epoch_ms < 5 || epoch_ms > 1000) {
-    return Fail("demo", absl::InvalidArgumentError("--epoch-ms must be 5 to 1000"));
+    return args.UsageError("--epoch-ms must be 5 to 1000");
   }
   vmm::VmConfig vc;  // checked here, so that a bad size fails before any process starts
   vc.memory_bytes = memory_mib << 20;
   vc.workload = {.working_set_pages = ws, .write_rate = rate};
-  if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return Fail("demo", s);
+  if (auto s = vmm::ValidateVmConfig(vc); !s.ok()) return args.UsageError(s.message());
   auto requested = vmm::ParsePlatform(platform_name);
   if (!requested.ok()) return Fail("demo", requested.status());
   auto platform = vmm::ChoosePlatform(*requested);

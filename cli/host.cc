@@ -209,16 +209,11 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
   return r;
 }
 
-int ConfigOnly(const char* who, const char* usage, const char* summary, int argc, char** argv,
-               std::string* config) {
+int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config) {
   Args args(usage, summary);
   args.String("config", config, "configuration file (protobuf text format)");
-  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail(who, s);
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (config->empty()) return Fail(who, absl::InvalidArgumentError("--config is required"));
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
+  if (config->empty()) return args.UsageError("--config is required");
   return -1;
 }
 

@@ -29,8 +29,7 @@ int Fail(const char* who, const absl::Status& s);
 // Log lines "romulus WHO: line" on stdout.
 replicator::LogFn Logger(const char* who);
 // Parses `--config FILE` (and --help). Returns an exit code, or -1 to go on with `config` set.
-int ConfigOnly(const char* who, const char* usage, const char* summary, int argc, char** argv,
-               std::string* config);
+int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config);
 // Starts the control socket when the config names one (else nullptr).
 absl::StatusOr<std::unique_ptr<ControlServer>> MaybeControl(const std::string& path,
                                                             ControlHandlers handlers);

@@ -34,22 +34,13 @@ int LoadCommand(int argc, char** argv) {
   args.Uint("timeout-ms", &o.timeout_ms, "how long to wait for one answer before reconnecting");
   args.Uint("seed", &o.seed, "random seed (0: from the clock)");
   args.Bool("json", &json, "print the report as one JSON object");
-  if (auto s = args.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "romulus load: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (auto s = ParseHostPort(target, &o.host, &o.port); !s.ok()) {
-    std::fprintf(stderr, "romulus load: --target: %s\n", std::string(s.message()).c_str());
-    return 2;
+    return args.UsageError(absl::StrCat("--target: ", s.message()));
   }
   if (!standby.empty()) {
     if (auto s = ParseHostPort(standby, &o.standby_host, &o.standby_port); !s.ok()) {
-      std::fprintf(stderr, "romulus load: --standby: %s\n", std::string(s.message()).c_str());
-      return 2;
+      return args.UsageError(absl::StrCat("--standby: ", s.message()));
     }
   }
   o.duration_s = static_cast<double>(duration_ms) / 1000.0;
@@ -69,15 +60,8 @@ int JournalCommand(int argc, char** argv) {
             "Replays the ledger journal on a disk image and prints its record count, last\n"
             "sequence number, account count and the sum of balances.");
   args.String("disk", &disk, "disk image");
-  if (auto s = args.Parse(argc, argv); !s.ok() || disk.empty()) {
-    std::fprintf(stderr, "romulus journal: %s\n",
-                 s.ok() ? "--disk is required" : std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
+  if (disk.empty()) return args.UsageError("--disk is required");
   auto j = vmm::ReplayJournal(disk);
   if (!j.ok()) {
     std::fprintf(stderr, "romulus journal: %s\n", std::string(j.status().message()).c_str());

@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> MirrorReplica(const pb
 int PrimaryCommand(int argc, char** argv) {
   std::string path;
   if (int rc = ConfigOnly(
-          "primary", "romulus primary --config FILE",
+          "romulus primary --config FILE",
           "Runs the reference guest and replicates it, every epoch, to the mirror named in "
           "FILE.\nLedger answers leave only once the mirror has committed their epoch (unless\n"
           "run_unprotected is set and no mirror is connected). With a `switchover` block it "
@@ -176,7 +176,7 @@ int PrimaryCommand(int argc, char** argv) {
 int MirrorCommand(int argc, char** argv) {
   std::string path;
   if (int rc = ConfigOnly(
-          "mirror", "romulus mirror --config FILE",
+          "romulus mirror --config FILE",
           "Holds the replica of the primary's VM: receives each checkpoint, verifies it and "
           "commits it.\nSIGUSR1 (and stopping) saves the committed replica to snapshot_dir, "
           "which\n`romulus vm --restore-from` resumes. With `switchover` heartbeat paths it "

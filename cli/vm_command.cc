@@ -78,11 +78,7 @@ int VmCommand(int argc, char** argv) {
                "write the snapshot after this many seconds (0: only on SIGUSR1)");
   args.String("restore-from", &restore_from, "snapshot directory to resume instead of booting");
   args.Seconds("run-for", &run_for, "stop after this many seconds (0: run until a signal)");
-  if (auto s = args.Parse(argc, argv); !s.ok()) return Fail(s);
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (pattern == "sequential")
     config.workload.pattern = RML_PATTERN_SEQUENTIAL;
   else if (pattern == "uniform")
@@ -90,15 +86,15 @@ int VmCommand(int argc, char** argv) {
   else if (pattern == "hotcold")
     config.workload.pattern = RML_PATTERN_HOTCOLD;
   else
-    return Fail(absl::InvalidArgumentError("--pattern must be sequential, uniform or hotcold"));
-  if (port > 65535) return Fail(absl::InvalidArgumentError("--ledger-port must be at most 65535"));
+    return args.UsageError("--pattern must be sequential, uniform or hotcold");
+  if (port > 65535) return args.UsageError("--ledger-port must be at most 65535");
   config.max_accounts = static_cast<uint32_t>(std::min<uint64_t>(accounts, UINT32_MAX));
-  if (auto s = vmm::ValidateVmConfig(config); !s.ok()) return Fail(s);
+  if (auto s = vmm::ValidateVmConfig(config); !s.ok()) return args.UsageError(s.message());
   if (snapshot_after > 0 && snapshot_to.empty()) {
-    return Fail(absl::InvalidArgumentError("--snapshot-after needs --snapshot-to"));
+    return args.UsageError("--snapshot-after needs --snapshot-to");
   }
   auto requested = vmm::ParsePlatform(platform_name);
-  if (!requested.ok()) return Fail(requested.status());
+  if (!requested.ok()) return args.UsageError(requested.status().message());
   auto platform = vmm::ChoosePlatform(*requested);
   if (!platform.ok()) return Fail(platform.status());
   config.platform = *platform;

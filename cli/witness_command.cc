@@ -31,26 +31,17 @@ int WitnessCommand(int argc, char** argv) {
   args.Uint("lease-ms", &lease_ms, "how long a lease lasts unless renewed (10-60000)");
   args.String("metrics-listen", &metrics_listen,
               "TCP ADDR:PORT serving Prometheus metrics at /metrics (default: none)");
-  if (auto s = args.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "romulus witness: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (args.help()) {
-    std::fputs(args.Help().c_str(), stdout);
-    return 0;
-  }
-  if (psk_file.empty())
-    return Fail("witness", absl::InvalidArgumentError("--psk-file is required"));
+  if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
+  if (psk_file.empty()) return args.UsageError("--psk-file is required");
   if (lease_ms < 10 || lease_ms > switchover::kMaxLeaseMs) {
-    return Fail("witness", absl::InvalidArgumentError(
-                               absl::StrCat("--lease-ms must be 10-", switchover::kMaxLeaseMs)));
+    return args.UsageError(absl::StrCat("--lease-ms must be 10-", switchover::kMaxLeaseMs));
   }
   auto endpoint = switchover::ParseEndpoint(listen);
-  if (!endpoint.ok()) return Fail("witness", endpoint.status());
+  if (!endpoint.ok())
+    return args.UsageError(absl::StrCat("--listen: ", endpoint.status().message()));
   if (!metrics_listen.empty()) {
     if (auto s = CheckMetricsListen(metrics_listen); !s.ok()) {
-      return Fail("witness",
-                  absl::InvalidArgumentError(absl::StrCat("--metrics-listen: ", s.message())));
+      return args.UsageError(absl::StrCat("--metrics-listen: ", s.message()));
     }
   }
   auto key = replicator::ReadKeyFile(psk_file);

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 namespace romulus {
 namespace {
 
@@ -36,6 +38,46 @@ TEST(Args, ParsesOptionsAndRefusesUnknownOnes) {
   const char* bad[] = {"--n", "five"};
   EXPECT_FALSE(args.Parse(2, const_cast<char**>(bad)).ok());
   EXPECT_NE(args.Help().find("--n VALUE"), std::string::npos);
+}
+
+// Every subcommand starts the same way: --help prints its options and exits 0; a usage error
+// (an unknown option, a missing required one) is one line, "romulus COMMAND: what (see romulus
+// COMMAND --help)", and exit code 2, before anything runs.
+TEST(Args, EverySubcommandSharesOnePrologue) {
+  struct Case {
+    const char* command;
+    std::vector<std::string> missing_required;  // arguments that leave a required option out
+  };
+  const Case cases[] = {{"vm", {"--pattern", "zigzag"}},
+                        {"load", {"--target", "nowhere"}},
+                        {"journal", {}},
+                        {"primary", {}},
+                        {"mirror", {}},
+                        {"demo", {"--seconds", "1"}},
+                        {"status", {}},
+                        {"promote", {}},
+                        {"migrate", {}},
+                        {"witness", {}}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.command);
+    testing::Child help({c.command, "--help"});
+    EXPECT_EQ(help.Wait(30), 0);
+    EXPECT_NE(help.output().find("usage: romulus " + std::string(c.command)), std::string::npos)
+        << help.output();
+    for (const std::vector<std::string>& args :
+         {std::vector<std::string>{"--no-such-option"}, c.missing_required}) {
+      std::vector<std::string> argv = {c.command};
+      argv.insert(argv.end(), args.begin(), args.end());
+      testing::Child bad(argv);
+      EXPECT_EQ(bad.Wait(30), 2) << bad.output();
+      std::string out = bad.output();
+      EXPECT_EQ(out.rfind("romulus " + std::string(c.command) + ": ", 0), 0u) << out;
+      EXPECT_NE(out.find("(see romulus " + std::string(c.command) + " --help)\n"),
+                std::string::npos)
+          << out;
+      EXPECT_EQ(out.find('\n'), out.size() - 1) << "more than one line: " << out;
+    }
+  }
 }
 
 }  // namespace

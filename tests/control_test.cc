@@ -69,7 +69,7 @@ TEST(ControlSocket, StatusSaysWhatTheMirrorDoesAndRefusesGarbage) {
             std::string::npos)
       << migrate.output();
   Child bad_timeout({"migrate", "--socket", sock, "--timeout-ms", "0"});
-  EXPECT_EQ(bad_timeout.Wait(30), 1);
+  EXPECT_EQ(bad_timeout.Wait(30), 2);  // a usage error
   EXPECT_NE(bad_timeout.output().find("--timeout-ms must be 1 to 600000"), std::string::npos)
       << bad_timeout.output();
   Child help({"migrate", "--help"});

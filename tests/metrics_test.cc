@@ -176,7 +176,7 @@ TEST(Metrics, PrimaryMirrorAndWitnessServePromtoolCleanMetricsOnlyAtGetMetrics) 
 
   // A witness refuses a bad address before it starts.
   Child bad({"witness", "--psk-file", dir.File("key"), "--metrics-listen", "localhost:9100"});
-  EXPECT_EQ(bad.Wait(30), 1);
+  EXPECT_EQ(bad.Wait(30), 2);  // a usage error
   EXPECT_THAT(bad.output(), HasSubstr("--metrics-listen: 'localhost:9100' is not ADDR:PORT"));
 
   uint16_t port = hosts->metrics_port(Host::kA);
