@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cli/commands.h"
+#include "cli/config_help.h"
 #include "cli/control.h"
 
 namespace {
@@ -23,11 +24,22 @@ constexpr char kUsage[] =
     "  promote  make a mirror resume its replica as the primary (--socket PATH [--force])\n"
     "  migrate  hand a primary's VM over to its mirror (--socket PATH)\n"
     "  witness  grant the active lease of VMs to one host at a time (a third host)\n"
-    "  journal  replay the ledger journal on a disk image and print what it holds\n";
+    "  journal  replay the ledger journal on a disk image and print what it holds\n"
+    "  help     this list; `romulus help config`: every config field, its default and unit\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 3 && !std::strcmp(argv[1], "help")) {
+    if (!std::strcmp(argv[2], "config")) {
+      std::fputs(romulus::cli::ConfigHelp().c_str(), stdout);
+      return 0;
+    }
+    std::fprintf(stderr,
+                 "romulus help: no topic '%s' (topics: config; or romulus COMMAND --help)\n",
+                 argv[2]);
+    return 2;
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
       !std::strcmp(argv[1], "help")) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);

@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 
+#include "cli/config_help.h"
 #include "tests/test_util.h"
 
 namespace romulus {
@@ -205,6 +207,31 @@ TEST(Config, ValuesAtTheirBoundsAreAccepted) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->max_in_flight_mib() << 20, 64ull << 30);
   EXPECT_EQ(c->switchover().fence_timeout_ms(), 3600000u);
+}
+
+// `romulus help config` documents every field of every config message, and nothing else: a
+// field added to proto/romulus.proto without a line there fails this test.
+TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
+  const google::protobuf::Descriptor* messages[] = {
+      pb::PrimaryConfig::descriptor(), pb::MirrorConfig::descriptor(),
+      pb::SwitchoverConfig::descriptor(), pb::HeartbeatPath::descriptor(),
+      pb::WorkloadConfig::descriptor()};
+  for (const google::protobuf::Descriptor* d : messages) {
+    SCOPED_TRACE(d->name());
+    std::vector<std::string> in_proto;
+    for (int i = 0; i < d->field_count(); i++) in_proto.push_back(d->field(i)->name());
+    std::vector<std::string> documented = cli::DocumentedConfigFields(d->name());
+    std::sort(in_proto.begin(), in_proto.end());
+    std::sort(documented.begin(), documented.end());
+    EXPECT_EQ(documented, in_proto);
+  }
+  testing::Child help({"help", "config"});
+  EXPECT_EQ(help.Wait(30), 0);
+  for (const char* field : {"max_in_flight_mib", "heartbeat_timeout_ms", "encryption"}) {
+    EXPECT_NE(help.output().find(field), std::string::npos) << field;
+  }
+  testing::Child unknown({"help", "nothing"});
+  EXPECT_EQ(unknown.Wait(30), 2);
 }
 
 }  // namespace

@@ -199,7 +199,7 @@ Pair WritePair(const std::string& platform) {
                                 << p.dir.File("primary.img") << "\"\ndisk_mib: 8\nplatform: \""
                                 << platform << "\"\nmirror: \"127.0.0.1:" << port
                                 << "\"\npsk_file: \"" << p.dir.File("key") << "\"\n"
-                                << "epoch_ms: 10\nledger_port: 0\n"
+                                << "epoch_ms: 10\nledger_port: " << FreePort() << "\n"
                                 << "workload { working_set_pages: 256 write_rate: 2000 }\n";
   return p;
 }

@@ -1,0 +1,152 @@
+// `romulus help config`: every field of the two config files, its default and its unit. The
+// table is checked against the config messages' descriptors by a test, so that a new field
+// cannot go undocumented.
+#include "cli/config_help.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace romulus::cli {
+namespace {
+
+struct Field {
+  const char* name;
+  const char* value;     // type and unit, or the values it takes
+  const char* fallback;  // the default when unset ("required", or "-" for none)
+  const char* meaning;
+};
+
+struct Section {
+  const char* title;
+  const char* message;  // the protobuf message (proto/romulus.proto)
+  std::vector<Field> fields;
+};
+
+// Fields both roles share are listed in each: an operator reads one file at a time.
+const std::vector<Section>& Sections() {
+  static const auto* sections = new std::vector<Section>{
+      {"The primary's config (`romulus primary --config FILE`)",
+       "PrimaryConfig",
+       {
+           {"vm_id", "string", "required", "the VM's name; both hosts must name the same VM"},
+           {"memory_mib", "MiB, even, 16-4096", "256", "guest RAM"},
+           {"disk", "path", "required", "the VM's disk image (created when missing)"},
+           {"disk_mib", "MiB, 1-4194304", "64", "size of the disk image"},
+           {"mirror", "HOST:PORT", "required", "the mirror's replication listener"},
+           {"psk_file", "path", "required",
+            "file holding the pre-shared key (the same on both hosts and the witness)"},
+           {"epoch_ms", "ms, 5-1000", "25", "checkpoint epoch"},
+           {"max_in_flight_mib", "MiB, 1-65536", "256",
+            "checkpoints taken but not yet committed, at most; the VM waits past it"},
+           {"run_unprotected", "bool", "false",
+            "release outputs while no mirror is connected (else they are held)"},
+           {"ledger_listen", "address", "127.0.0.1", "where the ledger service listens"},
+           {"ledger_port", "port", "7070", "the ledger service's TCP port"},
+           {"workload", "message", "-", "the reference guest's memory workload (below)"},
+           {"compression", "none | lz4", "lz4", "page compression on the wire"},
+           {"control_socket", "path", "-", "unix socket for romulus status/promote/migrate"},
+           {"switchover", "message", "-", "heartbeats, witness and fencing (below)"},
+           {"memory_file", "path", "- (a memfd)",
+            "guest RAM in this file, so that it outlives a crash and seeds the return as mirror"},
+           {"replication_listen", "address", "127.0.0.1",
+            "after handing the VM over, listen here as the new primary's mirror"},
+           {"replication_port", "port", "- (stay idle)", "the port for that"},
+           {"platform", "kvm | process", "kvm where /dev/kvm works, else process",
+            "what runs the VM"},
+           {"guest_image", "path", "- (the built-in reference guest)", "a guest image to run"},
+           {"encryption", "auto | aes-256-gcm | chacha20-poly1305 | off", "auto",
+            "replication frames: auto picks the cheaper cipher on this CPU; off authenticates "
+            "without encrypting"},
+           {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
+       }},
+      {"The mirror's config (`romulus mirror --config FILE`)",
+       "MirrorConfig",
+       {
+           {"vm_id", "string", "required", "as the primary's"},
+           {"memory_mib", "MiB, even, 16-4096", "256", "as the primary's"},
+           {"disk_mib", "MiB, 1-4194304", "64", "as the primary's"},
+           {"listen", "address", "127.0.0.1", "the replication listener's address"},
+           {"port", "port, 1-65535", "required", "the replication listener's port"},
+           {"psk_file", "path", "required", "as the primary's"},
+           {"replica_disk", "path", "required", "the replica's disk image"},
+           {"snapshot_dir", "path", "- (none)",
+            "SIGUSR1 and stopping save the committed replica here; it seeds the next start"},
+           {"control_socket", "path", "-", "unix socket for romulus status/promote"},
+           {"switchover", "message", "-", "heartbeats, witness and fencing (below)"},
+           {"ledger_listen", "address", "127.0.0.1", "where the ledger opens once promoted"},
+           {"ledger_port", "port", "7070", "its port"},
+           {"seed_memory_file", "path", "-",
+            "a failed primary returning as the mirror: its memory_file seeds the replica"},
+           {"replicate_to", "HOST:PORT", "- (run unprotected)",
+            "once this host is the primary, replicate to the other host here"},
+           {"epoch_ms", "ms, 5-1000", "25", "as the primary"},
+           {"compression", "none | lz4", "lz4", "as the primary"},
+           {"platform", "kvm | process", "as the primary's", "what a promotion runs the VM on"},
+           {"encryption", "auto | aes-256-gcm | chacha20-poly1305 | off", "auto",
+            "as the primary's; both ends must agree whether to encrypt"},
+           {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
+       }},
+      {"switchover { ... } (either config)",
+       "SwitchoverConfig",
+       {
+           {"node", "string, 1-64 bytes", "required in the block", "this host's name"},
+           {"path", "message, repeated", "-",
+            "a heartbeat path: path { local: \"ADDR:PORT\" remote: \"ADDR:PORT\" }"},
+           {"heartbeat_interval_ms", "ms, 1-10000", "10", "heartbeat period on each path"},
+           {"heartbeat_timeout_ms", "ms, above the interval, at most 60000", "50",
+            "the peer is dead when every path has been silent this long"},
+           {"witness", "ADDR:PORT", "-", "the `romulus witness` that grants the lease"},
+           {"lease_renew_ms", "ms, 5-10000", "30", "how often the lease is renewed"},
+           {"fence_command", "shell command", "-",
+            "without a witness: must exit 0 before a mirror promotes"},
+           {"fence_timeout_ms", "ms, 1-3600000", "5000", "the fence command is killed after it"},
+       }},
+      {"switchover { path { ... } }",
+       "HeartbeatPath",
+       {
+           {"local", "ADDR:PORT", "required", "this host's end of the path (UDP)"},
+           {"remote", "ADDR:PORT", "required", "the peer's end"},
+       }},
+      {"workload { ... } (the primary's; the reference guest only)",
+       "WorkloadConfig",
+       {
+           {"working_set_pages", "pages", "0 (off)", "pages the memory workload writes over"},
+           {"write_rate", "pages/s, 0-10000000", "0 (as fast as it can)", "page writes per second"},
+           {"pattern", "sequential | uniform | hotcold", "uniform",
+            "hotcold: 90% of writes to 10% of the pages"},
+       }},
+  };
+  return *sections;
+}
+
+}  // namespace
+
+std::string ConfigHelp() {
+  std::string out =
+      "Config files are protobuf text format: `field: value`, messages as `name { ... }`,\n"
+      "`#` comments. A field left out takes its default. An error names FILE:LINE: field.\n"
+      "Under systemd each VM's config is /etc/romulus/VM.conf (romulus-primary@VM,\n"
+      "romulus-mirror@VM); examples are in /usr/share/doc/romulus/examples.\n";
+  for (const Section& s : Sections()) {
+    absl::StrAppend(&out, "\n", s.title, ":\n");
+    for (const Field& f : s.fields) {
+      std::string fallback = std::string(f.fallback).rfind("required", 0) == 0
+                                 ? f.fallback
+                                 : absl::StrCat("default: ", f.fallback);
+      absl::StrAppendFormat(&out, "  %-22s %s; %s\n  %-22s %s\n", f.name, f.value, fallback, "",
+                            f.meaning);
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> DocumentedConfigFields(const std::string& message) {
+  std::vector<std::string> names;
+  for (const Section& s : Sections()) {
+    if (message != s.message) continue;
+    for (const Field& f : s.fields) names.push_back(f.name);
+  }
+  return names;
+}
+
+}  // namespace romulus::cli

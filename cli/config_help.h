@@ -1,0 +1,18 @@
+// The reference for the config files, as `romulus help config` prints it.
+#ifndef ROMULUS_CLI_CONFIG_HELP_H_
+#define ROMULUS_CLI_CONFIG_HELP_H_
+
+#include <string>
+#include <vector>
+
+namespace romulus::cli {
+
+// Every field of the primary's and the mirror's config: its values or unit, its default, what it
+// does.
+std::string ConfigHelp();
+// The fields documented for a config message ("PrimaryConfig", "SwitchoverConfig", ...).
+std::vector<std::string> DocumentedConfigFields(const std::string& message);
+
+}  // namespace romulus::cli
+
+#endif  // ROMULUS_CLI_CONFIG_HELP_H_
