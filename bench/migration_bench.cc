@@ -119,19 +119,23 @@ class Bench {
  private:
   // `to` mirrors `from`; returns once 50 epochs are committed there.
   void Protect(Host& from, Host& to) {
-    auto m = rp::Mirror::Start(*to.replica,
-                               {.identity = {"bench", memory_, kDisk},
-                                .key = kKey,
-                                .on_handover = [this, &to](uint64_t) { return Resume(to); }});
+    // Options filled field by field: GCC 12 at -O3 warns (maybe-uninitialized, falsely) on a
+    // designated initialiser of these nested aggregates.
+    rp::Mirror::Options mo;
+    mo.identity = {"bench", memory_, kDisk};
+    mo.key = kKey;
+    mo.on_handover = [this, &to](uint64_t) { return Resume(to); };
+    auto m = rp::Mirror::Start(*to.replica, std::move(mo));
     if (!m.ok()) Die(std::string(m.status().message()));
     to.mirror = std::move(*m);
     from.engine =
         std::make_unique<cp::EpochEngine>(*from.vm, from.gate, cp::EpochEngine::Options{});
-    auto p = rp::Primary::Start(*from.engine, from.gate,
-                                {.identity = {"bench", memory_, kDisk},
-                                 .key = kKey,
-                                 .mirror_port = to.mirror->port(),
-                                 .epoch = std::chrono::milliseconds(25)});
+    rp::Primary::Options po;
+    po.identity = {"bench", memory_, kDisk};
+    po.key = kKey;
+    po.mirror_port = to.mirror->port();
+    po.epoch = std::chrono::milliseconds(25);
+    auto p = rp::Primary::Start(*from.engine, from.gate, std::move(po));
     if (!p.ok()) Die(std::string(p.status().message()));
     from.primary = std::move(*p);
     auto t0 = Clock::now();
