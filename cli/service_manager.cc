@@ -3,13 +3,65 @@
 #include <systemd/sd-daemon.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <thread>
 
 namespace romulus::cli {
+
+// sd_notify blocks while systemd has not read the messages before it (ten may wait), and the
+// loop that calls Notify is the one that promotes a mirror: a thread sends instead. What it
+// shares with the daemon outlives the daemon's object if systemd never reads again.
+struct ServiceManager::Sender {
+  static constexpr size_t kMaxQueued = 16;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::string> queue;  // under mu
+  bool done = false;              // under mu
+
+  static void Run(std::shared_ptr<Sender> s) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    for (;;) {
+      s->cv.wait(lock, [&] { return s->done || !s->queue.empty(); });
+      if (s->queue.empty()) return;  // done, and everything sent
+      std::string m = std::move(s->queue.front());
+      s->queue.pop_front();
+      lock.unlock();
+      // Not being run by systemd is no error; failing to reach it is not fatal to the VM.
+      (void)sd_notify(0, m.c_str());
+      lock.lock();
+      s->cv.notify_all();
+    }
+  }
+};
 
 ServiceManager::ServiceManager() {
   uint64_t usec = 0;
   // > 0 only when WATCHDOG_USEC is set (and WATCHDOG_PID, if set, is this process).
   if (sd_watchdog_enabled(0, &usec) > 0) watchdog_ = std::chrono::microseconds(usec);
+  if (std::getenv("NOTIFY_SOCKET") == nullptr) return;  // not started by systemd
+  sender_ = std::make_shared<Sender>();
+  thread_ = std::thread(Sender::Run, sender_);
+}
+
+ServiceManager::~ServiceManager() {
+  if (!sender_) return;
+  bool sent;
+  {
+    std::unique_lock<std::mutex> lock(sender_->mu);
+    sender_->done = true;
+    sender_->cv.notify_all();
+    // STOPPING=1 and the last status reach systemd, unless it does not read for a second.
+    sent =
+        sender_->cv.wait_for(lock, std::chrono::seconds(1), [&] { return sender_->queue.empty(); });
+  }
+  if (sent) {
+    thread_.join();
+  } else {
+    thread_.detach();  // blocked in sd_notify; it holds its own reference to what it uses
+  }
 }
 
 std::chrono::milliseconds ServiceManager::Tick(std::chrono::milliseconds tick) const {
@@ -19,8 +71,14 @@ std::chrono::milliseconds ServiceManager::Tick(std::chrono::milliseconds tick) c
 }
 
 void ServiceManager::Notify(const std::string& message) {
-  // Not being run by systemd is no error; a failure to reach it is not fatal to the VM either.
-  (void)sd_notify(0, message.c_str());
+  if (!sender_) return;
+  std::lock_guard<std::mutex> lock(sender_->mu);
+  // While systemd does not read, pings and status lines are dropped rather than queued without
+  // bound; READY and STOPPING always wait their turn.
+  bool droppable = message == "WATCHDOG=1" || message.rfind("STATUS=", 0) == 0;
+  if (droppable && sender_->queue.size() >= Sender::kMaxQueued) return;
+  sender_->queue.push_back(message);
+  sender_->cv.notify_all();
 }
 
 void ServiceManager::Ready() {

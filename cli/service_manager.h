@@ -6,7 +6,9 @@
 #define ROMULUS_CLI_SERVICE_MANAGER_H_
 
 #include <chrono>
+#include <memory>
 #include <string>
+#include <thread>
 
 namespace romulus::cli {
 
@@ -14,6 +16,9 @@ class ServiceManager {
  public:
   using Clock = std::chrono::steady_clock;
   ServiceManager();
+  ~ServiceManager();
+  ServiceManager(const ServiceManager&) = delete;
+  ServiceManager& operator=(const ServiceManager&) = delete;
 
   // The service's WatchdogSec (0 without one): the daemon's loop must call Watchdog at least
   // every quarter of it.
@@ -32,7 +37,10 @@ class ServiceManager {
   void Stopping();
 
  private:
-  void Notify(const std::string& message);
+  struct Sender;
+  void Notify(const std::string& message);  // queued for the sender thread
+  std::shared_ptr<Sender> sender_;          // null when not run by systemd
+  std::thread thread_;
   std::chrono::microseconds watchdog_{0};
   Clock::time_point last_ping_{}, last_status_{};
   std::string status_;

@@ -350,5 +350,36 @@ TEST(Systemd, WithoutNotifySocketTheWitnessRunsAsBefore) {
   EXPECT_EQ(witness.Wait(30), 0) << witness.output();
 }
 
+// systemd that does not read (PID 1 busy, say) must not stall the daemon's loop: the witness's
+// notify socket is full before it starts, and it still stops at once when told to.
+TEST(Systemd, ADaemonWhoseNotificationsAreNotReadStillStopsWhenTold) {
+  TempDir dir;
+  std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
+  std::string path = dir.File("unread.notify");
+  int unread = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+  ASSERT_EQ(::bind(unread, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  int sender = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  int queued = 0;
+  while (queued < 10000 && ::sendto(sender, "X=1", 3, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&a),
+                                    sizeof(a)) == 3) {
+    queued++;
+  }
+  ::close(sender);
+  ASSERT_EQ(errno, EAGAIN) << "the queue never filled: " << queued;
+  std::vector<std::string> args = {
+      "NOTIFY_SOCKET=" + path, "WATCHDOG_USEC=100000", ROMULUS_BINARY, "witness", "--listen",
+      "127.0.0.1:0",           "--psk-file",           dir.File("key")};
+  auto witness = cli::Process::Start("/usr/bin/env", args);
+  ASSERT_TRUE(witness.ok()) << witness.status();
+  ASSERT_TRUE((*witness)->WaitForLine("serving leases", testing::ScaledMs(30)).ok());
+  (*witness)->Signal(SIGTERM);
+  EXPECT_EQ((*witness)->Wait(testing::ScaledMs(30)), 0) << (*witness)->output();
+  EXPECT_NE((*witness)->output().find("romulus witness: stopped"), std::string::npos);
+  ::close(unread);
+}
+
 }  // namespace
 }  // namespace romulus
