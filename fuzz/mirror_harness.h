@@ -47,8 +47,9 @@ inline std::string OpRecord(Op op, const pb::Frame* frame = nullptr) {
                 (frame ? frame->SerializeAsString() : std::string()));
 }
 
-// Where the replica's disk image lives: in memory (/dev/shm) where there is one, as the image is
-// created, renamed and removed on every input; else in the scratch directory. Removed at exit.
+// Where the replica's disk image (created, renamed and removed on every input) and the seeded
+// replica's memory file live: in memory (/dev/shm) where there is one, else in the scratch
+// directory. Removed at exit.
 inline const std::string& MemoryDir() {
   static const std::string* dir = [] {
     std::string d = "/dev/shm/romulus-fuzz-XXXXXX";
