@@ -33,10 +33,9 @@ struct Contents {
   bool operator==(const Contents&) const = default;
 };
 
-// A digest of the replica's memory that reads only the pages its memory file (a memfd, or the
-// seeded replica's file) holds: holes read as zero, and hashing them through the mapping would
-// allocate all 16 MiB on every input. Each page that is not all zero counts, with its number, so
-// that a zero page written reads as a hole.
+// A digest of the replica's memory that reads only the pages its memfd holds: holes read as
+// zero, and hashing them through the mapping would allocate all 16 MiB on every input. Each page
+// that is not all zero counts, with its number, so that a zero page written reads as a hole.
 uint64_t MemoryDigest(const vmm::GuestMemory& m) {
   XXH3_state_t* st = XXH3_createState();
   XXH3_64bits_reset(st);

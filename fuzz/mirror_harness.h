@@ -5,6 +5,9 @@
 #ifndef ROMULUS_FUZZ_MIRROR_HARNESS_H_
 #define ROMULUS_FUZZ_MIRROR_HARNESS_H_
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -47,9 +50,8 @@ inline std::string OpRecord(Op op, const pb::Frame* frame = nullptr) {
                 (frame ? frame->SerializeAsString() : std::string()));
 }
 
-// Where the replica's disk image (created, renamed and removed on every input) and the seeded
-// replica's memory file live: in memory (/dev/shm) where there is one, else in the scratch
-// directory. Removed at exit.
+// Where the replica's disk image lives (created, renamed and removed on every input): in memory
+// (/dev/shm) where there is one, else in the scratch directory. Removed at exit.
 inline const std::string& MemoryDir() {
   static const std::string* dir = [] {
     std::string d = "/dev/shm/romulus-fuzz-XXXXXX";
@@ -73,13 +75,18 @@ class MirrorHarness {
     disk_path_ = *disk;
     absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> replica;
     if (seeded) {
-      // The memory of a stopped VM, as `memory_file` keeps it: a file in memory, mapped shared,
-      // zeroed again for each input. A fresh memfd would do, but the first look at all of its
-      // pages (the trees a connection starts with) allocates 16 MiB and costs most of a run.
-      static const std::string* path = new std::string(MemoryDir() + "/memory");
-      static bool created = false;
-      auto memory = vmm::GuestMemory::MapFileShared(*path, kFuzzReplicaMemoryBytes, !created);
-      created = created || memory.ok();
+      // The memory of a stopped VM, mapped shared from a file (as `memory_file` keeps it): one
+      // memfd for the process, reopened through /proc for each input and zeroed again. A fresh
+      // memfd each time would do, but the first look at all of its pages (the trees a connection
+      // starts with) allocates 16 MiB and costs most of a run.
+      static const std::string* path = [] {
+        int fd = ::memfd_create("romulus-fuzz-replica", MFD_CLOEXEC);  // open until exit
+        if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(kFuzzReplicaMemoryBytes)) != 0) {
+          std::abort();
+        }
+        return new std::string("/proc/self/fd/" + std::to_string(fd));
+      }();
+      auto memory = vmm::GuestMemory::MapFileShared(*path, kFuzzReplicaMemoryBytes, false);
       if (memory.ok()) std::memset((*memory)->data(), 0, kFuzzReplicaMemoryBytes);
       absl::Status s =
           memory.ok() ? vmm::BlockDevice::CreateImage(*disk, kFuzzDiskBytes) : memory.status();
