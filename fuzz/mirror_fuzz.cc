@@ -1,7 +1,7 @@
 // The mirror's receive path with a small replica (fuzz/mirror_harness.h): frames from an
 // untrusted primary go through the MirrorSession the Mirror runs per connection (tree queries,
 // pre-copy staging, checkpoint assembly and commit, hand-overs), with connections dropped and
-// resumed by the same primary or by a new one. After every step it checks what the replica
+// resumed by the same primary or by a new one. As frames arrive it checks what the replica
 // promises: its contents and committed epoch change only with a commit the mirror acknowledges
 // (a dropped connection, a refused frame, a failed Apply or a hand-over change nothing), epochs
 // only move on in sequence, a hand-over resumes only what this connection committed, and the
