@@ -2,6 +2,9 @@
 // project's own encoders, in the shape fuzz/fuzz_util.h describes. Usage: fuzz_corpus DIR (the
 // checked-in corpus is fuzz/corpus). Inputs that reach a defect being fixed elsewhere are left
 // out on purpose (see the datagram target).
+#include <xxhash.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +13,7 @@
 
 #include "checkpoint/checkpoint.h"
 #include "fuzz/fuzz_util.h"
+#include "fuzz/mirror_harness.h"
 #include "fuzz/replication_geometry.h"
 #include "replicator/replicator.h"
 #include "switchover/datagram.h"
@@ -267,6 +271,249 @@ void Replication() {
   }
 }
 
+// The mirror target's seeds: conversations of a primary with the mirror, written as inputs while
+// they run against the target's own harness, so that each seed is checked to commit (or hand
+// over) as it should. The primary's side is made with the project's encoders, as
+// PrimaryImpl uses them.
+class Conversation {
+ public:
+  Conversation(const std::string& name, HandoverMode mode, bool seeded)
+      : name_(name), harness_(mode, seeded), input_(MirrorMode(mode, seeded)) {
+    Connect(true);
+  }
+  ~Conversation() { Write("mirror", name_, input_); }
+
+  // The connection drops and the primary connects again (a new session: a restarted primary).
+  void Reconnect(bool new_session) {
+    input_ += OpRecord(new_session ? kOpNewSession : kOpReconnect);
+    harness_.Disconnect();
+    Connect(new_session);
+  }
+  std::vector<pb::Frame> Send(const pb::Frame& f) {
+    input_ += OpRecord(kOpFrame, &f);
+    auto replies = harness_.Receive(f);
+    if (!replies.ok()) Fail(std::string(replies.status().message()));
+    return *replies;
+  }
+  const pb::ReplicaRoots& roots() const { return roots_; }
+  void Fail(const std::string& why) {
+    std::fprintf(stderr, "fuzz_corpus: mirror seed %s: %s\n", name_.c_str(), why.c_str());
+    std::exit(1);
+  }
+
+ private:
+  void Connect(bool new_session) {
+    auto roots = harness_.Connect(new_session);
+    if (!roots.ok()) Fail(std::string(roots.status().message()));
+    roots_ = roots->replica_roots();
+  }
+  std::string name_;
+  MirrorHarness harness_;
+  std::string input_;
+  pb::ReplicaRoots roots_;
+};
+
+// The primary's VM: memory (patterned pages among the first 16, the rest zero: they travel as
+// flags) and a disk image.
+struct Vm {
+  std::vector<uint8_t> memory = std::vector<uint8_t>(kFuzzReplicaMemoryBytes);
+  std::string disk = std::string(kFuzzDiskBytes, '\0');
+  uint64_t next_epoch = 0;
+
+  Vm() {
+    for (uint64_t gfn = 0; gfn < 16; gfn++) {
+      if (gfn % 5 != 4) Dirty(gfn, static_cast<uint8_t>(gfn));
+    }
+    // Every eighth sector of the first three chunks (the rest travels as flags: a chunk fits a
+    // record uncompressed).
+    for (uint64_t i = 0; i < 3 * checkpoint::kDiskChunk; i++) {
+      if (i / 512 % 8 == 0) disk[i] = static_cast<char>(1 + i % 11);
+    }
+  }
+  void Dirty(uint64_t gfn, uint8_t seed) {
+    for (uint64_t i = 0; i < 4096; i++) memory[gfn * 4096 + i] = static_cast<uint8_t>(seed + i % 7);
+  }
+  uint64_t PageHash(uint64_t gfn) const { return XXH3_64bits(memory.data() + gfn * 4096, 4096); }
+  checkpoint::SyncChunk Chunk(uint64_t i) const {
+    checkpoint::SyncChunk c;
+    c.offset = i * checkpoint::kDiskChunk;
+    c.data = disk.substr(c.offset, checkpoint::kDiskChunk);
+    c.hash = XXH3_64bits(c.data.data(), c.data.size());
+    return c;
+  }
+  checkpoint::ReplicaTrees Trees() const {
+    std::vector<uint64_t> pages, chunks;
+    for (uint64_t gfn = 0; gfn < kFuzzReplicaPages; gfn++) pages.push_back(PageHash(gfn));
+    for (uint64_t i = 0; i < kFuzzDiskBytes / checkpoint::kDiskChunk; i++) {
+      chunks.push_back(Chunk(i).hash);
+    }
+    return {checkpoint::HashTree(pages), checkpoint::HashTree(chunks)};
+  }
+  checkpoint::PageRun Pages(const std::vector<uint64_t>& gfns) const {
+    checkpoint::PageRun run;
+    for (uint64_t gfn : gfns) {
+      run.gfns.push_back(gfn);
+      run.hashes.push_back(PageHash(gfn));
+      run.pages.insert(run.pages.end(), memory.begin() + static_cast<ptrdiff_t>(gfn * 4096),
+                       memory.begin() + static_cast<ptrdiff_t>((gfn + 1) * 4096));
+    }
+    return run;
+  }
+  // A checkpoint of `gfns` (written first) and one disk write, as the epoch engine takes it.
+  checkpoint::Checkpoint Take(bool full, const std::vector<uint64_t>& gfns, uint64_t sector,
+                              uint64_t sync_digest = 0) {
+    for (uint64_t gfn : gfns) Dirty(gfn, static_cast<uint8_t>(next_epoch * 13 + gfn));
+    checkpoint::Checkpoint c;
+    static_cast<checkpoint::PageRun&>(c) = Pages(gfns);
+    c.epoch = next_epoch++;
+    c.full = full;
+    std::string data(512, static_cast<char>('a' + c.epoch % 26));
+    disk.replace(sector * 512, 512, data);
+    c.disk_writes.push_back({sector, data});
+    c.state.set_format_version(vmm::kSnapshotFormatVersion);
+    c.state.set_memory_bytes(kFuzzReplicaMemoryBytes);
+    c.state.set_disk_bytes(kFuzzDiskBytes);
+    c.state.add_vcpus();
+    c.output_mark = c.epoch;
+    c.digest = checkpoint::CheckpointDigest(c, sync_digest);
+    return c;
+  }
+};
+
+// Sends `c` and checks that the mirror commits it.
+void Commit(Conversation& talk, const checkpoint::Checkpoint& c, pb::Compression compression) {
+  std::vector<pb::Frame> replies;
+  for (const pb::Frame& f : replicator::CheckpointFrames(c, compression)) replies = talk.Send(f);
+  if (replies.size() != 1 || !replies[0].has_ack() || replies[0].ack().epoch() != c.epoch) {
+    talk.Fail("checkpoint " + std::to_string(c.epoch) + " was not acknowledged");
+  }
+}
+
+// A synchronisation as the primary runs it: the comparison of trees (queries the mirror answers),
+// the pages the mirror holds as such, the other pages and the disk chunks, then the full
+// checkpoint that commits it all. `stop_after` batches of pages: the connection drops there.
+void Synchronise(Conversation& talk, Vm& vm, pb::Compression compression,
+                 size_t stop_after = SIZE_MAX) {
+  checkpoint::ReplicaTrees own = vm.Trees();
+  auto holdings = replicator::CompareTrees(
+      own, talk.roots(), [&](const pb::TreeQuery& q) -> absl::StatusOr<pb::TreeAnswer> {
+        pb::Frame f;
+        *f.mutable_tree_query() = q;
+        auto replies = talk.Send(f);
+        if (replies.size() != 1 || !replies[0].has_tree_answer()) talk.Fail("no tree answer");
+        return replies[0].tree_answer();
+      });
+  if (!holdings.ok()) talk.Fail(std::string(holdings.status().message()));
+  pb::Frame done;
+  done.mutable_tree_query()->set_done(true);
+  talk.Send(done);
+  checkpoint::SyncDigest digest;
+  std::vector<bool> held(kFuzzReplicaPages);
+  for (const pb::Frame& f : replicator::SamePagesFrames(own.pages, *holdings)) {
+    for (int i = 0; i < f.same_pages().nodes_size(); i++) {
+      uint64_t node = f.same_pages().nodes(i);
+      digest.AddSamePages(f.same_pages().level(), node, f.same_pages().hashes(i));
+      auto [first, end] = own.pages.Leaves(f.same_pages().level(), node);
+      for (uint64_t gfn = first; gfn < end; gfn++) held[gfn] = true;
+    }
+    talk.Send(f);
+  }
+  std::vector<uint64_t> pending;
+  for (uint64_t gfn = 0; gfn < kFuzzReplicaPages; gfn++) {
+    if (!held[gfn]) pending.push_back(gfn);
+  }
+  checkpoint::PageRun run = vm.Pages(pending);
+  // Batches of at most 8 pages with contents, so that each frame fits a record.
+  for (size_t begin = 0, n = 0, batches = 0; begin < pending.size(); begin += n, batches++) {
+    if (batches == stop_after) return;
+    size_t contents = 0;
+    for (n = 0; begin + n < pending.size() && n < replicator::kPagesPerBatch; n++) {
+      const uint8_t* page = run.pages.data() + (begin + n) * 4096;
+      if (std::any_of(page, page + 4096, [](uint8_t b) { return b != 0; }) && ++contents > 8) {
+        break;
+      }
+    }
+    talk.Send(replicator::PageBatchFrame(vm.next_epoch, true, run, begin, n, compression));
+    for (size_t i = begin; i < begin + n; i++) digest.AddPage(run.gfns[i], run.hashes[i]);
+  }
+  for (uint64_t i = 0; i < kFuzzDiskBytes / checkpoint::kDiskChunk; i++) {
+    checkpoint::SyncChunk chunk = vm.Chunk(i);
+    talk.Send(replicator::SyncDiskFrame(chunk, &holdings->chunks, compression));
+    digest.AddDisk(chunk.offset, chunk.data.size(), chunk.hash);
+  }
+  // Pages written while the pre-copy ran travel in the full checkpoint.
+  Commit(talk, vm.Take(true, {2, 40}, 3, digest.value()), compression);
+}
+
+void Incremental(Conversation& talk, Vm& vm, pb::Compression compression) {
+  Commit(talk, vm.Take(false, {1, 9, 63}, 130 + vm.next_epoch), compression);
+}
+
+void HandOver(Conversation& talk, uint64_t epoch, bool resumes) {
+  pb::Frame f;
+  f.mutable_handover()->set_epoch(epoch);
+  auto replies = talk.Send(f);
+  if (replies.size() != 1 || !replies[0].has_handover_reply() ||
+      replies[0].handover_reply().resumed() != resumes) {
+    talk.Fail("unexpected answer to the hand-over");
+  }
+}
+
+void Mirror() {
+  {
+    Conversation talk("full_sync", kNoHandovers, false);
+    Vm vm;
+    Synchronise(talk, vm, pb::COMPRESSION_NONE);
+  }
+  {
+    Conversation talk("incremental", kNoHandovers, true);
+    Vm vm;
+    Synchronise(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::COMPRESSION_NONE);
+  }
+  {
+    Conversation talk("handover", kHandoverResumes, true);
+    Vm vm;
+    Synchronise(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::LZ4);
+    HandOver(talk, vm.next_epoch - 1, true);
+  }
+  {
+    // The host cannot resume the VM: the primary carries on.
+    Conversation talk("handover_refused", kHandoverFails, true);
+    Vm vm;
+    Synchronise(talk, vm, pb::LZ4);
+    HandOver(talk, vm.next_epoch - 1, false);
+    Incremental(talk, vm, pb::LZ4);
+  }
+  {
+    // The link fails halfway through the pre-copy; the same primary reconnects and claims what
+    // the mirror kept instead of sending it again.
+    Conversation talk("resume_kept", kNoHandovers, true);
+    Vm vm;
+    Synchronise(talk, vm, pb::LZ4, 1);
+    talk.Reconnect(false);
+    if (talk.roots().empty()) talk.Fail("nothing kept after the drop");
+    Synchronise(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::LZ4);
+  }
+  {
+    // A restarted primary (a new session, epochs numbered afresh) whose VM moved on: only what
+    // differs travels.
+    Conversation talk("new_session", kNoHandovers, true);
+    Vm vm;
+    Synchronise(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::LZ4);
+    talk.Reconnect(true);
+    vm.next_epoch = 0;
+    vm.Dirty(20, 99);
+    vm.disk[2 * checkpoint::kDiskChunk] = 'x';
+    Synchronise(talk, vm, pb::LZ4);
+    Incremental(talk, vm, pb::LZ4);
+  }
+}
+
 }  // namespace
 }  // namespace romulus::fuzz
 
@@ -281,5 +528,6 @@ int main(int argc, char** argv) {
   romulus::fuzz::Ledger();
   romulus::fuzz::Control();
   romulus::fuzz::Replication();
+  romulus::fuzz::Mirror();
   return 0;
 }

@@ -8,12 +8,16 @@
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
+#include "vmm/guest_memory.h"
 
 namespace romulus::fuzz {
 
 inline constexpr uint64_t kFuzzMemoryPages = 64;
 inline constexpr uint64_t kFuzzMemoryBytes = kFuzzMemoryPages * 4096;
 inline constexpr uint64_t kFuzzDiskBytes = 4 * checkpoint::kDiskChunk;
+// The mirror target's replica: a ReplicaStore's memory is a guest's, 16 MiB at least.
+inline constexpr uint64_t kFuzzReplicaMemoryBytes = vmm::kMinMemoryBytes;
+inline constexpr uint64_t kFuzzReplicaPages = kFuzzReplicaMemoryBytes / 4096;
 
 // Trees over `pages` and `chunks` leaves with fixed leaf hashes. Four shapes: empty, one leaf,
 // two levels, and three (over 64 * 64 pages), so that every comparison path has a small case.

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "replicator/channel.h"
+#include "replicator/mirror_session.h"
 #include "vmm/sys.h"
 
 namespace romulus::replicator {
@@ -151,19 +152,11 @@ class MirrorImpl : public Mirror {
         stats_.peer = channel_->peer();
       }
       Log(options_.log, absl::StrCat("primary ", channel_->peer(), " connected"));
-      if (session != session_) {
-        std::lock_guard<std::mutex> lock(apply_mu_);
-        replica_.ExpectFullCheckpoint();
-      }
+      bool new_session = session != session_;
       session_ = session;
-      absl::Status why = AnswerComparison(*channel_);
-      if (why.ok()) why = Receive(*channel_);
-      {
-        // A synchronisation the connection did not finish commits nothing, but what of it
-        // verified is kept for the next one.
-        std::lock_guard<std::mutex> lock(apply_mu_);
-        replica_.SuspendSync();
-      }
+      MirrorSession conversation({replica_, apply_mu_, stats_, mu_, options_}, channel_->peer());
+      absl::Status why = Converse(*channel_, conversation, new_session);
+      conversation.End();  // keeps what an unfinished synchronisation verified
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.connected = false;
@@ -192,170 +185,25 @@ class MirrorImpl : public Mirror {
     Log(options_.log, line);
   }
 
-  // Receives checkpoints until the connection fails or the peer sends something bad.
-  absl::Status Receive(Channel& ch) {
-    CheckpointAssembler assembler(replica_.memory_bytes(), replica_.disk_bytes());
-    bool synchronised = false;  // this connection's full checkpoint is committed
+  // Pumps frames between the primary and the session until the connection fails, the peer
+  // sends something bad, the VM is handed over to this host, or the mirror stops.
+  absl::Status Converse(Channel& ch, MirrorSession& conversation, bool new_session) {
+    auto roots = conversation.Start(new_session);
+    if (!roots.ok()) return roots.status();
+    if (auto s = ch.Send(*roots); !s.ok()) return s;
     while (!stop_) {
       auto f = ch.Receive();
       if (!f.ok()) return f.status();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.bytes += static_cast<uint64_t>(f->ByteSizeLong()) + 4;
+      auto replies = conversation.Receive(std::move(*f));
+      if (!replies.ok()) return replies.status();
+      for (const pb::Frame& reply : *replies) {
+        if (auto s = ch.Send(reply); !s.ok()) return s;
       }
-      if (f->has_handover()) {
-        bool resumed = false;
-        if (auto s = AnswerHandover(ch, f->handover().epoch(), synchronised, resumed); !s.ok()) {
-          return s;
-        }
-        if (resumed) return absl::CancelledError("the VM was handed over to this host");
-        continue;
+      if (conversation.handed_over()) {
+        return absl::CancelledError("the VM was handed over to this host");
       }
-      if (f->has_sync_disk() || f->has_same_pages() || (f->has_pages() && f->pages().sync())) {
-        if (auto s = StageSync(*f); !s.ok()) {
-          Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", s.message()));
-          return s;
-        }
-        continue;
-      }
-      auto cp = assembler.Add(std::move(*f));
-      if (!cp.ok()) {
-        Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", cp.status().message()));
-        return cp.status();
-      }
-      if (!cp->has_value()) continue;
-      absl::Status applied;
-      {
-        std::lock_guard<std::mutex> lock(apply_mu_);
-        applied = replica_.Apply(**cp);
-      }
-      if (!applied.ok()) {
-        Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", applied.message()));
-        return applied;
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.checkpoints++;
-        stats_.committed_epoch = static_cast<int64_t>((*cp)->epoch);
-        if ((*cp)->full) stats_.syncing = false;
-      }
-      if ((*cp)->full) {
-        synchronised = true;
-        Log(options_.log,
-            absl::StrCat("synchronised: replica replaced by full checkpoint ", (*cp)->epoch));
-      }
-      pb::Frame ack;
-      ack.mutable_ack()->set_epoch((*cp)->epoch);
-      if (auto s = ch.Send(ack); !s.ok()) return s;
     }
     return absl::CancelledError("stopping");
-  }
-
-  // The primary asks this host to resume the VM from `epoch`. It must be what this connection
-  // committed last; the host resumes it (on_handover) and the answer says whether it runs here.
-  absl::Status AnswerHandover(Channel& ch, uint64_t epoch, bool synchronised, bool& resumed) {
-    absl::Status why;
-    int64_t committed;
-    {
-      std::lock_guard<std::mutex> lock(apply_mu_);
-      committed = replica_.committed_epoch();
-    }
-    if (!options_.on_handover) {
-      why = absl::FailedPreconditionError("this mirror takes no hand-overs");
-    } else if (!synchronised || committed != static_cast<int64_t>(epoch)) {
-      why = absl::FailedPreconditionError(
-          absl::StrCat("asked to resume epoch ", epoch, " but the replica's last commit on this ",
-                       "connection is ", synchronised ? absl::StrCat(committed) : "none"));
-    } else {
-      Log(options_.log, absl::StrCat("primary hands the VM over at epoch ", epoch));
-      why = options_.on_handover(epoch);
-    }
-    resumed = why.ok();
-    if (resumed) {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.handed_over = true;
-    } else {
-      Log(options_.log, absl::StrCat("hand-over refused: ", why.message()));
-    }
-    pb::Frame reply;
-    reply.mutable_handover_reply()->set_epoch(epoch);
-    reply.mutable_handover_reply()->set_resumed(resumed);
-    if (!resumed) reply.mutable_handover_reply()->set_error(std::string(why.message()));
-    return ch.Send(reply);
-  }
-
-  // Tells the primary what the replica holds, as the roots of its hash trees, then answers its
-  // questions about the nodes below until it is done: it then sends only what differs.
-  absl::Status AnswerComparison(Channel& ch) {
-    pb::Frame roots;
-    uint64_t budget = 0;
-    {
-      std::lock_guard<std::mutex> lock(apply_mu_);
-      const checkpoint::ReplicaTrees* trees = nullptr;
-      auto t = replica_.HoldingsTrees();
-      if (t.ok()) {
-        trees = *t;
-        budget = TreeQueryBudget(*trees);
-      } else if (t.status().code() != absl::StatusCode::kFailedPrecondition) {
-        return t.status();  // holds something, but reading it failed
-      }
-      *roots.mutable_replica_roots() = RootsOf(trees);
-    }
-    if (auto s = ch.Send(roots); !s.ok()) return s;
-    for (;;) {
-      auto f = ch.Receive();
-      if (!f.ok()) return f.status();
-      if (!f->has_tree_query()) return absl::DataLossError("expected the primary's tree queries");
-      if (f->tree_query().done()) return absl::OkStatus();
-      absl::StatusOr<pb::TreeAnswer> answer;
-      {
-        std::lock_guard<std::mutex> lock(apply_mu_);
-        auto trees = replica_.HoldingsTrees();
-        answer = trees.ok() ? AnswerTreeQuery(**trees, f->tree_query(), budget)
-                            : absl::DataLossError("a tree query, but this replica holds nothing");
-      }
-      if (!answer.ok()) {
-        Reject(absl::StrCat("dropping primary ", ch.peer(), ": ", answer.status().message()));
-        return answer.status();
-      }
-      pb::Frame reply;
-      *reply.mutable_tree_answer() = std::move(*answer);
-      if (auto s = ch.Send(reply); !s.ok()) return s;
-    }
-  }
-
-  // A pre-copy frame: decoded, checked and written to the replica's staging copy. Pages and
-  // chunks the primary says are the same come from the committed replica, checked by hash.
-  absl::Status StageSync(const pb::Frame& f) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.syncing = true;
-    }
-    std::lock_guard<std::mutex> lock(apply_mu_);
-    if (f.has_pages()) {
-      auto run = DecodePageBatch(f.pages(), replica_.memory_bytes() / kPage);
-      if (!run.ok()) return run.status();
-      return replica_.StageSyncPages(*run);
-    }
-    if (f.has_same_pages()) {
-      const pb::SamePages& same = f.same_pages();
-      if (same.nodes_size() != same.hashes_size()) {
-        return absl::DataLossError("same-pages frame with inconsistent counts");
-      }
-      for (int i = 0; i < same.nodes_size(); i++) {
-        if (auto s = replica_.StageSamePages(same.level(), same.nodes(i), same.hashes(i));
-            !s.ok()) {
-          return s;
-        }
-      }
-      return absl::OkStatus();
-    }
-    const pb::SyncDisk& d = f.sync_disk();
-    auto data = SyncDiskData(d);
-    if (!data.ok()) return data.status();
-    if (d.same()) return replica_.StageSameDisk(d.offset(), d.length(), d.hash());
-    return replica_.StageSyncDisk(d.offset(), d.length(), data->has_value() ? &**data : nullptr,
-                                  d.hash());
   }
 
   checkpoint::ReplicaStore& replica_;
@@ -366,7 +214,7 @@ class MirrorImpl : public Mirror {
   std::atomic<bool> stop_{false};
   uint16_t port_ = 0;
   uint64_t session_ = 0;
-  std::mutex apply_mu_;    // held while a checkpoint is applied
+  std::mutex apply_mu_;    // held while the replica is read or changed
   mutable std::mutex mu_;  // stats and the current channel
   std::unique_ptr<Channel> channel_;
   Stats stats_;
