@@ -9,12 +9,15 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/property_tree/json_parser.hpp>
+#include <boost/property_tree/ptree.hpp>
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <map>
 #include <optional>
+#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -23,8 +26,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "cli/local_hosts.h"
-#include "google/protobuf/struct.pb.h"
-#include "google/protobuf/util/json_util.h"
 #include "tests/test_util.h"
 
 namespace romulus {
@@ -223,24 +224,28 @@ absl::StatusOr<std::vector<Series>> Query(uint16_t port, const std::string& prom
     return absl::UnavailableError(
         absl::StrCat("query ", promql, ": HTTP ", reply->status, " ", reply->body.substr(0, 200)));
   }
-  google::protobuf::Struct json;
-  if (auto s = google::protobuf::util::JsonStringToMessage(reply->body, &json); !s.ok()) {
-    return absl::DataLossError(absl::StrCat("query ", promql, ": not JSON: ", s.ToString()));
+  // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},
+  //  "value":[TIME,"VALUE"]}, ...]}}, read with Boost.PropertyTree (arrays are children with
+  // empty names; every value a string).
+  boost::property_tree::ptree json;
+  try {
+    std::istringstream in(reply->body);
+    boost::property_tree::read_json(in, json);
+  } catch (const boost::property_tree::json_parser_error& e) {
+    return absl::DataLossError(absl::StrCat("query ", promql, ": not JSON: ", e.what()));
   }
   std::vector<Series> out;
-  const auto& result = json.fields().at("data").struct_value().fields().at("result");
-  for (const auto& item : result.list_value().values()) {
-    const auto& fields = item.struct_value().fields();
+  auto result = json.get_child_optional("data.result");
+  if (!result) return absl::DataLossError(absl::StrCat("query ", promql, ": no data.result"));
+  for (const auto& [unused, item] : *result) {
     Series s;
-    for (const auto& [k, v] : fields.at("metric").struct_value().fields()) {
-      s.labels[k] = v.string_value();
+    if (auto metric = item.get_child_optional("metric")) {
+      for (const auto& [k, v] : *metric) s.labels[k] = v.data();
     }
-    if (auto it = fields.find("value"); it != fields.end()) {
-      const auto& pair = it->second.list_value().values();
-      if (pair.size() == 2) {
-        s.time = pair[0].number_value();
-        s.value = pair[1].string_value();
-      }
+    if (auto value = item.get_child_optional("value"); value && value->size() == 2) {
+      auto it = value->begin();
+      if (!absl::SimpleAtod(it->second.data(), &s.time)) s.time = 0;
+      s.value = (++it)->second.data();
     }
     out.push_back(std::move(s));
   }
