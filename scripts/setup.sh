@@ -5,12 +5,14 @@ set -euo pipefail
 
 # clang builds the sanitizer build and the fuzz targets; libclang-rt-14-dev holds its sanitizer
 # runtimes and libFuzzer (only recommended by clang, so named here). prometheus: the metrics
-# tests run its server and promtool against the daemons' /metrics.
+# tests run its server and promtool against the daemons' /metrics. pacemaker, corosync,
+# pacemaker-cli-utils and resource-agents: the cluster test runs a real Corosync + Pacemaker
+# cluster over the OCF agent (ocf/romulus), and ocf-tester checks the agent.
 packages=(
   cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
-  iproute2 nftables prometheus
+  iproute2 nftables prometheus pacemaker corosync pacemaker-cli-utils resource-agents
 )
 
 missing=()
