@@ -84,11 +84,15 @@ std::string ClusterProgramsMissing() {
   return "";
 }
 
-#define ROMULUS_REQUIRE_CLUSTER_PROGRAMS()                                 \
-  do {                                                                     \
-    if (std::string why = ClusterProgramsMissing(); !why.empty()) {        \
-      GTEST_SKIP() << "needs Corosync, Pacemaker and ocf-tester: " << why; \
-    }                                                                      \
+// The hosts run VMs on the platform each picks (as every VM test, they skip where none can).
+#define ROMULUS_REQUIRE_CLUSTER_PROGRAMS()                                        \
+  do {                                                                            \
+    if (std::string why = ClusterProgramsMissing(); !why.empty()) {               \
+      GTEST_SKIP() << "needs Corosync, Pacemaker and ocf-tester: " << why;        \
+    }                                                                             \
+    if (auto p = vmm::ChoosePlatform(); !p.ok()) {                                \
+      GTEST_SKIP() << "needs a platform that runs VMs: " << p.status().message(); \
+    }                                                                             \
   } while (0)
 
 const std::string kAgent = std::string(ROMULUS_SOURCE_DIR) + "/ocf/romulus";
