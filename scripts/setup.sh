@@ -7,11 +7,13 @@ set -euo pipefail
 # runtimes and libFuzzer (only recommended by clang, so named here). prometheus: the metrics
 # tests run its server and promtool against the daemons' /metrics. systemd: systemd-analyze
 # verifies the units; dpkg-dev: dpkg-shlibdeps, with which cpack names the package's libraries.
+# pacemaker, corosync, pacemaker-cli-utils and resource-agents: the cluster test runs a real
+# Corosync + Pacemaker cluster over the OCF agent (ocf/romulus), and ocf-tester checks the agent.
 packages=(
   cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
-  iproute2 nftables prometheus
+  iproute2 nftables prometheus pacemaker corosync pacemaker-cli-utils resource-agents
   systemd dpkg-dev
 )
 

@@ -16,8 +16,6 @@
 namespace romulus::testing {
 namespace {
 
-constexpr char kPrefix[] = "romt";
-
 // Runs a shell command; its output goes into the error when it fails.
 absl::Status Run(const std::string& command) {
   FILE* f = ::popen((command + " 2>&1").c_str(), "r");
@@ -31,15 +29,15 @@ absl::Status Run(const std::string& command) {
   return absl::OkStatus();
 }
 
-// Namespaces named romt<pid>-... whose process is gone: a killed run's leftovers.
-void RemoveStaleNamespaces() {
+// Namespaces named <prefix><pid>-... whose process is gone: a killed run's leftovers.
+void RemoveStaleNamespaces(const std::string& prefix) {
   DIR* d = ::opendir("/run/netns");
   if (d == nullptr) return;
   std::vector<std::string> stale;
   while (dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    if (name.rfind(kPrefix, 0) != 0) continue;
-    int pid = std::atoi(name.c_str() + sizeof(kPrefix) - 1);
+    if (name.rfind(prefix, 0) != 0) continue;
+    int pid = std::atoi(name.c_str() + prefix.size());
     if (pid > 0 && pid != ::getpid() && ::kill(pid, 0) != 0) stale.push_back(name);
   }
   ::closedir(d);
@@ -48,22 +46,22 @@ void RemoveStaleNamespaces() {
 
 }  // namespace
 
-std::string NetnsUnavailable() {
+std::string NetnsUnavailable(const std::string& prefix) {
   if (::geteuid() != 0) return "not root";
   if (::access("/usr/sbin/ip", X_OK) != 0 && ::access("/sbin/ip", X_OK) != 0) {
     return "iproute2 (ip) is not installed";
   }
   if (::access("/usr/sbin/nft", X_OK) != 0) return "nftables (nft) is not installed";
-  std::string probe = absl::StrCat(kPrefix, ::getpid(), "-probe");
+  std::string probe = absl::StrCat(prefix, ::getpid(), "-probe");
   if (auto s = Run("ip netns add " + probe); !s.ok()) return std::string(s.message());
   (void)Run("ip netns delete " + probe);
   return "";
 }
 
-NetnsLab::NetnsLab() {
+NetnsLab::NetnsLab(std::string prefix) : kind_(std::move(prefix)) {
   static int labs = 0;
-  RemoveStaleNamespaces();
-  prefix_ = absl::StrCat(kPrefix, ::getpid(), "-", labs++, "-");
+  RemoveStaleNamespaces(kind_);
+  prefix_ = absl::StrCat(kind_, ::getpid(), "-", labs++, "-");
 }
 
 NetnsLab::~NetnsLab() {

@@ -12,8 +12,9 @@
 
 namespace romulus::testing {
 
-// Empty when this process can build a lab (root, `ip`, `nft`); else why not.
-std::string NetnsUnavailable();
+// Empty when this process can build a lab (root, `ip`, `nft`); else why not. It tries a
+// namespace named `prefix`<pid>-probe.
+std::string NetnsUnavailable(const std::string& prefix = "romt");
 
 #define ROMULUS_REQUIRE_NETNS()                                                   \
   do {                                                                            \
@@ -24,7 +25,8 @@ std::string NetnsUnavailable();
 
 class NetnsLab {
  public:
-  NetnsLab();
+  // Namespaces are named PREFIX<pid>-<lab>-<host>.
+  explicit NetnsLab(std::string prefix = "romt");
   ~NetnsLab();
   NetnsLab(const NetnsLab&) = delete;
   NetnsLab& operator=(const NetnsLab&) = delete;
@@ -44,10 +46,13 @@ class NetnsLab {
   // Runs `fn` on a thread inside `host`'s namespace: sockets it opens (and threads it starts)
   // live there.
   void RunIn(const std::string& host, const std::function<void()>& fn);
+  // The namespace's name (for `ip netns exec`).
+  std::string Namespace(const std::string& host) const { return Ns(host); }
 
  private:
   std::string Ns(const std::string& host) const { return prefix_ + host; }
-  std::string prefix_;
+  std::string kind_;    // the prefix every lab of this kind shares
+  std::string prefix_;  // this lab's
   std::vector<std::string> hosts_;
   std::vector<std::pair<std::string, std::string>> links_;  // hosts of each link
 };

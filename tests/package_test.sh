@@ -21,7 +21,8 @@ files=$(awk '{print $6}' <<<"$listing")
 for f in ./usr/bin/romulus ./usr/lib/systemd/system/romulus-primary@.service \
          ./usr/lib/systemd/system/romulus-mirror@.service \
          ./usr/lib/systemd/system/romulus-witness.service \
-         ./usr/share/doc/romulus/examples/vm1-primary.conf ./usr/share/doc/romulus/README.md; do
+         ./usr/share/doc/romulus/examples/vm1-primary.conf ./usr/share/doc/romulus/README.md \
+         ./usr/lib/ocf/resource.d/romulus/romulus; do
   grep -qxF "$f" <<<"$files" || fail "the package lacks $f"
 done
 depends=$(dpkg-deb -f "$deb" Depends)

@@ -107,7 +107,7 @@ TEST_P(VmReplication, ReplicaEqualsThePrimaryAtEachCommittedPause) {
   o.accounts = 8;
   auto report = cli::RunLoad(o);
   ASSERT_TRUE(report.ok()) << report.status() << "\n" << Logs();
-  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
+  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << Logs();
   EXPECT_GT(report->requests, 0u);
   // Plenty of epochs commit (bounded wait, not a rate).
   EXPECT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 50; }, 120)) << Logs();
