@@ -115,21 +115,17 @@ void ToClient(int kind, absl::string_view bytes) {
   fake.join();
 }
 
+// The first byte picks the side that reads the input (and, for the client, how it answers).
+void Run(Input& in) {
+  uint8_t mode = in.Byte();
+  if (mode % 2 == 0) {
+    ToServer(in.Rest());
+  } else {
+    ToClient(mode / 2, in.Rest());
+  }
+}
+
 }  // namespace
 }  // namespace romulus::fuzz
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  romulus::fuzz::QuietProtobuf();
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  romulus::fuzz::Input in(data, size);
-  uint8_t mode = in.Byte();
-  if (mode % 2 == 0) {
-    romulus::fuzz::ToServer(in.Rest());
-  } else {
-    romulus::fuzz::ToClient(mode / 2, in.Rest());
-  }
-  return 0;
-}
+ROMULUS_FUZZ_TARGET(Run)

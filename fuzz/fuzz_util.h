@@ -65,6 +65,19 @@ inline std::string Record(absl::string_view bytes) {
 // hold many, and the log would drown the fuzzer's own output.
 inline void QuietProtobuf() { google::protobuf::SetLogHandler(nullptr); }
 
+// libFuzzer's entry points for a target that hands every input, as an Input, to `run` (a
+// function of namespace romulus::fuzz taking Input&), with protobuf's log quiet.
+#define ROMULUS_FUZZ_TARGET(run)                                            \
+  extern "C" int LLVMFuzzerInitialize(int*, char***) {                      \
+    ::romulus::fuzz::QuietProtobuf();                                       \
+    return 0;                                                               \
+  }                                                                         \
+  extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) { \
+    ::romulus::fuzz::Input in(data, size);                                  \
+    ::romulus::fuzz::run(in);                                               \
+    return 0;                                                               \
+  }
+
 // What a peer sends until it closes the connection (at most `limit` bytes), waiting at most
 // `timeout` in all; nullopt when it did not close in time.
 inline std::optional<std::string> ReadUntilClosed(int fd, size_t limit,

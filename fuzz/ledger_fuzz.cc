@@ -164,20 +164,16 @@ void ToClient(absl::string_view bytes) {
   }
 }
 
+// The first byte picks the side that reads the input: the monitor's endpoint or the client.
+void Run(Input& in) {
+  if (in.Byte() % 2 == 0) {
+    ToEndpoint(in.Rest());
+  } else {
+    ToClient(in.Rest());
+  }
+}
+
 }  // namespace
 }  // namespace romulus::fuzz
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  romulus::fuzz::QuietProtobuf();
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  romulus::fuzz::Input in(data, size);
-  if (in.Byte() % 2 == 0) {
-    romulus::fuzz::ToEndpoint(in.Rest());
-  } else {
-    romulus::fuzz::ToClient(in.Rest());
-  }
-  return 0;
-}
+ROMULUS_FUZZ_TARGET(Run)

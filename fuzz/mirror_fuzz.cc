@@ -202,13 +202,4 @@ void Run(Input& in) {
 }  // namespace
 }  // namespace romulus::fuzz
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  romulus::fuzz::QuietProtobuf();
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  romulus::fuzz::Input in(data, size);
-  romulus::fuzz::Run(in);
-  return 0;
-}
+ROMULUS_FUZZ_TARGET(Run)
