@@ -185,12 +185,14 @@ absl::Status PortExits(pb::Platform platform) {
       RML_BOOT_GPA + offsetof(rml_boot, status) + offsetof(rml_status, reserved);
   auto le32 = [](uint32_t v) { return std::string(reinterpret_cast<const char*>(&v), 4); };
   std::string code;
-  code += "\xbb" + le32(kCounter);          // mov $kCounter, %ebx
-  code += "\xba" + le32(RML_PORT_CONSOLE);  // mov $RML_PORT_CONSOLE, %edx
-  code += std::string("\x31\xc0", 2);       // xor %eax, %eax (0 bytes to the console)
-  code += "\xef";                           // loop: out %eax, (%dx)
-  code += "\x48\xff\x03";                   //       incq (%rbx)
-  code += "\xeb\xfa";                       //       jmp loop
+  code += "\xbb";
+  code += le32(kCounter);  // mov $kCounter, %ebx
+  code += "\xba";
+  code += le32(RML_PORT_CONSOLE);      // mov $RML_PORT_CONSOLE, %edx
+  code += std::string("\x31\xc0", 2);  // xor %eax, %eax (0 bytes to the console)
+  code += "\xef";                      // loop: out %eax, (%dx)
+  code += "\x48\xff\x03";              //       incq (%rbx)
+  code += "\xeb\xfa";                  //       jmp loop
   rml_image_header h{};
   h.magic = RML_IMAGE_MAGIC;
   h.abi_version = RML_ABI_VERSION;
@@ -559,17 +561,20 @@ absl::Status Replication(pb::Platform platform, uint64_t dirty_pages, uint64_t c
 
   auto replica = romulus::checkpoint::ReplicaStore::Create(memory, s.dir + "/replica.img", disk);
   if (!replica.ok()) return replica.status();
-  auto mirror = romulus::replicator::Mirror::Start(
-      **replica,
-      {.identity = {"bench", memory, disk}, .key = "bench-key-0123456789", .log = nullptr});
+  // Options filled field by field: GCC 12 at -O3 warns (maybe-uninitialized, falsely) on a
+  // designated initialiser of these nested aggregates.
+  romulus::replicator::Mirror::Options mo;
+  mo.identity = {"bench", memory, disk};
+  mo.key = "bench-key-0123456789";
+  auto mirror = romulus::replicator::Mirror::Start(**replica, std::move(mo));
   if (!mirror.ok()) return mirror.status();
   romulus::checkpoint::EpochEngine engine(vm, gate, {});
-  auto primary = romulus::replicator::Primary::Start(engine, gate,
-                                                     {.identity = {"bench", memory, disk},
-                                                      .key = "bench-key-0123456789",
-                                                      .mirror_port = (*mirror)->port(),
-                                                      .epoch = milliseconds(25),
-                                                      .log = nullptr});
+  romulus::replicator::Primary::Options po;
+  po.identity = {"bench", memory, disk};
+  po.key = "bench-key-0123456789";
+  po.mirror_port = (*mirror)->port();
+  po.epoch = milliseconds(25);
+  auto primary = romulus::replicator::Primary::Start(engine, gate, std::move(po));
   if (!primary.ok()) return primary.status();
   auto t0 = Clock::now();
   while ((*mirror)->stats().committed_epoch < 0 && Clock::now() - t0 < std::chrono::seconds(60)) {
