@@ -6,6 +6,7 @@
 // daemons, namespaces and files go away with the fixture, also when a check fails.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -115,10 +116,17 @@ TEST(PacemakerAgent, OcfTesterPasses) {
                             "replication_listen: \"127.0.0.1\"\nreplication_port: %d\n"
                             "workload { working_set_pages: 64 write_rate: 1000 }\n",
                             common, dir.File("vmt.img"), dir.File("vmt.mem"), none, port));
+  // Run as root, ocf-tester also runs the agent's meta-data as the user nobody: a copy in a
+  // directory anyone may enter, wherever the checkout is (a clone in a 0700 directory is not).
+  testing::TempDir open_dir;
+  ASSERT_EQ(::chmod(open_dir.path().c_str(), 0755), 0);
+  std::string agent = open_dir.File("romulus");
+  std::filesystem::copy_file(kAgent, agent);
+  ASSERT_EQ(::chmod(agent.c_str(), 0755), 0);
   Shell r = Sh(absl::StrCat(
       "HA_RSCTMP=", Quote(dir.path()), " ocf-tester -n vmt -o binary=", ROMULUS_BINARY,
       " -o config=", dir.File("mirror.conf"), " -o primary_config=", dir.File("primary.conf"),
-      " -o bootstrap=standalone -o log_file=", dir.File("vmt.log"), " ", kAgent));
+      " -o bootstrap=standalone -o log_file=", dir.File("vmt.log"), " ", agent));
   std::printf("%s", r.out.c_str());
   EXPECT_EQ(r.rc, 0) << ReadFile(dir.File("vmt.log"));
   EXPECT_NE(r.out.find("passed all tests"), std::string::npos);
