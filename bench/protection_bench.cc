@@ -86,19 +86,24 @@ Sample RunOne(const Sizes& z, const Mode& mode, const std::string& dir) {
   (void)vm->Start();  // a software VM always starts
   auto replica = cp::ReplicaStore::Create(z.memory, dir + "/replica.img", z.disk);
   if (!replica.ok()) Die(std::string(replica.status().message()));
-  auto mirror = rp::Mirror::Start(
-      **replica,
-      {.identity = {"bench", z.memory, z.disk}, .key = kKey, .protection = mode.protection});
+  // Options filled field by field: GCC 12 at -O3 warns (maybe-uninitialized, falsely) on a
+  // designated initialiser of these nested aggregates.
+  rp::Mirror::Options mo;
+  mo.identity = {"bench", z.memory, z.disk};
+  mo.key = kKey;
+  mo.protection = mode.protection;
+  auto mirror = rp::Mirror::Start(**replica, std::move(mo));
   if (!mirror.ok()) Die(std::string(mirror.status().message()));
   romulus::vmm::OutputGate gate;
   auto engine = std::make_unique<cp::EpochEngine>(*vm, gate, cp::EpochEngine::Options{});
-  auto primary = rp::Primary::Start(*engine, gate,
-                                    {.identity = {"bench", z.memory, z.disk},
-                                     .key = kKey,
-                                     .mirror_port = (*mirror)->port(),
-                                     .epoch = std::chrono::milliseconds(25),
-                                     .compression = pb::COMPRESSION_NONE,
-                                     .protection = mode.protection});
+  rp::Primary::Options po;
+  po.identity = {"bench", z.memory, z.disk};
+  po.key = kKey;
+  po.mirror_port = (*mirror)->port();
+  po.epoch = std::chrono::milliseconds(25);
+  po.compression = pb::COMPRESSION_NONE;
+  po.protection = mode.protection;
+  auto primary = rp::Primary::Start(*engine, gate, std::move(po));
   if (!primary.ok()) Die(std::string(primary.status().message()));
   rp::Primary& p = **primary;
 
