@@ -383,7 +383,8 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   // systemd hears READY once the role is established: a mirror once it listens, a primary once
   // its first checkpoint is committed (or at once when it may run unprotected).
   auto tell_systemd = [&](const switchover::Node::Status& now) {
-    systemd.Status(status_of(now).state());
+    // The status reply is built only when systemd would hear it, not on every 5 ms tick.
+    if (systemd.StatusDue()) systemd.Status(status_of(now).state());
     if (!now.primary || now.primary->acked > 0 || h.node.run_unprotected) systemd.Ready();
   };
   tell_systemd(last);

@@ -87,13 +87,16 @@ void ServiceManager::Ready() {
   Notify("READY=1");
 }
 
-void ServiceManager::Status(const std::string& line) {
+bool ServiceManager::StatusDue() const {
   // A state line that carries counts changes every epoch: systemd hears it at most once a
   // second (each message is a datagram it must read), the first one at once.
-  auto now = Clock::now();
-  if (line == status_ || (!status_.empty() && now - last_status_ < std::chrono::seconds(1))) return;
+  return sender_ && (status_.empty() || Clock::now() - last_status_ >= std::chrono::seconds(1));
+}
+
+void ServiceManager::Status(const std::string& line) {
+  if (!StatusDue() || line == status_) return;
   status_ = line;
-  last_status_ = now;
+  last_status_ = Clock::now();
   // One line: the protocol separates assignments by newlines.
   std::string one = line.substr(0, line.find('\n'));
   Notify("STATUS=" + one);

@@ -29,6 +29,9 @@ class ServiceManager {
   void Ready();
   // Sends the line when it differs from the last one sent, at most once a second.
   void Status(const std::string& line);
+  // Whether Status could send now (run by systemd, and a second since the last line): a caller
+  // whose line is costly to make asks first.
+  bool StatusDue() const;
   // Pings the watchdog when the daemon's progress (the time it last proved it, e.g. a pass of
   // the primary's epoch loop) is within the watchdog interval, at most twice per interval. A
   // loop that is stuck stops the pings, and systemd kills the daemon. Only once READY was sent:
