@@ -220,23 +220,40 @@ std::string Joined(const std::vector<std::string>& seen) {
 
 constexpr std::chrono::microseconds kWatchdog{400000};
 
+// A mirror and a primary started as systemd starts them, each with a notify socket of its own.
+struct NotifiedPair {
+  explicit NotifiedPair(const std::string& platform)
+      : files(WritePair(platform)),
+        mirror_socket(files.dir.File("mirror.notify")),
+        primary_socket(files.dir.File("primary.notify")) {}
+  Pair files;
+  NotifySocket mirror_socket, primary_socket;
+  std::unique_ptr<cli::Process> mirror, primary;
+};
+
+// Starts the mirror, then the primary, each until it said READY=1.
+void StartUntilReady(NotifiedPair& p) {
+  ASSERT_TRUE(p.mirror_socket.bound() && p.primary_socket.bound());
+  p.mirror = StartNotified(p.mirror_socket, kWatchdog, {"mirror", "--config", p.files.mirror_conf});
+  ASSERT_NE(p.mirror, nullptr);
+  ASSERT_NE(p.mirror_socket.WaitFor("READY=1", 30), "") << p.mirror->output();
+  p.primary =
+      StartNotified(p.primary_socket, kWatchdog, {"primary", "--config", p.files.primary_conf});
+  ASSERT_NE(p.primary, nullptr);
+  ASSERT_NE(p.primary_socket.WaitFor("READY=1", 60), "") << Joined(p.primary_socket.seen);
+}
+
 class VmSystemd : public testing::PlatformTest {};
 
 // The mirror is ready once it listens, the primary once its first checkpoint is committed; each
 // says its state in STATUS= first, pings the watchdog only after READY=1, and says STOPPING=1
 // when told to stop.
 TEST_P(VmSystemd, PrimaryAndMirrorSendReadyStatusAndWatchdogInOrder) {
-  Pair pair = WritePair(platform_name());
-  NotifySocket mirror_socket(pair.dir.File("mirror.notify"));
-  NotifySocket primary_socket(pair.dir.File("primary.notify"));
-  ASSERT_TRUE(mirror_socket.bound() && primary_socket.bound());
-  auto mirror = StartNotified(mirror_socket, kWatchdog, {"mirror", "--config", pair.mirror_conf});
-  ASSERT_NE(mirror, nullptr);
-  ASSERT_NE(mirror_socket.WaitFor("READY=1", 30), "") << mirror->output();
-  auto primary =
-      StartNotified(primary_socket, kWatchdog, {"primary", "--config", pair.primary_conf});
-  ASSERT_NE(primary, nullptr);
-  ASSERT_NE(primary_socket.WaitFor("READY=1", 60), "") << Joined(primary_socket.seen);
+  NotifiedPair pair(platform_name());
+  StartUntilReady(pair);
+  if (HasFatalFailure()) return;
+  NotifySocket &mirror_socket = pair.mirror_socket, &primary_socket = pair.primary_socket;
+  auto &mirror = pair.mirror, &primary = pair.primary;
   // By READY the primary was protected: its first checkpoint was committed at the mirror.
   ASSERT_TRUE(primary->WaitForLine("protected: replicating", testing::ScaledMs(30)).ok())
       << primary->output();
@@ -274,17 +291,11 @@ pid_t ThreadNamed(pid_t pid, const std::string& name) {
 // the daemon, its heartbeats and main loop included, runs on). The pings stop, so systemd would
 // kill it; once the thread runs again, they come back.
 TEST_P(VmSystemd, APrimaryWhoseEpochLoopIsStuckStopsPingingTheWatchdog) {
-  Pair pair = WritePair(platform_name());
-  NotifySocket mirror_socket(pair.dir.File("mirror.notify"));
-  NotifySocket primary_socket(pair.dir.File("primary.notify"));
-  ASSERT_TRUE(mirror_socket.bound() && primary_socket.bound());
-  auto mirror = StartNotified(mirror_socket, kWatchdog, {"mirror", "--config", pair.mirror_conf});
-  ASSERT_NE(mirror, nullptr);
-  ASSERT_NE(mirror_socket.WaitFor("READY=1", 30), "") << mirror->output();
-  auto primary =
-      StartNotified(primary_socket, kWatchdog, {"primary", "--config", pair.primary_conf});
-  ASSERT_NE(primary, nullptr);
-  ASSERT_NE(primary_socket.WaitFor("READY=1", 60), "") << Joined(primary_socket.seen);
+  NotifiedPair pair(platform_name());
+  StartUntilReady(pair);
+  if (HasFatalFailure()) return;
+  NotifySocket& primary_socket = pair.primary_socket;
+  auto &mirror = pair.mirror, &primary = pair.primary;
   ASSERT_NE(primary_socket.WaitFor("WATCHDOG=1", 10), "") << Joined(primary_socket.seen);
 
   pid_t epoch = ThreadNamed(primary->pid(), "rml-epoch");
