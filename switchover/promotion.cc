@@ -38,9 +38,16 @@ absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text) {
 
 absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout) {
   const char* argv[] = {"/bin/sh", "-c", command.c_str(), nullptr};
+  // In a process group of its own, so that a command that hangs is killed with everything it
+  // started (a `sleep` the shell forked would otherwise outlive it, and hold its output open).
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+  posix_spawnattr_setpgroup(&attr, 0);
   pid_t pid;
-  if (int err = posix_spawn(&pid, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ);
-      err != 0) {
+  int err = posix_spawn(&pid, "/bin/sh", nullptr, &attr, const_cast<char**>(argv), environ);
+  posix_spawnattr_destroy(&attr);
+  if (err != 0) {
     return absl::InternalError(
         absl::StrCat("fencing command: cannot start /bin/sh: ", strerror(err)));
   }
@@ -53,7 +60,7 @@ absl::Status RunFenceCommand(const std::string& command, std::chrono::millisecon
     exited = ::poll(&p, 1, ms) == 1;
     ::close(pidfd);
   }
-  if (!exited) ::kill(pid, SIGKILL);
+  if (!exited) ::kill(-pid, SIGKILL);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }

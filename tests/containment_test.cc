@@ -21,14 +21,8 @@
 namespace romulus {
 namespace {
 
+using testing::ReadFile;
 using testing::TempDir;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 // Child processes of `pid` (of any of its threads).
 std::vector<pid_t> Children(pid_t pid) {

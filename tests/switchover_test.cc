@@ -19,6 +19,8 @@ namespace {
 
 using std::chrono::milliseconds;
 using ::testing::HasSubstr;
+using testing::ReadFile;
+using testing::TempDir;
 using testing::WaitUntil;
 
 const std::string kKey = "switchover-test-key-0123456789";
@@ -367,8 +369,22 @@ TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
   absl::Status failed = RunFenceCommand("exit 3", milliseconds(2000));
   EXPECT_EQ(failed.code(), absl::StatusCode::kAborted);
   EXPECT_THAT(std::string(failed.message()), HasSubstr("exit 3"));
-  absl::Status hung = RunFenceCommand("sleep 30", milliseconds(100));
+  // Killed with what it started: the shell's child (whose pid it wrote) goes too.
+  TempDir dir;
+  std::string pid_file = dir.File("child.pid");
+  absl::Status hung =
+      RunFenceCommand("sleep 30 & echo $! > " + pid_file + "; wait", milliseconds(300));
   EXPECT_EQ(hung.code(), absl::StatusCode::kDeadlineExceeded);
+  int child = std::atoi(ReadFile(pid_file).c_str());
+  ASSERT_GT(child, 1);
+  // Gone, or a zombie its new parent has yet to reap.
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        std::string stat = ReadFile("/proc/" + std::to_string(child) + "/stat");
+        size_t paren = stat.rfind(')');
+        return stat.empty() || (paren != std::string::npos && stat.substr(paren + 2, 1) == "Z");
+      },
+      5));
   // A negative timeout was handed to poll as is, which then waits for as long as the command
   // runs: now it is no wait at all (and one past INT_MAX ms is INT_MAX, not negative).
   absl::Status negative = RunFenceCommand("sleep 30", milliseconds(-1));

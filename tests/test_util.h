@@ -91,6 +91,9 @@ class PauseDigests {
   std::map<uint64_t, std::pair<uint64_t, uint64_t>> at_pause_;
 };
 
+// The whole file, or "" when it cannot be read.
+std::string ReadFile(const std::string& path);
+
 class TempDir {
  public:
   TempDir();
