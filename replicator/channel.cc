@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -350,6 +351,46 @@ void Channel::Shutdown() {
   }
   keepalive_cv_.notify_all();
   ::shutdown(socket_.native_handle(), SHUT_RDWR);
+}
+
+FrameReadAhead::FrameReadAhead(Channel& channel, size_t depth)
+    : channel_(channel), depth_(std::max<size_t>(depth, 1)) {
+  thread_ = std::thread([this] {
+    vmm::NameThread("rml-read");
+    for (;;) {
+      absl::StatusOr<pb::Frame> f = channel_.Receive();
+      bool failed = !f.ok();
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stop_ || frames_.size() < depth_; });
+      if (stop_) return;
+      frames_.push_back(std::move(f));
+      cv_.notify_all();
+      if (failed) return;
+    }
+  });
+}
+
+FrameReadAhead::~FrameReadAhead() {
+  channel_.Shutdown();  // a Receive blocked on the socket returns
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+absl::StatusOr<pb::Frame> FrameReadAhead::Next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return !frames_.empty(); });
+  absl::StatusOr<pb::Frame> f = std::move(frames_.front());
+  if (f.ok()) {
+    frames_.pop_front();
+    cv_.notify_all();
+  } else {
+    frames_.front() = f.status();  // the error stays: it is the answer from now on
+  }
+  return f;
 }
 
 }  // namespace romulus::replicator

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -97,6 +98,30 @@ class Channel {
   std::condition_variable keepalive_cv_;
   bool shut_ = false;  // under keepalive_mu_
   std::thread keepalive_;
+};
+
+// Receives a channel's frames on a thread of its own, up to `depth` ahead of the caller, so that
+// reading, opening (the cipher) and parsing the next frames overlaps the caller's work on this
+// one: on a mirror, staging and committing. The first error ends the reading and is what Next
+// returns from then on. The connection ends with it: the destructor shuts the channel down.
+class FrameReadAhead {
+ public:
+  FrameReadAhead(Channel& channel, size_t depth);
+  ~FrameReadAhead();
+  FrameReadAhead(const FrameReadAhead&) = delete;
+  FrameReadAhead& operator=(const FrameReadAhead&) = delete;
+
+  // The next frame, as Channel::Receive would have returned it.
+  absl::StatusOr<pb::Frame> Next();
+
+ private:
+  Channel& channel_;
+  const size_t depth_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<absl::StatusOr<pb::Frame>> frames_;  // under mu_; an error is the last
+  bool stop_ = false;                             // under mu_
+  std::thread thread_;
 };
 
 }  // namespace romulus::replicator

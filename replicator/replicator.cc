@@ -35,6 +35,8 @@ constexpr std::chrono::milliseconds kKeepalive{10};
 // thread is busy (a mirror committing a large checkpoint, a primary hashing its memory): the
 // peer's receive timeout then measures this host's life, not the length of its work.
 constexpr std::chrono::milliseconds kChannelKeepalive{100};
+// Frames a mirror receives and opens ahead of the one it stages (at most 4 x 4 MiB held).
+constexpr size_t kFramesReadAhead = 4;
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -191,8 +193,9 @@ class MirrorImpl : public Mirror {
     auto roots = conversation.Start(new_session);
     if (!roots.ok()) return roots.status();
     if (auto s = ch.Send(*roots); !s.ok()) return s;
+    FrameReadAhead frames(ch, kFramesReadAhead);
     while (!stop_) {
-      auto f = ch.Receive();
+      auto f = frames.Next();
       if (!f.ok()) return f.status();
       auto replies = conversation.Receive(std::move(*f));
       if (!replies.ok()) return replies.status();
