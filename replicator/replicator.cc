@@ -52,9 +52,17 @@ void Log(const LogFn& log, const std::string& line) {
 absl::StatusOr<std::string> ReadKeyFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read key file ", path));
-  std::string key((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Read no further than a key and its line end may reach: a huge file is refused unread.
+  constexpr size_t kMaxKey = 4096, kMaxFile = kMaxKey + 2;
+  std::string key(kMaxFile + 1, '\0');
+  in.read(key.data(), static_cast<std::streamsize>(key.size()));
+  key.resize(static_cast<size_t>(in.gcount()));
+  if (key.size() > kMaxFile) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("key file ", path, " holds over ", kMaxFile, " bytes; 16 to 4096 needed"));
+  }
   while (!key.empty() && (key.back() == '\n' || key.back() == '\r')) key.pop_back();
-  if (key.size() < 16 || key.size() > 4096) {
+  if (key.size() < 16 || key.size() > kMaxKey) {
     return absl::InvalidArgumentError(
         absl::StrCat("key file ", path, " holds ", key.size(), " bytes; 16 to 4096 needed"));
   }

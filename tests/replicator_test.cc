@@ -4,8 +4,10 @@
 #include "replicator/replicator.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <fstream>
 #include <mutex>
 #include <thread>
 
@@ -19,6 +21,29 @@ namespace {
 
 using testing::TempDir;
 using testing::WaitUntil;
+
+// The pre-shared key file: one line of 16 to 4096 bytes; a larger file is refused without being
+// read whole (a sparse file of a gigabyte here).
+TEST(KeyFile, HoldsOneLineOfSixteenTo4096Bytes) {
+  TempDir dir;
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir.File(name), std::ios::binary) << text;
+    return dir.File(name);
+  };
+  auto key = replicator::ReadKeyFile(write("ok", std::string(32, 'k') + "\r\n"));
+  ASSERT_TRUE(key.ok()) << key.status();
+  EXPECT_EQ(*key, std::string(32, 'k'));
+  EXPECT_TRUE(replicator::ReadKeyFile(write("max", std::string(4096, 'k') + "\n")).ok());
+  EXPECT_FALSE(replicator::ReadKeyFile(write("short", "too-short\n")).ok());
+  EXPECT_FALSE(replicator::ReadKeyFile(write("long", std::string(4097, 'k'))).ok());
+  EXPECT_FALSE(replicator::ReadKeyFile(dir.File("missing")).ok());
+  std::string huge = write("huge", std::string(32, 'k') + "\n");
+  ASSERT_EQ(::truncate(huge.c_str(), 1ll << 30), 0);
+  auto refused = replicator::ReadKeyFile(huge);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("over 4098 bytes"), std::string::npos)
+      << refused.status();
+}
 constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;
 const char kKey[] = "0123456789abcdef-test-key";
 
