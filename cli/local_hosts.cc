@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -48,24 +49,50 @@ std::string Text(const google::protobuf::Message& m) {
   return out;
 }
 
-}  // namespace
-
-absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
+// Whether `port` on `address` can be bound now (0: any port; the one bound is then in *port).
+bool CanBind(int type, const char* address, uint16_t* port, int* error) {
   int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  if (fd < 0) {
+    *error = errno;
+    return false;
+  }
   sockaddr_in a{};
   a.sin_family = AF_INET;
+  a.sin_port = htons(*port);
   socklen_t len = sizeof(a);
   bool ok = ::inet_pton(AF_INET, address, &a.sin_addr) == 1 &&
             ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
             ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  int e = errno;
+  *error = errno;
   ::close(fd);
-  if (!ok) {
-    return absl::UnavailableError(
-        absl::StrCat("no free port on ", address, ": ", std::strerror(e)));
+  if (ok) *port = ntohs(a.sin_port);
+  return ok;
+}
+
+}  // namespace
+
+// Below the kernel's ephemeral range: a port from that range (what binding port 0 gives) is also
+// what the kernel hands every outgoing connection, so on a busy machine some client could take
+// it before the daemon that was meant to binds it.
+absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
+  constexpr uint16_t kLowest = 10000;
+  unsigned ephemeral_low = 32768, ephemeral_high = 60999;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    if (std::fscanf(f, "%u %u", &ephemeral_low, &ephemeral_high) != 2) ephemeral_low = 32768;
+    std::fclose(f);
   }
-  return ntohs(a.sin_port);
+  int error = 0;
+  if (ephemeral_low > kLowest + 1000) {
+    std::random_device random;
+    for (int i = 0; i < 200; i++) {
+      auto port = static_cast<uint16_t>(kLowest + random() % (ephemeral_low - kLowest));
+      if (CanBind(type, address, &port, &error)) return port;
+    }
+  }
+  uint16_t any = 0;  // no room below the ephemeral range, or all tried were taken
+  if (CanBind(type, address, &any, &error)) return any;
+  return absl::UnavailableError(
+      absl::StrCat("no free port on ", address, ": ", std::strerror(error)));
 }
 
 LocalHosts::LocalHosts(Options options) : o_(std::move(options)) {}

@@ -21,7 +21,8 @@
 
 namespace romulus::cli {
 
-// A port on `address` (IPv4) that was free a moment ago, for SOCK_STREAM or SOCK_DGRAM.
+// A port on `address` (IPv4) that was free a moment ago, for SOCK_STREAM or SOCK_DGRAM, chosen
+// below the kernel's ephemeral range where there is room.
 absl::StatusOr<uint16_t> FreePort(int type, const char* address = "127.0.0.1");
 
 class LocalHosts {
