@@ -359,6 +359,59 @@ TEST(SilentPeer, AMirrorThatNeverAnswersIsGivenUpAfterThePeerTimeout) {
   EXPECT_NE(log.find("mirror unreachable: receive from 127.0.0.1"), std::string::npos) << log;
 }
 
+// A primary that may run unprotected, with no mirror to reach, releases its outputs only once
+// before_unprotected succeeded (under Pacemaker: the other hosts' promotion scores are gone,
+// so their replicas, which fall behind from here on, cannot be promoted). While it fails, they
+// stay held, the state line says why, and it is tried again at each connection attempt.
+TEST(BeforeUnprotected, OutputsStayHeldUntilItSucceedsAndLeaveOnlyAfterIt) {
+  TempDir dir;
+  std::atomic<uint64_t> delivered{0};
+  vmm::OutputGate gate;
+  SoftVm::Options o;
+  o.output_every = 100;
+  o.output = [&](uint64_t) { gate.Push([&] { delivered++; }); };
+  auto vm = SoftVm::Create(dir.File("disk.img"), o);
+  ASSERT_NE(vm, nullptr);
+  checkpoint::EpochEngine engine(*vm, gate, {});
+  ASSERT_TRUE(vm->Start().ok());
+  std::atomic<bool> succeed{false};
+  std::atomic<int> calls{0}, successes{0};
+  std::atomic<uint64_t> delivered_before_success{~0ull};
+  auto p = replicator::Primary::Start(
+      engine, gate,
+      {.identity = {"soft-vm", o.memory_bytes, o.disk_bytes},
+       .key = kKey,
+       .mirror_port = testing::FreePort(),  // nobody listens: no mirror, ever
+       .run_unprotected = true,
+       .before_unprotected = [&]() -> absl::Status {
+         calls++;
+         if (!succeed) return absl::UnavailableError("the cluster did not answer");
+         delivered_before_success = delivered.load();
+         successes++;
+         return absl::OkStatus();
+       }});
+  ASSERT_TRUE(p.ok()) << p.status();
+  // Failing: retried, and outputs pile up held.
+  ASSERT_TRUE(WaitUntil([&] { return calls >= 3 && gate.held() > 0; }, 30))
+      << calls << " calls, " << gate.held() << " held";
+  EXPECT_EQ(delivered, 0u);
+  EXPECT_NE((*p)->stats().state.find("the cluster did not answer"), std::string::npos)
+      << (*p)->stats().state;
+  // Succeeding: the held outputs leave, after it ran; it is not run again.
+  succeed = true;
+  ASSERT_TRUE(WaitUntil([&] { return delivered > 0 && gate.held() == 0; }, 30))
+      << (*p)->stats().state;
+  EXPECT_EQ(successes, 1);
+  EXPECT_EQ(delivered_before_success, 0u);
+  EXPECT_NE((*p)->stats().state.find("running UNPROTECTED, outputs released"), std::string::npos)
+      << (*p)->stats().state;
+  int calls_then = calls;
+  uint64_t delivered_then = delivered;
+  ASSERT_TRUE(WaitUntil([&] { return delivered > delivered_then + 10; }, 30));
+  EXPECT_EQ(calls, calls_then);
+  p->reset();
+}
+
 // With frames unprotected (the benchmarks' baseline, which no configuration can choose), an
 // acknowledgement altered on the way is still caught by the primary's own check: it takes an ack
 // only for the oldest epoch it sent and that is not acknowledged yet. (Bit 3 of every 20th ack's
