@@ -592,6 +592,11 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
   std::printf(
       "fast path: %s\n",
       vm1_log.substr(self_promoted, vm1_log.find('\n', self_promoted) - self_promoted).c_str());
+  // Before its first output left without a mirror, the promoted host withdrew node1's
+  // promotion score (the agent's --unprotected-command), so that node1's replica, behind from
+  // then on, could not be promoted.
+  EXPECT_NE(vm1_log.find("unprotected command succeeded", self_promoted), std::string::npos)
+      << vm1_log;
   // node1 is off: nothing runs in its namespace, and the cluster fenced it exactly once.
   EXPECT_EQ(Sh("ip netns pids " + Ns(0)).out, "");
   int fenced = Fenced(1, "node1", &history);
