@@ -444,9 +444,9 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
   auto t_start = Clock::now();
   WriteClusterFiles();
   ASSERT_NO_FATAL_FAILURE(WriteFenceFiles());
-  // Both VMs boot on node1, protected by node2; vm1 with the fast path.
+  // vm1 boots on node1, vm2 on node2, each protected by the other node; vm1 with the fast path.
   WriteVmConfigs("vm1", 1, /*first=*/0, /*fast=*/true);
-  WriteVmConfigs("vm2", 2, /*first=*/0, /*fast=*/false);
+  WriteVmConfigs("vm2", 2, /*first=*/1, /*fast=*/false);
   for (int i = 0; i < 2; i++) ASSERT_NO_FATAL_FAILURE(StartNode(i));
 
   // A DC is elected (about 24 s here) with both nodes online.
@@ -466,12 +466,12 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
   ASSERT_EQ(created.rc, 0) << created.out;
   auto t_created = Clock::now();
 
-  // Both VMs booted on node1, each protected by node2.
-  ASSERT_TRUE(WaitUntil([&] { return Protected("vm1", 0) && Protected("vm2", 0); }, 90))
+  ASSERT_TRUE(WaitUntil([&] { return Protected("vm1", 0) && Protected("vm2", 1); }, 90))
       << In(0, "crm_mon -1").out;
   std::printf(
-      "cluster: vm1 and vm2 promoted on node1, protected by node2 (mirror replicating, promotion "
-      "score 1000), fencing enabled, %.1f s after the resources were created\n",
+      "cluster: vm1 promoted on node1, vm2 on node2, each protected by the other node (mirror "
+      "replicating, promotion score 1000), fencing enabled, %.1f s after the resources were "
+      "created\n",
       MsBetween(t_created, Clock::now()) / 1000);
   for (const char* vm : {"vm1", "vm2"}) {
     EXPECT_EQ(
@@ -502,6 +502,31 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
     witness_pair_.clear();
   }
 
+  // crm_resource --move of vm2's promoted instance to node1: a planned migration.
+  double downtime_ms = -1;
+  {
+    absl::StatusOr<cli::LoadReport> report = absl::UnknownError("not run");
+    std::thread load = Load(7502, 1, 5, &report);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    Shell moved = In(0, "crm_resource --move -r vm2-clone --promoted -N node1");
+    EXPECT_EQ(moved.rc, 0) << moved.out;
+    bool done = WaitUntil([&] { return IsRole(0, "vm2", "primary"); }, 60);
+    load.join();
+    ASSERT_TRUE(done) << In(0, "crm_mon -1").out;
+    ExpectNothingLost(report, "vm2 moved by crm_resource --move");
+    std::string log = ReadFile(Dir(1) + "/media/vm2.log");
+    auto at = log.find("after the VM paused here (downtime)");
+    ASSERT_NE(at, std::string::npos) << "no planned migration in node2's vm2 log:\n" << log;
+    auto from = log.rfind("resumed at the mirror ", at);
+    ASSERT_NE(from, std::string::npos);
+    downtime_ms = std::atof(log.c_str() + from + std::strlen("resumed at the mirror "));
+    std::string line =
+        log.substr(log.rfind('\n', at) + 1, log.find('\n', at) - log.rfind('\n', at));
+    std::printf("move: %s", line.c_str());
+    EXPECT_EQ(In(0, "crm_resource --clear -r vm2-clone").rc, 0);
+  }
+  ASSERT_TRUE(WaitUntil([&] { return Protected("vm2", 0); }, 90)) << In(0, "crm_mon -1").out;
+
   // kill -9 of vm2's primary on node1, under load: Pacemaker's monitor sees it failed
   // (promoted), stops it, and promotes node2's in-sync mirror. Nothing is fenced (the stop
   // succeeded).
@@ -527,31 +552,39 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
   std::string history;
   EXPECT_EQ(Fenced(1, "node1", &history), 0) << history;
 
-  // crm_resource --move of vm2's promoted instance back to node1: a planned migration.
-  double downtime_ms = -1;
+  // node2 dies whole (corosync, Pacemaker, vm2's primary, vm1's mirror), under load on vm2:
+  // node1's Pacemaker sees the node gone, fences it (its own request: no fast path watches a
+  // primary on node2 from node1 here) and only then promotes its in-sync mirror of vm2.
+  double node_promoted_ms = -1, node_answer_ms = -1;
+  int node2_fenced = -1;
   {
     absl::StatusOr<cli::LoadReport> report = absl::UnknownError("not run");
-    std::thread load = Load(7502, 1, 5, &report);
+    std::thread load = Load(7502, 1, 8, &report);
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-    Shell moved = In(0, "crm_resource --move -r vm2-clone --promoted -N node1");
-    EXPECT_EQ(moved.rc, 0) << moved.out;
-    bool done = WaitUntil([&] { return IsRole(0, "vm2", "primary"); }, 60);
+    auto t_kill = Clock::now();
+    KillNode(1);
+    bool promoted = WaitUntil([&] { return IsRole(0, "vm2", "primary"); }, 60);
+    node_promoted_ms = MsBetween(t_kill, Clock::now());
     load.join();
-    ASSERT_TRUE(done) << In(0, "crm_mon -1").out;
-    ExpectNothingLost(report, "vm2 moved by crm_resource --move");
-    std::string log = ReadFile(Dir(1) + "/media/vm2.log");
-    auto at = log.find("after the VM paused here (downtime)");
-    ASSERT_NE(at, std::string::npos) << "no planned migration in node2's vm2 log:\n" << log;
-    auto from = log.rfind("resumed at the mirror ", at);
-    ASSERT_NE(from, std::string::npos);
-    downtime_ms = std::atof(log.c_str() + from + std::strlen("resumed at the mirror "));
-    std::string line =
-        log.substr(log.rfind('\n', at) + 1, log.find('\n', at) - log.rfind('\n', at));
-    std::printf("move: %s", line.c_str());
-    EXPECT_EQ(In(0, "crm_resource --clear -r vm2-clone").rc, 0);
+    ASSERT_TRUE(promoted) << In(0, "crm_mon -1").out;
+    ExpectNothingLost(report, "vm2 under Pacemaker, node2 killed whole");
+    ASSERT_TRUE(report.ok() && report->first_standby_answer);
+    node_answer_ms = MsBetween(t_kill, *report->first_standby_answer);
+    EXPECT_TRUE(IsRole(0, "vm1", "primary"));  // vm1 stays where it runs
+    node2_fenced = Fenced(0, "node2", &history);
+    EXPECT_EQ(node2_fenced, 1) << history;
+    EXPECT_TRUE(absl::StrContains(history, "client=pacemaker-controld")) << history;
+    std::printf("fencing history (node1):\n%s", history.c_str());
   }
-  ASSERT_TRUE(WaitUntil([&] { return Protected("vm2", 0) && Protected("vm1", 0); }, 90))
+
+  // node2 is powered on again (its /run empty, as after a reboot): it rejoins, its instances
+  // are probed as stopped and start as mirrors, and both VMs, both on node1 now, are protected.
+  auto t_power_on = Clock::now();
+  ASSERT_NO_FATAL_FAILURE(StartNode(1));
+  ASSERT_TRUE(WaitUntil([&] { return Protected("vm1", 0) && Protected("vm2", 0); }, 120))
       << In(0, "crm_mon -1").out;
+  std::printf("node2 powered on: rejoined, both VMs protected again %.1f s later\n",
+              MsBetween(t_power_on, Clock::now()) / 1000);
 
   // kill -9 of vm1's primary on node1, which runs both primaries, under load on both: vm1's
   // mirror on node2 finds it silent, has Pacemaker's fencer power node1 off (all of it: vm2's
@@ -612,15 +645,16 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
   EXPECT_EQ(mon.out.find("Failed Resource Actions"), std::string::npos) << mon.out;
 
   std::printf(
-      "pacemaker summary: witness pair kill -9 -> first answer %.0f ms; vm2 (Pacemaker only) "
-      "kill -9 of its primary -> promoted %.0f ms, first answer %.0f ms; crm_resource --move "
-      "downtime %.1f ms; kill -9 of vm1's primary (node1 fenced %d time(s), vm2's primary "
-      "with it): vm1 fast path -> promoted %.0f ms, first answer %.0f ms, vm2 Pacemaker -> "
-      "promoted %.0f ms, first answer %.0f ms; %lu acknowledged writes lost; the test took %.0f "
-      "s\n",
-      witness_ms, pcmk_promoted_ms, pcmk_answer_ms, downtime_ms, fenced, fast_promoted_ms,
-      fast_answer_ms, slow_promoted_ms, slow_answer_ms, static_cast<unsigned long>(lost_),
-      MsBetween(t_start, Clock::now()) / 1000);
+      "pacemaker summary: witness pair kill -9 -> first answer %.0f ms; vm2 (Pacemaker only): "
+      "kill -9 of its primary -> promoted %.0f ms, first answer %.0f ms; node killed whole "
+      "(fenced by Pacemaker %d time(s)) -> promoted %.0f ms, first answer %.0f ms; "
+      "crm_resource --move downtime %.1f ms; kill -9 of vm1's primary (node1 fenced %d time(s), "
+      "vm2's primary with it): vm1 fast path -> promoted %.0f ms, first answer %.0f ms, vm2 "
+      "Pacemaker -> promoted %.0f ms, first answer %.0f ms; %lu acknowledged writes lost; the "
+      "test took %.0f s\n",
+      witness_ms, pcmk_promoted_ms, pcmk_answer_ms, node2_fenced, node_promoted_ms, node_answer_ms,
+      downtime_ms, fenced, fast_promoted_ms, fast_answer_ms, slow_promoted_ms, slow_answer_ms,
+      static_cast<unsigned long>(lost_), MsBetween(t_start, Clock::now()) / 1000);
 }
 
 }  // namespace
