@@ -295,8 +295,8 @@ class PrimaryImpl : public Primary {
   // before_unprotected (if set) succeeded; until then they stay held, and the next connection
   // attempt tries again. On the connecting thread (or the constructor, without a hook).
   void GoUnprotected(absl::string_view why) {
-    if (!options_.run_unprotected || released_unprotected_) return;
-    if (options_.before_unprotected) {
+    if (!options_.run_unprotected) return;
+    if (!released_unprotected_ && options_.before_unprotected) {
       if (absl::Status s = options_.before_unprotected(); !s.ok()) {
         SetState(absl::StrCat(why,
                               "outputs held (not running unprotected until "
@@ -368,7 +368,7 @@ class PrimaryImpl : public Primary {
         std::unique_lock<std::mutex> lock(mu_);
         if (stop_) return;
       }
-      GoUnprotected(unprotected_why_);
+      if (!released_unprotected_) GoUnprotected(unprotected_why_);
       auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port,
                                  {options_.identity, options_.key, options_.protection}, session_,
                                  options_.peer_timeout);
