@@ -312,8 +312,13 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     auto timeout = std::chrono::milliseconds(
         h.switchover.fence_timeout_ms() != 0 ? h.switchover.fence_timeout_ms() : 5000);
     h.node.before_unprotected = [command, timeout, log = Logger(who)]() -> absl::Status {
+      auto t0 = Clock::now();
       absl::Status s = switchover::RunCommand("unprotected command", command, timeout);
-      if (s.ok()) log(absl::StrCat("unprotected command succeeded: ", command));
+      if (s.ok()) {
+        log(absl::StrFormat("unprotected command succeeded in %.0f ms: %s",
+                            std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
+                            command));
+      }
       return s;
     };
   }
