@@ -209,11 +209,20 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
   return r;
 }
 
-int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config) {
+int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config,
+               std::string* unprotected_command) {
   Args args(usage, summary);
   args.String("config", config, "configuration file (protobuf text format)");
+  if (unprotected_command != nullptr) {
+    args.String("unprotected-command", unprotected_command,
+                "overrides switchover.unprotected_command: must exit 0 before outputs leave "
+                "without a mirror (bounded by switchover.fence_timeout_ms)");
+  }
   if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (config->empty()) return args.UsageError("--config is required");
+  if (unprotected_command != nullptr && unprotected_command->size() > 4096) {
+    return args.UsageError("--unprotected-command is longer than 4096 bytes");
+  }
   return -1;
 }
 
@@ -298,6 +307,21 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   h.node.heartbeat = ha->heartbeat.get();
   h.node.fence_command = h.switchover.fence_command();
   h.node.fence_timeout = std::chrono::milliseconds(h.switchover.fence_timeout_ms());
+  if (const std::string& command = h.switchover.unprotected_command(); !command.empty()) {
+    // Without a switchover block (a command-line override alone) no timeout was filled in.
+    auto timeout = std::chrono::milliseconds(
+        h.switchover.fence_timeout_ms() != 0 ? h.switchover.fence_timeout_ms() : 5000);
+    h.node.before_unprotected = [command, timeout, log = Logger(who)]() -> absl::Status {
+      auto t0 = Clock::now();
+      absl::Status s = switchover::RunCommand("unprotected command", command, timeout);
+      if (s.ok()) {
+        log(absl::StrFormat("unprotected command succeeded in %.0f ms: %s",
+                            std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
+                            command));
+      }
+      return s;
+    };
+  }
   h.node.log = Logger(who);
   h.node.adopt = [who, listen = h.ledger_listen, port = h.ledger_port](
                      checkpoint::ReplicaStore::Committed c,

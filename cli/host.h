@@ -28,8 +28,12 @@ namespace romulus::cli {
 int Fail(const char* who, const absl::Status& s);
 // Log lines "romulus WHO: line" on stdout.
 replicator::LogFn Logger(const char* who);
-// Parses `--config FILE` (and --help). Returns an exit code, or -1 to go on with `config` set.
-int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config);
+// Parses `--config FILE` (and --help); with `unprotected_command`, also
+// `--unprotected-command CMD`, which overrides the config's switchover.unprotected_command (the
+// OCF agent passes the command that withdraws the other hosts' promotion scores: it knows the
+// cluster, the operator's config need not). Returns an exit code, or -1 to go on.
+int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, std::string* config,
+               std::string* unprotected_command = nullptr);
 // Starts the control socket when the config names one (else nullptr).
 absl::StatusOr<std::unique_ptr<ControlServer>> MaybeControl(const std::string& path,
                                                             ControlHandlers handlers);

@@ -87,7 +87,7 @@ absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> MirrorReplica(const pb
 }  // namespace
 
 int PrimaryCommand(int argc, char** argv) {
-  std::string path;
+  std::string path, unprotected_command;
   if (int rc = ConfigOnly(
           "romulus primary --config FILE",
           "Runs the reference guest and replicates it, every epoch, to the mirror named in "
@@ -97,12 +97,15 @@ int PrimaryCommand(int argc, char** argv) {
           "the\nlease, and pauses the VM and holds every output whenever the lease lapses.\n"
           "`romulus migrate` hands the VM to the mirror; with replication_port set, this host\n"
           "then becomes the mirror of the new primary, seeded with its own memory and disk.",
-          argc, argv, &path);
+          argc, argv, &path, &unprotected_command);
       rc >= 0) {
     return rc;
   }
   auto c = LoadPrimaryConfig(path);
   if (!c.ok()) return Fail("primary", c.status());
+  if (!unprotected_command.empty()) {
+    c->mutable_switchover()->set_unprotected_command(unprotected_command);
+  }
   auto key = replicator::ReadKeyFile(c->psk_file());
   if (!key.ok()) return Fail("primary", key.status());
   auto platform = vmm::ChoosePlatform(*vmm::ParsePlatform(c->platform()));
@@ -174,7 +177,7 @@ int PrimaryCommand(int argc, char** argv) {
 }
 
 int MirrorCommand(int argc, char** argv) {
-  std::string path;
+  std::string path, unprotected_command;
   if (int rc = ConfigOnly(
           "romulus mirror --config FILE",
           "Holds the replica of the primary's VM: receives each checkpoint, verifies it and "
@@ -184,12 +187,15 @@ int MirrorCommand(int argc, char** argv) {
           "the\nreplica as the primary, once the witness's lease (or the fencing command) "
           "allows.\nAs the primary (promoted, or handed the VM) it replicates to replicate_to, "
           "where\nthe other host returns as the mirror.",
-          argc, argv, &path);
+          argc, argv, &path, &unprotected_command);
       rc >= 0) {
     return rc;
   }
   auto c = LoadMirrorConfig(path);
   if (!c.ok()) return Fail("mirror", c.status());
+  if (!unprotected_command.empty()) {
+    c->mutable_switchover()->set_unprotected_command(unprotected_command);
+  }
   auto key = replicator::ReadKeyFile(c->psk_file());
   if (!key.ok()) return Fail("mirror", key.status());
   // The platform a promotion would run the VM on; a primary on another platform is refused when

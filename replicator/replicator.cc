@@ -237,9 +237,14 @@ class PrimaryImpl : public Primary {
       : engine_(engine), gate_(gate), options_(std::move(options)) {
     if (::getrandom(&session_, sizeof(session_), 0) != sizeof(session_)) std::abort();
     session_ |= 1;
-    SetState(options_.run_unprotected ? "no mirror: running UNPROTECTED, outputs released"
-                                      : "no mirror yet: outputs held until one commits");
-    if (options_.run_unprotected) gate_.SetHolding(false);
+    if (!options_.run_unprotected) {
+      SetState("no mirror yet: outputs held until one commits");
+    } else if (!options_.before_unprotected) {
+      GoUnprotected("no mirror: ");
+    } else {
+      // The hook may take a while: it runs on the connecting thread, first thing.
+      SetState("no mirror yet: outputs held until before_unprotected has run");
+    }
   }
 
   ~PrimaryImpl() override {
@@ -295,6 +300,25 @@ class PrimaryImpl : public Primary {
       stats_.state = state;
       Log(options_.log, state);
     }
+  }
+
+  // With run_unprotected, while no mirror is connected: outputs leave without one, once
+  // before_unprotected (if set) succeeded; until then they stay held, and the next connection
+  // attempt tries again. On the connecting thread (or the constructor, without a hook).
+  void GoUnprotected(absl::string_view why) {
+    if (!options_.run_unprotected) return;
+    if (!released_unprotected_ && options_.before_unprotected) {
+      if (absl::Status s = options_.before_unprotected(); !s.ok()) {
+        SetState(absl::StrCat(why,
+                              "outputs held (not running unprotected until "
+                              "before_unprotected succeeds): ",
+                              s.message()));
+        return;
+      }
+    }
+    released_unprotected_ = true;
+    gate_.SetHolding(false);
+    SetState(absl::StrCat(why, "running UNPROTECTED, outputs released"));
   }
 
   // Takes a checkpoint every epoch while a mirror is connected and queues it for sending.
@@ -355,6 +379,7 @@ class PrimaryImpl : public Primary {
         std::unique_lock<std::mutex> lock(mu_);
         if (stop_) return;
       }
+      if (!released_unprotected_) GoUnprotected(unprotected_why_);
       auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port,
                                  {options_.identity, options_.key, options_.protection}, session_,
                                  options_.peer_timeout);
@@ -409,6 +434,7 @@ class PrimaryImpl : public Primary {
         // From the full checkpoint on, outputs wait for the mirror (they were released so far
         // only when running unprotected; the full checkpoint covers everything before it).
         if (options_.run_unprotected) gate_.SetHolding(true);
+        released_unprotected_ = false;
         std::lock_guard<std::mutex> lock(mu_);
         connected_ = true;
         cv_.notify_all();
@@ -433,10 +459,12 @@ class PrimaryImpl : public Primary {
         std::lock_guard<std::mutex> lock(mu_);
         if (handed_over_) return;  // the VM runs at the mirror now
       }
-      if (options_.run_unprotected) gate_.SetHolding(false);
-      SetState(absl::StrCat(options_.run_unprotected ? "mirror lost, running UNPROTECTED: "
-                                                     : "mirror lost, outputs held: ",
-                            why.message()));
+      if (options_.run_unprotected) {
+        unprotected_why_ = absl::StrCat("mirror lost (", why.message(), "): ");
+        GoUnprotected(unprotected_why_);
+      } else {
+        SetState(absl::StrCat("mirror lost, outputs held: ", why.message()));
+      }
       bool progress;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -806,6 +834,10 @@ class PrimaryImpl : public Primary {
   uint64_t mirror_held_ = 0, last_mirror_held_ = 0;
   uint32_t no_progress_ = 0;
   size_t sync_batch_pages_ = kPagesPerBatch;  // the connect thread's own
+  // With run_unprotected, the connect thread's own (or the constructor's): outputs leave
+  // without a mirror now; and why there is none, for the state line.
+  bool released_unprotected_ = false;
+  std::string unprotected_why_ = "no mirror: ";
   std::unique_ptr<Channel> channel_;
   pb::ReplicaRoots mirror_roots_;  // of the connected mirror's replica
   Stats stats_;

@@ -173,6 +173,12 @@ class Primary {
     std::chrono::milliseconds epoch{25};
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
+    // With run_unprotected: called (on the connecting thread) each time outputs are about to
+    // leave without a mirror (at the start, after the mirror was lost), before the first does.
+    // Outputs stay held until it succeeds; it is tried again before each connection attempt.
+    // What it is for: making sure no other host's replica, which falls behind from then on, can
+    // be promoted (a cluster withdraws their promotion scores). It must return within a bound.
+    std::function<absl::Status()> before_unprotected = nullptr;
     pb::Compression compression = pb::COMPRESSION_NONE;
     Protection protection = {};
     // Pre-copy ends when what is left fits an epoch at the rate measured so far, when a round

@@ -57,6 +57,7 @@ class NodeImpl : public Node {
                                            .mirror_port = o_.peer_port,
                                            .epoch = o_.epoch,
                                            .run_unprotected = run_unprotected,
+                                           .before_unprotected = o_.before_unprotected,
                                            .compression = o_.compression,
                                            .protection = o_.protection,
                                            .on_traffic = TrafficHook(),

@@ -1,4 +1,5 @@
-// Endpoints, the fencing command, and the rule for who may promote.
+// Endpoints, the commands a host runs (fencing, before running unprotected), and the rule for
+// who may promote.
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -36,7 +37,8 @@ absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text) {
   return Endpoint{std::string(host), static_cast<uint16_t>(value)};
 }
 
-absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout) {
+absl::Status RunCommand(absl::string_view what, const std::string& command,
+                        std::chrono::milliseconds timeout) {
   const char* argv[] = {"/bin/sh", "-c", command.c_str(), nullptr};
   // In a process group of its own, so that a command that hangs is killed with everything it
   // started (a `sleep` the shell forked would otherwise outlive it, and hold its output open).
@@ -48,8 +50,7 @@ absl::Status RunFenceCommand(const std::string& command, std::chrono::millisecon
   int err = posix_spawn(&pid, "/bin/sh", nullptr, &attr, const_cast<char**>(argv), environ);
   posix_spawnattr_destroy(&attr);
   if (err != 0) {
-    return absl::InternalError(
-        absl::StrCat("fencing command: cannot start /bin/sh: ", strerror(err)));
+    return absl::InternalError(absl::StrCat(what, ": cannot start /bin/sh: ", strerror(err)));
   }
   int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
   bool exited = true;
@@ -65,14 +66,18 @@ absl::Status RunFenceCommand(const std::string& command, std::chrono::millisecon
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   if (!exited) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "fencing command '", command, "' did not finish in ", timeout.count(), " ms (killed)"));
+    return absl::DeadlineExceededError(
+        absl::StrCat(what, " '", command, "' did not finish in ", timeout.count(), " ms (killed)"));
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return absl::OkStatus();
-  return absl::AbortedError(absl::StrCat("fencing command '", command, "' failed: ",
+  return absl::AbortedError(absl::StrCat(what, " '", command, "' failed: ",
                                          WIFEXITED(status)
                                              ? absl::StrCat("exit ", WEXITSTATUS(status))
                                              : absl::StrCat("signal ", WTERMSIG(status))));
+}
+
+absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout) {
+  return RunCommand("fencing command", command, timeout);
 }
 
 absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force) {

@@ -140,6 +140,9 @@ class LeaseClient {
 };
 
 // Runs `command` with /bin/sh; OK when it exits 0 within `timeout` (it is killed after that).
+// Errors name it as `what`.
+absl::Status RunCommand(absl::string_view what, const std::string& command,
+                        std::chrono::milliseconds timeout);
 absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout);
 
 // Who may allow this host to become the primary. With a lease client, holding the lease; else,
@@ -207,6 +210,9 @@ class Node {
     LeaseClient* lease = nullptr;
     std::string fence_command{};
     std::chrono::milliseconds fence_timeout{5000};
+    // As the primary, with run_unprotected (always, once promoted or handed the VM): must
+    // succeed before outputs leave without a mirror (replicator::Primary::Options).
+    std::function<absl::Status()> before_unprotected = nullptr;
     Heartbeat* heartbeat = nullptr;
     LogFn log = nullptr;
   };

@@ -165,6 +165,9 @@ TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
                      "disk_mib: 17592186044416 is out of range: 1 to 4194304 MiB (4 TiB)"},
                     {"ledger_port: 65536", 4, "ledger_port: 65536 is out of range: 1 to 65535"},
                     {"epoch_ms: 1001", 4, "epoch_ms: 1001 is out of range: 5 to 1000"},
+                    {"switchover {\n  node: \"a\"\n  unprotected_command: \"" +
+                         std::string(4097, 'x') + "\"\n}",
+                     6, "switchover.unprotected_command: is longer than 4096 bytes"},
                     {"metrics_listen: \"127.0.0.1:65536\"", 4,
                      "metrics_listen: '127.0.0.1:65536' is not ADDR:PORT (a numeric address, a "
                      "port of 1 to 65535)"},

@@ -359,6 +359,98 @@ TEST(SilentPeer, AMirrorThatNeverAnswersIsGivenUpAfterThePeerTimeout) {
   EXPECT_NE(log.find("mirror unreachable: receive from 127.0.0.1"), std::string::npos) << log;
 }
 
+// A primary that may run unprotected releases its outputs without a mirror only once
+// before_unprotected succeeded (under Pacemaker: the other hosts' promotion scores are gone, so
+// their replicas, which fall behind from here on, cannot be promoted): at the start (a promoted
+// mirror) and again each time the mirror is lost. While it fails they stay held, the state line
+// says why, and it is tried again at each connection attempt.
+TEST(BeforeUnprotected, OutputsStayHeldUntilItSucceedsAndLeaveOnlyAfterIt) {
+  TempDir dir;
+  std::atomic<uint64_t> delivered{0};
+  vmm::OutputGate gate;
+  SoftVm::Options o;
+  o.output_every = 100;
+  o.output = [&](uint64_t) { gate.Push([&] { delivered++; }); };
+  auto vm = SoftVm::Create(dir.File("disk.img"), o);
+  ASSERT_NE(vm, nullptr);
+  checkpoint::EpochEngine engine(*vm, gate, {});
+  ASSERT_TRUE(vm->Start().ok());
+  std::atomic<bool> succeed{false};
+  std::mutex mu;
+  struct Call {
+    bool ok;
+    uint64_t delivered;  // outputs delivered when it ran
+  };
+  std::vector<Call> calls;
+  auto count = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return calls.size();
+  };
+  uint16_t port = testing::FreePort();  // nobody listens there yet
+  auto p =
+      replicator::Primary::Start(engine, gate,
+                                 {.identity = {"soft-vm", o.memory_bytes, o.disk_bytes},
+                                  .key = kKey,
+                                  .mirror_port = port,
+                                  .epoch = std::chrono::milliseconds(10),
+                                  .run_unprotected = true,
+                                  .before_unprotected = [&]() -> absl::Status {
+                                    std::lock_guard<std::mutex> lock(mu);
+                                    calls.push_back({succeed.load(), delivered.load()});
+                                    if (!succeed)
+                                      return absl::UnavailableError("the cluster did not answer");
+                                    return absl::OkStatus();
+                                  }});
+  ASSERT_TRUE(p.ok()) << p.status();
+  auto state = [&] { return (*p)->stats().state; };
+  // Failing: retried, and outputs pile up held.
+  ASSERT_TRUE(WaitUntil([&] { return count() >= 3 && gate.held() > 0; }, 30))
+      << count() << " calls, " << gate.held() << " held";
+  EXPECT_EQ(delivered, 0u);
+  EXPECT_NE(state().find("the cluster did not answer"), std::string::npos) << state();
+  // Succeeding: the held outputs leave, after it ran; it is not run again while unprotected.
+  succeed = true;
+  ASSERT_TRUE(WaitUntil([&] { return delivered > 0 && gate.held() == 0; }, 30)) << state();
+  size_t first_success = count() - 1;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_TRUE(calls.back().ok);
+    EXPECT_EQ(calls.back().delivered, 0u);
+  }
+  EXPECT_NE(state().find("no mirror: running UNPROTECTED, outputs released"), std::string::npos)
+      << state();
+  uint64_t delivered_then = delivered;
+  ASSERT_TRUE(WaitUntil([&] { return delivered > delivered_then + 10; }, 30));
+  EXPECT_EQ(count(), first_success + 1);
+
+  // A mirror comes and commits: outputs wait for it, the hook is not asked.
+  succeed = false;
+  auto replica =
+      checkpoint::ReplicaStore::Create(o.memory_bytes, dir.File("replica.img"), o.disk_bytes);
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  auto mirror = replicator::Mirror::Start(
+      **replica,
+      {.identity = {"soft-vm", o.memory_bytes, o.disk_bytes}, .key = kKey, .port = port});
+  ASSERT_TRUE(mirror.ok()) << mirror.status();
+  ASSERT_TRUE(WaitUntil([&] { return (*p)->stats().acked > 5; }, 60)) << state();
+  size_t while_protected = count();
+  // The mirror goes: nothing more leaves until the hook succeeds again.
+  mirror->reset();
+  ASSERT_TRUE(WaitUntil([&] { return count() >= while_protected + 2 && gate.held() > 0; }, 30))
+      << state();
+  EXPECT_NE(state().find("mirror lost ("), std::string::npos) << state();
+  EXPECT_NE(state().find("the cluster did not answer"), std::string::npos) << state();
+  succeed = true;
+  ASSERT_TRUE(WaitUntil([&] { return gate.held() == 0; }, 30)) << state();
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_GT(calls.size(), while_protected + 2);
+  EXPECT_FALSE(calls[while_protected].ok);
+  EXPECT_TRUE(calls.back().ok);
+  // Delivered when it first failed after the loss = delivered when it succeeded: nothing left
+  // in between.
+  EXPECT_EQ(calls[while_protected].delivered, calls.back().delivered);
+}
+
 // With frames unprotected (the benchmarks' baseline, which no configuration can choose), an
 // acknowledgement altered on the way is still caught by the primary's own check: it takes an ack
 // only for the oldest epoch it sent and that is not acknowledged yet. (Bit 3 of every 20th ack's
