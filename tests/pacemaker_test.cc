@@ -18,7 +18,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/ascii.h"
@@ -37,6 +36,7 @@ namespace romulus {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using testing::ReadFile;
 using testing::WaitUntil;
 
 struct Shell {
@@ -64,13 +64,6 @@ std::string Quote(const std::string& s) {
 }
 
 void WriteFile(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 double MsBetween(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
