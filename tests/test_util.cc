@@ -1,5 +1,6 @@
 #include "tests/test_util.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -71,6 +72,14 @@ void PlatformTest::SetUp() {
     auto chosen = vmm::ChoosePlatform();
     GTEST_SKIP() << "needs a platform that runs VMs: " << chosen.status().message();
   }
+}
+
+int PlatformTest::LongRunHere(int n) const {
+  std::vector<pb::Platform> all = vmm::AvailablePlatforms();
+  bool beside_process =
+      GetParam() == pb::KVM && std::find(all.begin(), all.end(), pb::PROCESS) != all.end();
+  int rounds = LongRun(n);
+  return beside_process ? std::max(rounds / 5, 1) : rounds;
 }
 
 std::unique_ptr<vmm::Vm> BootTestVm(pb::Platform platform, const TempDir& dir,
