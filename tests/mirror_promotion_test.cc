@@ -349,8 +349,8 @@ using Host = cli::LocalHosts::Host;
 class VmFailover : public testing::PlatformTest {};
 
 TEST_P(VmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
-  // 15 in the release build (3 on KVM beside the process platform), 3 under sanitizers.
-  const int kKills = LongRunHere(15);
+  // 20 in the release build (4 on KVM beside the process platform), 4 under sanitizers.
+  const int kKills = LongRunHere(20);
   std::mt19937 rng(std::random_device{}());
   for (int kill = 0; kill < kKills && !::testing::Test::HasFailure(); kill++) {
     SCOPED_TRACE("kill " + std::to_string(kill));
