@@ -70,7 +70,7 @@ TEST_P(VmCheckpoint, ReplicaEqualsThePrimaryAtEveryCommit) {
   ASSERT_TRUE(vm->Start().ok());
   LedgerTraffic traffic(*vm);
   uint64_t pages = 0, disk_writes = 0;
-  const int kEpochs = LongRunHere(1000);
+  const int kEpochs = LongRunHere(1500);
   for (int epoch = 0; epoch < kEpochs; epoch++) {
     auto cp = engine.TakeCheckpoint();
     ASSERT_TRUE(cp.ok()) << cp.status();
