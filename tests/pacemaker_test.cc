@@ -229,9 +229,10 @@ class PacemakerNetns : public ::testing::Test {
   // The Romulus configs of VM `vm` (ports 74NN replication, 75NN ledger, 76NN heartbeats) on
   // both nodes; the primary config for its first boot only on node `first`. `fast`: the mirror
   // that finds the primary silent on every path has Pacemaker's fencer power the other node
-  // off, and promotes itself once it did. 500 ms of silence: 200 ms fenced a live node here
-  // when the machine was loaded, and the fencer answers only once Corosync dropped the node
-  // (token + consensus, 2.2 s) anyway, so a shorter timeout would gain nothing.
+  // off, and promotes itself once it did. 1500 ms of silence: 200 ms fenced a live node here
+  // when the machine was loaded, and so did 500 ms in a run of the whole test command (two
+  // tests and a build on two cores); the fencer answers only once Corosync dropped the node
+  // (token + consensus, 2.2 s) anyway, so a shorter timeout gains little.
   void WriteVmConfigs(const std::string& vm, int n, int first, bool fast) {
     for (int i = 0; i < 2; i++) {
       std::string media = Dir(i) + "/media/";
@@ -242,7 +243,7 @@ class PacemakerNetns : public ::testing::Test {
           "control_socket: \"/media/%s.sock\"\nledger_listen: \"0.0.0.0\"\nledger_port: %d\n"
           "switchover {\n  node: \"%s\"\n  path { local: \"%s:%d\" remote: \"%s:%d\" }\n%s}\n",
           vm, vm, vm, 7500 + n, kNode[i], kClusterAddr[i], 7600 + n, kClusterAddr[1 - i], 7600 + n,
-          fast ? absl::StrFormat("  heartbeat_timeout_ms: 500\n  fence_command: \"stonith_admin "
+          fast ? absl::StrFormat("  heartbeat_timeout_ms: 1500\n  fence_command: \"stonith_admin "
                                  "--fence %s --timeout 20\"\n  fence_timeout_ms: 25000\n",
                                  kNode[1 - i])
                : "");
