@@ -97,7 +97,6 @@ constexpr uint64_t kMaxInFlightMib = 64ull << 10;     // 64 GiB of staged checkp
 constexpr uint64_t kMaxWriteRate = 10'000'000;        // page writes per second (40 GB/s)
 constexpr uint64_t kMaxHeartbeatIntervalMs = 10'000;  // below the 60 s timeout bound
 constexpr uint64_t kMaxFenceTimeoutMs = 3'600'000;    // an hour
-constexpr size_t kMaxCommandBytes = 4096;             // fence_command, unprotected_command
 
 // "HOST:PORT" with a port of 1 to 65535 and a host that is not empty.
 absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::string& value) {
@@ -187,7 +186,7 @@ absl::Status CheckSwitchover(const Parsed& p, pb::SwitchoverConfig* s) {
     return p.Bad("switchover.fence_command",
                  absl::StrCat("is longer than ", kMaxCommandBytes, " bytes"));
   }
-  if (s->fence_timeout_ms() == 0) s->set_fence_timeout_ms(5000);
+  if (s->fence_timeout_ms() == 0) s->set_fence_timeout_ms(kDefaultFenceTimeoutMs);
   if (auto r = p.Range("switchover.fence_timeout_ms", s->fence_timeout_ms(), 1, kMaxFenceTimeoutMs,
                        "ms (an hour)");
       !r.ok()) {

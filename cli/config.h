@@ -3,12 +3,20 @@
 #ifndef ROMULUS_CLI_CONFIG_H_
 #define ROMULUS_CLI_CONFIG_H_
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "proto/romulus.pb.h"
 
 namespace romulus::cli {
+
+// The longest shell command a config (fence_command, unprotected_command) or the command line
+// may give.
+inline constexpr size_t kMaxCommandBytes = 4096;
+// switchover.fence_timeout_ms when left out; it also bounds unprotected_command.
+inline constexpr uint64_t kDefaultFenceTimeoutMs = 5000;
 
 absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path);
 absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path);

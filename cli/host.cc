@@ -5,8 +5,10 @@
 #include <cstdio>
 #include <mutex>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
+#include "cli/config.h"
 #include "cli/load.h"
 #include "cli/metrics.h"
 #include "cli/service_manager.h"
@@ -220,8 +222,9 @@ int ConfigOnly(const char* usage, const char* summary, int argc, char** argv, st
   }
   if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (config->empty()) return args.UsageError("--config is required");
-  if (unprotected_command != nullptr && unprotected_command->size() > 4096) {
-    return args.UsageError("--unprotected-command is longer than 4096 bytes");
+  if (unprotected_command != nullptr && unprotected_command->size() > kMaxCommandBytes) {
+    return args.UsageError(
+        absl::StrCat("--unprotected-command is longer than ", kMaxCommandBytes, " bytes"));
   }
   return -1;
 }
@@ -309,8 +312,9 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   h.node.fence_timeout = std::chrono::milliseconds(h.switchover.fence_timeout_ms());
   if (const std::string& command = h.switchover.unprotected_command(); !command.empty()) {
     // Without a switchover block (a command-line override alone) no timeout was filled in.
-    auto timeout = std::chrono::milliseconds(
-        h.switchover.fence_timeout_ms() != 0 ? h.switchover.fence_timeout_ms() : 5000);
+    auto timeout = std::chrono::milliseconds(h.switchover.fence_timeout_ms() != 0
+                                                 ? h.switchover.fence_timeout_ms()
+                                                 : kDefaultFenceTimeoutMs);
     h.node.before_unprotected = [command, timeout, log = Logger(who)]() -> absl::Status {
       auto t0 = Clock::now();
       absl::Status s = switchover::RunCommand("unprotected command", command, timeout);
