@@ -39,7 +39,8 @@ class LocalHosts {
     Process::LineFn echo = nullptr;
     // For a process to get where it is going (listening, protected).
     std::chrono::milliseconds wait{60000};
-    bool metrics = false;  // each host and the witness serve /metrics on a port of their own
+    bool metrics = false;       // each host and the witness serve /metrics on a port of their own
+    pb::HealthConfig health{};  // host a's health block (none when empty)
   };
   enum Host { kA = 0, kB = 1 };
 

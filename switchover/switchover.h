@@ -218,7 +218,8 @@ class Node {
   };
   struct Status {
     Role role = Role::kIdle;
-    int64_t resumed_epoch = -1;  // the checkpoint this node resumed as the primary (-1: none)
+    int64_t resumed_epoch = -1;       // the checkpoint this node resumed as the primary (-1: none)
+    std::string handed_over_because;  // when the other host handed it the VM: why it moved
     std::optional<replicator::Primary::Stats> primary;  // a primary replicating to its peer
     std::optional<replicator::Mirror::Stats> mirror;
     uint64_t held_outputs = 0;
@@ -238,8 +239,9 @@ class Node {
 
   // Planned migration to the mirror (see replicator::Primary::HandOver for the errors). On
   // success this host becomes the mirror of the new primary (or idle, without a listener).
+  // `reason` travels with the VM: the new primary logs it and shows it in its status.
   virtual absl::StatusOr<replicator::Primary::HandoverReport> Migrate(
-      std::chrono::milliseconds timeout) = 0;
+      std::chrono::milliseconds timeout, const std::string& reason) = 0;
   // Failover: resumes the last committed checkpoint as the primary, once authorised (`force`:
   // without proof that the old primary is gone). Returns a line saying what was done.
   virtual absl::StatusOr<std::string> Promote(bool force, const std::string& why) = 0;

@@ -149,7 +149,7 @@ class NodeTest : public ::testing::Test {
   // Migrates from `from` to `to`: the roles swap, and the VM goes on producing there.
   void MigrateAndCheck(Host& from, Host& to) {
     uint64_t produced_there = Produced(to.name);
-    auto report = from.node->Migrate(std::chrono::seconds(20));
+    auto report = from.node->Migrate(std::chrono::seconds(20), "a test");
     ASSERT_TRUE(report.ok()) << report.status() << Logs();
     EXPECT_GE(report->downtime_ms, report->commit_ms);
     std::printf(
@@ -159,13 +159,14 @@ class NodeTest : public ::testing::Test {
     auto there = to.node->status();
     EXPECT_EQ(there.role, Node::Role::kPrimary);
     EXPECT_EQ(there.resumed_epoch, static_cast<int64_t>(report->epoch));
+    EXPECT_EQ(there.handed_over_because, "a test");  // the reason travelled with the VM
     auto here = from.node->status();
     EXPECT_EQ(here.role, Node::Role::kMirror);
     EXPECT_EQ(here.port, from.port);
     uint64_t produced_here = Produced(from.name);
     EXPECT_TRUE(WaitUntil([&] { return Produced(to.name) >= produced_there + 10; }, 30)) << Logs();
     EXPECT_EQ(Produced(from.name), produced_here);  // its VM is gone
-    auto migrated = from.node->Migrate(milliseconds(100));
+    auto migrated = from.node->Migrate(milliseconds(100), "a test");
     EXPECT_EQ(migrated.status().code(), absl::StatusCode::kFailedPrecondition);
   }
 
