@@ -221,6 +221,7 @@ pb::SwitchoverConfig LocalHosts::SwitchoverOf(Host h) const {
   p->set_local(At("127.0.0.2", heartbeat2_[h]));
   p->set_remote(At("127.0.0.2", heartbeat2_[other]));
   s.set_witness(At("127.0.0.1", witness_));
+  if (o_.heartbeat_timeout_ms != 0) s.set_heartbeat_timeout_ms(o_.heartbeat_timeout_ms);
   return s;
 }
 

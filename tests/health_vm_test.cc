@@ -76,6 +76,9 @@ class VmHealth : public testing::PlatformTest {
     o.platform = platform_name();
     o.wait = testing::ScaledMs(60);
     o.health = std::move(health);
+    // A spurious "peer dead" at the mirror (heartbeats late by 50 ms on a loaded machine) would
+    // start a promotion that races the hand-over; detection speed is not what this shows.
+    o.heartbeat_timeout_ms = 1000;
     auto hosts = cli::LocalHosts::Start(std::move(o));
     ASSERT_TRUE(hosts.ok()) << hosts.status();
     hosts_ = std::move(*hosts);
