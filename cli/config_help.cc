@@ -88,7 +88,8 @@ const std::vector<Section>& Sections() {
             "as the primary's; both ends must agree whether to encrypt"},
            {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
            {"health", "message", "- (not watched)",
-            "as the primary's; acted on once this host is the primary"},
+            "as the primary's; acted on once this host is the primary, and while it is the "
+            "mirror a policy that says move refuses a planned migration to it"},
        }},
       {"switchover { ... } (either config)",
        "SwitchoverConfig",

@@ -367,6 +367,19 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (auto s = vmm::CheckPlatform(platform); !s.ok()) return s;
     return vmm::CheckResumable(state, platform);
   };
+  // A mirror whose own policy says move refuses to take the VM. The monitor starts after the
+  // node (it moves the node's VM), so the node reaches it through this, cleared before it goes.
+  struct HealthRef {
+    std::mutex mu;
+    switchover::HealthMonitor* monitor = nullptr;
+  };
+  auto health_ref = std::make_shared<HealthRef>();
+  h.node.healthy = [health_ref]() -> absl::Status {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    if (health_ref->monitor == nullptr) return absl::OkStatus();
+    auto s = health_ref->monitor->status();
+    return s.unhealthy ? absl::UnavailableError(s.state) : absl::OkStatus();
+  };
   auto node = start(h.node);
   if (!node.ok()) return Fail(who, node.status());
   ref.Set(node->get());
@@ -389,6 +402,18 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (!m.ok()) return Fail(who, m.status());
     health = std::move(*m);
   }
+  {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    health_ref->monitor = health.get();
+  }
+  // Destroyed before `health` (on every return): the node no longer reaches the monitor.
+  struct Unref {
+    HealthRef& ref;
+    ~Unref() {
+      std::lock_guard<std::mutex> lock(ref.mu);
+      ref.monitor = nullptr;
+    }
+  } unref{*health_ref};
   // What `romulus status` answers, and the metrics are made of.
   auto status_of = [&](const switchover::Node::Status& st) {
     auto r = NodeStatusReply(h.vm_id, st);
@@ -517,6 +542,10 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   save();  // the replica as of the last committed epoch (if the mirror), then stop
   metrics.reset();
   control->reset();
+  {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    health_ref->monitor = nullptr;
+  }
   health.reset();    // a move it started ends (within its timeout) before the node goes
   ref.Set(nullptr);  // the lease's hooks no longer reach the node
   node->reset();

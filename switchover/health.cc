@@ -587,6 +587,7 @@ class Monitor : public HealthMonitor {
       }
     }
     std::lock_guard<std::mutex> lock(mu_);
+    status_.unhealthy = v.move && !act;  // a move that succeeded leaves the counts afresh
     status_.state = v.state;
     if (!refusal.empty()) {
       status_.refusals++;

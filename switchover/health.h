@@ -116,6 +116,7 @@ class HealthMonitor {
   };
   struct Status {
     uint64_t checks = 0;
+    bool unhealthy = false;             // the policy says move (whether or not this host can)
     std::string state;                  // the policy's line, or the last refusal
     std::string last_decision;          // the last reason a move was asked for ("" none)
     std::vector<std::string> problems;  // sources unreadable now, and notes

@@ -296,6 +296,11 @@ class NodeImpl : public Node {
       std::lock_guard<std::mutex> lock(mu_);
       if (role_ != Role::kMirror) return absl::FailedPreconditionError("this host is no mirror");
     }
+    if (o_.healthy) {
+      if (auto s = o_.healthy(); !s.ok()) {
+        return absl::FailedPreconditionError(absl::StrCat("this host is unhealthy: ", s.message()));
+      }
+    }
     if (auto s = CanResume(); !s.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat("cannot resume the replica here: ", s.message()));

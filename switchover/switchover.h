@@ -205,6 +205,9 @@ class Node {
     // Whether this host can run the committed replica, asked before the replica is given up
     // (unset: it can).
     std::function<absl::Status(const pb::VmSnapshot& state)> can_resume = nullptr;
+    // Whether this host would take the VM in a planned migration (its own health; a failover
+    // does not ask: any host beats none). Unset: it would.
+    std::function<absl::Status()> healthy = nullptr;
     // Split-brain safety (see AuthorizePromotion). With a lease, a migration hands it to the
     // peer's node (named by the heartbeats).
     LeaseClient* lease = nullptr;

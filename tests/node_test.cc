@@ -8,6 +8,7 @@
 // strictly increasing sequence whichever host delivers them (a repeat means a host resumed an
 // older state after the outside world saw a newer one), and across a planned migration a gapless
 // one (nothing produced before the hand-over is lost).
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -209,6 +210,30 @@ TEST_F(NodeTest, MigrationSwapsTheRolesAndBackWithoutAFullResync) {
   for (size_t i = 0; i < delivered.size(); i++) {
     ASSERT_EQ(delivered[i], (i + 1) * kOutputEvery) << "output " << i << " of " << delivered.size();
   }
+}
+
+// A mirror whose own health says move refuses a planned migration and says why; the VM runs on
+// where it was, still protected.
+TEST_F(NodeTest, AnUnhealthyMirrorRefusesTheVm) {
+  StartPrimary(a_, b_);
+  auto replica = checkpoint::ReplicaStore::Create(kMemory, b_.disk, kDisk);
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  Node::Options o = NodeOptions(b_, a_);
+  o.healthy = [] { return absl::UnavailableError("corrected_memory 12/10 within 60 s"); };
+  auto node = Node::StartMirror(std::move(*replica), o);
+  ASSERT_TRUE(node.ok()) << node.status();
+  b_.node = std::move(*node);
+  WaitProtected(a_);
+  auto report = a_.node->Migrate(std::chrono::seconds(20), "a test");
+  ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
+  EXPECT_THAT(std::string(report.status().message()),
+              ::testing::HasSubstr("the mirror refused: this host is unhealthy: corrected_memory "
+                                   "12/10 within 60 s"));
+  EXPECT_EQ(a_.node->status().role, Node::Role::kPrimary);
+  EXPECT_EQ(b_.node->status().role, Node::Role::kMirror);
+  uint64_t acked = a_.node->status().primary->acked;
+  EXPECT_TRUE(WaitUntil([&] { return a_.node->status().primary->acked >= acked + 10; }, 30))
+      << Logs();
 }
 
 TEST_F(NodeTest, AFailedPrimaryReturnsAsTheMirrorOfItsPromotedPeerAndTakesTheVmBack) {
