@@ -83,7 +83,7 @@ class Bench {
     std::vector<uint64_t> pages;
     Host *from = &a_, *to = &b_;
     for (int i = 0; i < migrations; i++) {
-      auto report = from->primary->HandOver(std::chrono::seconds(30), nullptr);
+      auto report = from->primary->HandOver(std::chrono::seconds(30), nullptr, "");
       if (!report.ok()) Die(std::string(report.status().message()));
       downtime.push_back(report->downtime_ms);
       commit.push_back(report->commit_ms);
@@ -124,7 +124,7 @@ class Bench {
     rp::Mirror::Options mo;
     mo.identity = {"bench", memory_, kDisk};
     mo.key = kKey;
-    mo.on_handover = [this, &to](uint64_t) { return Resume(to); };
+    mo.on_handover = [this, &to](uint64_t, const std::string&) { return Resume(to); };
     auto m = rp::Mirror::Start(*to.replica, std::move(mo));
     if (!m.ok()) Die(std::string(m.status().message()));
     to.mirror = std::move(*m);

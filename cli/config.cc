@@ -11,6 +11,7 @@
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
+#include "switchover/health.h"
 #include "switchover/switchover.h"
 #include "vmm/vmm.h"
 
@@ -97,6 +98,14 @@ constexpr uint64_t kMaxInFlightMib = 64ull << 10;     // 64 GiB of staged checkp
 constexpr uint64_t kMaxWriteRate = 10'000'000;        // page writes per second (40 GB/s)
 constexpr uint64_t kMaxHeartbeatIntervalMs = 10'000;  // below the 60 s timeout bound
 constexpr uint64_t kMaxFenceTimeoutMs = 3'600'000;    // an hour
+constexpr size_t kMaxPathBytes = 4096;                // PATH_MAX
+constexpr uint64_t kMaxHealthIntervalMs = 3'600'000;  // an hour
+constexpr int kMaxInterfaces = 16;
+constexpr int kMaxHealthRules = 32;
+constexpr uint64_t kMaxRuleCount = 1'000'000'000'000;
+constexpr uint64_t kMaxWindowS = 7 * 86'400;  // a week
+// A counter rule remembers the checks within its window that saw new events: bounded.
+constexpr uint64_t kMaxChecksPerWindow = 100'000;
 
 // "HOST:PORT" with a port of 1 to 65535 and a host that is not empty.
 absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::string& value) {
@@ -195,6 +204,92 @@ absl::Status CheckSwitchover(const Parsed& p, pb::SwitchoverConfig* s) {
   return absl::OkStatus();
 }
 
+// The hardware health monitor and its policy (a health block, even an empty one); defaults
+// filled in.
+absl::Status CheckHealth(const Parsed& p, pb::HealthConfig* h) {
+  if (h->sysfs_root().empty()) h->set_sysfs_root("/sys");
+  if (h->sysfs_root().size() > kMaxPathBytes || h->sysfs_root().front() != '/') {
+    return p.Bad("health.sysfs_root", "must be an absolute path of at most 4096 bytes");
+  }
+  if (h->interval_ms() == 0) h->set_interval_ms(1000);
+  if (auto r =
+          p.Range("health.interval_ms", h->interval_ms(), 10, kMaxHealthIntervalMs, "ms (an hour)");
+      !r.ok()) {
+    return r;
+  }
+  if (h->interface_size() > kMaxInterfaces) {
+    return p.Bad("health.interface", absl::StrCat("at most ", kMaxInterfaces, " interfaces"));
+  }
+  for (int i = 0; i < h->interface_size(); i++) {
+    const std::string& name = h->interface(i);
+    // A kernel interface name: 1 to 15 bytes, no '/' or space, not "." or "..".
+    bool ok = !name.empty() && name.size() <= 15 && name != "." && name != "..";
+    for (char c : name) ok = ok && c > ' ' && c < 0x7f && c != '/';
+    if (!ok) {
+      return p.Bad(absl::StrCat("health.interface[", i, "]"),
+                   "must be a network interface name (1 to 15 printable bytes, no '/')");
+    }
+  }
+  for (auto [field, value] : {std::pair{"health.smart_device", &h->smart_device()},
+                              {"health.smartctl", &h->smartctl()}}) {
+    if (value->size() > kMaxPathBytes)
+      return p.Bad(field, absl::StrCat("is longer than ", kMaxPathBytes, " bytes"));
+  }
+  if (h->command().size() > kMaxCommandBytes) {
+    return p.Bad("health.command", absl::StrCat("is longer than ", kMaxCommandBytes, " bytes"));
+  }
+  if (h->command_timeout_ms() == 0) h->set_command_timeout_ms(5000);
+  if (auto r = p.Range("health.command_timeout_ms", h->command_timeout_ms(), 1, kMaxFenceTimeoutMs,
+                       "ms (an hour)");
+      !r.ok()) {
+    return r;
+  }
+  if (h->retry_ms() == 0) h->set_retry_ms(5000);
+  if (auto r = p.Range("health.retry_ms", h->retry_ms(), 10, kMaxHealthIntervalMs, "ms (an hour)");
+      !r.ok()) {
+    return r;
+  }
+  if (h->migrate_timeout_ms() == 0) h->set_migrate_timeout_ms(10000);
+  if (auto r = p.Range("health.migrate_timeout_ms", h->migrate_timeout_ms(), 100, 600000, "ms");
+      !r.ok()) {
+    return r;
+  }
+  if (h->rule_size() > kMaxHealthRules) {
+    return p.Bad("health.rule", absl::StrCat("at most ", kMaxHealthRules, " rules"));
+  }
+  for (int i = 0; i < h->rule_size(); i++) {
+    pb::HealthRule* r = h->mutable_rule(i);
+    std::string at = absl::StrCat("health.rule[", i, "]");
+    auto signal = switchover::ParseHealthSignal(r->signal());
+    if (!signal.ok()) return p.Bad(at + ".signal", signal.status().message());
+    if (r->count() == 0) r->set_count(1);
+    if (auto s = p.Range(at + ".count", r->count(), 1, kMaxRuleCount); !s.ok()) return s;
+    if (auto s = p.Range(at + ".window_s", r->window_s(), 0, kMaxWindowS, "s (a week)"); !s.ok()) {
+      return s;
+    }
+    if (r->window_s() != 0 && !switchover::IsCounter(*signal)) {
+      return p.Bad(at + ".window_s", "applies to counters only (a state counts checks in a row)");
+    }
+    if (uint64_t{r->window_s()} * 1000 / h->interval_ms() > kMaxChecksPerWindow) {
+      return p.Bad(at + ".window_s", absl::StrCat("spans more than ", kMaxChecksPerWindow,
+                                                  " checks at health.interval_ms"));
+    }
+    using S = switchover::HealthSignal;
+    bool net =
+        *signal == S::kLinkErrors || *signal == S::kCarrierChanges || *signal == S::kLinkDown;
+    if (net && h->interface_size() == 0) {
+      return p.Bad(at + ".signal", "watches network interfaces, but health.interface names none");
+    }
+    if (*signal == S::kDiskFailing && h->smart_device().empty()) {
+      return p.Bad(at + ".signal", "watches a disk, but health.smart_device is not set");
+    }
+    if (*signal == S::kCommandFailing && h->command().empty()) {
+      return p.Bad(at + ".signal", "watches a command, but health.command is not set");
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
@@ -234,6 +329,9 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
     c.set_replication_listen("127.0.0.1");
   }
   if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
+  if (c.has_health()) {
+    if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
+  }
   return c;
 }
 
@@ -254,6 +352,9 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
     return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");
   }
   if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
+  if (c.has_health()) {
+    if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
+  }
   return c;
 }
 

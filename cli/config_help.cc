@@ -58,6 +58,8 @@ const std::vector<Section>& Sections() {
             "replication frames: auto picks the cheaper cipher on this CPU; off authenticates "
             "without encrypting"},
            {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
+           {"health", "message", "- (not watched)",
+            "hardware health: its policy moves the VM to the mirror (below)"},
        }},
       {"The mirror's config (`romulus mirror --config FILE`)",
        "MirrorConfig",
@@ -85,6 +87,9 @@ const std::vector<Section>& Sections() {
            {"encryption", "auto | aes-256-gcm | chacha20-poly1305 | off", "auto",
             "as the primary's; both ends must agree whether to encrypt"},
            {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
+           {"health", "message", "- (not watched)",
+            "as the primary's; acted on once this host is the primary, and while it is the "
+            "mirror a policy that says move refuses a planned migration to it"},
        }},
       {"switchover { ... } (either config)",
        "SwitchoverConfig",
@@ -110,6 +115,44 @@ const std::vector<Section>& Sections() {
        {
            {"local", "ADDR:PORT", "required", "this host's end of the path (UDP)"},
            {"remote", "ADDR:PORT", "required", "the peer's end"},
+       }},
+      {"health { ... } (either config; acted on while the host is the primary)",
+       "HealthConfig",
+       {
+           {"sysfs_root", "absolute path", "/sys",
+            "EDAC counters are read under ROOT/devices/system/edac/mc, interfaces under "
+            "ROOT/class/net"},
+           {"interval_ms", "ms, 10-3600000", "1000", "between checks"},
+           {"interface", "name, repeated, at most 16", "-",
+            "network interfaces whose carrier, carrier_changes and rx/tx errors are watched"},
+           {"smart_device", "path", "- (no disk check)",
+            "a disk checked with `smartctl -H --json` (skipped, saying so, when smartctl is not "
+            "installed)"},
+           {"smartctl", "path or name", "smartctl", "the program (found in PATH or /usr/sbin)"},
+           {"command", "shell command, at most 4096 bytes", "-",
+            "an operator's check: any exit but 0 is unhealthy"},
+           {"command_timeout_ms", "ms, 1-3600000", "5000", "bounds the command and smartctl"},
+           {"rule", "message, repeated, at most 32", "uncorrected_memory, count 1, alone",
+            "the policy (below); none given: that one rule"},
+           {"retry_ms", "ms, 10-3600000", "5000",
+            "a refused move (mirror not in sync) is retried after this, doubling up to 64 "
+            "times it"},
+           {"migrate_timeout_ms", "ms, 100-600000", "10000",
+            "for the last checkpoint and the mirror's answer"},
+       }},
+      {"health { rule { ... } }",
+       "HealthRule",
+       {
+           {"signal",
+            "corrected_memory | uncorrected_memory | link_errors | carrier_changes | "
+            "link_down | disk_failing | command_failing | unreadable",
+            "required", "what the rule watches; the first four count events, the rest are states"},
+           {"count", "1-10^12", "1",
+            "counters: new events within window_s; states: checks in a row"},
+           {"window_s", "s, 0-604800", "0 (since the monitor began)",
+            "counters only: a rate, events within the last window_s"},
+           {"alone", "bool", "false",
+            "holding, it moves the VM by itself; else only when another rule holds too"},
        }},
       {"workload { ... } (the primary's; the reference guest only)",
        "WorkloadConfig",

@@ -234,6 +234,20 @@ std::string FormatStatus(const pb::StatusReply& s) {
                                                      : "held by " + s.lease_holder(),
                           s.witness());
   }
+  if (!s.handed_over_because().empty()) {
+    absl::StrAppendFormat(&out, "handed over:      because %s\n", s.handed_over_because());
+  }
+  if (s.has_health()) {
+    const pb::HealthStatus& h = s.health();
+    absl::StrAppendFormat(&out, "health:           %s (%d checks, %d moves asked, %d refused)\n",
+                          h.state(), h.checks(), h.attempts(), h.refusals());
+    if (!h.last_decision().empty()) {
+      absl::StrAppendFormat(&out, "health decision:  %s\n", h.last_decision());
+    }
+    for (const std::string& p : h.problems()) {
+      absl::StrAppendFormat(&out, "health problem:   %s\n", p);
+    }
+  }
   absl::StrAppendFormat(&out,
                         "epochs:           %d (committed epoch %d, lag %d)\n"
                         "pause:            p50 %.2f ms, p99 %.2f ms\n"

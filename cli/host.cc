@@ -183,6 +183,32 @@ std::string StatusLine(const replicator::Primary::Stats& s, const Rates& r) {
       r.dirty_per_epoch, r.mb_per_s, s.held_outputs, s.lag_epochs);
 }
 
+// What a planned migration did, for the operator: its downtime split as the paper splits it,
+// transfer (VM paused here until the mirror committed the last checkpoint) plus restart (the
+// lease handed over and the VM resumed there).
+std::string MigrationLine(const replicator::Primary::HandoverReport& report,
+                          const switchover::Node::Status& now) {
+  return absl::StrFormat(
+      "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and resumed "
+      "at the mirror %.1f ms after the VM paused here (downtime %.1f ms = transfer %.1f ms + "
+      "restart %.1f ms); %s",
+      report.epoch, report.final_pages, report.commit_ms, report.downtime_ms, report.downtime_ms,
+      report.commit_ms, std::max(0.0, report.downtime_ms - report.commit_ms),
+      now.role == switchover::Node::Role::kMirror
+          ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
+          : std::string("this host is idle (no replication_port to be the mirror on)"));
+}
+
+void AddHealth(const switchover::HealthMonitor::Status& h, pb::StatusReply* r) {
+  pb::HealthStatus* s = r->mutable_health();
+  s->set_checks(h.checks);
+  s->set_state(h.state);
+  s->set_last_decision(h.last_decision);
+  for (const std::string& p : h.problems) s->add_problems(p);
+  s->set_attempts(h.attempts);
+  s->set_refusals(h.refusals);
+}
+
 }  // namespace
 
 pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s) {
@@ -191,8 +217,14 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
   if (s.role == Role::kPrimary && s.primary) {
     pb::StatusReply r = PrimaryStatus(vm_id, *s.primary);
     if (s.resumed_epoch >= 0) {
-      r.set_state(absl::StrFormat("resumed here at epoch %d; %s", s.resumed_epoch, r.state()));
+      r.set_state(
+          absl::StrFormat("resumed here at epoch %d%s; %s", s.resumed_epoch,
+                          s.handed_over_because.empty()
+                              ? ""
+                              : absl::StrCat(" (handed over because: ", s.handed_over_because, ")"),
+                          r.state()));
     }
+    r.set_handed_over_because(s.handed_over_because);
     return r;
   }
   pb::StatusReply r;
@@ -204,6 +236,7 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
         s.resumed_epoch));
     r.set_committed_epoch(s.resumed_epoch);
     r.set_held_outputs(s.held_outputs);
+    r.set_handed_over_because(s.handed_over_because);
   } else {
     r.set_role("idle");
     r.set_state("holds neither the VM nor a replica (handed over, or a role change failed)");
@@ -338,10 +371,53 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (auto s = vmm::CheckPlatform(platform); !s.ok()) return s;
     return vmm::CheckResumable(state, platform);
   };
+  // A mirror whose own policy says move refuses to take the VM. The monitor starts after the
+  // node (it moves the node's VM), so the node reaches it through this, cleared before it goes.
+  struct HealthRef {
+    std::mutex mu;
+    switchover::HealthMonitor* monitor = nullptr;
+  };
+  auto health_ref = std::make_shared<HealthRef>();
+  h.node.healthy = [health_ref]() -> absl::Status {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    if (health_ref->monitor == nullptr) return absl::OkStatus();
+    auto s = health_ref->monitor->status();
+    return s.unhealthy ? absl::UnavailableError(s.state) : absl::OkStatus();
+  };
   auto node = start(h.node);
   if (!node.ok()) return Fail(who, node.status());
   ref.Set(node->get());
   switchover::Node& n = **node;
+  // Started once the node exists (it asks the node to move its VM); stopped before it goes.
+  std::unique_ptr<switchover::HealthMonitor> health;
+  if (h.health.ByteSizeLong() > 0) {
+    switchover::HealthMonitor::Options o = switchover::HealthOptions(h.health);
+    o.active = [&] { return n.status().role == switchover::Node::Role::kPrimary; };
+    auto timeout = std::chrono::milliseconds(
+        h.health.migrate_timeout_ms() ? h.health.migrate_timeout_ms() : 10000);
+    o.migrate = [&, timeout](const std::string& reason) -> absl::Status {
+      auto report = n.Migrate(timeout, reason);
+      if (!report.ok()) return report.status();
+      Logger(who)(MigrationLine(*report, n.status()));
+      return absl::OkStatus();
+    };
+    o.log = Logger(who);
+    auto m = switchover::HealthMonitor::Start(std::move(o));
+    if (!m.ok()) return Fail(who, m.status());
+    health = std::move(*m);
+  }
+  {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    health_ref->monitor = health.get();
+  }
+  // Destroyed before `health` (on every return): the node no longer reaches the monitor.
+  struct Unref {
+    HealthRef& ref;
+    ~Unref() {
+      std::lock_guard<std::mutex> lock(ref.mu);
+      ref.monitor = nullptr;
+    }
+  } unref{*health_ref};
   // What `romulus status` answers, and the metrics are made of.
   auto status_of = [&](const switchover::Node::Status& st) {
     auto r = NodeStatusReply(h.vm_id, st);
@@ -350,6 +426,7 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
       r.set_state(absl::StrCat("VM stopped: ", why.message()));
     }
     ha->AddStatus(&r);
+    if (health) AddHealth(health->status(), &r);
     return r;
   };
   std::unique_ptr<MetricsServer> metrics;
@@ -364,23 +441,17 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (!m.ok()) return Fail(who, m.status());
     metrics = std::move(*m);
   }
-  auto control = MaybeControl(
-      h.control_socket,
-      {.status = [&] { return status_of(n.status()); },
-       .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
-       .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<Migrated> {
-         auto report = n.Migrate(timeout);
-         if (!report.ok()) return report.status();
-         auto now = n.status();
-         std::string line = absl::StrFormat(
-             "handed over at epoch %u (%u pages in the last checkpoint): committed %.1f ms and "
-             "resumed at the mirror %.1f ms after the VM paused here (downtime); %s",
-             report->epoch, report->final_pages, report->commit_ms, report->downtime_ms,
-             now.role == switchover::Node::Role::kMirror
-                 ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
-                 : std::string("this host is idle (no replication_port to be the mirror on)"));
-         return Migrated{.line = line, .downtime_ms = report->downtime_ms};
-       }});
+  auto control =
+      MaybeControl(h.control_socket,
+                   {.status = [&] { return status_of(n.status()); },
+                    .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
+                    .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<Migrated> {
+                      auto report = n.Migrate(timeout, "asked by an operator (romulus migrate)");
+                      if (!report.ok()) return report.status();
+                      std::string line = MigrationLine(*report, n.status());
+                      Logger(who)(line);
+                      return Migrated{.line = line, .downtime_ms = report->downtime_ms};
+                    }});
   if (!control.ok()) return Fail(who, control.status());
 
   auto save = [&] {
@@ -475,6 +546,11 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
   save();  // the replica as of the last committed epoch (if the mirror), then stop
   metrics.reset();
   control->reset();
+  {
+    std::lock_guard<std::mutex> lock(health_ref->mu);
+    health_ref->monitor = nullptr;
+  }
+  health.reset();    // a move it started ends (within its timeout) before the node goes
   ref.Set(nullptr);  // the lease's hooks no longer reach the node
   node->reset();
   ha->lease.reset();  // the heartbeats outlive the node, which feeds them replication traffic

@@ -18,6 +18,7 @@
 #include "cli/control.h"
 #include "proto/romulus.pb.h"
 #include "replicator/replicator.h"
+#include "switchover/health.h"
 #include "switchover/switchover.h"
 #include "vmm/ledger_endpoint.h"
 #include "vmm/vmm.h"
@@ -98,6 +99,9 @@ struct HostSettings {
   uint16_t ledger_port = 0;
   pb::Platform platform = pb::PLATFORM_UNSPECIFIED;  // what runs (or would run) the VM here
   std::string metrics_listen{};                      // ADDR:PORT for Prometheus metrics ("" none)
+  // As the primary: the hardware health monitor and its policy (empty: none), which moves the
+  // VM to the mirror when the policy says so.
+  pb::HealthConfig health{};
   // Filled in by the command (identity, key, replication); RunHost adds the switchover pieces
   // and how this host runs a VM.
   switchover::Node::Options node{};

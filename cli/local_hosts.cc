@@ -160,6 +160,7 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   a.mutable_workload()->set_write_rate(l->o_.write_rate);
   *a.mutable_switchover() = l->SwitchoverOf(kA);
   if (l->o_.metrics) a.set_metrics_listen(At("127.0.0.1", l->metrics_[kA]));
+  if (l->o_.health.ByteSizeLong() > 0) *a.mutable_health() = l->o_.health;
   if (auto s = WriteFile(l->File("a.conf"), Text(a)); !s.ok()) return s;
   if (auto s = WriteFile(l->File("b.conf"), l->MirrorConfig(kB)); !s.ok()) return s;
 
@@ -220,6 +221,7 @@ pb::SwitchoverConfig LocalHosts::SwitchoverOf(Host h) const {
   p->set_local(At("127.0.0.2", heartbeat2_[h]));
   p->set_remote(At("127.0.0.2", heartbeat2_[other]));
   s.set_witness(At("127.0.0.1", witness_));
+  if (o_.heartbeat_timeout_ms != 0) s.set_heartbeat_timeout_ms(o_.heartbeat_timeout_ms);
   return s;
 }
 

@@ -39,7 +39,12 @@ class LocalHosts {
     Process::LineFn echo = nullptr;
     // For a process to get where it is going (listening, protected).
     std::chrono::milliseconds wait{60000};
-    bool metrics = false;  // each host and the witness serve /metrics on a port of their own
+    bool metrics = false;       // each host and the witness serve /metrics on a port of their own
+    pb::HealthConfig health{};  // host a's health block (none when empty)
+    // Both hosts' switchover.heartbeat_timeout_ms (0: the default, 50 ms). A test about
+    // something else than detecting a dead peer raises it, so that heartbeats late on a loaded
+    // machine do not start a promotion in the middle of what it shows.
+    uint32_t heartbeat_timeout_ms = 0;
   };
   enum Host { kA = 0, kB = 1 };
 

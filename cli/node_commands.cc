@@ -138,6 +138,7 @@ int PrimaryCommand(int argc, char** argv) {
                  .platform = *platform};
   switchover::Node::Options& o = h.node;
   h.metrics_listen = c->metrics_listen();
+  h.health = c->health();
   o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20, *platform};
   o.key = *key;
   o.listen = c->replication_listen();
@@ -223,6 +224,7 @@ int MirrorCommand(int argc, char** argv) {
                  .platform = platform};
   switchover::Node::Options& o = h.node;
   h.metrics_listen = c->metrics_listen();
+  h.health = c->health();
   o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20, platform};
   o.key = *key;
   o.listen = c->listen();

@@ -100,7 +100,7 @@ class MirrorHarness {
     }
     replica_ = std::move(*replica);
     if (mode == kHandoverResumes || mode == kHandoverFails) {
-      options_.on_handover = [this, mode](uint64_t epoch) -> absl::Status {
+      options_.on_handover = [this, mode](uint64_t epoch, const std::string&) -> absl::Status {
         handovers_.push_back(epoch);
         if (mode == kHandoverFails) return absl::InternalError("the host cannot resume it");
         return absl::OkStatus();

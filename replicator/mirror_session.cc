@@ -54,7 +54,7 @@ absl::StatusOr<std::vector<pb::Frame>> MirrorSession::Receive(pb::Frame f) {
     state_.stats.bytes += static_cast<uint64_t>(f.ByteSizeLong()) + 4;
   }
   if (f.has_handover()) {
-    return std::vector<pb::Frame>{AnswerHandover(f.handover().epoch())};
+    return std::vector<pb::Frame>{AnswerHandover(f.handover().epoch(), f.handover().reason())};
   }
   if (f.has_sync_disk() || f.has_same_pages() || (f.has_pages() && f.pages().sync())) {
     if (auto s = StageSync(f); !s.ok()) return Reject(s);
@@ -140,8 +140,12 @@ absl::Status MirrorSession::StageSync(const pb::Frame& f) {
 
 // The primary asks this host to resume the VM from `epoch`. It must be what this connection
 // committed last; the host resumes it (on_handover) and the answer says whether it runs here.
-pb::Frame MirrorSession::AnswerHandover(uint64_t epoch) {
+pb::Frame MirrorSession::AnswerHandover(uint64_t epoch, const std::string& reason) {
   const Mirror::Options& options = state_.options;
+  // The primary's words, for a log line: printable ASCII, bounded.
+  constexpr size_t kMaxReason = 512;
+  std::string why_moved;
+  for (char c : reason.substr(0, kMaxReason)) why_moved += (c >= 0x20 && c < 0x7f) ? c : '?';
   absl::Status why;
   int64_t committed;
   {
@@ -155,8 +159,9 @@ pb::Frame MirrorSession::AnswerHandover(uint64_t epoch) {
         absl::StrCat("asked to resume epoch ", epoch, " but the replica's last commit on this ",
                      "connection is ", synchronised_ ? absl::StrCat(committed) : "none"));
   } else {
-    Log(options.log, absl::StrCat("primary hands the VM over at epoch ", epoch));
-    why = options.on_handover(epoch);
+    Log(options.log, absl::StrCat("primary hands the VM over at epoch ", epoch,
+                                  why_moved.empty() ? "" : absl::StrCat(" (", why_moved, ")")));
+    why = options.on_handover(epoch, why_moved);
   }
   handed_over_ = why.ok();
   if (handed_over_) {

@@ -52,7 +52,7 @@ class MirrorSession {
  private:
   absl::StatusOr<pb::Frame> AnswerTreeQuery(const pb::TreeQuery& query);
   absl::Status StageSync(const pb::Frame& f);
-  pb::Frame AnswerHandover(uint64_t epoch);
+  pb::Frame AnswerHandover(uint64_t epoch, const std::string& reason);
   // Counts the connection as rejected and logs why.
   absl::Status Reject(absl::Status why);
 

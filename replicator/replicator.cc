@@ -487,7 +487,8 @@ class PrimaryImpl : public Primary {
   }
 
   absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
-                                          const std::function<absl::Status()>& committed) override {
+                                          const std::function<absl::Status()>& committed,
+                                          const std::string& reason) override {
     using Clock = std::chrono::steady_clock;
     auto deadline = Clock::now() + timeout;
     std::unique_lock<std::mutex> lock(mu_);
@@ -553,6 +554,7 @@ class PrimaryImpl : public Primary {
     lock.lock();
     handover_reply_.reset();
     handover_epoch_ = report.epoch;
+    handover_reason_ = reason;
     send_handover_ = true;
     cv_.notify_all();
     bool answered = cv_.wait_until(lock, deadline, [&] {
@@ -707,6 +709,7 @@ class PrimaryImpl : public Primary {
           send_handover_ = false;
           pb::Frame f;
           f.mutable_handover()->set_epoch(handover_epoch_);
+          f.mutable_handover()->set_reason(handover_reason_);
           lock.unlock();
           if (auto s = channel_->Send(f); !s.ok()) return s;
           continue;
@@ -820,6 +823,7 @@ class PrimaryImpl : public Primary {
   // to send; the mirror's answer; the VM runs at the mirror now.
   bool migrating_ = false, handing_over_ = false, send_handover_ = false, handed_over_ = false;
   uint64_t handover_epoch_ = 0;
+  std::string handover_reason_;
   std::optional<pb::HandoverReply> handover_reply_;
   absl::Status ack_error_;
   std::deque<std::shared_ptr<const Checkpoint>> queue_;

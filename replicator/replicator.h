@@ -137,10 +137,10 @@ class Mirror {
     Protection protection = {};  // the primary's cipher is taken; `encrypt` must agree
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
     // Planned migration: the primary paused its VM for good after `epoch`, which is committed
-    // here; resume it on this host. OK means it runs here now and replication ends (the replica
-    // belongs to the VM); an error must leave the replica as it was, and the primary resumes.
-    // Unset: hand-overs are refused.
-    std::function<absl::Status(uint64_t epoch)> on_handover = nullptr;
+    // here; resume it on this host. `reason` is the primary's (printable, bounded). OK means it
+    // runs here now and replication ends (the replica belongs to the VM); an error must leave the
+    // replica as it was, and the primary resumes. Unset: hand-overs are refused.
+    std::function<absl::Status(uint64_t epoch, const std::string& reason)> on_handover = nullptr;
     LogFn log = nullptr;
   };
   struct Stats {
@@ -245,11 +245,13 @@ class Primary {
   // committed it (its outputs leave), `committed` runs (to hand the lease over; an error stops
   // the migration), then the mirror is told to resume the VM. On success replication ends and
   // the VM stays paused here; the engine's VM may then become the new primary's replica.
+  // `reason` (why it moves) travels to the mirror, which logs it.
   // FailedPrecondition: not protected now, nothing was done. Aborted: the migration did not
   // happen and the VM runs here again. Unavailable: the mirror was told to resume but did not
   // answer in time; the VM is left paused here, as either host may be running it.
-  virtual absl::StatusOr<HandoverReport> HandOver(
-      std::chrono::milliseconds timeout, const std::function<absl::Status()>& committed) = 0;
+  virtual absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
+                                                  const std::function<absl::Status()>& committed,
+                                                  const std::string& reason) = 0;
 };
 
 }  // namespace romulus::replicator

@@ -82,14 +82,16 @@ class NodeImpl : public Node {
     }
     old.Reset();
     auto m = replicator::Mirror::Start(
-        *replica, {.identity = o_.identity,
-                   .key = o_.key,
-                   .listen = o_.listen,
-                   .port = o_.port,
-                   .protection = o_.protection,
-                   .on_traffic = TrafficHook(),
-                   .on_handover = [this](uint64_t epoch) { return TakeHandover(epoch); },
-                   .log = o_.log});
+        *replica,
+        {.identity = o_.identity,
+         .key = o_.key,
+         .listen = o_.listen,
+         .port = o_.port,
+         .protection = o_.protection,
+         .on_traffic = TrafficHook(),
+         .on_handover = [this](uint64_t epoch,
+                               const std::string& reason) { return TakeHandover(epoch, reason); },
+         .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change
     if (o_.heartbeat) o_.heartbeat->SetRole("mirror");
@@ -100,7 +102,8 @@ class NodeImpl : public Node {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<replicator::Primary::HandoverReport> Migrate(milliseconds timeout) override {
+  absl::StatusOr<replicator::Primary::HandoverReport> Migrate(milliseconds timeout,
+                                                              const std::string& reason) override {
     std::lock_guard<std::mutex> one_at_a_time(role_mu_);
     replicator::Primary* primary;
     {
@@ -117,17 +120,21 @@ class NodeImpl : public Node {
     // With a witness the lease goes to the mirror once it committed the last checkpoint (this
     // host then counts as fenced); if the mirror still refuses, it is taken back.
     bool transferred = false;
-    auto report = primary->HandOver(timeout, [&]() -> absl::Status {
-      if (!o_.lease) return absl::OkStatus();
-      std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
-      if (peer.empty()) {
-        return absl::FailedPreconditionError(
-            "the mirror's node name is unknown (no heartbeat heard): the lease cannot go to it");
-      }
-      auto s = o_.lease->TransferTo(peer, milliseconds(1000));
-      transferred = s.ok();
-      return s;
-    });
+    auto report = primary->HandOver(
+        timeout,
+        [&]() -> absl::Status {
+          if (!o_.lease) return absl::OkStatus();
+          std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
+          if (peer.empty()) {
+            return absl::FailedPreconditionError(
+                "the mirror's node name is unknown (no heartbeat heard): the lease cannot go to "
+                "it");
+          }
+          auto s = o_.lease->TransferTo(peer, milliseconds(1000));
+          transferred = s.ok();
+          return s;
+        },
+        reason);
     if (!report.ok()) {
       if (transferred && report.status().code() == absl::StatusCode::kAborted) {
         o_.lease->Want(true);
@@ -225,6 +232,7 @@ class NodeImpl : public Node {
     Status s;
     s.role = role_;
     s.resumed_epoch = resumed_epoch_;
+    s.handed_over_because = handed_over_because_;
     s.promotion_seconds = promotion_seconds_.snapshot();
     s.migration_downtime_seconds = migration_downtime_seconds_.snapshot();
     if (role_ == Role::kPrimary) {
@@ -277,7 +285,7 @@ class NodeImpl : public Node {
   // primary handed its lease to this node, which takes it before resuming. The mirror is not
   // torn down here (this is its thread): it ends replication once this returns OK, and goes at
   // the next role change.
-  absl::Status TakeHandover(uint64_t epoch) {
+  absl::Status TakeHandover(uint64_t epoch, const std::string& reason) {
     // Not waited for: a promotion in progress tears the mirror down, joining this thread.
     std::unique_lock<std::mutex> one_at_a_time(role_mu_, std::try_to_lock);
     if (!one_at_a_time.owns_lock()) {
@@ -287,6 +295,11 @@ class NodeImpl : public Node {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (role_ != Role::kMirror) return absl::FailedPreconditionError("this host is no mirror");
+    }
+    if (o_.healthy) {
+      if (auto s = o_.healthy(); !s.ok()) {
+        return absl::FailedPreconditionError(absl::StrCat("this host is unhealthy: ", s.message()));
+      }
     }
     if (auto s = CanResume(); !s.ok()) {
       return absl::FailedPreconditionError(
@@ -304,8 +317,13 @@ class NodeImpl : public Node {
       role_ = Role::kIdle;
     }
     if (auto s = ResumeReplica(); !s.ok()) return s;
-    Log(absl::StrFormat("handed over: resumed epoch %d as the primary in %.1f ms; %s", epoch,
-                        MsSince(t0), Protection()));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      handed_over_because_ = reason.empty() ? "not said (an older primary)" : reason;
+    }
+    Log(absl::StrFormat("handed over: resumed epoch %d as the primary in %.1f ms (restart); %s%s",
+                        epoch, MsSince(t0), Protection(),
+                        reason.empty() ? "" : absl::StrCat("; the VM moved because: ", reason)));
     return absl::OkStatus();
   }
 
@@ -327,6 +345,7 @@ class NodeImpl : public Node {
     {
       std::lock_guard<std::mutex> lock(mu_);
       resumed_epoch_ = epoch;
+      handed_over_because_.clear();  // a hand-over says why once this returns
     }
     return RunAsPrimary(std::move(gate), std::move(*vm), /*run_unprotected=*/true);
   }
@@ -374,6 +393,7 @@ class NodeImpl : public Node {
   Role role_ = Role::kIdle;
   bool fenced_ = false;
   int64_t resumed_epoch_ = -1;
+  std::string handed_over_because_;
   AsPrimary p_;
   AsMirror m_;
 };

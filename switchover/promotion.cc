@@ -37,49 +37,6 @@ absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text) {
   return Endpoint{std::string(host), static_cast<uint16_t>(value)};
 }
 
-absl::Status RunCommand(absl::string_view what, const std::string& command,
-                        std::chrono::milliseconds timeout) {
-  const char* argv[] = {"/bin/sh", "-c", command.c_str(), nullptr};
-  // In a process group of its own, so that a command that hangs is killed with everything it
-  // started (a `sleep` the shell forked would otherwise outlive it, and hold its output open).
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
-  posix_spawnattr_setpgroup(&attr, 0);
-  pid_t pid;
-  int err = posix_spawn(&pid, "/bin/sh", nullptr, &attr, const_cast<char**>(argv), environ);
-  posix_spawnattr_destroy(&attr);
-  if (err != 0) {
-    return absl::InternalError(absl::StrCat(what, ": cannot start /bin/sh: ", strerror(err)));
-  }
-  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  bool exited = true;
-  if (pidfd >= 0) {
-    pollfd p{pidfd, POLLIN, 0};
-    // A negative poll timeout waits forever: whatever the caller passed, the wait ends.
-    auto ms = static_cast<int>(std::clamp<int64_t>(timeout.count(), 0, INT_MAX));
-    exited = ::poll(&p, 1, ms) == 1;
-    ::close(pidfd);
-  }
-  if (!exited) ::kill(-pid, SIGKILL);
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!exited) {
-    return absl::DeadlineExceededError(
-        absl::StrCat(what, " '", command, "' did not finish in ", timeout.count(), " ms (killed)"));
-  }
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return absl::OkStatus();
-  return absl::AbortedError(absl::StrCat(what, " '", command, "' failed: ",
-                                         WIFEXITED(status)
-                                             ? absl::StrCat("exit ", WEXITSTATUS(status))
-                                             : absl::StrCat("signal ", WTERMSIG(status))));
-}
-
-absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout) {
-  return RunCommand("fencing command", command, timeout);
-}
-
 absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force) {
   absl::Status s;
   if (policy.lease != nullptr) {

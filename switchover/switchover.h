@@ -139,6 +139,18 @@ class LeaseClient {
   virtual Status status() const = 0;
 };
 
+// What a program run by RunProgram did.
+struct ProgramResult {
+  int exit_code = -1;  // -1: it died of a signal, or was killed when its time was up
+  int signal = 0;      // the signal it died of (not counting the kill at the timeout)
+  bool timed_out = false;
+  std::string output;  // the start of its standard output, when captured
+};
+// Runs `argv` (argv[0] a path) in a process group of its own, and kills the group when `timeout`
+// passes. With `max_output` > 0 the first that many bytes of its standard output are captured and
+// its standard error goes to /dev/null; otherwise it inherits both.
+absl::StatusOr<ProgramResult> RunProgram(const std::vector<std::string>& argv,
+                                         std::chrono::milliseconds timeout, size_t max_output = 0);
 // Runs `command` with /bin/sh; OK when it exits 0 within `timeout` (it is killed after that).
 // Errors name it as `what`.
 absl::Status RunCommand(absl::string_view what, const std::string& command,
@@ -205,6 +217,9 @@ class Node {
     // Whether this host can run the committed replica, asked before the replica is given up
     // (unset: it can).
     std::function<absl::Status(const pb::VmSnapshot& state)> can_resume = nullptr;
+    // Whether this host would take the VM in a planned migration (its own health; a failover
+    // does not ask: any host beats none). Unset: it would.
+    std::function<absl::Status()> healthy = nullptr;
     // Split-brain safety (see AuthorizePromotion). With a lease, a migration hands it to the
     // peer's node (named by the heartbeats).
     LeaseClient* lease = nullptr;
@@ -218,7 +233,8 @@ class Node {
   };
   struct Status {
     Role role = Role::kIdle;
-    int64_t resumed_epoch = -1;  // the checkpoint this node resumed as the primary (-1: none)
+    int64_t resumed_epoch = -1;       // the checkpoint this node resumed as the primary (-1: none)
+    std::string handed_over_because;  // when the other host handed it the VM: why it moved
     std::optional<replicator::Primary::Stats> primary;  // a primary replicating to its peer
     std::optional<replicator::Mirror::Stats> mirror;
     uint64_t held_outputs = 0;
@@ -238,8 +254,9 @@ class Node {
 
   // Planned migration to the mirror (see replicator::Primary::HandOver for the errors). On
   // success this host becomes the mirror of the new primary (or idle, without a listener).
+  // `reason` travels with the VM: the new primary logs it and shows it in its status.
   virtual absl::StatusOr<replicator::Primary::HandoverReport> Migrate(
-      std::chrono::milliseconds timeout) = 0;
+      std::chrono::milliseconds timeout, const std::string& reason) = 0;
   // Failover: resumes the last committed checkpoint as the primary, once authorised (`force`:
   // without proof that the old primary is gone). Returns a line saying what was done.
   virtual absl::StatusOr<std::string> Promote(bool force, const std::string& why) = 0;

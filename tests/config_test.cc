@@ -212,13 +212,65 @@ TEST(Config, ValuesAtTheirBoundsAreAccepted) {
   EXPECT_EQ(c->switchover().fence_timeout_ms(), 3600000u);
 }
 
+// A health block: defaults filled in, and every bad value named by its line and field.
+TEST(Config, AHealthBlockGetsDefaultsAndBadValuesNameTheirLine) {
+  testing::TempDir dir;
+  const std::string head = "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"m:1\"\npsk_file: \"k\"\n";
+  auto c = cli::LoadPrimaryConfig(Write(dir, head + "health { }\n"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->has_health());
+  EXPECT_EQ(c->health().sysfs_root(), "/sys");
+  EXPECT_EQ(c->health().interval_ms(), 1000u);
+  EXPECT_EQ(c->health().retry_ms(), 5000u);
+  EXPECT_EQ(c->health().migrate_timeout_ms(), 10000u);
+  c = cli::LoadPrimaryConfig(Write(dir, head + R"(health {
+  interface: "eth0"
+  rule { signal: "carrier_changes" count: 5 window_s: 60 }
+  rule { signal: "corrected_memory" window_s: 3600 alone: true }
+})"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->health().rule(1).count(), 1u);
+  EXPECT_FALSE(cli::LoadPrimaryConfig(Write(dir, head)).value().has_health());
+  struct Case {
+    std::string block, where;
+  };
+  for (const Case& bad : std::vector<Case>{
+           {"health {\n  interval_ms: 5\n}", ":6: health.interval_ms: 5 is out of range"},
+           {"health {\n  sysfs_root: \"sys\"\n}", ":6: health.sysfs_root: must be an absolute"},
+           {"health {\n  interface: \"../x\"\n}", ":6: health.interface[0]: must be a network"},
+           {"health {\n  rule { signal: \"cosmic_rays\" }\n}",
+            ":6: health.rule[0].signal: 'cosmic_rays' is not one of"},
+           {"health {\n  rule { signal: \"link_down\" }\n}",
+            "health.rule[0].signal: watches network interfaces, but health.interface names none"},
+           {"health {\n  rule { signal: \"disk_failing\" }\n}",
+            "health.rule[0].signal: watches a disk"},
+           {"health {\n  rule { signal: \"command_failing\" }\n}",
+            "health.rule[0].signal: watches a command"},
+           {"health {\n  command: \"true\"\n  rule { signal: \"command_failing\" window_s: 5 }\n}",
+            "health.rule[0].window_s: applies to counters only"},
+           {"health {\n  interval_ms: 10\n  rule { signal: \"corrected_memory\" window_s: 604800 "
+            "}\n}",
+            "health.rule[0].window_s: spans more than 100000 checks"},
+           {"health {\n  rule { signal: \"corrected_memory\" count: 2000000000000 }\n}",
+            "health.rule[0].count: 2000000000000 is out of range"},
+           {"health {\n  retry_ms: 1\n}", ":6: health.retry_ms: 1 is out of range"},
+       }) {
+    std::string path = Write(dir, head + bad.block + "\n");
+    auto r = cli::LoadPrimaryConfig(path);
+    ASSERT_FALSE(r.ok()) << bad.block;
+    EXPECT_NE(r.status().message().find(bad.where), absl::string_view::npos)
+        << r.status() << " wanted " << bad.where;
+  }
+}
+
 // `romulus help config` documents every field of every config message, and nothing else: a
 // field added to proto/romulus.proto without a line there fails this test.
 TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
   const google::protobuf::Descriptor* messages[] = {
-      pb::PrimaryConfig::descriptor(), pb::MirrorConfig::descriptor(),
+      pb::PrimaryConfig::descriptor(),    pb::MirrorConfig::descriptor(),
       pb::SwitchoverConfig::descriptor(), pb::HeartbeatPath::descriptor(),
-      pb::WorkloadConfig::descriptor()};
+      pb::WorkloadConfig::descriptor(),   pb::HealthConfig::descriptor(),
+      pb::HealthRule::descriptor()};
   for (const google::protobuf::Descriptor* d : messages) {
     SCOPED_TRACE(d->name());
     std::vector<std::string> in_proto;

@@ -85,8 +85,9 @@ class Migration : public ::testing::Test {
 
   // `to` listens as the mirror of `from`, which replicates to it; both wait for protection.
   void Protect(Host& from, Host& to, bool takes_handovers = true) {
-    std::function<absl::Status(uint64_t)> on_handover = nullptr;
-    if (takes_handovers) on_handover = [this, &to](uint64_t) { return Resume(to); };
+    std::function<absl::Status(uint64_t, const std::string&)> on_handover = nullptr;
+    if (takes_handovers)
+      on_handover = [this, &to](uint64_t, const std::string&) { return Resume(to); };
     auto m = replicator::Mirror::Start(*to.replica, {.identity = kIdentity,
                                                      .key = kKey,
                                                      .on_handover = on_handover,
@@ -130,10 +131,13 @@ class Migration : public ::testing::Test {
     // When the lease would be handed over, the last checkpoint is committed and its outputs
     // have left.
     int64_t held_at_commit = -1;
-    auto report = from.primary->HandOver(std::chrono::seconds(20), [&] {
-      held_at_commit = static_cast<int64_t>(from.gate.held());
-      return absl::OkStatus();
-    });
+    auto report = from.primary->HandOver(
+        std::chrono::seconds(20),
+        [&] {
+          held_at_commit = static_cast<int64_t>(from.gate.held());
+          return absl::OkStatus();
+        },
+        "a test");
     ASSERT_TRUE(report.ok()) << report.status() << Logs();
     EXPECT_EQ(held_at_commit, 0);
     EXPECT_GT(from.primary->stats().acked, acked);
@@ -185,7 +189,7 @@ class Migration : public ::testing::Test {
 TEST_F(Migration, ARefusedHandOverLeavesTheVmRunningAndProtectedWhereItWas) {
   BootOnA();
   Protect(a_, b_, /*takes_handovers=*/false);
-  auto report = a_.primary->HandOver(std::chrono::seconds(20), nullptr);
+  auto report = a_.primary->HandOver(std::chrono::seconds(20), nullptr, "");
   ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
   EXPECT_NE(report.status().message().find("takes no hand-overs"), std::string::npos)
       << report.status();
@@ -200,8 +204,8 @@ TEST_F(Migration, ARefusedHandOverLeavesTheVmRunningAndProtectedWhereItWas) {
 TEST_F(Migration, AnErrorBeforeTheHandOverLeavesTheVmHere) {
   BootOnA();
   Protect(a_, b_);
-  auto report = a_.primary->HandOver(std::chrono::seconds(20),
-                                     [] { return absl::UnavailableError("no lease to give"); });
+  auto report = a_.primary->HandOver(
+      std::chrono::seconds(20), [] { return absl::UnavailableError("no lease to give"); }, "");
   ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
   EXPECT_NE(report.status().message().find("no lease to give"), std::string::npos);
   EXPECT_FALSE(b_.mirror->stats().handed_over);
@@ -223,7 +227,7 @@ TEST_F(Migration, WithoutAMirrorThereIsNothingToMigrateTo) {
                                        .log = Logger("a primary")});
   ASSERT_TRUE(p.ok());
   a_.primary = std::move(*p);
-  auto report = a_.primary->HandOver(std::chrono::seconds(5), nullptr);
+  auto report = a_.primary->HandOver(std::chrono::seconds(5), nullptr, "");
   ASSERT_EQ(report.status().code(), absl::StatusCode::kFailedPrecondition) << report.status();
   uint64_t writes = a_.vm->writes();
   EXPECT_TRUE(WaitUntil([&] { return a_.vm->writes() >= writes + 200; }, 30));

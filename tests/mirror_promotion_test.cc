@@ -144,7 +144,7 @@ TEST_F(MirrorPromotion, AHandOverTheMirrorCannotResumeLeavesTheVmWithThePrimary)
   StartMirror("");
   StartPrimary();
   ASSERT_TRUE(WaitUntil([&] { return primary_->stats().acked >= 10; }, 30));
-  auto report = primary_->HandOver(std::chrono::seconds(20), nullptr);
+  auto report = primary_->HandOver(std::chrono::seconds(20), nullptr, "");
   ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
   EXPECT_THAT(std::string(report.status().message()),
               AllOf(HasSubstr("the mirror refused: cannot resume the replica here"),

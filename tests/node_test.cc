@@ -8,6 +8,7 @@
 // strictly increasing sequence whichever host delivers them (a repeat means a host resumed an
 // older state after the outside world saw a newer one), and across a planned migration a gapless
 // one (nothing produced before the hand-over is lost).
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -149,7 +150,7 @@ class NodeTest : public ::testing::Test {
   // Migrates from `from` to `to`: the roles swap, and the VM goes on producing there.
   void MigrateAndCheck(Host& from, Host& to) {
     uint64_t produced_there = Produced(to.name);
-    auto report = from.node->Migrate(std::chrono::seconds(20));
+    auto report = from.node->Migrate(std::chrono::seconds(20), "a test");
     ASSERT_TRUE(report.ok()) << report.status() << Logs();
     EXPECT_GE(report->downtime_ms, report->commit_ms);
     std::printf(
@@ -159,13 +160,14 @@ class NodeTest : public ::testing::Test {
     auto there = to.node->status();
     EXPECT_EQ(there.role, Node::Role::kPrimary);
     EXPECT_EQ(there.resumed_epoch, static_cast<int64_t>(report->epoch));
+    EXPECT_EQ(there.handed_over_because, "a test");  // the reason travelled with the VM
     auto here = from.node->status();
     EXPECT_EQ(here.role, Node::Role::kMirror);
     EXPECT_EQ(here.port, from.port);
     uint64_t produced_here = Produced(from.name);
     EXPECT_TRUE(WaitUntil([&] { return Produced(to.name) >= produced_there + 10; }, 30)) << Logs();
     EXPECT_EQ(Produced(from.name), produced_here);  // its VM is gone
-    auto migrated = from.node->Migrate(milliseconds(100));
+    auto migrated = from.node->Migrate(milliseconds(100), "a test");
     EXPECT_EQ(migrated.status().code(), absl::StatusCode::kFailedPrecondition);
   }
 
@@ -208,6 +210,30 @@ TEST_F(NodeTest, MigrationSwapsTheRolesAndBackWithoutAFullResync) {
   for (size_t i = 0; i < delivered.size(); i++) {
     ASSERT_EQ(delivered[i], (i + 1) * kOutputEvery) << "output " << i << " of " << delivered.size();
   }
+}
+
+// A mirror whose own health says move refuses a planned migration and says why; the VM runs on
+// where it was, still protected.
+TEST_F(NodeTest, AnUnhealthyMirrorRefusesTheVm) {
+  StartPrimary(a_, b_);
+  auto replica = checkpoint::ReplicaStore::Create(kMemory, b_.disk, kDisk);
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  Node::Options o = NodeOptions(b_, a_);
+  o.healthy = [] { return absl::UnavailableError("corrected_memory 12/10 within 60 s"); };
+  auto node = Node::StartMirror(std::move(*replica), o);
+  ASSERT_TRUE(node.ok()) << node.status();
+  b_.node = std::move(*node);
+  WaitProtected(a_);
+  auto report = a_.node->Migrate(std::chrono::seconds(20), "a test");
+  ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
+  EXPECT_THAT(std::string(report.status().message()),
+              ::testing::HasSubstr("the mirror refused: this host is unhealthy: corrected_memory "
+                                   "12/10 within 60 s"));
+  EXPECT_EQ(a_.node->status().role, Node::Role::kPrimary);
+  EXPECT_EQ(b_.node->status().role, Node::Role::kMirror);
+  uint64_t acked = a_.node->status().primary->acked;
+  EXPECT_TRUE(WaitUntil([&] { return a_.node->status().primary->acked >= acked + 10; }, 30))
+      << Logs();
 }
 
 TEST_F(NodeTest, AFailedPrimaryReturnsAsTheMirrorOfItsPromotedPeerAndTakesTheVmBack) {

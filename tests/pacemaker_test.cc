@@ -509,7 +509,7 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
     ASSERT_TRUE(done) << In(0, "crm_mon -1").out;
     ExpectNothingLost(report, "vm2 moved by crm_resource --move");
     std::string log = ReadFile(Dir(1) + "/media/vm2.log");
-    auto at = log.find("after the VM paused here (downtime)");
+    auto at = log.find("after the VM paused here (downtime");
     ASSERT_NE(at, std::string::npos) << "no planned migration in node2's vm2 log:\n" << log;
     auto from = log.rfind("resumed at the mirror ", at);
     ASSERT_NE(from, std::string::npos);

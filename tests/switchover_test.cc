@@ -391,6 +391,25 @@ TEST(Fence, TheCommandDecidesAndIsKilledWhenItHangs) {
   EXPECT_EQ(negative.code(), absl::StatusCode::kDeadlineExceeded);
 }
 
+// A health check's program (smartctl): its output is captured up to the bound, and a child it left
+// running with the output still open is not waited for.
+TEST(RunProgram, CapturesABoundedOutputAndDoesNotWaitForWhatTheProgramLeftBehind) {
+  auto big = RunProgram({"/bin/sh", "-c", "head -c 100000 /dev/zero"}, milliseconds(30'000), 1000);
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(big->exit_code, 0);
+  EXPECT_EQ(big->output.size(), 1000u);
+  auto left =
+      RunProgram({"/bin/sh", "-c", "sleep 600 & echo $!; exit 4"}, testing::ScaledMs(60), 100);
+  ASSERT_TRUE(left.ok()) << left.status();
+  EXPECT_FALSE(left->timed_out);
+  EXPECT_EQ(left->exit_code, 4);
+  int child = std::atoi(left->output.c_str());
+  ASSERT_GT(child, 1) << left->output;
+  ::kill(child, SIGKILL);
+  auto missing = RunProgram({"/nonexistent/smartctl"}, milliseconds(1000), 100);
+  EXPECT_FALSE(missing.ok());
+}
+
 TEST(Promotion, NeedsALeaseOrAFenceOrAnOperatorsForce) {
   PromotionPolicy none;
   absl::Status refused = AuthorizePromotion(none, /*force=*/false);
