@@ -2,13 +2,13 @@
 // changing, then thousands of epochs, with the replica equal to the primary at every commit; a
 // tampered or incomplete pre-copy stream never touches the replica.
 #include <gtest/gtest.h>
-#include <xxhash.h>
 
 #include <atomic>
 
 #include "checkpoint/checkpoint.h"
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
+#include "vmm/xxhash_dispatch.h"
 
 namespace romulus {
 namespace {

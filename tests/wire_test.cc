@@ -2,12 +2,12 @@
 // from the peer is checked before its pages are used. The hash-tree comparison that precedes a
 // resynchronisation: what it finds, and what it refuses. No KVM needed.
 #include <gtest/gtest.h>
-#include <xxhash.h>
 
 #include <cstring>
 #include <functional>
 
 #include "replicator/replicator.h"
+#include "vmm/xxhash_dispatch.h"
 
 namespace romulus {
 namespace {

@@ -2,12 +2,12 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <xxhash.h>
 
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "guest/abi.h"
+#include "vmm/xxhash_dispatch.h"
 
 namespace romulus::vmm {
 

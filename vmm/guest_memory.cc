@@ -3,9 +3,9 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <xxhash.h>
 
 #include "absl/strings/str_cat.h"
+#include "vmm/xxhash_dispatch.h"
 
 namespace romulus::vmm {
 
