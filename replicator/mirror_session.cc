@@ -5,15 +5,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace romulus::replicator {
-namespace {
-
-constexpr uint64_t kPage = 4096;
-
-void Log(const LogFn& log, const std::string& line) {
-  if (log) log(line);
-}
-
-}  // namespace
 
 MirrorSession::MirrorSession(MirrorState state, std::string peer)
     : state_(state),
@@ -114,7 +105,7 @@ absl::Status MirrorSession::StageSync(const pb::Frame& f) {
   checkpoint::ReplicaStore& replica = state_.replica;
   std::lock_guard<std::mutex> lock(state_.replica_mu);
   if (f.has_pages()) {
-    auto run = DecodePageBatch(f.pages(), replica.memory_bytes() / kPage);
+    auto run = DecodePageBatch(f.pages(), replica.memory_bytes() / vmm::kPageSize);
     if (!run.ok()) return run.status();
     return replica.StageSyncPages(*run);
   }

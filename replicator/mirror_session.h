@@ -15,6 +15,11 @@
 
 namespace romulus::replicator {
 
+// A line to the host's log, when it has one.
+inline void Log(const LogFn& log, const std::string& line) {
+  if (log) log(line);
+}
+
 // What outlives a connection, owned by the Mirror and shared with each of its sessions.
 struct MirrorState {
   checkpoint::ReplicaStore& replica;

@@ -41,11 +41,6 @@ constexpr size_t kFramesReadAhead = 4;
 namespace asio = boost::asio;
 using asio::ip::tcp;
 using checkpoint::Checkpoint;
-constexpr uint64_t kPage = 4096;
-
-void Log(const LogFn& log, const std::string& line) {
-  if (log) log(line);
-}
 
 }  // namespace
 
@@ -635,7 +630,7 @@ class PrimaryImpl : public Primary {
     auto holdings = CompareWithMirror();
     if (!holdings.ok()) return holdings.status();
     uint64_t total = options_.identity.memory_bytes + options_.identity.disk_bytes;
-    uint64_t unchanged = holdings->same_page_count * kPage;  // already at the mirror
+    uint64_t unchanged = holdings->same_page_count * vmm::kPageSize;  // already at the mirror
     {
       std::lock_guard<std::mutex> lock(mu_);
       mirror_held_ = holdings->same_page_count + holdings->same_chunk_count;
@@ -651,7 +646,7 @@ class PrimaryImpl : public Primary {
       if (f.sync_disk().same()) unchanged += (*chunk)->data.size();
       if (auto s = update(done, total, 0); !s.ok()) return s;
     }
-    uint64_t pending = options_.identity.memory_bytes / kPage, previous = ~0ull;
+    uint64_t pending = options_.identity.memory_bytes / vmm::kPageSize, previous = ~0ull;
     uint32_t round = 0;
     for (;; round++) {
       for (;;) {
@@ -659,7 +654,7 @@ class PrimaryImpl : public Primary {
         if (run.gfns.empty()) break;
         pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
         if (auto s = channel_->Send(f); !s.ok()) return s;
-        done += run.gfns.size() * kPage;
+        done += run.gfns.size() * vmm::kPageSize;
         if (auto s = update(done, total, round); !s.ok()) return s;
       }
       previous = pending;
@@ -669,11 +664,11 @@ class PrimaryImpl : public Primary {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       double per_epoch = static_cast<double>(done) / std::max(elapsed, 1e-3) *
                          std::chrono::duration<double>(options_.epoch).count();
-      if (static_cast<double>(pending * kPage) <= per_epoch || pending >= previous ||
+      if (static_cast<double>(pending * vmm::kPageSize) <= per_epoch || pending >= previous ||
           round + 1 >= options_.max_sync_rounds) {
         break;
       }
-      total += pending * kPage;
+      total += pending * vmm::kPageSize;
     }
     uint64_t wire = channel_->bytes_sent() - wire0;
     double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

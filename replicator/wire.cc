@@ -13,7 +13,6 @@ namespace {
 
 using checkpoint::Checkpoint;
 using checkpoint::PageRun;
-constexpr uint64_t kPage = 4096;
 constexpr size_t kDiskBytesPerBatch = 1 << 20;
 
 constexpr size_t kSector = 512;
@@ -76,18 +75,18 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t b
   b->set_sync(sync);
   std::string zero((n + 7) / 8, '\0');
   std::string raw;
-  raw.reserve(n * kPage);
+  raw.reserve(n * vmm::kPageSize);
   bool any_zero = false;
   for (size_t j = 0; j < n; j++) {
     uint64_t gfn = run.gfns[begin + j], hash = run.hashes[begin + j];
     b->add_gfns(gfn);
     b->add_hashes(hash);
-    const uint8_t* page = run.pages.data() + (begin + j) * kPage;
-    if (AllZero(page, kPage)) {
+    const uint8_t* page = run.pages.data() + (begin + j) * vmm::kPageSize;
+    if (AllZero(page, vmm::kPageSize)) {
       zero[j / 8] = static_cast<char>(zero[j / 8] | (1 << (j % 8)));
       any_zero = true;
     } else {
-      raw.append(reinterpret_cast<const char*>(page), kPage);
+      raw.append(reinterpret_cast<const char*>(page), vmm::kPageSize);
     }
   }
   if (any_zero) b->set_zero(std::move(zero));
@@ -117,24 +116,24 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   std::string unpacked;
   const std::string* data = &b.data();
   if (b.compression() != pb::COMPRESSION_NONE) {
-    if (auto s = Unpack(b.data(), b.compression(), nonzero * kPage, "page batch", &unpacked);
+    if (auto s = Unpack(b.data(), b.compression(), nonzero * vmm::kPageSize, "page batch", &unpacked);
         !s.ok()) {
       return s;
     }
     data = &unpacked;
   }
-  if (data->size() != nonzero * kPage) {
+  if (data->size() != nonzero * vmm::kPageSize) {
     return absl::DataLossError("page batch with inconsistent counts or sizes");
   }
   PageRun run;
   run.gfns.assign(b.gfns().begin(), b.gfns().end());
   run.hashes.assign(b.hashes().begin(), b.hashes().end());
-  run.pages.resize(n * kPage);  // zero pages stay zero
+  run.pages.resize(n * vmm::kPageSize);  // zero pages stay zero
   const char* src = data->data();
   for (size_t j = 0; j < n; j++) {
     if (is_zero(j)) continue;
-    std::memcpy(run.pages.data() + j * kPage, src, kPage);
-    src += kPage;
+    std::memcpy(run.pages.data() + j * vmm::kPageSize, src, vmm::kPageSize);
+    src += vmm::kPageSize;
   }
   return run;
 }

@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >&2
-cmake -S . -B build-release -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+# A fresh tree is made as the test command makes it (Ninja, libraries as unity builds); an
+# existing one keeps its generator.
+fresh=()
+[[ -f build-release/CMakeCache.txt ]] || fresh=(-G Ninja -DROMULUS_UNITY_BUILD=ON)
+cmake -S . -B build-release "${fresh[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build-release -j"$(nproc)" --target romulus >/dev/null
 exec build-release/cli/romulus demo "$@"

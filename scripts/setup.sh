@@ -10,7 +10,7 @@ set -euo pipefail
 # pacemaker, corosync, pacemaker-cli-utils and resource-agents: the cluster test runs a real
 # Corosync + Pacemaker cluster over the OCF agent (ocf/romulus), and ocf-tester checks the agent.
 packages=(
-  cmake g++ make pkg-config clang-format clang libclang-rt-14-dev
+  cmake ninja-build g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
   iproute2 nftables prometheus pacemaker corosync pacemaker-cli-utils resource-agents

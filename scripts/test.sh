@@ -27,6 +27,13 @@ count_vm() {
   vm_kvm_ran=$((vm_kvm_ran + vm_kvm)) vm_process_ran=$((vm_process_ran + vm_process))
   vm_skipped_all=$((vm_skipped_all + vm_skipped))
 }
+# A build tree made by another generator (make, before the test command used Ninja) cannot be
+# reconfigured with Ninja: start it afresh.
+fresh_unless_ninja() {
+  if [[ -f $1/CMakeCache.txt ]] && ! grep -q "^CMAKE_GENERATOR:INTERNAL=Ninja$" "$1/CMakeCache.txt"; then
+    rm -rf "$1"
+  fi
+}
 passed=0 failed=0 skipped=0 vm_kvm_ran=0 vm_process_ran=0 vm_skipped_all=0 netns_ran=0 netns_skipped=0
 # The VM tests of the platform the sanitizer builds leave out ('' until the normal build ran).
 other_platform=''
@@ -35,8 +42,8 @@ for variant in release asan; do
   # Line tables only (-g1, not -g): enough for file:line in a backtrace, and a tenth less to
   # compile (the build the test command makes; the sanitizer builds do the same).
   # Warnings are errors here (ROMULUS_WERROR), not in everyone's build.
-  flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG"
-         -DROMULUS_WERROR=ON)
+  flags=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG"
+         -DROMULUS_WERROR=ON -DROMULUS_UNITY_BUILD=ON)
   targets=()
   exclude=()
   if [[ $variant == asan ]]; then
@@ -55,6 +62,7 @@ for variant in release asan; do
     if [[ -n $other_platform ]]; then skip+="|^Platforms/.*/$other_platform( |\$)"; fi
     exclude=(-E "$skip")
   fi
+  fresh_unless_ninja "$dir"
   echo "== $variant: configure and build ($dir)"
   t0=$SECONDS
   cmake -S . -B "$dir" "${flags[@]}" >/dev/null
@@ -119,7 +127,9 @@ echo "== fuzz: took $((SECONDS - t0)) s"
 dir=build-tsan
 echo "== tsan: configure and build ($dir)"
 t0=$SECONDS
-cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON -DROMULUS_WERROR=ON >/dev/null
+fresh_unless_ninja "$dir"
+cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DROMULUS_TSAN=ON -DROMULUS_WERROR=ON \
+  -DROMULUS_UNITY_BUILD=ON >/dev/null
 cmake --build "$dir" -j"$jobs" --target romulus_tests romulus >/dev/null
 echo "== tsan: built in $((SECONDS - t0)) s"
 t0=$SECONDS

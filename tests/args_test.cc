@@ -4,7 +4,7 @@
 
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::args_test {
 namespace {
 
 TEST(Args, SizesTakeSuffixes) {
@@ -81,4 +81,4 @@ TEST(Args, EverySubcommandSharesOnePrologue) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::args_test

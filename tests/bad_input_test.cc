@@ -14,7 +14,7 @@
 #include "vmm/ledger_protocol.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::bad_input_test {
 namespace {
 
 using testing::TempDir;
@@ -402,4 +402,4 @@ TEST_P(VmBadGuest, SystemCallStopsTheGuest) {
 ROMULUS_ON_EVERY_PLATFORM(VmBadGuest);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::bad_input_test

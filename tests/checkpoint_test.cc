@@ -15,7 +15,7 @@
 #include "vmm/ledger_endpoint.h"
 #include "vmm/ledger_protocol.h"
 
-namespace romulus {
+namespace romulus::checkpoint_test {
 namespace {
 
 using checkpoint::Checkpoint;
@@ -383,4 +383,4 @@ TEST_P(VmCheckpoint, AStalledMirrorBoundsThePrimarysMemory) {
 ROMULUS_ON_EVERY_PLATFORM(VmCheckpoint);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::checkpoint_test

@@ -8,7 +8,7 @@
 #include "cli/config_help.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::config_test {
 namespace {
 
 std::string Write(const testing::TempDir& dir, const std::string& text) {
@@ -290,4 +290,4 @@ TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::config_test

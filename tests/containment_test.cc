@@ -18,7 +18,7 @@
 #include "vmm/process/stub_layout.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::containment_test {
 namespace {
 
 using testing::ReadFile;
@@ -198,4 +198,4 @@ TEST_P(VmContainment, AnUnknownPortStopsTheGuestAndTheHostServesOn) {
 ROMULUS_ON_EVERY_PLATFORM(VmContainment);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::containment_test

@@ -19,7 +19,7 @@
 #include "tests/test_util.h"
 #include "vmm/ledger_protocol.h"
 
-namespace romulus {
+namespace romulus::control_test {
 namespace {
 
 using testing::Child;
@@ -120,4 +120,4 @@ TEST(ControlSocket, AClientThatLeavesBeforeItsAnswerDoesNotHurtTheServer) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::control_test

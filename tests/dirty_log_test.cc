@@ -10,7 +10,7 @@
 #include "tests/test_util.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::dirty_log_test {
 namespace {
 
 using testing::TempDir;
@@ -118,4 +118,4 @@ TEST_P(VmDirtyLog, EveryChangedPageIsReportedIncludingMonitorWrites) {
 ROMULUS_ON_EVERY_PLATFORM(VmDirtyLog);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::dirty_log_test

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-namespace romulus::replicator {
+namespace romulus::replicator::frame_protection_test {
 namespace {
 
 const char kKey[] = "0123456789abcdef-frame-key";
@@ -128,4 +128,4 @@ TEST(FrameProtectionNames, EncryptionSettingsAreChecked) {
 }
 
 }  // namespace
-}  // namespace romulus::replicator
+}  // namespace romulus::replicator::frame_protection_test

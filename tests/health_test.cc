@@ -13,7 +13,7 @@
 
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::health_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -393,4 +393,4 @@ TEST(HealthMonitor, ItsThreadChecksAndActsOnlyWhileActive) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::health_test

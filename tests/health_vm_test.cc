@@ -16,7 +16,7 @@
 #include "cli/local_hosts.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::health_vm_test {
 namespace {
 
 using ::testing::HasSubstr;
@@ -227,4 +227,4 @@ TEST_P(VmHealth, WithoutAMirrorInSyncTheMoveIsRefusedAndTheVmStays) {
 ROMULUS_ON_EVERY_PLATFORM(VmHealth);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::health_vm_test

@@ -11,7 +11,7 @@
 #include "vmm/ledger_protocol.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::ledger_test {
 namespace {
 
 using testing::TempDir;
@@ -127,4 +127,4 @@ TEST_P(VmLedger, HeldResponsesWaitForTheGateAndLeaveInOrder) {
 ROMULUS_ON_EVERY_PLATFORM(VmLedger);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::ledger_test

@@ -20,7 +20,7 @@
 #include "tests/test_util.h"
 #include "vmm/ledger_protocol.h"
 
-namespace romulus {
+namespace romulus::load_failover_test {
 namespace {
 
 // A ledger kept in this process and served on two ports, one at a time: exactly-once by
@@ -212,4 +212,4 @@ TEST(LoadFailover, ClientsGivenBothAddressesSwitchOverAndLoseOrRepeatNothing) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::load_failover_test

@@ -28,7 +28,7 @@
 #include "cli/local_hosts.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::metrics_test {
 namespace {
 
 namespace asio = boost::asio;
@@ -352,4 +352,4 @@ TEST(Metrics, ARealPrometheusScrapesThePrimaryAndMirrorAndAgreesWithRomulusStatu
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::metrics_test

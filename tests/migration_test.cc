@@ -14,7 +14,7 @@
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::migration_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -234,4 +234,4 @@ TEST_F(Migration, WithoutAMirrorThereIsNothingToMigrateTo) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::migration_test

@@ -24,7 +24,7 @@
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::mirror_promotion_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -436,4 +436,4 @@ TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
 ROMULUS_ON_EVERY_PLATFORM(VmDemo);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::mirror_promotion_test

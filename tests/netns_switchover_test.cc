@@ -10,7 +10,7 @@
 #include "tests/netns.h"
 #include "tests/test_util.h"
 
-namespace romulus::switchover {
+namespace romulus::switchover::netns_switchover_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -195,4 +195,4 @@ TEST_F(SwitchoverNetns, APartitionBetweenTheHostsLeavesExactlyOnePrimary) {
 }
 
 }  // namespace
-}  // namespace romulus::switchover
+}  // namespace romulus::switchover::netns_switchover_test

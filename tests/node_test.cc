@@ -21,7 +21,7 @@
 #include "tests/soft_vm.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::node_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -275,4 +275,4 @@ TEST_F(NodeTest, AFailedPrimaryReturnsAsTheMirrorOfItsPromotedPeerAndTakesTheVmB
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::node_test

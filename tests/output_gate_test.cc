@@ -8,7 +8,7 @@
 #include "guest/abi.h"
 #include "vmm/console.h"
 
-namespace romulus {
+namespace romulus::output_gate_test {
 namespace {
 
 TEST(OutputGate, OpenGateDeliversAtOnce) {
@@ -94,4 +94,4 @@ TEST(OutputGate, ConsoleLinesWaitForTheirRelease) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::output_gate_test

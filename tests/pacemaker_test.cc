@@ -32,7 +32,7 @@
 #include "tests/netns.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::pacemaker_test {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -667,4 +667,4 @@ TEST_F(PacemakerNetns, PromotesOnKillsAndMigratesOnMove) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::pacemaker_test

@@ -10,7 +10,7 @@
 #include "tests/test_util.h"
 #include "vmm/xxhash_dispatch.h"
 
-namespace romulus {
+namespace romulus::precopy_test {
 namespace {
 
 using checkpoint::Checkpoint;
@@ -288,4 +288,4 @@ TEST_F(PreCopy, ASuspendedEngineKeepsTheVmPausedAndReleasesNothing) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::precopy_test

@@ -17,7 +17,7 @@
 #include "tests/test_util.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::process_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -163,4 +163,4 @@ TEST(LocalHosts, AHostWhosePlatformCannotRunHereSaysWhy) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::process_test

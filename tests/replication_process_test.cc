@@ -15,7 +15,7 @@
 #include "tests/test_util.h"
 #include "vmm/journal.h"
 
-namespace romulus {
+namespace romulus::replication_process_test {
 namespace {
 
 using testing::Child;
@@ -133,4 +133,4 @@ TEST_P(VmReplicationProcess, TheMirrorAcceptsAgainOnceItHasDescriptors) {
 ROMULUS_ON_EVERY_PLATFORM(VmReplicationProcess);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::replication_process_test

@@ -16,7 +16,7 @@
 #include "tests/test_util.h"
 #include "vmm/ledger_endpoint.h"
 
-namespace romulus {
+namespace romulus::replicator_test {
 namespace {
 
 using testing::TempDir;
@@ -205,4 +205,4 @@ TEST_P(VmReplication, ARestartedMirrorIsResynchronised) {
 ROMULUS_ON_EVERY_PLATFORM(VmReplication);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::replicator_test

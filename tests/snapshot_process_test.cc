@@ -11,7 +11,7 @@
 #include "tests/test_util.h"
 #include "vmm/journal.h"
 
-namespace romulus {
+namespace romulus::snapshot_process_test {
 namespace {
 
 using testing::Child;
@@ -147,4 +147,4 @@ TEST_P(VmSnapshotProcess, RestoredInAFreshProcessTheGuestContinues) {
 ROMULUS_ON_EVERY_PLATFORM(VmSnapshotProcess);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::snapshot_process_test

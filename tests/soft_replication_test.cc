@@ -21,7 +21,7 @@
 #include "tests/tampering_relay.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::soft_replication_test {
 namespace {
 
 using testing::SoftVm;
@@ -587,4 +587,4 @@ INSTANTIATE_TEST_SUITE_P(Compression, SoftReplication,
                          });
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::soft_replication_test

@@ -9,7 +9,7 @@
 #include "tests/test_util.h"
 #include "vmm/vmm.h"
 
-namespace romulus {
+namespace romulus::state_roundtrip_test {
 namespace {
 
 using google::protobuf::util::MessageDifferencer;
@@ -107,4 +107,4 @@ TEST_P(VmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
 ROMULUS_ON_EVERY_PLATFORM(VmStateRoundTrip);
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::state_roundtrip_test

@@ -14,7 +14,7 @@
 #include "switchover/datagram.h"
 #include "tests/test_util.h"
 
-namespace romulus::switchover {
+namespace romulus::switchover::switchover_test {
 namespace {
 
 using std::chrono::milliseconds;
@@ -449,4 +449,4 @@ TEST(Endpoint, ParsesAddressAndPortAndRefusesTheRest) {
 }
 
 }  // namespace
-}  // namespace romulus::switchover
+}  // namespace romulus::switchover::switchover_test

@@ -24,7 +24,7 @@
 #include "cli/process.h"
 #include "tests/test_util.h"
 
-namespace romulus {
+namespace romulus::systemd_test {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -393,4 +393,4 @@ TEST(Systemd, ADaemonWhoseNotificationsAreNotReadStillStopsWhenTold) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::systemd_test

@@ -9,7 +9,7 @@
 #include "replicator/replicator.h"
 #include "vmm/xxhash_dispatch.h"
 
-namespace romulus {
+namespace romulus::wire_test {
 namespace {
 
 using checkpoint::PageRun;
@@ -292,4 +292,4 @@ TEST(WireFormat, ZeroSectorsOfADiskChunkAreFlags) {
 }
 
 }  // namespace
-}  // namespace romulus
+}  // namespace romulus::wire_test

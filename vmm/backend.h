@@ -3,6 +3,7 @@
 #ifndef ROMULUS_VMM_BACKEND_H_
 #define ROMULUS_VMM_BACKEND_H_
 
+#include <csignal>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,6 +14,10 @@
 #include "vmm/guest_memory.h"
 
 namespace romulus::vmm {
+
+// The signal Kick() sends the vCPU thread, on every platform: its handler does nothing, and its
+// arrival interrupts the guest's run.
+inline constexpr int kKickSignal = SIGUSR2;
 
 // Why Backend::Run returned.
 struct VcpuExit {

@@ -19,7 +19,6 @@ namespace romulus::vmm {
 namespace {
 
 constexpr uint64_t kTssAddr = 0xfffbd000;  // KVM's own (unused by this guest) TSS pages
-const int kKickSignal = SIGUSR2;
 
 void OnKick(int) {}  // only there so that the signal interrupts KVM_RUN with EINTR
 

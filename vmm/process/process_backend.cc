@@ -50,7 +50,6 @@ extern "C" const uint8_t romulus_stub_elf_end[];
 namespace romulus::vmm {
 namespace {
 
-const int kKickSignal = SIGUSR2;
 constexpr uint64_t kUserTop = 0x7ffffffff000;  // end of a 47-bit user address space
 constexpr uint16_t kUserCs = 0x33, kUserSs = 0x2b;
 constexpr size_t kMaxXsaveBytes = 64 << 10;
