@@ -116,7 +116,8 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   std::string unpacked;
   const std::string* data = &b.data();
   if (b.compression() != pb::COMPRESSION_NONE) {
-    if (auto s = Unpack(b.data(), b.compression(), nonzero * vmm::kPageSize, "page batch", &unpacked);
+    if (auto s =
+            Unpack(b.data(), b.compression(), nonzero * vmm::kPageSize, "page batch", &unpacked);
         !s.ok()) {
       return s;
     }
