@@ -506,8 +506,13 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     // mirror when the primary dies, is the proof.
     systemd.Watchdog(now.primary ? now.primary->epoch_loop_at : Clock::now());
     tell_systemd(now);
+    // A primary in the middle of a hand-over it announced is busy, not dead (a heartbeat late on
+    // a loaded host would otherwise start a promotion that takes the lease it is handing over).
+    bool handover_expected = now.mirror && now.mirror->connected &&
+                             now.mirror->handover_expected_until &&
+                             Clock::now() < *now.mirror->handover_expected_until;
     if (peer_dead && now.role == switchover::Node::Role::kMirror &&
-        now.mirror->committed_epoch >= 0 && Clock::now() >= next_attempt) {
+        now.mirror->committed_epoch >= 0 && !handover_expected && Clock::now() >= next_attempt) {
       auto done = n.Promote(false, absl::StrFormat("the primary was silent on every path for %d ms",
                                                    h.switchover.heartbeat_timeout_ms()));
       std::printf("romulus %s: %s\n", who,

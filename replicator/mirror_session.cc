@@ -44,8 +44,22 @@ absl::StatusOr<std::vector<pb::Frame>> MirrorSession::Receive(pb::Frame f) {
     std::lock_guard<std::mutex> lock(state_.stats_mu);
     state_.stats.bytes += static_cast<uint64_t>(f.ByteSizeLong()) + 4;
   }
+  if (f.has_handover_notice()) {
+    auto within = std::chrono::milliseconds(
+        std::min<uint64_t>(f.handover_notice().within_ms(), kMaxHandoverNoticeMs));
+    std::lock_guard<std::mutex> lock(state_.stats_mu);
+    if (within.count() == 0) {
+      state_.stats.handover_expected_until.reset();  // withdrawn
+    } else {
+      state_.stats.handover_expected_until = std::chrono::steady_clock::now() + within;
+    }
+    return std::vector<pb::Frame>{};
+  }
   if (f.has_handover()) {
-    return std::vector<pb::Frame>{AnswerHandover(f.handover().epoch(), f.handover().reason())};
+    pb::Frame reply = AnswerHandover(f.handover().epoch(), f.handover().reason());
+    std::lock_guard<std::mutex> lock(state_.stats_mu);
+    state_.stats.handover_expected_until.reset();  // answered: no longer expected
+    return std::vector<pb::Frame>{std::move(reply)};
   }
   if (f.has_sync_disk() || f.has_same_pages() || (f.has_pages() && f.pages().sync())) {
     if (auto s = StageSync(f); !s.ok()) return Reject(s);

@@ -15,6 +15,10 @@
 
 namespace romulus::replicator {
 
+// The longest a primary's HandoverNotice holds off this host's promotion (a primary that dies in
+// a hand-over delays its failover by at most this).
+inline constexpr uint64_t kMaxHandoverNoticeMs = 60'000;
+
 // A line to the host's log, when it has one.
 inline void Log(const LogFn& log, const std::string& line) {
   if (log) log(line);

@@ -166,6 +166,7 @@ class MirrorImpl : public Mirror {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.connected = false;
         stats_.syncing = false;
+        stats_.handover_expected_until.reset();
         channel_->Shutdown();
       }
       bool handed_over;
@@ -500,6 +501,9 @@ class PrimaryImpl : public Primary {
       return stop_ || !connected_ || e.epochs <= e.acknowledged + 1;
     });
     handing_over_ = true;  // the epoch loop takes no more checkpoints
+    send_notice_ = true;   // before the last checkpoint's frames
+    notice_until_ = deadline;
+    cv_.notify_all();
     cv_.wait(lock, [this] { return !taking_; });
     uint64_t connection = connection_;
     std::string peer = stats_.peer;
@@ -512,6 +516,9 @@ class PrimaryImpl : public Primary {
       {
         std::lock_guard<std::mutex> l(mu_);
         handing_over_ = migrating_ = false;
+        send_notice_ = true;  // withdrawn: no hand-over is coming
+        notice_until_ = Clock::now();
+        cv_.notify_all();
       }
       std::string line = absl::StrCat("migration to ", peer, " did not happen: ", why,
                                       resumed.ok() ? "; the VM runs here again" : "");
@@ -693,12 +700,23 @@ class PrimaryImpl : public Primary {
       {
         std::unique_lock<std::mutex> lock(mu_);
         bool ready = cv_.wait_for(lock, kKeepalive, [this] {
-          return stop_ || !queue_.empty() || ack_failed_ || send_handover_;
+          return stop_ || !queue_.empty() || ack_failed_ || send_handover_ || send_notice_;
         });
         if (stop_) return absl::CancelledError("stopping");
         if (ack_failed_) {
           ack_failed_ = false;
           return ack_error_;
+        }
+        if (send_notice_) {
+          send_notice_ = false;
+          auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+              notice_until_ - std::chrono::steady_clock::now());
+          pb::Frame f;
+          f.mutable_handover_notice()->set_within_ms(
+              static_cast<uint32_t>(std::clamp<int64_t>(left.count(), 0, UINT32_MAX)));
+          lock.unlock();
+          if (auto s = channel_->Send(f); !s.ok()) return s;
+          continue;
         }
         if (send_handover_ && queue_.empty()) {
           send_handover_ = false;
@@ -817,6 +835,8 @@ class PrimaryImpl : public Primary {
   // Planned migration: one at a time; no more checkpoints from the epoch loop; a hand-over frame
   // to send; the mirror's answer; the VM runs at the mirror now.
   bool migrating_ = false, handing_over_ = false, send_handover_ = false, handed_over_ = false;
+  bool send_notice_ = false;
+  std::chrono::steady_clock::time_point notice_until_;
   uint64_t handover_epoch_ = 0;
   std::string handover_reason_;
   std::optional<pb::HandoverReply> handover_reply_;

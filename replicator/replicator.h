@@ -152,6 +152,9 @@ class Mirror {
     bool connected = false;
     bool syncing = false;      // a pre-copy stream is arriving (into staging, not the replica)
     bool handed_over = false;  // the VM was handed over to this host: replication has ended
+    // The connected primary announced a hand-over, expected before this time (see
+    // pb::HandoverNotice): its silence until then is no reason to promote this host.
+    std::optional<std::chrono::steady_clock::time_point> handover_expected_until;
     std::string peer;
   };
   static absl::StatusOr<std::unique_ptr<Mirror>> Start(checkpoint::ReplicaStore& replica,

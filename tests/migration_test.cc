@@ -143,6 +143,7 @@ class Migration : public ::testing::Test {
     EXPECT_GT(from.primary->stats().acked, acked);
     EXPECT_GE(report->downtime_ms, report->commit_ms);
     EXPECT_TRUE(to.mirror->stats().handed_over);
+    EXPECT_FALSE(to.mirror->stats().handover_expected_until) << "answered, so no longer expected";
     EXPECT_NE(from.primary->stats().state.find("handed over"), std::string::npos);
     std::printf(
         "migration %s -> %s: epoch %lu, %lu pages in the last checkpoint, commit %.1f ms, "
@@ -204,10 +205,23 @@ TEST_F(Migration, ARefusedHandOverLeavesTheVmRunningAndProtectedWhereItWas) {
 TEST_F(Migration, AnErrorBeforeTheHandOverLeavesTheVmHere) {
   BootOnA();
   Protect(a_, b_);
+  // The mirror heard the hand-over announced before the last checkpoint, which it committed:
+  // until it comes (or is withdrawn) the primary's silence is no reason to promote.
+  bool announced = false;
   auto report = a_.primary->HandOver(
-      std::chrono::seconds(20), [] { return absl::UnavailableError("no lease to give"); }, "");
+      std::chrono::seconds(20),
+      [&] {
+        auto expected = b_.mirror->stats().handover_expected_until;
+        announced = expected && *expected > std::chrono::steady_clock::now() &&
+                    *expected <= std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        return absl::UnavailableError("no lease to give");
+      },
+      "");
   ASSERT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
   EXPECT_NE(report.status().message().find("no lease to give"), std::string::npos);
+  EXPECT_TRUE(announced);
+  EXPECT_TRUE(WaitUntil([&] { return !b_.mirror->stats().handover_expected_until; }, 30))
+      << "the withdrawn hand-over is still expected";
   EXPECT_FALSE(b_.mirror->stats().handed_over);
   uint64_t writes = a_.vm->writes(), acked = a_.primary->stats().acked;
   EXPECT_TRUE(WaitUntil([&] { return a_.vm->writes() >= writes + 200; }, 30));
