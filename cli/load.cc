@@ -240,6 +240,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     shared.Saw(q, *d, base);
   }
 
+  if (o.running) o.running();
   auto start = Clock::now();
   auto end = start + std::chrono::duration_cast<Clock::duration>(
                          std::chrono::duration<double>(o.duration_s));
