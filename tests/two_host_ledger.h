@@ -112,14 +112,13 @@ class TwoHostLedger {
 
   // Host 0 dies: its listener and every connection close; host 1 starts listening.
   void Die() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      died_ = true;
-      died_at_ = std::chrono::steady_clock::now();
-      for (int fd : conns_) ::shutdown(fd, SHUT_RDWR);
-    }
+    // The listener first, as when a process dies: whoever sees a connection end and comes back
+    // is refused.
     ::shutdown(fds_[0], SHUT_RDWR);
     std::lock_guard<std::mutex> lock(mu_);
+    died_ = true;
+    died_at_ = std::chrono::steady_clock::now();
+    for (int fd : conns_) ::shutdown(fd, SHUT_RDWR);
     Serve(1);
   }
 
