@@ -10,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/ledger_client.h"
 #include "cli/metrics.h"
+#include "cli/proxy.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
@@ -285,12 +286,10 @@ absl::StatusOr<pb::ProxyConfig> LoadProxyConfig(const std::string& path) {
   for (int i = 0; i < c.host_size(); i++) {
     std::string field = absl::StrCat("host[", i, "]");
     if (auto s = CheckHostPort(p, field, c.host(i)); !s.ok()) return s;
-    std::string host;
+    std::string address;
     uint16_t port = 0;
-    (void)ParseHostPort(c.host(i), &host, &port);
-    if (host != "localhost" && !IsAddress(host)) {
-      return p.Bad(field,
-                   absl::StrCat("'", host, "' is not an IPv4 or IPv6 address (or localhost)"));
+    if (auto s = ParseLedgerAddress(c.host(i), &address, &port); !s.ok()) {
+      return p.Bad(field, s.message());
     }
     for (int j = 0; j < i; j++) {
       if (c.host(j) == c.host(i)) return p.Bad(field, absl::StrCat("'", c.host(i), "' twice"));

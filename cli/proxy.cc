@@ -137,11 +137,9 @@ class ProxyImpl : public Proxy {
     for (const std::string& h : o_.hosts) {
       std::string host;
       uint16_t port = 0;
-      if (auto s = ParseHostPort(h, &host, &port); !s.ok()) return s;
+      if (auto s = ParseLedgerAddress(h, &host, &port); !s.ok()) return s;
       error_code ec;
-      auto addr = asio::ip::make_address(host == "localhost" ? "127.0.0.1" : host, ec);
-      if (ec) return absl::InvalidArgumentError(absl::StrCat("'", host, "' is not an address"));
-      hosts_.emplace_back(addr, port);
+      hosts_.emplace_back(asio::ip::make_address(host, ec), port);
     }
     error_code ec;
     auto addr = asio::ip::make_address(o_.listen, ec);
@@ -646,6 +644,23 @@ void Client::OnHoldTimer() {
 }
 
 }  // namespace
+
+absl::Status ParseLedgerAddress(const std::string& text, std::string* address, uint16_t* port) {
+  std::string host;
+  if (auto s = ParseHostPort(text, &host, port); !s.ok()) return s;
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host == "localhost") host = "127.0.0.1";
+  error_code ec;
+  asio::ip::make_address(host, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", host, "' is not an IPv4 or IPv6 address (or localhost)"));
+  }
+  *address = host;
+  return absl::OkStatus();
+}
 
 ProxyOptions ProxyOptionsFrom(const pb::ProxyConfig& c) {
   ProxyOptions o;

@@ -37,6 +37,9 @@ struct ProxyOptions {
 
 // The proxy's settings from its checked config (LoadProxyConfig).
 ProxyOptions ProxyOptionsFrom(const pb::ProxyConfig& config);
+// A host's ledger as the proxy takes it: "ADDR:PORT" with an IPv4 address, an IPv6 one (bare or
+// in brackets) or localhost; *address is then the literal to connect to.
+absl::Status ParseLedgerAddress(const std::string& text, std::string* address, uint16_t* port);
 
 class Proxy {
  public:

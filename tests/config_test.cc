@@ -215,7 +215,9 @@ TEST(Config, ValuesAtTheirBoundsAreAccepted) {
 TEST(Config, AProxyConfigGetsDefaultsAndRefusesBadValuesWithFileAndLine) {
   testing::TempDir dir;
   auto good = cli::LoadProxyConfig(
-      Write(dir, "port: 7070\nhost: \"10.1.0.1:7070\"\nhost: \"localhost:7071\"\n"));
+      Write(dir,
+            "port: 7070\nhost: \"10.1.0.1:7070\"\nhost: \"localhost:7071\"\nhost: "
+            "\"[::1]:7072\"\nhost: \"fe80::1:7073\"\n"));
   ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_EQ(good->listen(), "127.0.0.1");
   EXPECT_EQ(good->hold_ms(), 10000u);
