@@ -499,8 +499,8 @@ TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
 
 ROMULUS_ON_EVERY_PLATFORM(VmMigration);
 
-// The main job: `romulus demo` runs its three acts (failover, re-protection, migration back) and
-// every check in them passes.
+// The main job: `romulus demo` runs its three acts (failover, re-protection, migration back),
+// its clients through a proxy, and every check in them passes.
 class VmDemo : public testing::PlatformTest {};
 
 TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
@@ -509,6 +509,8 @@ TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
   ASSERT_EQ(demo.Wait(300), 0) << demo.output();
   EXPECT_THAT(demo.output(), HasSubstr("\"ok\":true"));
   EXPECT_THAT(demo.output(), HasSubstr("\"lost_acknowledged\":0"));
+  // Its clients go through a proxy: neither act showed them an error answer or a reconnect.
+  EXPECT_THAT(demo.output(), HasSubstr("\"client_visible_errors\":0"));
 }
 
 ROMULUS_ON_EVERY_PLATFORM(VmDemo);
