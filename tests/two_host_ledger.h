@@ -40,7 +40,10 @@ class TwoHostLedger {
       ::getsockname(fds_[h], reinterpret_cast<sockaddr*>(&a), &len);
       ports_[h] = ntohs(a.sin_port);
     }
-    Serve(0);  // the second host listens only once the first has died
+    // The second host listens only once the first has died. Under the lock: the accept thread
+    // adds to threads_ as soon as a client connects, maybe before emplace_back has returned.
+    std::lock_guard<std::mutex> lock(mu_);
+    Serve(0);
   }
   ~TwoHostLedger() {
     stop_ = true;
