@@ -11,6 +11,7 @@ int PrimaryCommand(int argc, char** argv);
 int MirrorCommand(int argc, char** argv);
 int DemoCommand(int argc, char** argv);
 int WitnessCommand(int argc, char** argv);
+int ProxyCommand(int argc, char** argv);
 
 }  // namespace romulus::cli
 

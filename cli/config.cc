@@ -1,5 +1,7 @@
 #include "cli/config.h"
 
+#include <arpa/inet.h>
+
 #include <fstream>
 #include <sstream>
 
@@ -8,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/ledger_client.h"
 #include "cli/metrics.h"
+#include "cli/proxy.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 #include "replicator/replicator.h"
@@ -65,7 +68,8 @@ class Parsed {
         part = part.substr(0, open);
       }
       const auto* fd = type ? type->FindFieldByName(std::string(part)) : nullptr;
-      if (fd == nullptr || tree == nullptr) break;
+      // A repeated field has a line per element only (protobuf aborts when asked for the field's).
+      if (fd == nullptr || tree == nullptr || (fd->is_repeated() && index < 0)) break;
       auto loc = tree->GetLocation(fd, index);
       if (loc.line < 0) break;
       line = loc.line;
@@ -115,6 +119,13 @@ absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::
     return p.Bad(field, absl::StrCat("'", value, "' is not HOST:PORT (a port of 1 to 65535)"));
   }
   return absl::OkStatus();
+}
+
+// An IPv4 or IPv6 address literal (no name: nothing to resolve, nothing to go wrong later).
+bool IsAddress(const std::string& text) {
+  in6_addr a;
+  return ::inet_pton(AF_INET, text.c_str(), &a) == 1 ||
+         ::inet_pton(AF_INET6, text.c_str(), &a) == 1;
 }
 
 // A port: 1 to 65535, or 0 where the caller gave 0 its meaning (a default, or "none").
@@ -355,6 +366,48 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (c.has_health()) {
     if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
   }
+  return c;
+}
+
+absl::StatusOr<pb::ProxyConfig> LoadProxyConfig(const std::string& path) {
+  pb::ProxyConfig c;
+  Parsed p;
+  if (auto s = p.Load(path, &c); !s.ok()) return s;
+  if (c.listen().empty()) c.set_listen("127.0.0.1");
+  if (!IsAddress(c.listen())) {
+    return p.Bad("listen", absl::StrCat("'", c.listen(), "' is not an IPv4 or IPv6 address"));
+  }
+  if (c.port() == 0) return p.Bad("port", "is required (1 to 65535: the clients' port)");
+  if (auto s = CheckPort(p, "port", c.port()); !s.ok()) return s;
+  if (c.host_size() < 1 || c.host_size() > kMaxProxyHosts) {
+    return p.Bad(
+        c.host_size() ? absl::StrCat("host[", kMaxProxyHosts, "]") : "host",
+        absl::StrCat("1 to ", kMaxProxyHosts, " are required (each host's ledger HOST:PORT)"));
+  }
+  for (int i = 0; i < c.host_size(); i++) {
+    std::string field = absl::StrCat("host[", i, "]");
+    if (auto s = CheckHostPort(p, field, c.host(i)); !s.ok()) return s;
+    std::string address;
+    uint16_t port = 0;
+    if (auto s = ParseLedgerAddress(c.host(i), &address, &port); !s.ok()) {
+      return p.Bad(field, s.message());
+    }
+    for (int j = 0; j < i; j++) {
+      if (c.host(j) == c.host(i)) return p.Bad(field, absl::StrCat("'", c.host(i), "' twice"));
+    }
+  }
+  if (c.hold_ms() == 0) c.set_hold_ms(10000);
+  if (auto s = p.Range("hold_ms", c.hold_ms(), 1, 600000, "ms"); !s.ok()) return s;
+  if (c.answer_timeout_ms() == 0) c.set_answer_timeout_ms(2000);
+  if (auto s = p.Range("answer_timeout_ms", c.answer_timeout_ms(), 1, 600000, "ms"); !s.ok()) {
+    return s;
+  }
+  if (c.probe_interval_ms() == 0) c.set_probe_interval_ms(20);
+  if (auto s = p.Range("probe_interval_ms", c.probe_interval_ms(), 1, 10000, "ms"); !s.ok()) {
+    return s;
+  }
+  if (c.max_clients() == 0) c.set_max_clients(1024);
+  if (auto s = p.Range("max_clients", c.max_clients(), 1, 65536); !s.ok()) return s;
   return c;
 }
 

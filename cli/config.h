@@ -18,8 +18,12 @@ inline constexpr size_t kMaxCommandBytes = 4096;
 // switchover.fence_timeout_ms when left out; it also bounds unprotected_command.
 inline constexpr uint64_t kDefaultFenceTimeoutMs = 5000;
 
+// How many hosts a proxy config may name.
+inline constexpr int kMaxProxyHosts = 8;
+
 absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path);
 absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path);
+absl::StatusOr<pb::ProxyConfig> LoadProxyConfig(const std::string& path);
 
 }  // namespace romulus::cli
 

@@ -154,6 +154,23 @@ const std::vector<Section>& Sections() {
            {"alone", "bool", "false",
             "holding, it moves the VM by itself; else only when another rule holds too"},
        }},
+      {"The proxy's config (`romulus proxy --config FILE`)",
+       "ProxyConfig",
+       {
+           {"listen", "address", "127.0.0.1", "the clients' address"},
+           {"port", "port, 1-65535", "required", "the clients' port"},
+           {"host", "HOST:PORT, repeated, 1-8", "required",
+            "each host's ledger (its ledger_listen:ledger_port); HOST an IP address or localhost"},
+           {"hold_ms", "ms, 1-600000", "10000",
+            "a request not answered this long after it arrived gets status 10 (unavailable)"},
+           {"answer_timeout_ms", "ms, 1-600000", "2000",
+            "a host that accepted a connection or a request but does not answer is left"},
+           {"probe_interval_ms", "ms, 1-10000", "20",
+            "while no host accepts, how often each is tried"},
+           {"max_clients", "1-65536", "1024",
+            "client connections at once (more wait); each holds at most 16 KiB of requests and "
+            "16 KiB of answers"},
+       }},
       {"workload { ... } (the primary's; the reference guest only)",
        "WorkloadConfig",
        {

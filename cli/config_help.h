@@ -7,8 +7,8 @@
 
 namespace romulus::cli {
 
-// Every field of the primary's and the mirror's config: its values or unit, its default, what it
-// does.
+// Every field of the primary's, the mirror's and the proxy's config: its values or unit, its
+// default, what it does.
 std::string ConfigHelp();
 // The fields documented for a config message ("PrimaryConfig", "SwitchoverConfig", ...).
 std::vector<std::string> DocumentedConfigFields(const std::string& message);

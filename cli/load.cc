@@ -62,9 +62,9 @@ bool SameResponse(const pb::LedgerResponse& a, const pb::LedgerResponse& b) {
 }
 
 // One client: a connection that reconnects and resends the same request id when it fails.
-class Client {
+class LoadClient {
  public:
-  Client(const LoadOptions& o, uint64_t id) : o_(o), id_(id) {}
+  LoadClient(const LoadOptions& o, uint64_t id) : o_(o), id_(id) {}
 
   std::optional<pb::LedgerResponse> Call(pb::LedgerRequest q) {
     q.set_client_id(id_);
@@ -114,7 +114,7 @@ class Client {
 
 void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& accounts,
                Clock::time_point end, uint64_t seed, Shared& shared) {
-  Client client(o, id);
+  LoadClient client(o, id);
   std::mt19937_64 rng(seed);
   uint64_t request_id = 0, last_seq = 0;
   std::vector<double> lat;
@@ -214,7 +214,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   Shared shared;
 
   // Setup: open this run's accounts and give each an initial balance.
-  Client setup(o, base);
+  LoadClient setup(o, base);
   std::vector<uint32_t> accounts;
   uint64_t rid = 0;
   for (uint64_t i = 0; i < o.accounts; i++) {
@@ -240,6 +240,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
     shared.Saw(q, *d, base);
   }
 
+  if (o.running) o.running();
   auto start = Clock::now();
   auto end = start + std::chrono::duration_cast<Clock::duration>(
                          std::chrono::duration<double>(o.duration_s));

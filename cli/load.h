@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -30,6 +31,8 @@ struct LoadOptions {
   uint64_t timeout_ms = 5000;
   uint64_t attempts = 20;  // tries per request (reconnecting) before it counts as unresolved
   uint64_t seed = 0;       // 0: from the clock
+  // Called once, when the accounts are open and the clients start (what they measure begins).
+  std::function<void()> running = nullptr;
 };
 
 struct LoadReport {

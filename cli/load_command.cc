@@ -22,7 +22,8 @@ int LoadCommand(int argc, char** argv) {
   args.String("target", &target, "ledger endpoint HOST:PORT");
   args.String("standby", &standby,
               "the mirror's ledger endpoint HOST:PORT: after a failure a client tries the other "
-              "address with the same request id (failover)");
+              "address with the same request id (failover; clients of a `romulus proxy` need "
+              "not: it does that for them)");
   args.Uint("clients", &o.clients, "concurrent clients, one connection each (1-1024)");
   args.Uint("duration-ms", &duration_ms, "how long to run");
   args.Uint("rate", &o.rate, "requests per second over all clients (0: as fast as possible)");

@@ -176,6 +176,22 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   if (auto line = l->witness_process_->WaitForLine("serving leases", l->o_.wait); !line.ok()) {
     return line.status();
   }
+  if (l->o_.proxy_hold.count() > 0) {
+    auto p = FreePort(SOCK_STREAM, "127.0.0.1");
+    if (!p.ok()) return p.status();
+    l->proxy_ = *p;
+    pb::ProxyConfig c;
+    c.set_port(l->proxy_);
+    for (Host h : {kA, kB}) c.add_host(At("127.0.0.1", l->ledger_[h]));
+    c.set_hold_ms(static_cast<uint32_t>(l->o_.proxy_hold.count()));
+    if (auto s = WriteFile(l->File("proxy.conf"), Text(c)); !s.ok()) return s;
+    auto proxy = l->Run("proxy", {"proxy", "--config", l->File("proxy.conf")});
+    if (!proxy.ok()) return proxy.status();
+    l->proxy_process_ = std::move(*proxy);
+    if (auto line = l->proxy_process_->WaitForLine("ledger listening on", l->o_.wait); !line.ok()) {
+      return line.status();
+    }
+  }
   for (Host h : {kB, kA}) {
     auto p = l->Run(Name(h), {h == kA ? "primary" : "mirror", "--config",
                               l->File(absl::StrCat(Name(h), ".conf"))});
@@ -236,6 +252,16 @@ LoadOptions LocalHosts::Load(Host primary) const {
   return o;
 }
 
+LoadOptions LocalHosts::LoadThroughProxy() const {
+  LoadOptions o;
+  o.port = proxy_;
+  o.accounts = 8;
+  // A request waits at the proxy until a primary answers it, up to proxy_hold: the clients
+  // wait longer, so that the proxy's answer (or error) is what they see.
+  o.timeout_ms = static_cast<uint64_t>(o_.proxy_hold.count()) + 5000;
+  return o;
+}
+
 absl::Status LocalHosts::Rejoin(Host h) {
   if (hosts_[h] && !hosts_[h]->Wait(std::chrono::milliseconds(0))) {
     return absl::FailedPreconditionError(absl::StrCat("host ", Name(h), " still runs"));
@@ -257,6 +283,7 @@ absl::Status LocalHosts::Stop() {
     if (hosts_[h]) running.emplace_back(Name(h), hosts_[h].get());
   }
   if (witness_process_) running.emplace_back("witness", witness_process_.get());
+  if (proxy_process_) running.emplace_back("proxy", proxy_process_.get());
   for (auto& [name, p] : running) {
     if (!p->Wait(std::chrono::milliseconds(0))) p->Signal(SIGTERM);
   }

@@ -3,7 +3,7 @@
 // Host a starts as the primary, keeping its guest RAM in a memory file (so that a host killed
 // with -9 still holds it), and host b as its mirror. Heartbeats run on two paths (127.0.0.1 and
 // 127.0.0.2), promotion needs the witness's lease, and each host serves the ledger on a port of
-// its own while it is the primary.
+// its own while it is the primary; a `romulus proxy` may give the clients one address for both.
 #ifndef ROMULUS_CLI_LOCAL_HOSTS_H_
 #define ROMULUS_CLI_LOCAL_HOSTS_H_
 
@@ -45,6 +45,9 @@ class LocalHosts {
     // something else than detecting a dead peer raises it, so that heartbeats late on a loaded
     // machine do not start a promotion in the middle of what it shows.
     uint32_t heartbeat_timeout_ms = 0;
+    // A `romulus proxy` in front of both hosts' ledgers (LoadThroughProxy), holding requests
+    // for up to this long (0: no proxy).
+    std::chrono::milliseconds proxy_hold{0};
   };
   enum Host { kA = 0, kB = 1 };
 
@@ -65,6 +68,11 @@ class LocalHosts {
   static const char* Name(Host h) { return h == kA ? "a" : "b"; }
   // Ledger clients that start at `primary` and know the other host's address.
   LoadOptions Load(Host primary) const;
+  // Ledger clients that know only the proxy's address (with Options::proxy_hold).
+  LoadOptions LoadThroughProxy() const;
+  uint16_t proxy_port() const { return proxy_; }
+  // The proxy's process (with Options::proxy_hold), or nullptr.
+  Process* proxy() { return proxy_process_.get(); }
 
   // Starts host `h` again, after it was killed, as the mirror of the other host: seeded from
   // the memory file and disk it left, so that only what differs is sent. Returns once it
@@ -82,9 +90,9 @@ class LocalHosts {
   pb::SwitchoverConfig SwitchoverOf(Host h) const;
 
   Options o_;
-  uint16_t witness_ = 0, witness_metrics_ = 0;
+  uint16_t witness_ = 0, witness_metrics_ = 0, proxy_ = 0;
   std::array<uint16_t, 2> replication_{}, ledger_{}, heartbeat_{}, heartbeat2_{}, metrics_{};
-  std::unique_ptr<Process> witness_process_;
+  std::unique_ptr<Process> witness_process_, proxy_process_;
   std::array<std::unique_ptr<Process>, 2> hosts_;
 };
 

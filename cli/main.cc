@@ -23,6 +23,8 @@ constexpr char kUsage[] =
     "  status   ask a running primary or mirror for its status (--socket PATH)\n"
     "  promote  make a mirror resume its replica as the primary (--socket PATH [--force])\n"
     "  migrate  hand a primary's VM over to its mirror (--socket PATH)\n"
+    "  proxy    one ledger address for a VM's clients: forwards to the primary, holds\n"
+    "           requests through a failover or a migration (--config FILE)\n"
     "  witness  grant the active lease of VMs to one host at a time (a third host)\n"
     "  journal  replay the ledger journal on a disk image and print what it holds\n"
     "  help     this list; `romulus help config`: every config field, its default and unit\n";
@@ -54,6 +56,7 @@ int main(int argc, char** argv) {
   if (!std::strcmp(cmd, "status")) return romulus::cli::StatusCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "promote")) return romulus::cli::PromoteCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "migrate")) return romulus::cli::MigrateCommand(argc - 2, argv + 2);
+  if (!std::strcmp(cmd, "proxy")) return romulus::cli::ProxyCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "witness")) return romulus::cli::WitnessCommand(argc - 2, argv + 2);
   if (!std::strcmp(cmd, "journal")) return romulus::cli::JournalCommand(argc - 2, argv + 2);
   std::fprintf(stderr, "romulus: unknown command '%s'\n%s", cmd, kUsage);

@@ -122,11 +122,12 @@ std::pair<bool, const char*> Protection(const pb::StatusReply& r,
 
 // ---- The HTTP server ----
 
-class Client : public std::enable_shared_from_this<Client> {
+class ScrapeConnection : public std::enable_shared_from_this<ScrapeConnection> {
  public:
-  Client(tcp::socket socket, const std::function<std::string()>& render, std::atomic<int>& clients)
+  ScrapeConnection(tcp::socket socket, const std::function<std::string()>& render,
+                   std::atomic<int>& clients)
       : stream_(std::move(socket)), render_(render), clients_(clients) {}
-  ~Client() { clients_--; }
+  ~ScrapeConnection() { clients_--; }
 
   void Read() {
     parser_.emplace();
@@ -231,7 +232,7 @@ class MetricsServerImpl : public MetricsServer {
       accept_failed_ = false;
       if (clients_ < kMaxClients) {
         clients_++;
-        std::make_shared<Client>(std::move(socket), render_, clients_)->Read();
+        std::make_shared<ScrapeConnection>(std::move(socket), render_, clients_)->Read();
       }  // else: closed at once; the scraper tries again at its next interval
       Accept();
     });

@@ -2,7 +2,8 @@
 // text parsers the commands use). Input: a mode byte, then the text:
 //   0: a primary config file (protobuf text format), 1: a mirror config file,
 //   2: one value for each text parser (ADDR:PORT, HOST:PORT, compression, size) and a key file,
-//   3: a command line (arguments split at NUL bytes) for an Args with every kind of option.
+//   3: a command line (arguments split at NUL bytes) for an Args with every kind of option,
+//   4: a proxy config file.
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -54,7 +55,7 @@ void ParseCommandLine(absl::string_view text) {
 void Run(const uint8_t* data, size_t size) {
   if (size == 0) return;
   absl::string_view text(reinterpret_cast<const char*>(data) + 1, size - 1);
-  switch (data[0] % 4) {
+  switch (data[0] % 5) {
     case 0:
       (void)cli::LoadPrimaryConfig(WriteScratch(text));
       break;
@@ -73,8 +74,11 @@ void Run(const uint8_t* data, size_t size) {
       (void)replicator::ReadKeyFile(WriteScratch(text));
       break;
     }
-    default:
+    case 3:
       ParseCommandLine(text);
+      break;
+    default:
+      (void)cli::LoadProxyConfig(WriteScratch(text));
       break;
   }
 }

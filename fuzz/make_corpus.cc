@@ -108,6 +108,12 @@ replica_disk: "/tmp/r.img"
 replicate_to: "127.0.0.1:7401"
 switchover { node: "b" path { local: "127.0.0.1:7501" remote: "127.0.0.1:7500" } }
 )");
+  Write("config", "proxy", Mode(4) + R"(listen: "127.0.0.1"
+port: 7070
+host: "127.0.0.1:7071"
+host: "[::1]:7072"
+hold_ms: 10000
+)");
   Write("config", "syntax_error", Mode(0) + "vm_id: \"a\"\nnot_a_field: 3\n");
   Write("config", "values", Mode(2) + "127.0.0.1:7000");
   Write("config", "values_v6", Mode(2) + "[::1]:65535");

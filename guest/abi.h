@@ -109,6 +109,9 @@ enum rml_status_code {
   RML_ERR_JOURNAL_FULL = 7,
   RML_ERR_BAD_AMOUNT = 8,
   RML_ERR_BAD_CLIENT = 9,
+  // Never from the guest: `romulus proxy` answers these itself (with an error text).
+  RML_ERR_UNAVAILABLE = 10,  // no primary answered within the proxy's hold bound
+  RML_ERR_MALFORMED = 11,    // the proxy could not read the client's frame; it then closes
 };
 
 struct rml_request {

@@ -57,7 +57,8 @@ TEST(Args, EverySubcommandSharesOnePrologue) {
                         {"status", {}},
                         {"promote", {}},
                         {"migrate", {}},
-                        {"witness", {}}};
+                        {"witness", {}},
+                        {"proxy", {}}};
   for (const Case& c : cases) {
     SCOPED_TRACE(c.command);
     testing::Child help({c.command, "--help"});

@@ -263,6 +263,52 @@ TEST(Config, AHealthBlockGetsDefaultsAndBadValuesNameTheirLine) {
   }
 }
 
+TEST(Config, AProxyConfigGetsDefaultsAndRefusesBadValuesWithFileAndLine) {
+  testing::TempDir dir;
+  auto good = cli::LoadProxyConfig(
+      Write(dir,
+            "port: 7070\nhost: \"10.1.0.1:7070\"\nhost: \"localhost:7071\"\nhost: "
+            "\"[::1]:7072\"\nhost: \"fe80::1:7073\"\n"));
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(good->listen(), "127.0.0.1");
+  EXPECT_EQ(good->hold_ms(), 10000u);
+  EXPECT_EQ(good->answer_timeout_ms(), 2000u);
+  EXPECT_EQ(good->probe_interval_ms(), 20u);
+  EXPECT_EQ(good->max_clients(), 1024u);
+  struct Case {
+    std::string text, message;
+  };
+  std::string nine_hosts = "port: 7070";
+  for (int i = 0; i < 9; i++) absl::StrAppend(&nine_hosts, "\nhost: \"10.1.0.1:", 7000 + i, "\"");
+  for (const Case& c : std::vector<Case>{
+           {"host: \"10.1.0.1:7070\"", "port: is required (1 to 65535: the clients' port)"},
+           {"port: 7070", "host: 1 to 8 are required (each host's ledger HOST:PORT)"},
+           {nine_hosts, ":10: host[8]: 1 to 8 are required (each host's ledger HOST:PORT)"},
+           {"port: 70000\nhost: \"10.1.0.1:7070\"", ":1: port: 70000 is out of range: 1 to 65535"},
+           {"port: 7070\nhost: \"ledger\"",
+            ":2: host[0]: 'ledger' is not HOST:PORT (a port of 1 to 65535)"},
+           {"port: 7070\nhost: \"ledger.example:7070\"",
+            ":2: host[0]: 'ledger.example' is not an IPv4 or IPv6 address (or localhost)"},
+           {"port: 7070\nhost: \"10.1.0.1:7070\"\nhost: \"10.1.0.1:7070\"",
+            ":3: host[1]: '10.1.0.1:7070' twice"},
+           {"port: 7070\nhost: \"10.1.0.1:7070\"\nhold_ms: 600001",
+            ":3: hold_ms: 600001 is out of range: 1 to 600000 ms"},
+           {"port: 7070\nhost: \"10.1.0.1:7070\"\nlisten: \"everywhere\"",
+            ":3: listen: 'everywhere' is not an IPv4 or IPv6 address"},
+           {"port: 7070\nhost: \"10.1.0.1:7070\"\nmax_clients: 65537",
+            ":3: max_clients: 65537 is out of range: 1 to 65536"},
+           {"port: 7070\nhosts: \"10.1.0.1:7070\"", ":2:"},
+       }) {
+    std::string path = Write(dir, c.text + "\n");
+    auto p = cli::LoadProxyConfig(path);
+    ASSERT_FALSE(p.ok()) << c.text;
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_EQ(p.status().message().rfind(path + (c.message[0] == ':' ? "" : ": ") + c.message, 0),
+              0u)
+        << p.status() << " for " << c.text;
+  }
+}
+
 // `romulus help config` documents every field of every config message, and nothing else: a
 // field added to proto/romulus.proto without a line there fails this test.
 TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
@@ -270,7 +316,8 @@ TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
       pb::PrimaryConfig::descriptor(),    pb::MirrorConfig::descriptor(),
       pb::SwitchoverConfig::descriptor(), pb::HeartbeatPath::descriptor(),
       pb::WorkloadConfig::descriptor(),   pb::HealthConfig::descriptor(),
-      pb::HealthRule::descriptor()};
+      pb::HealthRule::descriptor(),
+      pb::ProxyConfig::descriptor()};
   for (const google::protobuf::Descriptor* d : messages) {
     SCOPED_TRACE(d->name());
     std::vector<std::string> in_proto;

@@ -9,16 +9,20 @@
 #include <signal.h>
 #include <sys/socket.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
 
+#include "absl/strings/str_format.h"
 #include "cli/control.h"
 #include "cli/ledger_client.h"
 #include "cli/load.h"
 #include "cli/local_hosts.h"
+#include "guest/abi.h"
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
 #include "tests/soft_vm.h"
@@ -324,7 +328,8 @@ TEST_F(MirrorPromotion, ARestartedMirrorReceivesOnlyWhatDiffers) {
 }
 
 // Two hosts and a witness of one VM as processes on loopback (cli::LocalHosts, what `romulus
-// demo` runs), with small guests on `platform` ("kvm" or "process").
+// demo` runs), with small guests on `platform` ("kvm" or "process"), and a `romulus proxy` in
+// front of both ledgers.
 std::unique_ptr<cli::LocalHosts> StartHosts(const TempDir& dir, const std::string& platform) {
   cli::LocalHosts::Options o{.binary = ROMULUS_BINARY,
                              .dir = dir.path(),
@@ -334,59 +339,125 @@ std::unique_ptr<cli::LocalHosts> StartHosts(const TempDir& dir, const std::strin
                              .write_rate = 20000};
   o.platform = platform;
   o.wait = testing::ScaledMs(60);
+  o.proxy_hold = testing::ScaledMs(20);
   auto hosts = cli::LocalHosts::Start(std::move(o));
   EXPECT_TRUE(hosts.ok()) << hosts.status();
   return hosts.ok() ? std::move(*hosts) : nullptr;
 }
 using Host = cli::LocalHosts::Host;
 
-// Must-show 1: the primary is killed (SIGKILL) at a random moment while clients given both ledger
-// addresses run; the mirror wins the lease, resumes its replica and answers on its own ledger
-// address; the clients fail over to it and resend what was unanswered. Every invariant of the run
-// must hold there: each balance is the newest write any client saw, retries are answered
-// identically (exactly once), the sum is what was deposited. Repeated with fresh processes and
-// random kill times.
+// Two sets of ledger clients at once, through the same failover or migration: `direct` given
+// both hosts' addresses (`romulus load --standby`), `proxied` given only the proxy's.
+struct TwoLoads {
+  absl::StatusOr<cli::LoadReport> direct, proxied;
+  std::atomic<int> running{0};
+  std::thread direct_thread, proxied_thread;
+  TwoLoads(cli::LocalHosts& hosts, Host primary) {
+    cli::LoadOptions d = hosts.Load(primary), p = hosts.LoadThroughProxy();
+    d.clients = p.clients = 4;
+    d.duration_s = p.duration_s = 2;
+    d.running = p.running = [this] { running++; };
+    direct_thread = std::thread([this, d] { direct = cli::RunLoad(d); });
+    proxied_thread = std::thread([this, p] { proxied = cli::RunLoad(p); });
+  }
+  // Both have opened their accounts and measure from now on (a wait during their setup would
+  // not count as theirs).
+  bool WaitRunning() {
+    return WaitUntil([&] { return running == 2; }, 60);
+  }
+  void Join() {
+    direct_thread.join();
+    proxied_thread.join();
+  }
+};
+
+// Through the proxy the clients see a pause and nothing else: no error answer, no reconnect,
+// nothing unanswered, every invariant held.
+void ExpectNothingButAPause(const absl::StatusOr<cli::LoadReport>& report, cli::Process& proxy) {
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << proxy.output();
+  EXPECT_EQ(report->lost_acknowledged, 0u);
+  EXPECT_EQ(report->unresolved, 0u);
+  EXPECT_EQ(report->reconnects, 0u) << cli::FormatReport(*report);
+  EXPECT_EQ(report->by_status.count(RML_ERR_UNAVAILABLE), 0u) << cli::FormatReport(*report);
+  EXPECT_EQ(report->by_status.count(RML_ERR_MALFORMED), 0u) << cli::FormatReport(*report);
+}
+
+// "median M ms, longest L ms" of the clients' longest waits, one per run.
+std::string Waits(std::vector<double> ms) {
+  if (ms.empty()) return "none";
+  return absl::StrFormat("median %.1f ms, longest %.1f ms", cli::Percentile(ms, 0.5),
+                         *std::max_element(ms.begin(), ms.end()));
+}
+
+// Must-show 1: the primary is killed (SIGKILL) at a random moment while clients run, some given
+// both ledger addresses, the others only the proxy's; the mirror wins the lease, resumes its
+// replica and answers on its own ledger address; the direct clients fail over to it and resend
+// what was unanswered, the proxy does that for the others. Every invariant of the run must hold
+// there for both: each balance is the newest write any client saw, retries are answered
+// identically (exactly once), the sum is what was deposited; through the proxy, no client sees
+// an error or a reconnect. Each kill prints the two sets' longest waits. Repeated with fresh
+// processes and random kill times.
 class VmFailover : public testing::PlatformTest {};
 
 TEST_P(VmFailover, AKilledPrimaryIsReplacedByItsMirrorWithEveryAnsweredTransaction) {
   // 20 in the release build (4 on KVM beside the process platform), 4 under sanitizers.
   const int kKills = LongRunHere(20);
   std::mt19937 rng(std::random_device{}());
+  std::vector<double> direct_waits, proxied_waits;
   for (int kill = 0; kill < kKills && !::testing::Test::HasFailure(); kill++) {
     SCOPED_TRACE("kill " + std::to_string(kill));
     TempDir dir;
     auto hosts = StartHosts(dir, platform_name());
     ASSERT_NE(hosts, nullptr);
-    cli::LoadOptions o = hosts->Load(Host::kA);
-    o.clients = 8;
-    o.duration_s = 2;
-    absl::StatusOr<cli::LoadReport> report;
-    std::thread load([&] { report = cli::RunLoad(o); });
-    // A random moment of the run (this is when the primary dies, not a wait for something).
-    std::this_thread::sleep_for(std::chrono::milliseconds(300 + rng() % 1200));
+    TwoLoads loads(*hosts, Host::kA);
+    EXPECT_TRUE(loads.WaitRunning());
+    // A random moment of the 2 s run (this is when the primary dies, not a wait for something).
+    std::this_thread::sleep_for(std::chrono::milliseconds(100 + rng() % 1400));
     auto killed = std::chrono::steady_clock::now();
     hosts->process(Host::kA).Signal(SIGKILL);
     auto promoted = hosts->process(Host::kB).WaitForLine("promoted (", testing::ScaledMs(30));
-    load.join();
+    loads.Join();
     cli::Process& b = hosts->process(Host::kB);
     ASSERT_TRUE(promoted.ok()) << promoted.status() << b.output();
+    const auto& report = loads.direct;
     ASSERT_TRUE(report.ok()) << report.status();
     EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << b.output();
     EXPECT_EQ(report->lost_acknowledged, 0u);
     EXPECT_GT(report->switches, 0u) << cli::FormatReport(*report);
     ASSERT_TRUE(report->first_standby_answer.has_value());
     EXPECT_GT(*report->first_standby_answer, killed);
+    ExpectNothingButAPause(loads.proxied, *hosts->proxy());
+    EXPECT_TRUE(hosts->proxy()
+                    ->WaitForLine(absl::StrCat("primary: 127.0.0.1:", hosts->ledger_port(Host::kB)),
+                                  testing::ScaledMs(10))
+                    .ok())
+        << hosts->proxy()->output();
+    if (loads.proxied.ok()) {
+      direct_waits.push_back(report->max_us / 1000);
+      proxied_waits.push_back(loads.proxied->max_us / 1000);
+      std::printf(
+          "kill %d: the clients' longest wait %.1f ms through the proxy, %.1f ms direct "
+          "(--standby); through the proxy %lu requests, 0 errors, 0 reconnects\n",
+          kill, loads.proxied->max_us / 1000, report->max_us / 1000,
+          static_cast<unsigned long>(loads.proxied->requests));
+    }
     b.Signal(SIGTERM);
     EXPECT_EQ(b.Wait(testing::ScaledMs(60)), 0) << b.output();
   }
+  std::printf(
+      "failover, %zu kills on %s: the clients' longest wait through the proxy: %s; direct "
+      "(--standby): %s\n",
+      proxied_waits.size(), platform_name().c_str(), Waits(proxied_waits).c_str(),
+      Waits(direct_waits).c_str());
 }
 
-// Must-show 4: `romulus migrate` under load, and back. The clients see a pause and a reconnect
-// to the other address, no error, and every invariant holds on the new primary. The old primary
-// becomes the mirror of the new one (seeded with its own memory and disk), so the second
-// migration needs no full copy first.
 ROMULUS_ON_EVERY_PLATFORM(VmFailover);
 
+// Must-show 4: `romulus migrate` under load, and back. The clients see a pause (the direct ones
+// also a reconnect to the other address), no error, and every invariant holds on the new
+// primary. The old primary becomes the mirror of the new one (seeded with its own memory and
+// disk), so the second migration needs no full copy first.
 class VmMigration : public testing::PlatformTest {};
 
 TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
@@ -395,23 +466,30 @@ TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
   ASSERT_NE(hosts, nullptr);
   for (auto [from, to] : {std::pair{Host::kA, Host::kB}, std::pair{Host::kB, Host::kA}}) {
     SCOPED_TRACE(cli::LocalHosts::Name(from));
-    cli::LoadOptions o = hosts->Load(from);
-    o.clients = 8;
-    o.duration_s = 2;
-    absl::StatusOr<cli::LoadReport> report;
-    std::thread load([&] { report = cli::RunLoad(o); });
+    TwoLoads loads(*hosts, from);
+    EXPECT_TRUE(loads.WaitRunning());
     std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
     Child migrate({"migrate", "--socket", hosts->control_socket(from)});
     int rc = migrate.Wait(60);
-    load.join();
+    loads.Join();
     cli::Process& new_primary = hosts->process(to);
     ASSERT_EQ(rc, 0) << migrate.output() << hosts->process(from).output() << new_primary.output();
     EXPECT_THAT(migrate.output(), HasSubstr("this host is now its mirror"));
     EXPECT_TRUE(new_primary.WaitForLine("handed over: resumed epoch", testing::ScaledMs(10)).ok())
         << new_primary.output();
+    const auto& report = loads.direct;
     ASSERT_TRUE(report.ok()) << report.status();
     EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
     EXPECT_EQ(report->unresolved, 0u);
+    ExpectNothingButAPause(loads.proxied, *hosts->proxy());
+    if (loads.proxied.ok()) {
+      std::printf(
+          "migration %s -> %s on %s: the clients' longest wait %.1f ms through the proxy, %.1f "
+          "ms direct (--standby); through the proxy %lu requests, 0 errors, 0 reconnects\n",
+          cli::LocalHosts::Name(from), cli::LocalHosts::Name(to), platform_name().c_str(),
+          loads.proxied->max_us / 1000, report->max_us / 1000,
+          static_cast<unsigned long>(loads.proxied->requests));
+    }
     // Protected again: the old primary, now the mirror, has the new one's synchronisation.
     ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", testing::ScaledMs(60)).ok())
         << new_primary.output();
@@ -419,10 +497,10 @@ TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
   EXPECT_TRUE(hosts->Stop().ok());
 }
 
-// The main job: `romulus demo` runs its three acts (failover, re-protection, migration back) and
-// every check in them passes.
 ROMULUS_ON_EVERY_PLATFORM(VmMigration);
 
+// The main job: `romulus demo` runs its three acts (failover, re-protection, migration back),
+// its clients through a proxy, and every check in them passes.
 class VmDemo : public testing::PlatformTest {};
 
 TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
@@ -431,6 +509,8 @@ TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
   ASSERT_EQ(demo.Wait(300), 0) << demo.output();
   EXPECT_THAT(demo.output(), HasSubstr("\"ok\":true"));
   EXPECT_THAT(demo.output(), HasSubstr("\"lost_acknowledged\":0"));
+  // Its clients go through a proxy: neither act showed them an error answer or a reconnect.
+  EXPECT_THAT(demo.output(), HasSubstr("\"client_visible_errors\":0"));
 }
 
 ROMULUS_ON_EVERY_PLATFORM(VmDemo);
