@@ -49,6 +49,10 @@ class SwitchoverNetns : public ::testing::Test {
       o.paths.push_back({{net + me, kHeartbeatPort}, {net + peer, kHeartbeatPort}});
     }
     o.on_peer_dead = [deaths] { ++*deaths; };
+    // These tests are about paths (cut, lossy, partitioned), not about how soon a death is seen:
+    // at the 50 ms default a process stalled that long on a loaded machine (under TSan, seen
+    // once) counts as a dead peer.
+    o.timeout = testing::ScaledMs(0.2);
     std::unique_ptr<Heartbeat> hb;
     lab_.RunIn(node, [&] {
       auto started = Heartbeat::Start(o);
