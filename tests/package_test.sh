@@ -21,6 +21,7 @@ files=$(awk '{print $6}' <<<"$listing")
 for f in ./usr/bin/romulus ./usr/lib/systemd/system/romulus-primary@.service \
          ./usr/lib/systemd/system/romulus-mirror@.service \
          ./usr/lib/systemd/system/romulus-witness.service \
+         ./usr/lib/systemd/system/romulus-proxy@.service ./usr/share/doc/romulus/examples/vm1-proxy.conf \
          ./usr/share/doc/romulus/examples/vm1-primary.conf ./usr/share/doc/romulus/README.md \
          ./usr/lib/ocf/resource.d/romulus/romulus; do
   grep -qxF "$f" <<<"$files" || fail "the package lacks $f"

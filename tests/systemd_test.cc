@@ -71,7 +71,7 @@ TEST(SystemdUnits, EveryUnitPassesSystemdAnalyzeVerify) {
     units.push_back(name.find("@.") != std::string::npos ? name.replace(name.find("@."), 2, "@vm1.")
                                                          : name);
   }
-  ASSERT_EQ(units.size(), 3u);
+  ASSERT_EQ(units.size(), 4u);
   for (const std::string& unit : units) {
     auto [rc, out] = RunShell("cd / && systemd-analyze verify --root=" + root.path() + " " + unit);
     EXPECT_EQ(rc, 0) << unit << ": " << out;
@@ -80,16 +80,14 @@ TEST(SystemdUnits, EveryUnitPassesSystemdAnalyzeVerify) {
 }
 
 TEST(SystemdUnits, TheExampleConfigsLoad) {
-  for (const char* name : {"vm1-primary.conf", "vm1-mirror.conf"}) {
-    std::string path = std::string(ROMULUS_SOURCE_DIR) + "/systemd/examples/" + name;
-    if (std::string(name).find("primary") != std::string::npos) {
-      auto c = cli::LoadPrimaryConfig(path);
-      EXPECT_TRUE(c.ok()) << c.status();
-    } else {
-      auto c = cli::LoadMirrorConfig(path);
-      EXPECT_TRUE(c.ok()) << c.status();
-    }
-  }
+  std::string dir = std::string(ROMULUS_SOURCE_DIR) + "/systemd/examples/";
+  auto primary = cli::LoadPrimaryConfig(dir + "vm1-primary.conf");
+  EXPECT_TRUE(primary.ok()) << primary.status();
+  auto mirror = cli::LoadMirrorConfig(dir + "vm1-mirror.conf");
+  EXPECT_TRUE(mirror.ok()) << mirror.status();
+  auto proxy = cli::LoadProxyConfig(dir + "vm1-proxy.conf");
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  EXPECT_EQ(proxy->host_size(), 2);
 }
 
 // The socket systemd passes in NOTIFY_SOCKET: a unix datagram socket whose messages the test
