@@ -330,23 +330,41 @@ TEST_P(VmSystemd, APrimaryWhoseEpochLoopIsStuckStopsPingingTheWatchdog) {
 
 ROMULUS_ON_EVERY_PLATFORM(VmSystemd);
 
+// A daemon started as systemd starts a Type=notify unit: READY, a STATUS saying `status`, watchdog
+// pings after READY, and STOPPING when told to stop.
+void ExpectNotifyLifecycle(const TempDir& dir, const std::vector<std::string>& args,
+                           const std::string& status_text) {
+  NotifySocket socket(dir.File(args[0] + ".notify"));
+  ASSERT_TRUE(socket.bound());
+  auto daemon = StartNotified(socket, kWatchdog, args);
+  ASSERT_NE(daemon, nullptr);
+  ASSERT_NE(socket.WaitFor("READY=1", 30), "") << daemon->output();
+  int status = IndexOf(socket.seen, "STATUS=");
+  ASSERT_GE(status, 0) << Joined(socket.seen);
+  EXPECT_NE(socket.seen[status].find(status_text), std::string::npos) << Joined(socket.seen);
+  ASSERT_NE(socket.WaitFor("WATCHDOG=1", 10), "") << Joined(socket.seen);
+  EXPECT_LT(IndexOf(socket.seen, "READY=1"), IndexOf(socket.seen, "WATCHDOG=1"));
+  daemon->Signal(SIGTERM);
+  EXPECT_NE(socket.WaitFor("STOPPING=1", 30), "") << Joined(socket.seen);
+  EXPECT_EQ(daemon->Wait(testing::ScaledMs(30)), 0) << daemon->output();
+}
+
 TEST(Systemd, TheWitnessSendsReadyStatusAndWatchdogAndStopping) {
   TempDir dir;
   std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
-  NotifySocket socket(dir.File("witness.notify"));
-  ASSERT_TRUE(socket.bound());
-  auto witness = StartNotified(
-      socket, kWatchdog, {"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key")});
-  ASSERT_NE(witness, nullptr);
-  ASSERT_NE(socket.WaitFor("READY=1", 30), "") << witness->output();
-  int status = IndexOf(socket.seen, "STATUS=");
-  ASSERT_GE(status, 0) << Joined(socket.seen);
-  EXPECT_NE(socket.seen[status].find("serving leases"), std::string::npos) << Joined(socket.seen);
-  ASSERT_NE(socket.WaitFor("WATCHDOG=1", 10), "") << Joined(socket.seen);
-  EXPECT_LT(IndexOf(socket.seen, "READY=1"), IndexOf(socket.seen, "WATCHDOG=1"));
-  witness->Signal(SIGTERM);
-  EXPECT_NE(socket.WaitFor("STOPPING=1", 30), "") << Joined(socket.seen);
-  EXPECT_EQ(witness->Wait(testing::ScaledMs(30)), 0) << witness->output();
+  ExpectNotifyLifecycle(dir, {"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key")},
+                        "serving leases");
+}
+
+// romulus-proxy@.service: with no host answering yet, the proxy is ready (it holds requests).
+TEST(Systemd, TheProxySendsReadyStatusAndWatchdogAndStopping) {
+  TempDir dir;
+  uint16_t port = testing::FreePort(), host = port;
+  for (int i = 0; i < 100 && host == port; i++) host = testing::FreePort();
+  ASSERT_NE(host, port);
+  std::ofstream(dir.File("proxy.conf"))
+      << "port: " << port << "\nhost: \"127.0.0.1:" << host << "\"\n";
+  ExpectNotifyLifecycle(dir, {"proxy", "--config", dir.File("proxy.conf")}, "primary unknown");
 }
 
 // Without NOTIFY_SOCKET (started by hand, by a test, by another supervisor) nothing changes.
