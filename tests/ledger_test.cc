@@ -39,16 +39,6 @@ class VmLedger : public testing::PlatformTest {
     EXPECT_TRUE(c.ok()) << c.status();
     return std::move(*c);
   }
-  static pb::LedgerRequest Request(uint64_t client, uint64_t id, pb::LedgerOp op,
-                                   uint32_t account = 0, int64_t amount = 0) {
-    pb::LedgerRequest q;
-    q.set_client_id(client);
-    q.set_request_id(id);
-    q.set_op(op);
-    q.set_account(account);
-    q.set_amount(amount);
-    return q;
-  }
 
   TempDir dir_;
   vmm::OutputGate gate_;
@@ -79,29 +69,29 @@ TEST_P(VmLedger, ConcurrentRandomTransfersKeepInvariants) {
 
 TEST_P(VmLedger, RetriedRequestAppliesOnceAndOlderIdsAreRefused) {
   auto c = Connect();
-  auto open = c.Call(Request(99, 1, pb::OPEN));
+  auto open = c.Call(testing::LedgerRequest(99, 1, pb::OPEN));
   ASSERT_TRUE(open.ok()) << open.status();
   ASSERT_EQ(open->status(), RML_OK);
   uint32_t account = open->account();
-  auto first = c.Call(Request(99, 2, pb::DEPOSIT, account, 50));
+  auto first = c.Call(testing::LedgerRequest(99, 2, pb::DEPOSIT, account, 50));
   ASSERT_TRUE(first.ok());
   ASSERT_EQ(first->status(), RML_OK);
   EXPECT_EQ(first->balance(), 50);
   // The same request again, even on a new connection, returns the stored answer.
   auto c2 = Connect();
-  auto retry = c2.Call(Request(99, 2, pb::DEPOSIT, account, 50));
+  auto retry = c2.Call(testing::LedgerRequest(99, 2, pb::DEPOSIT, account, 50));
   ASSERT_TRUE(retry.ok());
   EXPECT_EQ(retry->status(), RML_OK);
   EXPECT_EQ(retry->seq(), first->seq());
   EXPECT_EQ(retry->balance(), 50);
-  auto read = c2.Call(Request(99, 3, pb::READ, account));
+  auto read = c2.Call(testing::LedgerRequest(99, 3, pb::READ, account));
   ASSERT_TRUE(read.ok());
   EXPECT_EQ(read->balance(), 50);  // applied once
   // An id older than the client's last is never applied.
-  auto stale = c2.Call(Request(99, 2 - 1, pb::DEPOSIT, account, 50));
+  auto stale = c2.Call(testing::LedgerRequest(99, 2 - 1, pb::DEPOSIT, account, 50));
   ASSERT_TRUE(stale.ok());
   EXPECT_EQ(stale->status(), RML_ERR_STALE_REQUEST);
-  auto read2 = c2.Call(Request(99, 4, pb::READ, account));
+  auto read2 = c2.Call(testing::LedgerRequest(99, 4, pb::READ, account));
   ASSERT_TRUE(read2.ok());
   EXPECT_EQ(read2->balance(), 50);
 }
@@ -109,8 +99,8 @@ TEST_P(VmLedger, RetriedRequestAppliesOnceAndOlderIdsAreRefused) {
 TEST_P(VmLedger, HeldResponsesWaitForTheGateAndLeaveInOrder) {
   gate_.SetHolding(true);
   auto c = Connect();
-  ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(Request(5, 1, pb::OPEN))).ok());
-  ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(Request(5, 2, pb::READ, 0))).ok());
+  ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(testing::LedgerRequest(5, 1, pb::OPEN))).ok());
+  ASSERT_TRUE(c.SendBytes(vmm::EncodeFrame(testing::LedgerRequest(5, 2, pb::READ, 0))).ok());
   auto deadline = std::chrono::steady_clock::now() + testing::Scaled(10);
   while (gate_.held() < 2 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the gate

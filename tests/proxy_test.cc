@@ -74,16 +74,7 @@ class ProxyTest : public ::testing::Test {
   std::unique_ptr<cli::Proxy> proxy_;
 };
 
-pb::LedgerRequest Request(uint64_t client, uint64_t id, pb::LedgerOp op, uint32_t account = 0,
-                          int64_t amount = 0) {
-  pb::LedgerRequest q;
-  q.set_client_id(client);
-  q.set_request_id(id);
-  q.set_op(op);
-  q.set_account(account);
-  q.set_amount(amount);
-  return q;
-}
+using testing::LedgerRequest;
 
 // `romulus load` against the proxy alone (no --standby): the first host dies with a request
 // applied and its answer never sent; the proxy holds, finds the second host and resends there.
@@ -128,20 +119,20 @@ TEST_F(ProxyTest, ARequestAppliedByAHostThatDiedIsAnsweredOnceByTheNext) {
   TwoHostLedger ledger(/*die_after=*/3);
   Start({ledger.port(0), ledger.port(1)}, std::chrono::milliseconds(10000));
   cli::LedgerClient c = Connect();
-  auto open = c.Call(Request(42, 1, pb::OPEN));
+  auto open = c.Call(LedgerRequest(42, 1, pb::OPEN));
   ASSERT_TRUE(open.ok()) << open.status();
   ASSERT_EQ(open->status(), RML_OK);
   uint32_t account = open->account();
-  auto first = c.Call(Request(42, 2, pb::DEPOSIT, account, 100));
+  auto first = c.Call(LedgerRequest(42, 2, pb::DEPOSIT, account, 100));
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(first->balance(), 100);
-  auto second = c.Call(Request(42, 3, pb::DEPOSIT, account, 50));  // the first host dies
+  auto second = c.Call(LedgerRequest(42, 3, pb::DEPOSIT, account, 50));  // the first host dies
   ASSERT_TRUE(second.ok()) << second.status() << Log();
   EXPECT_TRUE(ledger.died());
   EXPECT_EQ(second->status(), RML_OK) << second->error();
   EXPECT_EQ(second->request_id(), 3u);
   EXPECT_EQ(second->balance(), 150);
-  auto read = c.Call(Request(42, 4, pb::READ, account));
+  auto read = c.Call(LedgerRequest(42, 4, pb::READ, account));
   ASSERT_TRUE(read.ok()) << read.status();
   EXPECT_EQ(read->balance(), 150) << "the resent deposit was applied twice";
   EXPECT_GE(proxy_->stats().resent, 1u);
@@ -153,7 +144,7 @@ TEST_F(ProxyTest, ARequestAppliedByAHostThatDiedIsAnsweredOnceByTheNext) {
 TEST_F(ProxyTest, ARequestNoHostTookGetsAClearErrorAfterTheHoldBound) {
   Start({testing::FreePort()}, std::chrono::milliseconds(300));
   cli::LedgerClient c = Connect();
-  auto r = c.Call(Request(7, 1, pb::OPEN));
+  auto r = c.Call(LedgerRequest(7, 1, pb::OPEN));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->status(), RML_ERR_UNAVAILABLE);
   EXPECT_EQ(r->client_id(), 7u);
@@ -163,7 +154,7 @@ TEST_F(ProxyTest, ARequestNoHostTookGetsAClearErrorAfterTheHoldBound) {
   EXPECT_EQ(proxy_->stats().expired, 1u);
   EXPECT_EQ(LogLines("no host accepts").size(), 1u) << Log();
   // The connection stays usable: the next request is held and answered the same way.
-  auto again = c.Call(Request(7, 2, pb::OPEN));
+  auto again = c.Call(LedgerRequest(7, 2, pb::OPEN));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->status(), RML_ERR_UNAVAILABLE);
   EXPECT_EQ(again->request_id(), 2u);
@@ -182,7 +173,7 @@ TEST_F(ProxyTest, ARequestAHostTookButNeverAnsweredMayHaveBeenAppliedAndSaysSo) 
   ASSERT_EQ(::getsockname(silent.get(), reinterpret_cast<sockaddr*>(&a), &len), 0);
   Start({ntohs(a.sin_port)}, std::chrono::milliseconds(300), std::chrono::milliseconds(600000));
   cli::LedgerClient c = Connect();
-  auto r = c.Call(Request(7, 1, pb::OPEN));
+  auto r = c.Call(LedgerRequest(7, 1, pb::OPEN));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->status(), RML_ERR_UNAVAILABLE);
   EXPECT_THAT(r->error(), HasSubstr("it may have been applied: send the same request id again"));
@@ -196,7 +187,7 @@ TEST_F(ProxyTest, GarbageFromAClientClosesOnlyItAfterAnsweringWhatItSentBefore) 
   TwoHostLedger ledger(/*die_after=*/0);
   Start({ledger.port(0), ledger.port(1)}, std::chrono::milliseconds(10000));
   cli::LedgerClient good = Connect();
-  auto open = good.Call(Request(1, 1, pb::OPEN));
+  auto open = good.Call(LedgerRequest(1, 1, pb::OPEN));
   ASSERT_TRUE(open.ok()) << open.status();
   ASSERT_EQ(open->status(), RML_OK);
 
@@ -211,7 +202,8 @@ TEST_F(ProxyTest, GarbageFromAClientClosesOnlyItAfterAnsweringWhatItSentBefore) 
     SCOPED_TRACE(k.why);
     cli::LedgerClient bad = Connect();
     // A good request, then the garbage, in one write: the first is still answered.
-    std::string bytes = vmm::EncodeFrame(Request(2, ++id, pb::READ, open->account())) + k.garbage;
+    std::string bytes =
+        vmm::EncodeFrame(LedgerRequest(2, ++id, pb::READ, open->account())) + k.garbage;
     ASSERT_TRUE(bad.SendBytes(bytes).ok());
     auto answer = bad.Receive();
     ASSERT_TRUE(answer.ok()) << answer.status();
@@ -224,7 +216,7 @@ TEST_F(ProxyTest, GarbageFromAClientClosesOnlyItAfterAnsweringWhatItSentBefore) 
     EXPECT_THAT(error->error(), HasSubstr(k.why));
     EXPECT_FALSE(bad.Receive().ok()) << "the connection should be closed";
     EXPECT_EQ(LogLines(k.why).size(), 1u) << Log();
-    auto served = good.Call(Request(1, ++id, pb::DEPOSIT, open->account(), 5));
+    auto served = good.Call(LedgerRequest(1, ++id, pb::DEPOSIT, open->account(), 5));
     ASSERT_TRUE(served.ok()) << served.status();
     EXPECT_EQ(served->status(), RML_OK);
   }
@@ -254,7 +246,7 @@ TEST_F(ProxyTest, AClientThatDoesNotReadStallsOnlyItself) {
   bool stalled = false;
   auto deadline = std::chrono::steady_clock::now() + testing::Scaled(60);
   while (written < kMax && std::chrono::steady_clock::now() < deadline) {
-    if (pending.empty()) pending = vmm::EncodeFrame(Request(9, written + 1, pb::READ));
+    if (pending.empty()) pending = vmm::EncodeFrame(LedgerRequest(9, written + 1, pb::READ));
     ssize_t n = ::send(slow.get(), pending.data(), pending.size(), MSG_NOSIGNAL);
     if (n > 0) {
       pending.erase(0, static_cast<size_t>(n));
@@ -275,7 +267,7 @@ TEST_F(ProxyTest, AClientThatDoesNotReadStallsOnlyItself) {
 
   cli::LedgerClient other = Connect();
   for (uint64_t i = 1; i <= 100; i++) {
-    auto r = other.Call(Request(10, i, pb::OPEN));
+    auto r = other.Call(LedgerRequest(10, i, pb::OPEN));
     ASSERT_TRUE(r.ok()) << r.status() << " at request " << i;
     ASSERT_EQ(r->request_id(), i);
     ASSERT_EQ(r->status(), RML_OK);
@@ -308,7 +300,7 @@ TEST(ProxyCommand, RefusesABadConfigInOneLineAndServesAGoodOneUntilStopped) {
   auto c = cli::LedgerClient::Connect("127.0.0.1", port,
                                       static_cast<int>(testing::ScaledMs(20).count()));
   ASSERT_TRUE(c.ok()) << c.status();
-  auto r = c->Call(Request(5, 1, pb::OPEN));
+  auto r = c->Call(LedgerRequest(5, 1, pb::OPEN));
   ASSERT_TRUE(r.ok()) << r.status() << proxy.output();
   EXPECT_EQ(r->status(), RML_OK);
   proxy.Signal(SIGTERM);

@@ -217,4 +217,15 @@ uint16_t FreePort(int type) {
   return port.ok() ? *port : 0;
 }
 
+pb::LedgerRequest LedgerRequest(uint64_t client, uint64_t id, pb::LedgerOp op, uint32_t account,
+                                int64_t amount) {
+  pb::LedgerRequest q;
+  q.set_client_id(client);
+  q.set_request_id(id);
+  q.set_op(op);
+  q.set_account(account);
+  q.set_amount(amount);
+  return q;
+}
+
 }  // namespace romulus::testing

@@ -163,6 +163,10 @@ class DescriptorLimit {
 // A loopback port that was free a moment ago (for SOCK_STREAM or SOCK_DGRAM).
 uint16_t FreePort(int type = 1 /* SOCK_STREAM */);
 
+// A ledger request as a client sends it.
+pb::LedgerRequest LedgerRequest(uint64_t client, uint64_t id, pb::LedgerOp op, uint32_t account = 0,
+                                int64_t amount = 0);
+
 // The value of `key=` in a `key=value ...` line ("" if absent).
 std::string Field(const std::string& line, const std::string& key);
 uint64_t UintField(const std::string& line, const std::string& key);
