@@ -2,7 +2,8 @@
 // epoch changed (pages, disk writes, vCPU and device state) and resumes it; outputs produced in
 // an epoch are released only when that epoch is acknowledged. On the mirror, the ReplicaStore
 // verifies a whole checkpoint and only then applies it, so the replica is always exactly some
-// committed checkpoint.
+// committed checkpoint. One header for the three: EpochEngine (epoch_engine.cc), ReplicaStore
+// (replica_store.cc), and what both compute alike, the hash trees and digests (digests.cc).
 #ifndef ROMULUS_CHECKPOINT_CHECKPOINT_H_
 #define ROMULUS_CHECKPOINT_CHECKPOINT_H_
 

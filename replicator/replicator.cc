@@ -10,18 +10,15 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
-#include <deque>
 #include <fstream>
 #include <mutex>
 #include <random>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "replicator/channel.h"
 #include "replicator/mirror_session.h"
+#include "replicator/primary_session.h"
 #include "vmm/sys.h"
 
 namespace romulus::replicator {
@@ -29,18 +26,15 @@ namespace {
 
 // Reconnecting waits this long at first, doubling while connections get nowhere, up to the max.
 constexpr std::chrono::milliseconds kBackOffFirst{25}, kBackOffMax{1000};
-// The primary's epoch loop sends a keepalive frame when it has sent nothing for this long.
-constexpr std::chrono::milliseconds kKeepalive{10};
-// Either side's channel sends one when it has sent nothing for this long, also while its own
-// thread is busy (a mirror committing a large checkpoint, a primary hashing its memory): the
-// peer's receive timeout then measures this host's life, not the length of its work.
+// Either side's channel sends a keepalive frame when it has sent nothing for this long, also while
+// its own thread is busy (a mirror committing a large checkpoint, a primary hashing its memory):
+// the peer's receive timeout then measures this host's life, not the length of its work.
 constexpr std::chrono::milliseconds kChannelKeepalive{100};
 // Frames a mirror receives and opens ahead of the one it stages (at most 4 x 4 MiB held).
 constexpr size_t kFramesReadAhead = 4;
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
-using checkpoint::Checkpoint;
 
 }  // namespace
 
@@ -227,77 +221,47 @@ class MirrorImpl : public Mirror {
   Stats stats_;
 };
 
+// The primary's connection manager: connects to the mirror, hands each connection to the
+// PrimarySession (the epoch protocol), and when one ends decides how to go on: back off while
+// connections get nowhere, shrink the next synchronisation's frames, run unprotected if allowed.
 class PrimaryImpl : public Primary {
  public:
   PrimaryImpl(checkpoint::EpochEngine& engine, vmm::OutputGate& gate, Options options)
-      : engine_(engine), gate_(gate), options_(std::move(options)) {
-    if (::getrandom(&session_, sizeof(session_), 0) != sizeof(session_)) std::abort();
-    session_ |= 1;
+      : gate_(gate), options_(std::move(options)), session_(engine, gate, options_) {
+    if (::getrandom(&session_id_, sizeof(session_id_), 0) != sizeof(session_id_)) std::abort();
+    session_id_ |= 1;
     if (!options_.run_unprotected) {
-      SetState("no mirror yet: outputs held until one commits");
+      session_.SetState("no mirror yet: outputs held until one commits");
     } else if (!options_.before_unprotected) {
       GoUnprotected("no mirror: ");
     } else {
       // The hook may take a while: it runs on the connecting thread, first thing.
-      SetState("no mirror yet: outputs held until before_unprotected has run");
+      session_.SetState("no mirror yet: outputs held until before_unprotected has run");
     }
   }
 
   ~PrimaryImpl() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      if (channel_) channel_->Shutdown();
-    }
-    cv_.notify_all();
-    if (epoch_thread_.joinable()) epoch_thread_.join();
+    session_.Stop();
     if (connect_thread_.joinable()) connect_thread_.join();
   }
 
   void Start() {
-    epoch_thread_ = std::thread([this] {
-      vmm::NameThread("rml-epoch");
-      EpochLoop();
-    });
+    session_.StartEpochClock();
     connect_thread_ = std::thread([this] {
       vmm::NameThread("rml-send");
       ConnectLoop();
     });
   }
 
-  Stats stats() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    Stats s = stats_;
-    s.connected = connected_;
-    if (s.sync.active) {
-      s.sync.seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
-    }
-    if (!protected_) {
-      s.unprotected_seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - unprotected_since_)
-              .count();
-    }
-    s.held_outputs = gate_.held();
-    s.epoch_loop_at = std::chrono::steady_clock::time_point(
-        std::chrono::steady_clock::duration(epoch_loop_ns_.load()));
-    s.pause_seconds = engine_.pause_seconds();
-    s.commit_seconds = engine_.commit_seconds();
-    s.dirty_pages_per_epoch = dirty_pages_per_epoch_.snapshot();
-    auto e = engine_.stats();
-    s.lag_epochs = e.epochs > e.acknowledged ? e.epochs - e.acknowledged : 0;
-    return s;
+  Stats stats() const override { return session_.stats(); }
+
+  absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
+                                          const std::function<absl::Status()>& committed,
+                                          const std::string& reason) override {
+    return session_.HandOver(timeout, committed, reason);
   }
 
  private:
-  void SetState(std::string state) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (state != stats_.state) {
-      stats_.state = state;
-      Log(options_.log, state);
-    }
-  }
-
   // With run_unprotected, while no mirror is connected: outputs leave without one, once
   // before_unprotected (if set) succeeded; until then they stay held, and the next connection
   // attempt tries again. On the connecting thread (or the constructor, without a hook).
@@ -305,52 +269,16 @@ class PrimaryImpl : public Primary {
     if (!options_.run_unprotected) return;
     if (!released_unprotected_ && options_.before_unprotected) {
       if (absl::Status s = options_.before_unprotected(); !s.ok()) {
-        SetState(absl::StrCat(why,
-                              "outputs held (not running unprotected until "
-                              "before_unprotected succeeds): ",
-                              s.message()));
+        session_.SetState(absl::StrCat(why,
+                                       "outputs held (not running unprotected until "
+                                       "before_unprotected succeeds): ",
+                                       s.message()));
         return;
       }
     }
     released_unprotected_ = true;
     gate_.SetHolding(false);
-    SetState(absl::StrCat(why, "running UNPROTECTED, outputs released"));
-  }
-
-  // Takes a checkpoint every epoch while a mirror is connected and queues it for sending.
-  void EpochLoop() {
-    auto next = std::chrono::steady_clock::now();
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stop_) {
-      next += options_.epoch;
-      auto now = std::chrono::steady_clock::now();
-      if (next < now) next = now;  // a stretched epoch: start the next one now
-      cv_.wait_until(lock, next, [this] { return stop_; });
-      epoch_loop_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
-      if (stop_ || !connected_ || handing_over_) continue;
-      taking_ = true;
-      lock.unlock();
-      auto cp = engine_.TakeCheckpoint(std::chrono::milliseconds(1000));
-      lock.lock();
-      taking_ = false;
-      cv_.notify_all();
-      if (!cp.ok()) continue;  // budget spent (mirror slow) or connection restarted: retry
-      Enqueue(std::move(*cp));
-    }
-  }
-
-  // A checkpoint just taken: counted, and queued for the send loop. With mu_ held.
-  void Enqueue(std::shared_ptr<const Checkpoint> cp) {
-    stats_.checkpoints++;
-    if (!cp->full) {
-      stats_.dirty_pages += cp->gfns.size();
-      dirty_pages_per_epoch_.Observe(static_cast<double>(cp->gfns.size()));
-    }
-    stats_.pause_ms.push_back(engine_.stats().last_pause_ms);
-    if (stats_.pause_ms.size() > 2000)
-      stats_.pause_ms.erase(stats_.pause_ms.begin(), stats_.pause_ms.begin() + 1000);
-    queue_.push_back(std::move(cp));
-    cv_.notify_all();
+    session_.SetState(absl::StrCat(why, "running UNPROTECTED, outputs released"));
   }
 
   // Before connecting again: a wait that doubles with each connection in a row that got
@@ -360,25 +288,19 @@ class PrimaryImpl : public Primary {
     using std::chrono::milliseconds;
     auto wait = std::min(kBackOffFirst * (1u << std::min<uint32_t>(no_progress_, 10)), kBackOffMax);
     double jitter = std::uniform_real_distribution<double>(0.5, 1.5)(rng);
-    std::unique_lock<std::mutex> lock(mu_);
-    stats_.failed_connections++;
-    cv_.wait_for(lock, std::chrono::duration_cast<milliseconds>(wait * jitter),
-                 [this] { return stop_; });
+    session_.BackOff(std::chrono::duration_cast<milliseconds>(wait * jitter));
   }
 
   void ConnectLoop() {
     asio::io_context io;
     std::string last_error;
-    std::mt19937_64 rng(session_);
+    std::mt19937_64 rng(session_id_);
     while (true) {
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        if (stop_) return;
-      }
+      if (session_.stopping()) return;
       if (!released_unprotected_) GoUnprotected(unprotected_why_);
       auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port,
-                                 {options_.identity, options_.key, options_.protection}, session_,
-                                 options_.peer_timeout);
+                                 {options_.identity, options_.key, options_.protection},
+                                 session_id_, options_.peer_timeout);
       if (!ch.ok()) {
         std::string err(ch.status().message());
         if (err != last_error) Log(options_.log, absl::StrCat("mirror unreachable: ", err));
@@ -400,471 +322,53 @@ class PrimaryImpl : public Primary {
         BackOff(rng);
         continue;
       }
-      mirror_roots_ = roots->replica_roots();
-      engine_.Restart();  // the first checkpoint on a connection is full
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        channel_ = std::move(*ch);
-        queue_.clear();
-        unacked_.clear();
-        committed_on_connection_ = false;
-        mirror_held_ = 0;
-        ack_failed_ = false;  // a failure of the previous connection's ack reader is history
-        acked_epoch_ = -1;
-        connection_++;
-        stats_.resyncs++;
-        stats_.peer = channel_->peer();
-        stats_.protection = channel_->protection();
-      }
-      SetState(absl::StrCat("synchronising with ", channel_->peer(),
-                            options_.run_unprotected ? ": running UNPROTECTED until it commits"
-                                                     : ": outputs held until it commits"));
-      uint64_t before_sync = channel_->bytes_sent();
-      absl::Status why = Synchronize();
-      {
-        std::lock_guard<std::mutex> lock(mu_);  // also what a synchronisation that failed sent
-        stats_.wire.resync += channel_->bytes_sent() - before_sync;
-      }
-      std::thread acks;
+      session_.Open(std::move(*ch), roots->replica_roots());
+      absl::Status why = session_.Synchronise(sync_batch_pages_);
       if (why.ok()) {
         // From the full checkpoint on, outputs wait for the mirror (they were released so far
         // only when running unprotected; the full checkpoint covers everything before it).
         if (options_.run_unprotected) gate_.SetHolding(true);
         released_unprotected_ = false;
-        std::lock_guard<std::mutex> lock(mu_);
-        connected_ = true;
-        cv_.notify_all();
-        acks = std::thread([this] {
-          vmm::NameThread("rml-acks");
-          AckLoop();
-        });
+        why = session_.Stream();
       }
-      if (why.ok()) why = SendLoop();
-      channel_->Shutdown();
-      if (acks.joinable()) acks.join();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        connected_ = false;
-        stats_.sync.active = false;
-        queue_.clear();
-        channel_.reset();
-      }
-      engine_.Restart();
+      PrimarySession::Outcome outcome = session_.Close();
       if (why.code() == absl::StatusCode::kCancelled) return;  // stopping, not a lost mirror
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (handed_over_) return;  // the VM runs at the mirror now
-      }
+      if (outcome.handed_over) return;                         // the VM runs at the mirror now
       if (options_.run_unprotected) {
         unprotected_why_ = absl::StrCat("mirror lost (", why.message(), "): ");
         GoUnprotected(unprotected_why_);
       } else {
-        SetState(absl::StrCat("mirror lost, outputs held: ", why.message()));
+        session_.SetState(absl::StrCat("mirror lost, outputs held: ", why.message()));
       }
-      bool progress;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (protected_) {
-          protected_ = false;
-          unprotected_since_ = std::chrono::steady_clock::now();
-          stats_.failed_connections = 0;
-        }
-        // Progress: a commit on this connection, or a synchronisation that found more of the VM
-        // at the mirror than the last one (what verified there is kept across connections).
-        progress = committed_on_connection_ || mirror_held_ > last_mirror_held_;
-        last_mirror_held_ = committed_on_connection_ ? 0 : mirror_held_;
-      }
+      session_.Unprotected();
+      // Progress: a commit on this connection, or a synchronisation that found more of the VM
+      // at the mirror than the last one (what verified there is kept across connections).
+      bool progress = outcome.committed || outcome.mirror_held > last_mirror_held_;
+      last_mirror_held_ = outcome.committed ? 0 : outcome.mirror_held;
       no_progress_ = progress ? 0 : no_progress_ + 1;
       // A synchronisation that did not finish shrinks the next one's page batches, so that on a
       // link that fails every so many bytes each connection still lands whole frames.
-      if (!committed_on_connection_) sync_batch_pages_ = std::max<size_t>(sync_batch_pages_ / 2, 4);
+      sync_batch_pages_ =
+          outcome.committed ? kPagesPerBatch : std::max<size_t>(sync_batch_pages_ / 2, 4);
       BackOff(rng);
     }
   }
 
-  absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
-                                          const std::function<absl::Status()>& committed,
-                                          const std::string& reason) override {
-    using Clock = std::chrono::steady_clock;
-    auto deadline = Clock::now() + timeout;
-    std::unique_lock<std::mutex> lock(mu_);
-    if (migrating_) return absl::FailedPreconditionError("a migration is already under way");
-    if (!connected_ || stats_.sync.active) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("not protected, so nothing to migrate to: ", stats_.state));
-    }
-    // Checkpoints in flight would be waited for with the VM paused: let them drain first
-    // (within half the time allowed; a mirror slower than the VM's writes never catches up).
-    migrating_ = true;
-    cv_.wait_until(lock, Clock::now() + timeout / 2, [this] {
-      auto e = engine_.stats();
-      return stop_ || !connected_ || e.epochs <= e.acknowledged + 1;
-    });
-    handing_over_ = true;  // the epoch loop takes no more checkpoints
-    send_notice_ = true;   // before the last checkpoint's frames
-    notice_until_ = deadline;
-    cv_.notify_all();
-    cv_.wait(lock, [this] { return !taking_; });
-    uint64_t connection = connection_;
-    std::string peer = stats_.peer;
-    lock.unlock();
-    SetState(absl::StrCat("migrating to ", peer, ": VM paused for the last checkpoint"));
-
-    // Until the mirror is told to resume, a failure leaves the VM with this host.
-    auto abort = [&](absl::string_view why) {
-      absl::Status resumed = engine_.HoldPaused(false);
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        handing_over_ = migrating_ = false;
-        send_notice_ = true;  // withdrawn: no hand-over is coming
-        notice_until_ = Clock::now();
-        cv_.notify_all();
-      }
-      std::string line = absl::StrCat("migration to ", peer, " did not happen: ", why,
-                                      resumed.ok() ? "; the VM runs here again" : "");
-      SetState(std::string(resumed.ok() ? "protected: " : "VM paused: ") + line);
-      return resumed.ok() ? absl::AbortedError(line)
-                          : absl::InternalError(absl::StrCat(
-                                line, "; resuming the VM here failed: ", resumed.message()));
-    };
-    auto lost = [&] { return stop_ || !connected_ || connection_ != connection; };
-    auto t0 = Clock::now();
-    if (auto s = engine_.HoldPaused(true); !s.ok()) return abort(s.message());
-    auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    auto cp = engine_.TakeCheckpoint(std::max(wait, std::chrono::milliseconds(1)));
-    if (!cp.ok()) return abort(cp.status().message());
-    HandoverReport report{.epoch = (*cp)->epoch, .final_pages = (*cp)->gfns.size()};
-    lock.lock();
-    if (lost()) {
-      lock.unlock();
-      return abort("the mirror connection ended");
-    }
-    Enqueue(*cp);
-    bool acked = cv_.wait_until(lock, deadline, [&] {
-      return lost() || acked_epoch_ >= static_cast<int64_t>(report.epoch);
-    });
-    if (!acked || lost()) {
-      lock.unlock();
-      return abort(acked ? "the mirror connection ended"
-                         : "the last checkpoint was not committed in time");
-    }
-    auto t_commit = Clock::now();
-    lock.unlock();
-    if (committed) {
-      if (auto s = committed(); !s.ok()) return abort(s.message());
-    }
-    lock.lock();
-    handover_reply_.reset();
-    handover_epoch_ = report.epoch;
-    handover_reason_ = reason;
-    send_handover_ = true;
-    cv_.notify_all();
-    bool answered = cv_.wait_until(lock, deadline, [&] {
-      return handover_reply_.has_value() || stop_ || connection_ != connection;
-    });
-    auto t_reply = Clock::now();
-    std::optional<pb::HandoverReply> reply = std::move(handover_reply_);
-    bool handed_over = handed_over_;
-    lock.unlock();
-    if (!answered || !reply) {
-      std::string line = absl::StrCat(
-          "migration to ", peer, ": the mirror was told to resume epoch ", report.epoch,
-          " but did not answer; the VM is left paused here (check which host runs it)");
-      SetState(line);
-      return absl::UnavailableError(line);
-    }
-    if (!handed_over) {
-      return abort(absl::StrCat("the mirror refused: ", reply->epoch() == report.epoch
-                                                            ? reply->error()
-                                                            : "answer for another epoch"));
-    }
-    report.commit_ms = std::chrono::duration<double, std::milli>(t_commit - t0).count();
-    report.downtime_ms = std::chrono::duration<double, std::milli>(t_reply - t0).count();
-    SetState(absl::StrFormat("handed over to %s at epoch %u: the VM runs there (downtime %.1f ms)",
-                             peer, report.epoch, report.downtime_ms));
-    return report;
-  }
-
-  // Finds out what the mirror's replica holds, comparing its hash trees with the VM's (hashed
-  // now, after BeginSync), and sends the pages it holds as such: they are not sent again.
-  absl::StatusOr<MirrorHoldings> CompareWithMirror() {
-    auto own = engine_.SyncTrees();
-    if (!own.ok()) return own.status();
-    auto ask = [this](const pb::TreeQuery& q) -> absl::StatusOr<pb::TreeAnswer> {
-      pb::Frame f;
-      *f.mutable_tree_query() = q;
-      if (auto s = channel_->Send(f); !s.ok()) return s;
-      auto reply = channel_->Receive();
-      if (!reply.ok()) return reply.status();
-      if (!reply->has_tree_answer()) return absl::DataLossError("expected a tree answer");
-      return std::move(*reply->mutable_tree_answer());
-    };
-    auto holdings = CompareTrees(*own, mirror_roots_, ask);
-    if (!holdings.ok()) return holdings.status();
-    pb::Frame done;
-    done.mutable_tree_query()->set_done(true);
-    if (auto s = channel_->Send(done); !s.ok()) return s;
-    for (const pb::Frame& f : SamePagesFrames(own->pages, *holdings)) {
-      for (uint64_t node : f.same_pages().nodes()) {
-        engine_.SkipSyncPages(own->pages, f.same_pages().level(), node);
-      }
-      if (auto s = channel_->Send(f); !s.ok()) return s;
-    }
-    return holdings;
-  }
-
-  // Sends memory and disk while the VM runs: first everything, then rounds of the pages written
-  // meanwhile, until what is left fits an epoch. The full checkpoint that the epoch loop takes
-  // next carries the rest and commits the whole synchronisation at the mirror.
-  absl::Status Synchronize() {
-    auto t0 = std::chrono::steady_clock::now();
-    uint64_t wire0 = channel_->bytes_sent();
-    auto update = [&](uint64_t done, uint64_t total, uint32_t round) {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.sync.done_bytes = done;
-      stats_.sync.total_bytes = total;
-      stats_.sync.round = round;
-      stats_.sync.wire_bytes = channel_->bytes_sent() - wire0;
-      if (stop_) return absl::CancelledError("stopping");
-      return absl::OkStatus();
-    };
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.sync = SyncProgress{.active = true};
-      sync_start_ = t0;
-    }
-    if (auto s = engine_.BeginSync(); !s.ok()) return s;
-    auto holdings = CompareWithMirror();
-    if (!holdings.ok()) return holdings.status();
-    uint64_t total = options_.identity.memory_bytes + options_.identity.disk_bytes;
-    uint64_t unchanged = holdings->same_page_count * vmm::kPageSize;  // already at the mirror
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      mirror_held_ = holdings->same_page_count + holdings->same_chunk_count;
-    }
-    uint64_t done = unchanged;
-    for (;;) {
-      auto chunk = engine_.NextSyncDisk();
-      if (!chunk.ok()) return chunk.status();
-      if (!chunk->has_value()) break;
-      pb::Frame f = SyncDiskFrame(**chunk, &holdings->chunks, options_.compression);
-      if (auto s = channel_->Send(f); !s.ok()) return s;
-      done += (*chunk)->data.size();
-      if (f.sync_disk().same()) unchanged += (*chunk)->data.size();
-      if (auto s = update(done, total, 0); !s.ok()) return s;
-    }
-    uint64_t pending = options_.identity.memory_bytes / vmm::kPageSize, previous = ~0ull;
-    uint32_t round = 0;
-    for (;; round++) {
-      for (;;) {
-        checkpoint::PageRun run = engine_.NextSyncPages(sync_batch_pages_);
-        if (run.gfns.empty()) break;
-        pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
-        if (auto s = channel_->Send(f); !s.ok()) return s;
-        done += run.gfns.size() * vmm::kPageSize;
-        if (auto s = update(done, total, round); !s.ok()) return s;
-      }
-      previous = pending;
-      auto left = engine_.RefreshSync();
-      if (!left.ok()) return left.status();
-      pending = *left;
-      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      double per_epoch = static_cast<double>(done) / std::max(elapsed, 1e-3) *
-                         std::chrono::duration<double>(options_.epoch).count();
-      if (static_cast<double>(pending * vmm::kPageSize) <= per_epoch || pending >= previous ||
-          round + 1 >= options_.max_sync_rounds) {
-        break;
-      }
-      total += pending * vmm::kPageSize;
-    }
-    uint64_t wire = channel_->bytes_sent() - wire0;
-    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.sync.final_pages = pending;
-      stats_.sync.unchanged_bytes = unchanged;
-    }
-    Log(options_.log,
-        absl::StrFormat("pre-copy done in %.2f s: %.1f MiB of memory and disk in %u rounds "
-                        "(%.1f MiB already at the mirror), %.1f MiB on the wire; %u pages left "
-                        "for the full checkpoint",
-                        elapsed, static_cast<double>(done) / (1 << 20), round + 1,
-                        static_cast<double>(unchanged) / (1 << 20),
-                        static_cast<double>(wire) / (1 << 20), pending));
-    return absl::OkStatus();
-  }
-
-  absl::Status SendLoop() {
-    for (;;) {
-      std::shared_ptr<const Checkpoint> cp;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        bool ready = cv_.wait_for(lock, kKeepalive, [this] {
-          return stop_ || !queue_.empty() || ack_failed_ || send_handover_ || send_notice_;
-        });
-        if (stop_) return absl::CancelledError("stopping");
-        if (ack_failed_) {
-          ack_failed_ = false;
-          return ack_error_;
-        }
-        if (send_notice_) {
-          send_notice_ = false;
-          auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-              notice_until_ - std::chrono::steady_clock::now());
-          pb::Frame f;
-          f.mutable_handover_notice()->set_within_ms(
-              static_cast<uint32_t>(std::clamp<int64_t>(left.count(), 0, UINT32_MAX)));
-          lock.unlock();
-          if (auto s = channel_->Send(f); !s.ok()) return s;
-          continue;
-        }
-        if (send_handover_ && queue_.empty()) {
-          send_handover_ = false;
-          pb::Frame f;
-          f.mutable_handover()->set_epoch(handover_epoch_);
-          f.mutable_handover()->set_reason(handover_reason_);
-          lock.unlock();
-          if (auto s = channel_->Send(f); !s.ok()) return s;
-          continue;
-        }
-        if (!ready) {
-          // Nothing to send (a long epoch): the mirror still hears from this primary, so that
-          // its heartbeats can count the replication stream as a sign of life.
-          lock.unlock();
-          pb::Frame f;
-          f.set_keepalive(true);
-          if (auto s = channel_->Send(f); !s.ok()) return s;
-          continue;
-        }
-        cp = queue_.front();
-        queue_.pop_front();
-        unacked_.push_back(cp->epoch);  // before its frames go: the ack may come at once
-      }
-      Stats::Wire sent;
-      for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression)) {
-        if (auto s = channel_->Send(f); !s.ok()) return s;
-        if (f.has_pages()) {
-          (f.pages().compression() == pb::LZ4 ? sent.compressed : sent.pages) +=
-              f.pages().data().size();
-          sent.zero_flags += f.pages().zero().size();
-        }
-        for (const std::string& d : f.disk().data()) sent.disk += d.size();
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.wire.pages += sent.pages;
-      stats_.wire.compressed += sent.compressed;
-      stats_.wire.zero_flags += sent.zero_flags;
-      stats_.wire.disk += sent.disk;
-      stats_.bytes_sent = channel_->bytes_sent();
-    }
-  }
-
-  void AckLoop() {
-    for (;;) {
-      auto f = channel_->Receive();
-      if (f.ok() && f->has_handover_reply()) {
-        std::lock_guard<std::mutex> lock(mu_);
-        handover_reply_ = f->handover_reply();
-        // Set here, before the mirror's close is read: the connect loop must not reconnect.
-        if (handover_reply_->resumed() && handover_reply_->epoch() == handover_epoch_) {
-          handed_over_ = true;
-        }
-        cv_.notify_all();
-        continue;
-      }
-      absl::Status bad;
-      if (!f.ok()) {
-        bad = f.status();
-      } else if (!f->has_ack()) {
-        bad = absl::DataLossError("mirror sent something other than an ack");
-      } else {
-        // The mirror commits checkpoints in the order they were sent and acknowledges each:
-        // anything but the oldest one not yet acknowledged would release outputs of epochs it
-        // may not hold.
-        std::lock_guard<std::mutex> lock(mu_);
-        if (unacked_.empty() || unacked_.front() != f->ack().epoch()) {
-          bad = absl::DataLossError(absl::StrCat(
-              "mirror acknowledged epoch ", f->ack().epoch(), " but ",
-              unacked_.empty() ? "none is awaiting acknowledgement"
-                               : absl::StrCat("epoch ", unacked_.front(), " is next")));
-        } else {
-          unacked_.pop_front();
-        }
-      }
-      if (!bad.ok()) {
-        std::lock_guard<std::mutex> lock(mu_);
-        ack_failed_ = true;
-        ack_error_ = bad;
-        cv_.notify_all();
-        return;
-      }
-      engine_.Acknowledge(f->ack().epoch());
-      bool first = false;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.acked++;
-        acked_epoch_ = static_cast<int64_t>(f->ack().epoch());
-        cv_.notify_all();
-        first = stats_.sync.active;
-        stats_.sync.active = false;
-        if (!committed_on_connection_) {
-          committed_on_connection_ = true;
-          protected_ = true;
-          no_progress_ = 0;
-          sync_batch_pages_ = kPagesPerBatch;
-        }
-        if (first) {
-          stats_.sync.seconds =
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start_).count();
-        }
-      }
-      if (first) SetState(absl::StrCat("protected: replicating to ", channel_->peer()));
-    }
-  }
-
-  checkpoint::EpochEngine& engine_;
   vmm::OutputGate& gate_;
   Options options_;
-  uint64_t session_ = 0;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false, connected_ = false, ack_failed_ = false;
-  bool taking_ = false;       // the epoch loop is taking a checkpoint
-  int64_t acked_epoch_ = -1;  // the last acknowledgement on this connection
-  uint64_t connection_ = 0;   // counts connections
-  // Planned migration: one at a time; no more checkpoints from the epoch loop; a hand-over frame
-  // to send; the mirror's answer; the VM runs at the mirror now.
-  bool migrating_ = false, handing_over_ = false, send_handover_ = false, handed_over_ = false;
-  bool send_notice_ = false;
-  std::chrono::steady_clock::time_point notice_until_;
-  uint64_t handover_epoch_ = 0;
-  std::string handover_reason_;
-  std::optional<pb::HandoverReply> handover_reply_;
-  absl::Status ack_error_;
-  std::deque<std::shared_ptr<const Checkpoint>> queue_;
-  checkpoint::Histogram dirty_pages_per_epoch_ = checkpoint::Histogram::Pages();
-  std::deque<uint64_t> unacked_;  // epochs sent on this connection and not yet acknowledged
-  // Protection: whether some mirror commits now, and since when none has.
-  bool protected_ = false;
-  std::chrono::steady_clock::time_point unprotected_since_ = std::chrono::steady_clock::now();
-  bool committed_on_connection_ = false;  // the mirror acknowledged something on this connection
-  // Reconnecting: pages and chunks the mirror held at this and the last synchronisation, and
-  // connections in a row without progress (the connect thread's own).
-  uint64_t mirror_held_ = 0, last_mirror_held_ = 0;
-  uint32_t no_progress_ = 0;
-  size_t sync_batch_pages_ = kPagesPerBatch;  // the connect thread's own
-  // With run_unprotected, the connect thread's own (or the constructor's): outputs leave
-  // without a mirror now; and why there is none, for the state line.
+  PrimarySession session_;  // the epoch protocol; after options_, which it reads
+  // The connecting thread's own (or the constructor's):
+  uint64_t session_id_ = 0;  // tells the mirror whether epochs continue or start afresh
+  // With run_unprotected: outputs leave without a mirror now; and why there is none, for the
+  // state line.
   bool released_unprotected_ = false;
   std::string unprotected_why_ = "no mirror: ";
-  std::unique_ptr<Channel> channel_;
-  pb::ReplicaRoots mirror_roots_;  // of the connected mirror's replica
-  Stats stats_;
-  std::chrono::steady_clock::time_point sync_start_;
-  std::thread epoch_thread_, connect_thread_;
-  // When the epoch loop last made a pass (steady clock, ns): the daemon's watchdog proves
-  // progress with it. Atomic, so that reading it never waits on a loop that is stuck.
-  std::atomic<int64_t> epoch_loop_ns_{std::chrono::steady_clock::now().time_since_epoch().count()};
+  // Pages and chunks the mirror held at the last synchronisation, and connections in a row
+  // without progress.
+  uint64_t last_mirror_held_ = 0;
+  uint32_t no_progress_ = 0;
+  size_t sync_batch_pages_ = kPagesPerBatch;
+  std::thread connect_thread_;
 };
 
 }  // namespace

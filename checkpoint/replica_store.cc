@@ -1,5 +1,5 @@
-#include "checkpoint/checkpoint.h"
-
+// The mirror's end of the epoch pipeline: a checkpoint is verified whole before it touches the
+// replica; a synchronisation builds a staging copy that its full checkpoint commits.
 #include <fcntl.h>
 #include <sys/stat.h>
 
@@ -7,33 +7,11 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "checkpoint/checkpoint.h"
 #include "vmm/xxhash_dispatch.h"
 
 namespace romulus::checkpoint {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-constexpr uint64_t kPage = vmm::kPageSize;
-
-uint64_t Chain(uint64_t value, std::initializer_list<uint64_t> words) {
-  return XXH3_64bits_withSeed(std::data(words), words.size() * sizeof(uint64_t), value);
-}
-
-// Copies the listed pages of `mem` into `run` and hashes them.
-void CopyPages(const uint8_t* mem, PageRun& run) {
-  run.pages.resize(run.gfns.size() * kPage);
-  for (size_t i = 0; i < run.gfns.size(); i++) {
-    std::memcpy(run.pages.data() + i * kPage, mem + run.gfns[i] * kPage, kPage);
-  }
-}
-
-void HashPages(PageRun& run) {
-  run.hashes.resize(run.gfns.size());
-  for (size_t i = 0; i < run.gfns.size(); i++) {
-    run.hashes[i] = XXH3_64bits(run.pages.data() + i * kPage, kPage);
-  }
-}
 
 // Writes a checkpoint's disk writes, already checked against the disk's size, to the image `fd`.
 absl::Status WriteDiskWrites(int fd, const std::vector<DiskWrite>& writes, const char* what) {
@@ -48,335 +26,6 @@ absl::Status WriteDiskWrites(int fd, const std::vector<DiskWrite>& writes, const
 }
 
 }  // namespace
-
-void SyncDigest::AddPage(uint64_t gfn, uint64_t hash) { value_ = Chain(value_, {1, gfn, hash}); }
-
-void SyncDigest::AddDisk(uint64_t offset, uint64_t length, uint64_t hash) {
-  value_ = Chain(value_, {2, offset, length, hash});
-}
-
-void SyncDigest::AddSamePages(uint64_t level, uint64_t node, uint64_t hash) {
-  value_ = Chain(value_, {3, level, node, hash});
-}
-
-HashTree::HashTree(std::vector<uint64_t> leaves) {
-  levels_.push_back(std::move(leaves));
-  while (levels_.back().size() > 1) {
-    const std::vector<uint64_t>& below = levels_.back();
-    std::vector<uint64_t> above((below.size() + kFanout - 1) / kFanout);
-    for (uint64_t i = 0; i < above.size(); i++) {
-      uint64_t first = i * kFanout, n = std::min<uint64_t>(kFanout, below.size() - first);
-      above[i] = XXH3_64bits(below.data() + first, n * sizeof(uint64_t));
-    }
-    levels_.push_back(std::move(above));
-  }
-}
-
-HashTree HashTree::OverPages(const vmm::GuestMemory& memory) {
-  std::vector<uint64_t> leaves(memory.pages());
-  for (uint64_t i = 0; i < leaves.size(); i++) {
-    leaves[i] = XXH3_64bits(memory.data() + i * kPage, kPage);
-  }
-  return HashTree(std::move(leaves));
-}
-
-absl::StatusOr<HashTree> HashTree::OverDisk(int fd, uint64_t bytes) {
-  std::vector<uint64_t> leaves;
-  std::string chunk(kDiskChunk, '\0');
-  for (uint64_t off = 0; off < bytes; off += kDiskChunk) {
-    size_t n = std::min(kDiskChunk, bytes - off);
-    if (::pread(fd, chunk.data(), n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
-      return vmm::ErrnoStatus("read disk image to hash it");
-    }
-    leaves.push_back(XXH3_64bits(chunk.data(), n));
-  }
-  return HashTree(std::move(leaves));
-}
-
-std::pair<uint64_t, uint64_t> HashTree::Children(size_t level, uint64_t i) const {
-  return {i * kFanout, std::min((i + 1) * kFanout, width(level - 1))};
-}
-
-std::pair<uint64_t, uint64_t> HashTree::Leaves(size_t level, uint64_t i) const {
-  uint64_t span = 1;
-  for (size_t l = 0; l < level; l++) span *= kFanout;
-  return {i * span, std::min((i + 1) * span, width(0))};
-}
-
-uint64_t Checkpoint::bytes() const {
-  uint64_t n = pages.size() + gfns.size() * 16 + static_cast<uint64_t>(state.ByteSizeLong());
-  for (const DiskWrite& w : disk_writes) n += w.data.size() + 8;
-  return n;
-}
-
-uint64_t CheckpointDigest(const Checkpoint& c, uint64_t sync_digest) {
-  XXH3_state_t* st = XXH3_createState();
-  XXH3_64bits_reset(st);
-  uint64_t head[4] = {c.epoch, c.full ? 1u : 0u, c.gfns.size(), sync_digest};
-  XXH3_64bits_update(st, head, sizeof(head));
-  XXH3_64bits_update(st, c.gfns.data(), c.gfns.size() * sizeof(uint64_t));
-  XXH3_64bits_update(st, c.hashes.data(), c.hashes.size() * sizeof(uint64_t));
-  for (const DiskWrite& w : c.disk_writes) {
-    uint64_t h[2] = {w.sector, XXH3_64bits(w.data.data(), w.data.size())};
-    XXH3_64bits_update(st, h, sizeof(h));
-  }
-  std::string state = c.state.SerializeAsString();
-  XXH3_64bits_update(st, state.data(), state.size());
-  uint64_t d = XXH3_64bits_digest(st);
-  XXH3_freeState(st);
-  return d;
-}
-
-EpochEngine::EpochEngine(vmm::CheckpointableVm& vm, vmm::OutputGate& gate, Options options)
-    : vm_(vm), gate_(gate), options_(options) {
-  gate_.SetHolding(true);
-  vm_.disk().SetWriteListener([this](uint64_t sector, std::span<const uint8_t> data) {
-    std::lock_guard<std::mutex> lock(disk_mu_);
-    disk_writes_.push_back({sector, std::string(data.begin(), data.end())});
-  });
-}
-
-EpochEngine::~EpochEngine() { vm_.disk().SetWriteListener(nullptr); }
-
-absl::StatusOr<std::shared_ptr<const Checkpoint>> EpochEngine::TakeCheckpoint(
-    std::chrono::milliseconds wait) {
-  auto cp = std::make_shared<Checkpoint>();
-  uint64_t generation;
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, wait, [this] {
-          return stats_.in_flight_bytes < options_.max_in_flight_bytes &&
-                 in_flight_.size() < options_.max_in_flight_checkpoints;
-        })) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("no acknowledgement freed the in-flight budget (", in_flight_.size(),
-                       " checkpoints, ", stats_.in_flight_bytes, " bytes)"));
-    }
-    generation = generation_;
-  }
-  std::lock_guard<std::mutex> take(take_mu_);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (generation != generation_) return absl::AbortedError("the mirror connection restarted");
-    cp->full = next_full_;
-  }
-  auto t0 = Clock::now();
-  if (auto s = vm_.Pause(); !s.ok()) return s;
-  // From here to Resume() the vCPU is stopped: only harvesting and copying.
-  auto fail = [this](absl::Status s) {
-    (void)ResumeVm();
-    return s;
-  };
-  cp->epoch = next_epoch_;
-  auto dirty = vm_.HarvestDirty();
-  if (!dirty.ok()) return fail(dirty.status());
-  if (cp->full && !syncing_) {
-    // No pre-copy: everything is pending, and the whole disk is read here. Writes recorded
-    // before this pause are in what is read.
-    StartSyncState();
-    std::lock_guard<std::mutex> lock(disk_mu_);
-    disk_writes_.clear();
-  }
-  if (cp->full) {
-    sync_pending_.Merge(*dirty);
-    *dirty = std::move(sync_pending_);
-  }
-  cp->gfns.reserve(dirty->Count());
-  dirty->ForEach([&](uint64_t gfn) {
-    if (gfn < vm_.memory().pages()) cp->gfns.push_back(gfn);  // the tail word's spare bits
-  });
-  CopyPages(vm_.memory().data(), *cp);
-  if (cp->full) {  // the disk chunks not sent yet, then the writes recorded since the sync began
-    for (;;) {
-      auto chunk = ReadDiskChunk();
-      if (!chunk.ok()) return fail(chunk.status());
-      if (!chunk->has_value()) break;
-      cp->disk_writes.push_back(std::move(**chunk));
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lock(disk_mu_);
-    cp->disk_writes.insert(cp->disk_writes.end(), std::make_move_iterator(disk_writes_.begin()),
-                           std::make_move_iterator(disk_writes_.end()));
-    disk_writes_.clear();
-  }
-  auto state = vm_.SaveState();
-  if (!state.ok()) return fail(state.status());
-  cp->state = std::move(*state);
-  cp->output_mark = gate_.Mark();
-  if (pause_hook_) pause_hook_(*cp);
-  if (auto s = ResumeVm(); !s.ok()) return s;
-  double pause_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-  cp->paused_at = t0;
-  pause_seconds_.Observe(pause_ms / 1000);
-  next_epoch_++;
-
-  // After the resume: hashing and the digest.
-  HashPages(*cp);
-  cp->digest = CheckpointDigest(*cp, cp->full ? sync_digest_.value() : 0);
-  if (cp->full) syncing_ = false;
-
-  std::lock_guard<std::mutex> lock(mu_);
-  if (generation != generation_) {
-    return absl::AbortedError("the mirror connection restarted during this checkpoint");
-  }
-  if (cp->full) next_full_ = false;
-  stats_.epochs++;
-  stats_.last_pause_ms = pause_ms;
-  stats_.in_flight_bytes += cp->bytes();
-  stats_.peak_in_flight_bytes = std::max(stats_.peak_in_flight_bytes, stats_.in_flight_bytes);
-  in_flight_.push_back(cp);
-  return std::shared_ptr<const Checkpoint>(cp);
-}
-
-void EpochEngine::Acknowledge(uint64_t epoch) {
-  uint64_t mark = 0;
-  bool release = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    while (!in_flight_.empty() && in_flight_.front()->epoch <= epoch) {
-      mark = in_flight_.front()->output_mark;
-      release = true;
-      stats_.in_flight_bytes -= in_flight_.front()->bytes();
-      stats_.acknowledged = in_flight_.front()->epoch + 1;
-      commit_seconds_.Observe(
-          std::chrono::duration<double>(Clock::now() - in_flight_.front()->paused_at).count());
-      in_flight_.pop_front();
-    }
-  }
-  if (release) gate_.ReleaseThrough(mark);
-  cv_.notify_all();
-}
-
-void EpochEngine::Restart() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    in_flight_.clear();
-    stats_.in_flight_bytes = 0;
-    next_full_ = true;
-    generation_++;
-  }
-  cv_.notify_all();
-}
-
-absl::Status EpochEngine::ResumeVm() {
-  return suspended_ || held_paused_ ? absl::OkStatus() : vm_.Resume();
-}
-
-absl::Status EpochEngine::HoldPaused(bool hold) {
-  std::lock_guard<std::mutex> take(take_mu_);
-  if (hold == held_paused_) return absl::OkStatus();
-  held_paused_ = hold;
-  if (hold) return vm_.Pause();
-  return suspended_ ? absl::OkStatus() : vm_.Resume();
-}
-
-absl::Status EpochEngine::Suspend(bool suspend) {
-  std::lock_guard<std::mutex> take(take_mu_);
-  if (suspend == suspended_) return absl::OkStatus();
-  if (suspend) {
-    gate_.SetFenced(true);  // first: not one more output leaves
-    suspended_ = true;
-    return vm_.Pause();
-  }
-  suspended_ = false;
-  absl::Status s = held_paused_ ? absl::OkStatus() : vm_.Resume();
-  gate_.SetFenced(false);
-  return s;
-}
-
-EpochEngine::Stats EpochEngine::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
-}
-
-absl::Status EpochEngine::BeginSync() {
-  std::lock_guard<std::mutex> take(take_mu_);
-  if (auto s = vm_.Pause(); !s.ok()) return s;
-  auto dirty = vm_.HarvestDirty();  // from here on the dirty log tracks what pre-copy must resend
-  if (dirty.ok()) {
-    std::lock_guard<std::mutex> lock(disk_mu_);
-    disk_writes_.clear();  // the disk is read after this point, so it holds these writes
-  }
-  if (auto s = ResumeVm(); !s.ok()) return s;
-  if (!dirty.ok()) return dirty.status();
-  StartSyncState();
-  syncing_ = true;
-  return absl::OkStatus();
-}
-
-void EpochEngine::StartSyncState() {
-  sync_pending_ = vmm::DirtyBitmap(vm_.memory().pages());
-  for (uint64_t& w : sync_pending_.words()) w = ~0ull;
-  sync_disk_offset_ = 0;
-  sync_digest_ = SyncDigest();
-}
-
-PageRun EpochEngine::NextSyncPages(size_t max_pages) {
-  std::lock_guard<std::mutex> take(take_mu_);
-  PageRun run;
-  std::vector<uint64_t>& words = sync_pending_.words();
-  for (uint64_t w = 0; w < words.size() && run.gfns.size() < max_pages; w++) {
-    while (words[w] && run.gfns.size() < max_pages) {
-      uint64_t gfn = w * 64 + static_cast<uint64_t>(__builtin_ctzll(words[w]));
-      words[w] &= words[w] - 1;
-      if (gfn < vm_.memory().pages()) run.gfns.push_back(gfn);
-    }
-  }
-  CopyPages(vm_.memory().data(), run);
-  HashPages(run);
-  for (size_t i = 0; i < run.gfns.size(); i++) sync_digest_.AddPage(run.gfns[i], run.hashes[i]);
-  return run;
-}
-
-absl::StatusOr<std::optional<SyncChunk>> EpochEngine::NextSyncDisk() {
-  std::lock_guard<std::mutex> take(take_mu_);
-  auto w = ReadDiskChunk();
-  if (!w.ok()) return w.status();
-  if (!w->has_value()) return std::nullopt;
-  SyncChunk c{(*w)->sector * RML_SECTOR_SIZE, std::move((*w)->data), 0};
-  c.hash = XXH3_64bits(c.data.data(), c.data.size());
-  sync_digest_.AddDisk(c.offset, c.data.size(), c.hash);
-  return c;
-}
-
-absl::StatusOr<std::optional<DiskWrite>> EpochEngine::ReadDiskChunk() {
-  uint64_t disk_bytes = vm_.disk().sectors() * RML_SECTOR_SIZE;
-  if (sync_disk_offset_ >= disk_bytes) return std::nullopt;
-  uint64_t off = sync_disk_offset_;
-  DiskWrite w{off / RML_SECTOR_SIZE, std::string(std::min(kDiskChunk, disk_bytes - off), '\0')};
-  if (::pread(vm_.disk().fd(), w.data.data(), w.data.size(), static_cast<off_t>(off)) !=
-      static_cast<ssize_t>(w.data.size())) {
-    return vmm::ErrnoStatus("read disk for synchronisation");
-  }
-  sync_disk_offset_ += w.data.size();
-  return w;
-}
-
-absl::StatusOr<ReplicaTrees> EpochEngine::SyncTrees() {
-  std::lock_guard<std::mutex> take(take_mu_);
-  if (!syncing_) return absl::FailedPreconditionError("no synchronisation begun");
-  auto chunks = HashTree::OverDisk(vm_.disk().fd(), vm_.disk().sectors() * RML_SECTOR_SIZE);
-  if (!chunks.ok()) return chunks.status();
-  return ReplicaTrees{HashTree::OverPages(vm_.memory()), std::move(*chunks)};
-}
-
-void EpochEngine::SkipSyncPages(const HashTree& pages, size_t level, uint64_t node) {
-  std::lock_guard<std::mutex> take(take_mu_);
-  auto [first, end] = pages.Leaves(level, node);
-  for (uint64_t gfn = first; gfn < end; gfn++) sync_pending_.Clear(gfn);
-  sync_digest_.AddSamePages(level, node, pages.node(level, node));
-}
-
-absl::StatusOr<uint64_t> EpochEngine::RefreshSync() {
-  std::lock_guard<std::mutex> take(take_mu_);
-  if (auto s = vm_.Pause(); !s.ok()) return s;
-  auto dirty = vm_.HarvestDirty();
-  if (auto s = ResumeVm(); !s.ok()) return s;
-  if (!dirty.ok()) return dirty.status();
-  sync_pending_.Merge(*dirty);
-  return sync_pending_.Count();
-}
 
 absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(uint64_t memory_bytes,
                                                                    const std::string& disk_path,
@@ -416,14 +65,14 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
         absl::StrCat("checkpoint ", c.epoch, " rejected: expected epoch ", committed_epoch_ + 1,
                      " (replayed or out of order)"));
   }
-  if (c.hashes.size() != c.gfns.size() || c.pages.size() != c.gfns.size() * kPage) {
+  if (c.hashes.size() != c.gfns.size() || c.pages.size() != c.gfns.size() * vmm::kPageSize) {
     return bad("page count, hash count and page bytes disagree");
   }
   for (size_t i = 0; i < c.gfns.size(); i++) {
     if (c.gfns[i] >= pages || (i > 0 && c.gfns[i] <= c.gfns[i - 1])) {
       return bad(absl::StrCat("page number ", c.gfns[i], " out of range or out of order"));
     }
-    if (XXH3_64bits(c.pages.data() + i * kPage, kPage) != c.hashes[i]) {
+    if (XXH3_64bits(c.pages.data() + i * vmm::kPageSize, vmm::kPageSize) != c.hashes[i]) {
       return bad(absl::StrCat("page ", c.gfns[i], " does not match its hash"));
     }
   }
@@ -457,7 +106,8 @@ absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
   if (!s.ok() || c.full) return s;
   for (size_t i = 0; i < c.gfns.size(); i++) {
-    std::memcpy(memory_->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
+    std::memcpy(memory_->data() + c.gfns[i] * vmm::kPageSize, c.pages.data() + i * vmm::kPageSize,
+                vmm::kPageSize);
   }
   // A host I/O failure, not bad input.
   if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
@@ -491,7 +141,8 @@ absl::Status ReplicaStore::StageSyncPages(const PageRun& run) {
   auto bad = [](const std::string& why) {
     return absl::DataLossError(absl::StrCat("pre-copy rejected: ", why));
   };
-  if (run.hashes.size() != run.gfns.size() || run.pages.size() != run.gfns.size() * kPage) {
+  if (run.hashes.size() != run.gfns.size() ||
+      run.pages.size() != run.gfns.size() * vmm::kPageSize) {
     return bad("page count, hash count and page bytes disagree");
   }
   // Check the whole run before writing any of it.
@@ -499,13 +150,13 @@ absl::Status ReplicaStore::StageSyncPages(const PageRun& run) {
     if (run.gfns[i] >= memory_->pages()) {
       return bad(absl::StrCat("page number ", run.gfns[i], " out of range"));
     }
-    if (XXH3_64bits(run.pages.data() + i * kPage, kPage) != run.hashes[i]) {
+    if (XXH3_64bits(run.pages.data() + i * vmm::kPageSize, vmm::kPageSize) != run.hashes[i]) {
       return bad(absl::StrCat("page ", run.gfns[i], " does not match its hash"));
     }
   }
   for (size_t i = 0; i < run.gfns.size(); i++) {
-    std::memcpy(staging_->memory->data() + run.gfns[i] * kPage, run.pages.data() + i * kPage,
-                kPage);
+    std::memcpy(staging_->memory->data() + run.gfns[i] * vmm::kPageSize,
+                run.pages.data() + i * vmm::kPageSize, vmm::kPageSize);
     staging_->pages.Set(run.gfns[i]);
     staging_->page_hashes[run.gfns[i]] = run.hashes[i];
     staging_->digest.AddPage(run.gfns[i], run.hashes[i]);
@@ -553,7 +204,8 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
   if (auto s = StartStaging(); !s.ok()) return s;
   Staging& st = *staging_;
   for (size_t i = 0; i < c.gfns.size(); i++) {
-    std::memcpy(st.memory->data() + c.gfns[i] * kPage, c.pages.data() + i * kPage, kPage);
+    std::memcpy(st.memory->data() + c.gfns[i] * vmm::kPageSize, c.pages.data() + i * vmm::kPageSize,
+                vmm::kPageSize);
     st.pages.Set(c.gfns[i]);
   }
   if (auto s = WriteDiskWrites(st.disk.get(), c.disk_writes, "write staging disk"); !s.ok()) {
@@ -594,7 +246,8 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
 absl::Status ReplicaStore::CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c) {
   for (uint64_t gfn = 0; gfn < memory_->pages(); gfn++) {
     if (st.pages.Test(gfn)) {
-      std::memcpy(memory_->data() + gfn * kPage, st.memory->data() + gfn * kPage, kPage);
+      std::memcpy(memory_->data() + gfn * vmm::kPageSize, st.memory->data() + gfn * vmm::kPageSize,
+                  vmm::kPageSize);
     }
   }
   std::string chunk(kDiskChunk, '\0');
