@@ -5,12 +5,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,8 +27,6 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "switchover/switchover.h"
-
-extern char** environ;
 
 namespace romulus::switchover {
 namespace {

@@ -1,20 +1,12 @@
 // Endpoints, the commands a host runs (fencing, before running unprotected), and the rule for
 // who may promote.
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <charconv>
-#include <climits>
 
 #include "absl/strings/str_cat.h"
 #include "switchover/switchover.h"
-
-extern char** environ;
 
 namespace romulus::switchover {
 
