@@ -75,6 +75,9 @@ void SoftVm::FillWithNoise() {
     Next(x);
     std::memcpy(noise.data() + i, &x, sizeof(x));
   }
+  // Between two of the writer's writes, as a guest's own writes would be: the block device it
+  // drives reads the pages this overwrites.
+  std::lock_guard<std::mutex> lock(mu_);
   memory_->Write(vmm::kPageSize, noise.data(), noise.size());
 }
 

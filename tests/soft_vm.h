@@ -42,7 +42,7 @@ class SoftVm : public switchover::NodeVm {
                                        const std::string& disk_path, Options options);
   ~SoftVm() override;
   // Fills memory but page 0 (the write count) with incompressible bytes, through Write so that
-  // the harvest sees them: every page then costs its full size on the wire.
+  // the harvest sees them: every page then costs its full size on the wire. Running or not.
   void FillWithNoise();
   // Stops the writer for good and gives up the memory (to become a replica).
   std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
