@@ -121,8 +121,8 @@ for corpus in fuzz/corpus/*/; do
 done
 echo "== fuzz: took $((SECONDS - t0)) s"
 # ThreadSanitizer over the networking code: the ledger endpoint, the output gate and the
-# replication transport, heartbeats and leases, the proxy (the long exactness runs stay in the two
-# builds above). The VM tests among them run on the process platform only (the networking code
+# replication transport, heartbeats and leases, the proxy; and post-copy's fault thread (the long
+# exactness runs stay in the two builds above). The VM tests among them run on the process platform only (the networking code
 # does not depend on the platform; the two builds above run them on every one).
 dir=build-tsan
 echo "== tsan: configure and build ($dir)"
@@ -136,7 +136,7 @@ t0=$SECONDS
 echo "== tsan: networking tests"
 set +e
 TSAN_OPTIONS=halt_on_error=1 ctest --test-dir "$dir" --output-on-failure -j"$jobs" \
-  -R 'OutputGate|ControlSocket|^Systemd\.|^Metrics\.|^Process\.|^LocalHosts\.|WireFormat|^Witness\.|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|^HealthMonitor\.|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|^ProxyTest\.|^ProxyCommand\.|/(VmLocalHosts\.|VmLedger\.|VmBadInput\.|VmSystemd\.|VmReplication\.(AWrongKey|Garbage|ARestarted)).*/(process|none)( |$)' 2>&1 |
+  -R 'OutputGate|ControlSocket|^Systemd\.|^Metrics\.|^Process\.|^LocalHosts\.|WireFormat|^Witness\.|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|^HealthMonitor\.|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|^ProxyTest\.|^ProxyCommand\.|^MissingPages|/(VmLocalHosts\.|VmLedger\.|VmBadInput\.|VmSystemd\.|VmReplication\.(AWrongKey|Garbage|ARestarted)).*/(process|none)( |$)' 2>&1 |
   tee "$dir/ctest.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -1,0 +1,216 @@
+// Post-copy's memory: a page that has not arrived is waited for, by the monitor's own reads, by
+// the kernel's (a write(2) from guest RAM) and through another mapping (the process platform's
+// stub), and what is then read is exactly the page placed; never zeros, never what the memory
+// held before.
+#include "vmm/missing_pages.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace romulus::missing_pages_test {
+namespace {
+
+using testing::WaitUntil;
+using vmm::kPageSize;
+
+constexpr uint64_t kMemory = 16ull << 20;
+
+std::vector<uint8_t> PageOf(uint8_t fill, uint64_t gfn) {
+  std::vector<uint8_t> page(kPageSize, fill);
+  std::memcpy(page.data(), &gfn, sizeof(gfn));
+  return page;
+}
+
+// Guest RAM whose pages [10, 20) are missing; every page first holds 0xaa, which must never be
+// seen in a missing one. Faults are queued for the test to answer.
+class MissingPagesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = vmm::GuestMemory::CreateMemfd(kMemory);
+    ASSERT_TRUE(m.ok()) << m.status();
+    memory_ = std::move(*m);
+    std::memset(memory_->data(), 0xaa, kMemory);
+    vmm::DirtyBitmap missing(memory_->pages());
+    for (uint64_t gfn = 10; gfn < 20; gfn++) missing.Set(gfn);
+    auto mp = vmm::MissingPages::Create(*memory_, missing, {.on_fault = [this](uint64_t gfn) {
+      std::lock_guard<std::mutex> lock(mu_);
+      faults_.push_back(gfn);
+    }});
+    ASSERT_TRUE(mp.ok()) << mp.status();
+    pages_ = std::move(*mp);
+  }
+  void TearDown() override {
+    // Whatever still waits must be let go before the memory goes.
+    for (uint64_t gfn = 10; gfn < 20; gfn++) {
+      if (pages_ && pages_->IsMissing(gfn)) (void)pages_->Place(gfn, PageOf(0, gfn).data());
+    }
+    pages_.reset();  // and a waiter a failed test left behind goes on (reading a zero page)
+    for (auto& t : threads_) t.join();
+    if (other_) ::munmap(other_, kMemory);
+  }
+  // The next page something waited for (0 when none came in time).
+  uint64_t NextFault() {
+    uint64_t gfn = 0;
+    WaitUntil(
+        [&] {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (faults_.empty()) return false;
+          gfn = faults_.front();
+          faults_.pop_front();
+          return true;
+        },
+        30);
+    return gfn;
+  }
+  // Reads the first byte after the page number of page `gfn` through `base`, on a thread.
+  void ReadOnAThread(const uint8_t* base, uint64_t gfn, std::atomic<int>& seen) {
+    threads_.emplace_back([base, gfn, &seen] {
+      seen.store(*reinterpret_cast<const volatile uint8_t*>(base + gfn * kPageSize + 8));
+    });
+  }
+
+  std::unique_ptr<vmm::GuestMemory> memory_;
+  std::unique_ptr<vmm::MissingPages> pages_;
+  std::mutex mu_;
+  std::deque<uint64_t> faults_;
+  std::vector<std::thread> threads_;
+  uint8_t* other_ = nullptr;  // another mapping of the memory, when a test makes one
+};
+
+TEST_F(MissingPagesTest, AReadWaitsForThePageAndSeesExactlyWhatWasPlaced) {
+  std::atomic<int> seen{-1};
+  ReadOnAThread(memory_->data(), 12, seen);
+  ASSERT_EQ(NextFault(), 12u);
+  EXPECT_EQ(seen.load(), -1);  // still waiting: nothing was read in place of the page
+  auto page = PageOf(0x5c, 12);
+  ASSERT_TRUE(pages_->Place(12, page.data()).ok());
+  ASSERT_TRUE(WaitUntil([&] { return seen.load() != -1; }, 30));
+  EXPECT_EQ(seen.load(), 0x5c);
+  EXPECT_EQ(std::memcmp(memory_->data() + 12 * kPageSize, page.data(), kPageSize), 0);
+
+  // Pages that were never missing are read as they are, without a fault.
+  EXPECT_EQ(memory_->data()[5 * kPageSize], 0xaa);
+  EXPECT_EQ(memory_->data()[20 * kPageSize], 0xaa);
+  auto s = pages_->stats();
+  EXPECT_EQ(s.faults, 1u);
+  EXPECT_EQ(s.placed, 1u);
+  EXPECT_EQ(s.missing, 9u);
+  EXPECT_GT(s.wait_max.count(), 0);
+}
+
+TEST_F(MissingPagesTest, WhatTheMemoryHeldWhereAPageIsMissingIsNeverRead) {
+  // Placed before anything reads it: no fault, and the page's own bytes, not the old 0xaa.
+  auto page = PageOf(0x11, 15);
+  ASSERT_TRUE(pages_->Place(15, page.data()).ok());
+  EXPECT_EQ(std::memcmp(memory_->data() + 15 * kPageSize, page.data(), kPageSize), 0);
+  EXPECT_EQ(pages_->stats().faults, 0u);
+  EXPECT_TRUE(pages_->IsMissing(16));
+  EXPECT_FALSE(pages_->IsMissing(15));
+}
+
+TEST_F(MissingPagesTest, TheKernelReadingGuestRamWaitsToo) {
+  // A device writing a guest buffer to its disk: write(2) reads the page in the kernel.
+  testing::TempDir dir;
+  vmm::Fd file(::open(dir.File("disk").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_TRUE(file.valid());
+  std::atomic<ssize_t> written{-2};
+  threads_.emplace_back(
+      [&] { written.store(::pwrite(file.get(), memory_->data() + 17 * kPageSize, kPageSize, 0)); });
+  ASSERT_EQ(NextFault(), 17u);
+  EXPECT_EQ(written.load(), -2);
+  auto page = PageOf(0x77, 17);
+  ASSERT_TRUE(pages_->Place(17, page.data()).ok());
+  ASSERT_TRUE(WaitUntil([&] { return written.load() != -2; }, 30));
+  ASSERT_EQ(written.load(), static_cast<ssize_t>(kPageSize));
+  std::vector<uint8_t> back(kPageSize);
+  ASSERT_EQ(::pread(file.get(), back.data(), kPageSize, 0), static_cast<ssize_t>(kPageSize));
+  EXPECT_EQ(back, page);
+}
+
+TEST_F(MissingPagesTest, AnotherMappingOfTheMemoryWaitsAndIsWoken) {
+  // As the process platform's stub maps guest RAM: its own mapping, its own userfaultfd.
+  void* p = ::mmap(nullptr, kMemory, PROT_READ | PROT_WRITE, MAP_SHARED, memory_->fd(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  auto* other = other_ = static_cast<uint8_t*>(p);
+  vmm::Fd uffd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | 1 /* user mode only */)));
+  ASSERT_TRUE(uffd.valid()) << std::strerror(errno);
+  uffdio_api api{.api = UFFD_API, .features = 0, .ioctls = 0};
+  ASSERT_EQ(::ioctl(uffd.get(), UFFDIO_API, &api), 0);
+  // The stub maps guest RAM from its second page on.
+  uffdio_register reg{};
+  reg.range = {reinterpret_cast<uint64_t>(other) + kPageSize, kMemory - kPageSize};
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  ASSERT_EQ(::ioctl(uffd.get(), UFFDIO_REGISTER, &reg), 0) << std::strerror(errno);
+  ASSERT_TRUE(pages_->AddMapping(std::move(uffd), reg.range.start, 1).ok());
+
+  std::atomic<int> seen{-1};
+  ReadOnAThread(other, 13, seen);
+  ASSERT_EQ(NextFault(), 13u);
+  EXPECT_EQ(seen.load(), -1);
+  ASSERT_TRUE(pages_->Place(13, PageOf(0x3d, 13).data()).ok());
+  ASSERT_TRUE(WaitUntil([&] { return seen.load() != -1; }, 30));
+  EXPECT_EQ(seen.load(), 0x3d);
+  // A page placed (through the monitor's mapping) before this one reads it: there, no fault.
+  ASSERT_TRUE(pages_->Place(14, PageOf(0x3e, 14).data()).ok());
+  EXPECT_EQ(other[14 * kPageSize + 8], 0x3e);
+  EXPECT_EQ(pages_->stats().faults, 1u);
+}
+
+TEST_F(MissingPagesTest, APageOutsideRamOrHereAlreadyIsRefusedAndNothingChanges) {
+  auto page = PageOf(0x42, 0);
+  EXPECT_EQ(pages_->Place(kMemory / kPageSize, page.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(pages_->Place(~0ull, page.data()).code(), absl::StatusCode::kOutOfRange);
+  // Never missing.
+  EXPECT_EQ(pages_->Place(5, page.data()).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(memory_->data()[5 * kPageSize + 8], 0xaa);
+  // A duplicate.
+  ASSERT_TRUE(pages_->Place(11, PageOf(0x01, 11).data()).ok());
+  EXPECT_EQ(pages_->Place(11, page.data()).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(memory_->data()[11 * kPageSize + 8], 0x01);
+  EXPECT_EQ(pages_->stats().placed, 1u);
+}
+
+TEST_F(MissingPagesTest, CompleteOnceEveryMissingPageIsPlaced) {
+  for (uint64_t gfn = 10; gfn < 20; gfn++) {
+    EXPECT_FALSE(pages_->complete());
+    ASSERT_TRUE(pages_->Place(gfn, PageOf(static_cast<uint8_t>(gfn), gfn).data()).ok());
+  }
+  EXPECT_TRUE(pages_->complete());
+  for (uint64_t gfn = 10; gfn < 20; gfn++) EXPECT_EQ(memory_->data()[gfn * kPageSize + 8], gfn);
+}
+
+TEST(MissingPages, GuestRamThatCannotHaveHolesIsRefusedWithTheReason) {
+  testing::TempDir dir;
+  std::string path = dir.File("ram");
+  {
+    vmm::Fd f(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    ASSERT_TRUE(f.valid());
+    ASSERT_EQ(::ftruncate(f.get(), kMemory), 0);
+  }
+  auto memory = vmm::GuestMemory::MapFilePrivate(path, kMemory);
+  ASSERT_TRUE(memory.ok()) << memory.status();
+  vmm::DirtyBitmap missing((*memory)->pages());
+  missing.Set(3);
+  auto mp = vmm::MissingPages::Create(**memory, missing, {});
+  ASSERT_FALSE(mp.ok());
+  EXPECT_NE(mp.status().message().find("post-copy needs guest RAM"), std::string::npos)
+      << mp.status();
+}
+
+}  // namespace
+}  // namespace romulus::missing_pages_test
