@@ -194,6 +194,38 @@ TEST_F(MissingPagesTest, CompleteOnceEveryMissingPageIsPlaced) {
   for (uint64_t gfn = 10; gfn < 20; gfn++) EXPECT_EQ(memory_->data()[gfn * kPageSize + 8], gfn);
 }
 
+TEST(MissingPages, APageThatIsNotMissingButWasNeverWrittenReadsAsZeros) {
+  auto m = vmm::GuestMemory::CreateMemfd(kMemory);  // a fresh memfd: every page a hole
+  ASSERT_TRUE(m.ok()) << m.status();
+  vmm::GuestMemory& memory = **m;
+  vmm::DirtyBitmap missing(memory.pages());
+  missing.Set(7);
+  std::atomic<int> faults{0};
+  auto mp = vmm::MissingPages::Create(memory, missing, {.on_fault = [&](uint64_t) { faults++; }});
+  ASSERT_TRUE(mp.ok()) << mp.status();
+  // Not missing: zeros, at once, through the monitor's mapping and another one.
+  EXPECT_EQ(memory.data()[8 * kPageSize + 100], 0);
+  void* p = ::mmap(nullptr, kMemory, PROT_READ | PROT_WRITE, MAP_SHARED, memory.fd(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  auto* other = static_cast<uint8_t*>(p);
+  vmm::Fd uffd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | 1 /* user mode only */)));
+  ASSERT_TRUE(uffd.valid()) << std::strerror(errno);
+  uffdio_api api{.api = UFFD_API, .features = 0, .ioctls = 0};
+  ASSERT_EQ(::ioctl(uffd.get(), UFFDIO_API, &api), 0);
+  uffdio_register reg{};
+  reg.range = {reinterpret_cast<uint64_t>(other), kMemory};
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  ASSERT_EQ(::ioctl(uffd.get(), UFFDIO_REGISTER, &reg), 0) << std::strerror(errno);
+  ASSERT_TRUE((*mp)->AddMapping(std::move(uffd), reg.range.start, 0).ok());
+  other[9 * kPageSize] = 5;  // a write, through a mapping that faults on holes
+  EXPECT_EQ(memory.data()[9 * kPageSize], 5);
+  EXPECT_EQ(other[10 * kPageSize + 7], 0);
+  EXPECT_EQ(faults.load(), 0);
+  EXPECT_TRUE((*mp)->IsMissing(7));
+  mp->reset();
+  ::munmap(other, kMemory);
+}
+
 TEST(MissingPages, GuestRamThatCannotHaveHolesIsRefusedWithTheReason) {
   testing::TempDir dir;
   std::string path = dir.File("ram");

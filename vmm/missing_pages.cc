@@ -47,6 +47,16 @@ void Wake(int uffd, uint64_t address) {
   (void)Ioctl(uffd, UFFDIO_WAKE, &r, "UFFDIO_WAKE");  // fails only when nothing is registered
 }
 
+// A fault on a page that is not missing: one that was placed since (the waiter on this mapping
+// may not have been woken), or one never written (a zero page the source did not send, a hole
+// in guest RAM's backing). A zero page fills the latter and finds the former there; either way
+// the waiter goes on.
+void Resolve(int uffd, uint64_t address) {
+  uffdio_zeropage z{};
+  z.range = {address, kPageSize};
+  if (::ioctl(uffd, UFFDIO_ZEROPAGE, &z) != 0) Wake(uffd, address);
+}
+
 }  // namespace
 
 MissingPages::MissingPages(GuestMemory& memory, Options options)
@@ -279,8 +289,7 @@ void MissingPages::Serve(size_t mapping) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (!missing_.Test(gfn)) {
-          // Placed between the fault and now: the waiter on this mapping may not have been woken.
-          Wake(uffd, at);
+          Resolve(uffd, at);
         } else if (!requested_.Test(gfn)) {
           requested_.Set(gfn);
           asked_at_[gfn] = std::chrono::steady_clock::now();

@@ -46,8 +46,9 @@ class MissingPages {
   static constexpr size_t kWaitSamples = 4096;
 
   // The pages set in `missing` (of `memory`) are not here: their contents are discarded (they
-  // become holes) and the monitor's mapping is registered. Guest RAM must be a shared mapping of
-  // a memfd or of a tmpfs file (FailedPrecondition otherwise, saying so).
+  // become holes) and the monitor's mapping is registered. Every other page is here: one that
+  // guest RAM's backing has no page for (never written) reads as zeros. Guest RAM must be a shared
+  // mapping of a memfd or of a tmpfs file (FailedPrecondition otherwise, saying so).
   static absl::StatusOr<std::unique_ptr<MissingPages>> Create(GuestMemory& memory,
                                                               const DirtyBitmap& missing,
                                                               Options options);
