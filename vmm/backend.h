@@ -7,11 +7,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "proto/romulus.pb.h"
 #include "vmm/dirty_bitmap.h"
 #include "vmm/guest_memory.h"
+#include "vmm/sys.h"
 
 namespace romulus::vmm {
 
@@ -34,6 +36,15 @@ struct VcpuExit {
   uint32_t value = 0;
   std::string fault;  // one phrase, e.g. "halt (hlt)"
   uint64_t rip = 0;
+};
+
+// One of a platform's own mappings of guest RAM (beside the monitor's), registered with `uffd`
+// for missing pages: guest page `first_page` is at `address` in it, and it runs to the end of
+// guest RAM.
+struct PlatformMapping {
+  Fd uffd;
+  uint64_t address = 0;
+  uint64_t first_page = 0;
 };
 
 // Every call is made on the vCPU thread that created the backend, except Kick, ClearKick and
@@ -63,6 +74,10 @@ class Backend {
   virtual absl::Status RestoreCpu(const pb::VmSnapshot& snapshot) = 0;
   // The guest's TSC frequency in kHz (0 when unknown), for its pacing.
   virtual uint64_t TscKhz() = 0;
+  // Before the first Run of a guest whose memory is still arriving (post-copy): registers the
+  // platform's own mappings of guest RAM for missing pages and returns them (MissingPages then
+  // serves them). None on KVM: the guest's memory is the monitor's mapping.
+  virtual absl::StatusOr<std::vector<PlatformMapping>> WatchMissingPages() = 0;
 };
 
 // Each on the vCPU thread; one-line errors name what is missing.

@@ -202,7 +202,8 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Adopt(std::unique_ptr<GuestMemory> memor
                                               const pb::VmSnapshot& state,
                                               const std::string& disk_path,
                                               std::function<void(absl::string_view)> console,
-                                              OutputGate* output_gate) {
+                                              OutputGate* output_gate,
+                                              std::optional<PostCopy> postcopy) {
   if (auto s = CheckResumable(state, state.platform()); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("cannot resume: ", s.message()));
   }
@@ -213,11 +214,40 @@ absl::StatusOr<std::unique_ptr<Vm>> Vm::Adopt(std::unique_ptr<GuestMemory> memor
   }
   std::unique_ptr<Vm> vm(new Vm());
   vm->memory_ = std::move(memory);
+  if (postcopy) {
+    if (postcopy->missing.pages() != vm->memory_->pages()) {
+      return absl::InvalidArgumentError("post-copy: the missing pages do not match guest RAM");
+    }
+    for (uint64_t gfn = 0; gfn < RML_IMAGE_GPA / kPageSize; gfn++) {
+      if (postcopy->missing.Test(gfn)) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "post-copy: page %#x is missing, but pages below %#x travel with the state", gfn,
+            RML_IMAGE_GPA));
+      }
+    }
+    // Before anything maps guest RAM for the guest.
+    auto mp = MissingPages::Create(*vm->memory_, postcopy->missing,
+                                   {.on_fault = std::move(postcopy->on_fault)});
+    if (!mp.ok()) return mp.status();
+    vm->missing_pages_ = std::move(*mp);
+  }
   if (auto s = vm->CreateBackend(state.platform()); !s.ok()) return s;
   if (auto s = vm->CreateDevices(std::move(console), output_gate, disk_path); !s.ok()) return s;
   Vm* v = vm.get();
-  if (auto s = vm->OnVcpuThread([v, &state] { return v->backend_->RestoreCpu(state); }); !s.ok())
+  if (auto s = vm->OnVcpuThread([v, &state]() -> absl::Status {
+        if (v->missing_pages_) {
+          auto mappings = v->backend_->WatchMissingPages();
+          if (!mappings.ok()) return mappings.status();
+          for (PlatformMapping& m : *mappings) {
+            auto s = v->missing_pages_->AddMapping(std::move(m.uffd), m.address, m.first_page);
+            if (!s.ok()) return s;
+          }
+        }
+        return v->backend_->RestoreCpu(state);
+      });
+      !s.ok()) {
     return s;
+  }
   const pb::DeviceStates& d = state.devices();
   vm->console_->Restore(d.console());
   vm->idle_->Restore(d.idle());
@@ -249,6 +279,7 @@ std::unique_ptr<GuestMemory> Vm::TakeMemory() {
     backend_.reset();
     return absl::OkStatus();
   });
+  missing_pages_.reset();  // a missing page now reads as zeros: the caller knows which
   return std::move(memory_);
 }
 

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "vmm/dirty_bitmap.h"
 #include "vmm/guest_memory.h"
 #include "vmm/ledger_device.h"
+#include "vmm/missing_pages.h"
 #include "vmm/output_gate.h"
 #include "vmm/sys.h"
 
@@ -126,13 +128,23 @@ class Vm : public CheckpointableVm {
                                                      const std::string& disk_path,
                                                      std::function<void(absl::string_view)> console,
                                                      OutputGate* output_gate = nullptr);
+  // Post-copy: the guest runs before all of its memory has arrived. Each access to a page that
+  // has not waits until MissingPages::Place puts it there (missing_pages()).
+  struct PostCopy {
+    // The pages still to arrive. None below RML_IMAGE_GPA: the page tables and the devices'
+    // pages, which the monitor reads as it resumes the VM, travel with its state.
+    DirtyBitmap missing;
+    std::function<void(uint64_t gfn)> on_fault;  // as MissingPages::Options::on_fault
+  };
   // Creates a VM from memory already holding the guest (a mirror's replica memfd, adopted, not
   // copied), its saved state (run on the platform that wrote it), and a disk image used in place.
+  // With `postcopy`, the memory holds only what is not missing.
   static absl::StatusOr<std::unique_ptr<Vm>> Adopt(std::unique_ptr<GuestMemory> memory,
                                                    const pb::VmSnapshot& state,
                                                    const std::string& disk_path,
                                                    std::function<void(absl::string_view)> console,
-                                                   OutputGate* output_gate = nullptr);
+                                                   OutputGate* output_gate = nullptr,
+                                                   std::optional<PostCopy> postcopy = std::nullopt);
   ~Vm() override;
   Vm(const Vm&) = delete;
   Vm& operator=(const Vm&) = delete;
@@ -164,6 +176,8 @@ class Vm : public CheckpointableVm {
   GuestMemory& memory() override { return *memory_; }
   BlockDevice& disk() override { return *disk_; }
   LedgerDevice& ledger() { return *ledger_; }
+  // A VM adopted for post-copy: where its missing pages are placed (nullptr otherwise).
+  MissingPages* missing_pages() { return missing_pages_.get(); }
 
  private:
   Vm() = default;
@@ -179,6 +193,7 @@ class Vm : public CheckpointableVm {
 
   pb::Platform platform_ = pb::PLATFORM_UNSPECIFIED;
   std::unique_ptr<GuestMemory> memory_;
+  std::unique_ptr<MissingPages> missing_pages_;  // registered on memory_: goes before it
   std::unique_ptr<BlockDevice> disk_;
   std::unique_ptr<class Console> console_;
   std::unique_ptr<class IdleDevice> idle_;

@@ -170,6 +170,9 @@ class KvmBackend : public Backend {
   absl::StatusOr<DirtyBitmap> HarvestGuestDirty() override;
   absl::Status SaveCpu(pb::VmSnapshot* snapshot) override;
   absl::Status RestoreCpu(const pb::VmSnapshot& snapshot) override;
+  absl::StatusOr<std::vector<PlatformMapping>> WatchMissingPages() override {
+    return std::vector<PlatformMapping>{};
+  }
   uint64_t TscKhz() override {
     int khz = ::ioctl(vcpu_.get(), KVM_GET_TSC_KHZ, 0);
     return khz > 0 ? static_cast<uint64_t>(khz) : 0;

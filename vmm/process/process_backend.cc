@@ -248,6 +248,7 @@ class ProcessBackend : public Backend {
   absl::Status SaveCpu(pb::VmSnapshot* snapshot) override;
   absl::Status RestoreCpu(const pb::VmSnapshot& snapshot) override;
   uint64_t TscKhz() override { return MeasureTscKhz(); }
+  absl::StatusOr<std::vector<PlatformMapping>> WatchMissingPages() override;
 
  private:
   absl::Status OnTracer() const {
@@ -580,6 +581,26 @@ absl::StatusOr<VcpuExit> ProcessBackend::Run() {
         return VcpuExit{};
     }
   }
+}
+
+absl::StatusOr<std::vector<PlatformMapping>> ProcessBackend::WatchMissingPages() {
+  // The stub's userfaultfd, which already write-protects its mapping (the dirty log), catches
+  // its missing pages too; the registration works on the stub's address space from here.
+  uffdio_register reg{};
+  reg.range.start = RML_GUEST_LOW;
+  reg.range.len = memory_.size() - RML_GUEST_LOW;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
+  if (auto s = Ioctl(uffd_.get(), UFFDIO_REGISTER, &reg,
+                     "register the stub's guest RAM for "
+                     "missing pages");
+      !s.ok()) {
+    return s;
+  }
+  Fd uffd(::fcntl(uffd_.get(), F_DUPFD_CLOEXEC, 0));
+  if (!uffd.valid()) return ErrnoStatus("dup the stub's userfaultfd");
+  std::vector<PlatformMapping> mappings;
+  mappings.push_back({std::move(uffd), RML_GUEST_LOW, RML_GUEST_LOW / kPageSize});
+  return mappings;
 }
 
 absl::StatusOr<DirtyBitmap> ProcessBackend::HarvestGuestDirty() {
