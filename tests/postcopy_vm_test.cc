@@ -185,6 +185,43 @@ TEST_P(VmPostCopy, AGuestResumedBeforeItsMemoryArrivedRunsExactlyAsAtTheSource) 
   EXPECT_EQ((*dest)->guest_status().workload_pages, kLimit);
 }
 
+// The source died: the pages it held will never come. A guest waiting for one is stopped, and it
+// never ran on anything in place of the page.
+TEST_P(VmPostCopy, AGuestWaitingForAPageThatNeverComesIsStopped) {
+  TempDir dir;
+  auto source = testing::BootTestVm(platform(), dir, {.working_set_pages = kWorkingSet});
+  ASSERT_NE(source, nullptr);
+  ASSERT_TRUE(source->Start().ok());
+  RunUntilPages(*source, 1000);
+  auto state = source->SaveState();
+  ASSERT_TRUE(state.ok()) << state.status();
+  uint64_t at_pause = source->guest_status().workload_pages;
+  auto memory = vmm::GuestMemory::CreateMemfd(source->memory().size());
+  ASSERT_TRUE(memory.ok());
+  std::memcpy((*memory)->data(), source->memory().data(), RML_IMAGE_GPA);
+  ASSERT_TRUE(source->Stop().ok());
+  source.reset();
+  vmm::DirtyBitmap missing((*memory)->pages());
+  for (uint64_t gfn = RML_IMAGE_GPA / kPageSize; gfn < missing.pages(); gfn++) missing.Set(gfn);
+
+  std::atomic<uint64_t> faults{0};
+  auto dest = vmm::Vm::Adopt(
+      std::move(*memory), *state, dir.File("disk.img"), nullptr, nullptr,
+      vmm::Vm::PostCopy{.missing = missing, .on_fault = [&](uint64_t) { faults++; }});
+  ASSERT_TRUE(dest.ok()) << dest.status();
+  ASSERT_TRUE((*dest)->Start().ok());
+  ASSERT_TRUE(testing::WaitUntil([&] { return faults.load() >= 1; }, 30));
+  // It waits in the fault; a pause takes it out (the instruction restarts on resume), and so
+  // does a stop.
+  ASSERT_TRUE((*dest)->Pause().ok());
+  EXPECT_EQ((*dest)->guest_status().workload_pages, at_pause);
+  ASSERT_TRUE((*dest)->Stop().ok());
+  EXPECT_TRUE((*dest)->exited());
+  EXPECT_EQ((*dest)->guest_status().workload_pages, at_pause);
+  EXPECT_EQ(faults.load(), 1u);  // its first instruction's page, and nothing after it
+  EXPECT_EQ((*dest)->missing_pages()->stats().missing, missing.Count());
+}
+
 TEST_P(VmPostCopy, PagesTheMonitorReadsAsItResumesMustNotBeMissing) {
   TempDir dir;
   auto source = testing::BootTestVm(platform(), dir);
