@@ -58,7 +58,7 @@ struct Checkpoint : PageRun {
 };
 
 // The disk travels in chunks of this size during a synchronisation.
-inline constexpr uint64_t kDiskChunk = 64 * 1024;
+inline constexpr uint64_t kDiskChunk = vmm::kDiskChunkBytes;
 struct SyncChunk {
   uint64_t offset = 0;  // bytes, a multiple of kDiskChunk
   std::string data;

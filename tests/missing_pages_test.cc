@@ -20,7 +20,9 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "guest/abi.h"
 #include "tests/test_util.h"
+#include "vmm/block_device.h"
 
 namespace romulus::missing_pages_test {
 namespace {
@@ -242,6 +244,133 @@ TEST(MissingPages, GuestRamThatCannotHaveHolesIsRefusedWithTheReason) {
   ASSERT_FALSE(mp.ok());
   EXPECT_NE(mp.status().message().find("post-copy needs guest RAM"), std::string::npos)
       << mp.status();
+}
+
+// ---- The disk's chunks that have not arrived ----
+
+// A 1 MiB disk (16 chunks) whose chunks 2 and 3 are missing, the rest holding 0x5a; a guest's
+// block commands are run on threads as the vCPU thread would.
+class MissingChunksTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kDisk = 16 * vmm::kDiskChunkBytes;
+  void SetUp() override {
+    std::string path = dir_.File("disk.img");
+    ASSERT_TRUE(vmm::BlockDevice::CreateImage(path, kDisk).ok());
+    auto disk = vmm::BlockDevice::Open(path);
+    ASSERT_TRUE(disk.ok()) << disk.status();
+    disk_ = std::move(*disk);
+    std::vector<uint8_t> fill(kDisk, 0x5a);
+    ASSERT_EQ(::pwrite(disk_->fd(), fill.data(), kDisk, 0), static_cast<ssize_t>(kDisk));
+    auto m = vmm::GuestMemory::CreateMemfd(kMemory);
+    ASSERT_TRUE(m.ok());
+    memory_ = std::move(*m);
+    vmm::DirtyBitmap missing(16);
+    missing.Set(2);
+    missing.Set(3);
+    ASSERT_TRUE(disk_
+                    ->ExpectChunks(
+                        missing,
+                        [this](uint64_t chunk) {
+                          std::lock_guard<std::mutex> lock(mu_);
+                          asked_.push_back(chunk);
+                        },
+                        testing::ScaledMs(60))
+                    .ok());
+  }
+  void TearDown() override {
+    disk_->AbandonChunks();
+    for (auto& t : threads_) t.join();
+  }
+  // Runs one command (`sectors` from `sector`) on a thread; `done` gets its result.
+  void Command(uint32_t op, uint64_t sector, uint32_t sectors, absl::Status& result,
+               std::atomic<bool>& done) {
+    rml_block_cmd cmd{op, sectors, sector, 1, 0};
+    memory_->Write(RML_BLOCK_CMD_GPA, &cmd, sizeof(cmd));
+    threads_.emplace_back([this, &result, &done] {
+      result = disk_->OnDoorbell(*memory_);
+      done = true;
+    });
+  }
+  int32_t CommandStatus() {
+    rml_block_cmd cmd;
+    std::memcpy(&cmd, memory_->data() + RML_BLOCK_CMD_GPA, sizeof(cmd));
+    return cmd.status;
+  }
+  std::vector<uint64_t> Asked() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return asked_;
+  }
+  std::string Chunk(uint8_t fill) { return std::string(vmm::kDiskChunkBytes, fill); }
+  std::string ImageBytes(uint64_t offset, uint64_t length) {
+    std::string b(length, '\0');
+    EXPECT_EQ(::pread(disk_->fd(), b.data(), length, offset), static_cast<ssize_t>(length));
+    return b;
+  }
+
+  testing::TempDir dir_;
+  std::unique_ptr<vmm::BlockDevice> disk_;
+  std::unique_ptr<vmm::GuestMemory> memory_;
+  std::mutex mu_;
+  std::vector<uint64_t> asked_;
+  std::vector<std::thread> threads_;
+};
+
+TEST_F(MissingChunksTest, AReadWaitsForItsChunkAndGetsExactlyIt) {
+  absl::Status result;
+  std::atomic<bool> done{false};
+  // Sectors 250-259: the end of chunk 1 (here) and the start of chunk 2 (missing).
+  Command(RML_BLOCK_READ, 250, 10, result, done);
+  ASSERT_TRUE(WaitUntil([&] { return !Asked().empty(); }, 30));
+  EXPECT_EQ(Asked(), std::vector<uint64_t>{2});
+  EXPECT_FALSE(done.load());
+  ASSERT_TRUE(disk_->PlaceChunk(2, Chunk(0x21)).ok());
+  ASSERT_TRUE(WaitUntil([&] { return done.load(); }, 30));
+  ASSERT_TRUE(result.ok()) << result;
+  EXPECT_EQ(CommandStatus(), 0);
+  const uint8_t* buf = memory_->data() + RML_BLOCK_BUF_GPA;
+  for (int i = 0; i < 6 * 512; i++) ASSERT_EQ(buf[i], 0x5a) << i;
+  for (int i = 6 * 512; i < 10 * 512; i++) ASSERT_EQ(buf[i], 0x21) << i;
+  EXPECT_EQ(disk_->missing_chunks(), 1u);
+}
+
+TEST_F(MissingChunksTest, AWriteLandsOnTheChunkThatArrivedNotUnderIt) {
+  absl::Status result;
+  std::atomic<bool> done{false};
+  std::vector<uint8_t> sector(512, 0xee);
+  memory_->Write(RML_BLOCK_BUF_GPA, sector.data(), sector.size());
+  Command(RML_BLOCK_WRITE, 3 * 128 + 5, 1, result, done);  // sector 5 of chunk 3
+  ASSERT_TRUE(WaitUntil([&] { return !Asked().empty(); }, 30));
+  EXPECT_EQ(Asked(), std::vector<uint64_t>{3});
+  ASSERT_TRUE(disk_->PlaceChunk(3, Chunk(0x33)).ok());
+  ASSERT_TRUE(WaitUntil([&] { return done.load(); }, 30));
+  ASSERT_TRUE(result.ok()) << result;
+  std::string expected = Chunk(0x33);
+  std::fill(expected.begin() + 5 * 512, expected.begin() + 6 * 512, '\xee');
+  EXPECT_EQ(ImageBytes(3 * vmm::kDiskChunkBytes, vmm::kDiskChunkBytes), expected);
+}
+
+TEST_F(MissingChunksTest, AChunkPastTheDiskOfTheWrongSizeOrHereAlreadyIsRefused) {
+  EXPECT_EQ(disk_->PlaceChunk(16, Chunk(1)).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(disk_->PlaceChunk(2, "short").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(disk_->PlaceChunk(0, Chunk(1)).code(), absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(disk_->PlaceChunk(2, Chunk(2)).ok());
+  EXPECT_EQ(disk_->PlaceChunk(2, Chunk(9)).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(ImageBytes(0, vmm::kDiskChunkBytes), std::string(vmm::kDiskChunkBytes, '\x5a'));
+  EXPECT_EQ(ImageBytes(2 * vmm::kDiskChunkBytes, vmm::kDiskChunkBytes), Chunk(2));
+  EXPECT_EQ(disk_->missing_chunks(), 1u);
+}
+
+TEST_F(MissingChunksTest, ACommandWaitingForAChunkThatWillNeverComeFailsSayingSo) {
+  absl::Status result;
+  std::atomic<bool> done{false};
+  std::memset(memory_->data() + RML_BLOCK_BUF_GPA, 0x77, 512);
+  Command(RML_BLOCK_READ, 2 * 128, 1, result, done);
+  ASSERT_TRUE(WaitUntil([&] { return !Asked().empty(); }, 30));
+  disk_->AbandonChunks();  // the source is gone
+  ASSERT_TRUE(WaitUntil([&] { return done.load(); }, 30));
+  EXPECT_EQ(result.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(result.message().find("2 chunks of the disk are missing"), std::string::npos) << result;
+  EXPECT_EQ(memory_->data()[RML_BLOCK_BUF_GPA], 0x77);  // nothing was read in its place
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -49,6 +50,10 @@ absl::Status BlockDevice::OnDoorbell(GuestMemory& mem) {
   if (cmd.sectors == 0 || bytes > RML_BLOCK_BUF_BYTES || cmd.sector >= sectors_ ||
       cmd.sectors > sectors_ - cmd.sector) {
     status = -EINVAL;
+  } else if (cmd.op != RML_BLOCK_READ && cmd.op != RML_BLOCK_WRITE) {
+    status = -ENOSYS;
+  } else if (auto s = AwaitChunks(cmd.sector * RML_SECTOR_SIZE, bytes); !s.ok()) {
+    return s;
   } else if (cmd.op == RML_BLOCK_READ) {
     ssize_t n = ::pread(fd_.get(), buf, bytes, static_cast<off_t>(cmd.sector * RML_SECTOR_SIZE));
     if (n != static_cast<ssize_t>(bytes)) return ErrnoStatus(absl::StrCat("read ", path_));
@@ -61,11 +66,90 @@ absl::Status BlockDevice::OnDoorbell(GuestMemory& mem) {
     sectors_written_ += cmd.sectors;
     std::lock_guard<std::mutex> lock(listener_mu_);
     if (listener_) listener_(cmd.sector, std::span<const uint8_t>(buf, bytes));
-  } else {
-    status = -ENOSYS;
   }
   mem.Write(RML_BLOCK_CMD_GPA + offsetof(rml_block_cmd, status), &status, sizeof(status));
   return absl::OkStatus();
+}
+
+absl::Status BlockDevice::ExpectChunks(DirtyBitmap missing,
+                                       std::function<void(uint64_t chunk)> on_missing,
+                                       std::chrono::milliseconds stall) {
+  uint64_t chunks = (sectors_ * RML_SECTOR_SIZE + kDiskChunkBytes - 1) / kDiskChunkBytes;
+  if (missing.pages() != chunks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a bitmap of ", missing.pages(), " chunks for a disk of ", chunks));
+  }
+  std::lock_guard<std::mutex> lock(chunks_mu_);
+  missing_count_ = missing.Count();
+  missing_chunks_ = std::move(missing);
+  requested_chunks_ = DirtyBitmap(chunks);
+  on_missing_ = std::move(on_missing);
+  stall_ = stall;
+  abandoned_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status BlockDevice::PlaceChunk(uint64_t chunk, std::string_view data) {
+  uint64_t disk = sectors_ * RML_SECTOR_SIZE;
+  std::unique_lock<std::mutex> lock(chunks_mu_);
+  if (chunk >= missing_chunks_.pages() || chunk >= (disk + kDiskChunkBytes - 1) / kDiskChunkBytes) {
+    return absl::OutOfRangeError(absl::StrCat("disk chunk ", chunk, " lies past the disk"));
+  }
+  uint64_t offset = chunk * kDiskChunkBytes;
+  uint64_t length = std::min(kDiskChunkBytes, disk - offset);
+  if (data.size() != length) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("disk chunk ", chunk, " is ", length, " bytes, not ", data.size()));
+  }
+  if (!missing_chunks_.Test(chunk)) {
+    return absl::AlreadyExistsError(absl::StrCat("disk chunk ", chunk, " is here already"));
+  }
+  // Under the lock: no command touches a missing chunk, and none reads this one half written.
+  ssize_t n = ::pwrite(fd_.get(), data.data(), length, static_cast<off_t>(offset));
+  if (n != static_cast<ssize_t>(length)) return ErrnoStatus(absl::StrCat("write ", path_));
+  missing_chunks_.Clear(chunk);
+  missing_count_--;
+  chunks_cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void BlockDevice::AbandonChunks() {
+  std::lock_guard<std::mutex> lock(chunks_mu_);
+  abandoned_ = true;
+  chunks_cv_.notify_all();
+}
+
+uint64_t BlockDevice::missing_chunks() const {
+  std::lock_guard<std::mutex> lock(chunks_mu_);
+  return missing_count_;
+}
+
+absl::Status BlockDevice::AwaitChunks(uint64_t offset, uint64_t bytes) {
+  std::unique_lock<std::mutex> lock(chunks_mu_);
+  if (missing_count_ == 0) return absl::OkStatus();
+  uint64_t first = offset / kDiskChunkBytes, last = (offset + bytes - 1) / kDiskChunkBytes;
+  auto here = [&] {
+    for (uint64_t c = first; c <= last; c++) {
+      if (missing_chunks_.Test(c)) return false;
+    }
+    return true;
+  };
+  if (here()) return absl::OkStatus();
+  std::vector<uint64_t> ask;
+  for (uint64_t c = first; c <= last; c++) {
+    if (missing_chunks_.Test(c) && !requested_chunks_.Test(c)) {
+      requested_chunks_.Set(c);
+      ask.push_back(c);
+    }
+  }
+  if (on_missing_) {
+    for (uint64_t c : ask) on_missing_(c);
+  }
+  bool arrived = chunks_cv_.wait_for(lock, stall_, [&] { return abandoned_ || here(); });
+  if (!abandoned_ && arrived) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "disk chunk ", first, abandoned_ ? " will never arrive" : " did not arrive in time",
+      " (post-copy): ", missing_count_, " chunks of the disk are missing"));
 }
 
 pb::BlockDeviceState BlockDevice::Save() const {
