@@ -13,19 +13,10 @@ namespace {
 
 using checkpoint::Checkpoint;
 using checkpoint::PageRun;
+using vmm::AllZero;
 constexpr size_t kDiskBytesPerBatch = 1 << 20;
 
 constexpr size_t kSector = 512;
-
-bool AllZero(const uint8_t* p, size_t n) {
-  uint64_t acc = 0;
-  for (size_t i = 0; i < n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    acc |= w;
-  }
-  return acc == 0;
-}
 
 // `raw` as it goes on the wire into `out`: LZ4-compressed when asked and it makes it smaller.
 pb::Compression Pack(std::string raw, pb::Compression compression, std::string* out) {

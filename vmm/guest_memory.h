@@ -20,6 +20,17 @@ inline constexpr uint64_t kPageSize = 4096;
 inline constexpr uint64_t kMinMemoryBytes = 16ull << 20;
 inline constexpr uint64_t kMaxMemoryBytes = 4ull << 30;
 
+// True when the `n` bytes at `p` (a multiple of 8) are all zero.
+inline bool AllZero(const uint8_t* p, size_t n) {
+  uint64_t acc = 0;
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    acc |= w;
+  }
+  return acc == 0;
+}
+
 class GuestMemory {
  public:
   // Checks that `bytes` is a size the monitor supports (16 MiB-4 GiB, 2 MiB multiple).

@@ -1,0 +1,600 @@
+#include "replicator/postcopy.h"
+
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "guest/abi.h"
+#include "vmm/xxhash_dispatch.h"
+
+namespace romulus::replicator {
+namespace {
+
+using vmm::DirtyBitmap;
+using vmm::kDiskChunkBytes;
+using vmm::kPageSize;
+
+constexpr uint64_t kLowPages = RML_IMAGE_GPA / kPageSize;  // travel with the state
+constexpr size_t kChunksPerRequest = 16;
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+std::string BitmapBytes(const DirtyBitmap& b) {
+  std::string out((b.pages() + 7) / 8, '\0');
+  std::memcpy(out.data(), b.words().data(), out.size());
+  return out;
+}
+
+// A bitmap of `bits` from an untrusted peer: exactly its size, nothing set past the end.
+absl::StatusOr<DirtyBitmap> ParseBitmap(const std::string& bytes, uint64_t bits,
+                                        absl::string_view what) {
+  if (bytes.size() != (bits + 7) / 8) {
+    return absl::DataLossError(
+        absl::StrCat(what, ": ", bytes.size(), " bytes for ", bits, " bits"));
+  }
+  DirtyBitmap b(bits);
+  std::memcpy(b.words().data(), bytes.data(), bytes.size());
+  if (bits % 64 && !b.words().empty() && (b.words().back() >> (bits % 64)) != 0) {
+    return absl::DataLossError(absl::StrCat(what, ": bits set past the end"));
+  }
+  return b;
+}
+
+uint64_t ChunkCount(uint64_t disk_bytes) {
+  return (disk_bytes + kDiskChunkBytes - 1) / kDiskChunkBytes;
+}
+
+// Calls `fn(offset, length)` for each region of `fd`'s first `bytes` that may hold data: holes
+// (never written) read as zeros and are skipped without being read.
+template <typename Fn>
+void ForEachDataRegion(int fd, uint64_t bytes, Fn&& fn) {
+  off_t at = 0;
+  while (static_cast<uint64_t>(at) < bytes) {
+    off_t data = ::lseek(fd, at, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return;                                        // only a hole is left
+      fn(static_cast<uint64_t>(at), bytes - static_cast<uint64_t>(at));  // cannot tell: all
+      return;
+    }
+    if (static_cast<uint64_t>(data) >= bytes) return;
+    off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    uint64_t end = hole < 0 ? bytes : std::min<uint64_t>(static_cast<uint64_t>(hole), bytes);
+    fn(static_cast<uint64_t>(data), end - static_cast<uint64_t>(data));
+    at = static_cast<off_t>(end);
+  }
+}
+
+// Pages of guest RAM (at or above kLowPages) that are not all zero. Only where the memory's
+// backing is a shared tmpfs file do holes mean zeros; elsewhere every page is read.
+DirtyBitmap PagesToCome(const vmm::GuestMemory& memory) {
+  DirtyBitmap to_come(memory.pages());
+  auto scan = [&](uint64_t offset, uint64_t length) {
+    for (uint64_t gfn = std::max(offset / kPageSize, kLowPages);
+         gfn < (offset + length + kPageSize - 1) / kPageSize && gfn < memory.pages(); gfn++) {
+      if (!vmm::AllZero(memory.data() + gfn * kPageSize, kPageSize)) to_come.Set(gfn);
+    }
+  };
+  struct statfs fs;
+  int access = ::fcntl(memory.fd(), F_GETFL);
+  if (::fstatfs(memory.fd(), &fs) == 0 && fs.f_type == TMPFS_MAGIC && access >= 0 &&
+      (access & O_ACCMODE) == O_RDWR) {
+    ForEachDataRegion(memory.fd(), memory.size(), scan);
+  } else {
+    scan(0, memory.size());
+  }
+  return to_come;
+}
+
+// Disk chunks that may hold data (the image's holes are zeros).
+DirtyBitmap ChunksToCome(int fd, uint64_t disk_bytes) {
+  DirtyBitmap to_come(ChunkCount(disk_bytes));
+  ForEachDataRegion(fd, disk_bytes, [&](uint64_t offset, uint64_t length) {
+    for (uint64_t c = offset / kDiskChunkBytes; c <= (offset + length - 1) / kDiskChunkBytes; c++) {
+      to_come.Set(c);
+    }
+  });
+  return to_come;
+}
+
+absl::Status SourceGone(const absl::Status& receiving) {
+  return absl::UnavailableError(absl::StrCat("the source is gone (", receiving.message(), ")"));
+}
+
+pb::Frame ChunkFrame(uint64_t chunk, std::string data) {
+  pb::Frame f;
+  pb::PostcopyChunk* c = f.mutable_postcopy_chunk();
+  c->set_chunk(chunk);
+  c->set_hash(XXH3_64bits(data.data(), data.size()));
+  c->set_data(std::move(data));
+  return f;
+}
+
+}  // namespace
+
+// ---- The source ----
+
+PostcopyProgress PostcopySource::progress() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  PostcopyProgress p = progress_;
+  if (destination_runs_) p.seconds = MsSince(resumed_at_) / 1000;
+  return p;
+}
+
+bool PostcopySource::destination_runs() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return destination_runs_;
+}
+
+absl::Status PostcopySource::SendPages(vmm::GuestMemory& memory, Channel& channel,
+                                       std::vector<uint64_t> gfns, bool demand) {
+  checkpoint::PageRun run;
+  run.gfns = std::move(gfns);
+  run.pages.resize(run.gfns.size() * kPageSize);
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    const uint8_t* page = memory.data() + run.gfns[i] * kPageSize;
+    std::memcpy(run.pages.data() + i * kPageSize, page, kPageSize);
+    run.hashes.push_back(XXH3_64bits(page, kPageSize));
+  }
+  pb::Frame f = PageBatchFrame(0, false, run, 0, run.gfns.size(), options_.compression);
+  uint64_t before = channel.bytes_sent();
+  if (auto s = channel.Send(f); !s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t gfn : run.gfns) {
+    if (!sent_.Test(gfn)) {
+      sent_.Set(gfn);
+      progress_.pages_here++;
+      if (demand) progress_.demand_pages++;
+    }
+  }
+  progress_.bytes += channel.bytes_sent() - before;
+  return absl::OkStatus();
+}
+
+absl::Status PostcopySource::SendChunk(vmm::BlockDevice& disk, Channel& channel, uint64_t chunk,
+                                       bool demand) {
+  uint64_t disk_bytes = disk.sectors() * RML_SECTOR_SIZE;
+  uint64_t offset = chunk * kDiskChunkBytes;
+  std::string data(std::min(kDiskChunkBytes, disk_bytes - offset), '\0');
+  if (::pread(disk.fd(), data.data(), data.size(), static_cast<off_t>(offset)) !=
+      static_cast<ssize_t>(data.size())) {
+    return vmm::ErrnoStatus(absl::StrCat("read disk chunk ", chunk));
+  }
+  uint64_t before = channel.bytes_sent();
+  if (auto s = channel.Send(ChunkFrame(chunk, std::move(data))); !s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!chunks_sent_.Test(chunk)) {
+    chunks_sent_.Set(chunk);
+    progress_.chunks_here++;
+    if (demand) progress_.demand_chunks++;
+  }
+  progress_.bytes += channel.bytes_sent() - before;
+  return absl::OkStatus();
+}
+
+absl::Status PostcopySource::ServeDemand(vmm::CheckpointableVm& vm, Channel& demand) {
+  while (true) {
+    auto f = demand.Receive();
+    if (!f.ok()) return f.status();
+    if (!f->has_postcopy_request()) {
+      return absl::DataLossError("post-copy: the destination sent something else than a request");
+    }
+    const pb::PostcopyRequest& r = f->postcopy_request();
+    if (static_cast<size_t>(r.gfns_size()) > kPagesPerBatch ||
+        static_cast<size_t>(r.chunks_size()) > kChunksPerRequest) {
+      return absl::DataLossError("post-copy: a request for too much at once");
+    }
+    std::vector<uint64_t> gfns;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (uint64_t gfn : r.gfns()) {
+        if (gfn >= to_send_.pages() || !to_send_.Test(gfn)) {
+          return absl::DataLossError(absl::StrFormat(
+              "post-copy: the destination asked for page %#x, not one to come", gfn));
+        }
+        gfns.push_back(gfn);
+      }
+      for (uint64_t c : r.chunks()) {
+        if (c >= chunks_to_send_.pages() || !chunks_to_send_.Test(c)) {
+          return absl::DataLossError(absl::StrCat(
+              "post-copy: the destination asked for disk chunk ", c, ", not one to come"));
+        }
+      }
+    }
+    if (!gfns.empty()) {
+      if (auto s = SendPages(vm.memory(), demand, std::move(gfns), true); !s.ok()) return s;
+    }
+    for (uint64_t c : r.chunks()) {
+      if (auto s = SendChunk(vm.disk(), demand, c, true); !s.ok()) return s;
+    }
+  }
+}
+
+absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm& vm, Channel& main,
+                                                           Channel& demand) {
+  vmm::GuestMemory& memory = vm.memory();
+  uint64_t disk_bytes = vm.disk().sectors() * RML_SECTOR_SIZE;
+  auto state = vm.SaveState();
+  if (!state.ok()) return state.status();
+  DirtyBitmap pages = PagesToCome(memory);
+  DirtyBitmap chunks = ChunksToCome(vm.disk().fd(), disk_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    to_send_ = pages;
+    chunks_to_send_ = chunks;
+    sent_ = DirtyBitmap(pages.pages());
+    chunks_sent_ = DirtyBitmap(chunks.pages());
+    progress_ = {};
+    progress_.pages = pages.Count();
+    progress_.chunks = chunks.Count();
+  }
+  pb::Frame start;
+  pb::PostcopyStart* st = start.mutable_postcopy_start();
+  *st->mutable_state() = std::move(*state);
+  st->set_low_memory(memory.data(), RML_IMAGE_GPA);
+  st->set_low_hash(XXH3_64bits(memory.data(), RML_IMAGE_GPA));
+  st->set_missing_pages(BitmapBytes(pages));
+  st->set_missing_chunks(BitmapBytes(chunks));
+  Clock::time_point started = Clock::now();
+  main.KeepAlive(options_.peer_timeout / 4);
+  demand.KeepAlive(options_.peer_timeout / 4);
+  if (auto s = main.Send(start); !s.ok()) return s;
+  auto reply = main.Receive();
+  if (!reply.ok()) return reply.status();
+  if (!reply->has_postcopy_started()) {
+    return absl::DataLossError("post-copy: the destination did not answer the start");
+  }
+  if (!reply->postcopy_started().running()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the destination did not resume the VM: ",
+                     reply->postcopy_started().error().substr(0, 200)));
+  }
+  Report report;
+  report.resume_ms = MsSince(started);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    destination_runs_ = true;
+    resumed_at_ = Clock::now();
+  }
+
+  absl::Status demand_status;
+  std::thread demand_thread([&] {
+    vmm::NameThread("rml-pc-demand");
+    demand_status = ServeDemand(vm, demand);
+  });
+  // The background stream: what the guest wrote lately first, then the rest in address order.
+  auto stream = [&]() -> absl::Status {
+    for (int pass = 0; pass < 2; pass++) {
+      std::vector<uint64_t> batch;
+      absl::Status s;
+      pages.ForEach([&](uint64_t gfn) {
+        if (!s.ok()) return;
+        bool recent = gfn < options_.recent.pages() && options_.recent.Test(gfn);
+        if ((pass == 0) != recent) return;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (sent_.Test(gfn)) return;  // fetched on demand
+        }
+        batch.push_back(gfn);
+        if (batch.size() == kPagesPerBatch) {
+          s = SendPages(memory, main, std::move(batch), false);
+          batch.clear();
+        }
+      });
+      if (!s.ok()) return s;
+      if (!batch.empty()) {
+        if (auto s2 = SendPages(memory, main, std::move(batch), false); !s2.ok()) return s2;
+      }
+    }
+    absl::Status s;
+    chunks.ForEach([&](uint64_t c) {
+      if (!s.ok()) return;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (chunks_sent_.Test(c)) return;
+      }
+      s = SendChunk(vm.disk(), main, c, false);
+    });
+    if (!s.ok()) return s;
+    pb::Frame end;
+    end.mutable_postcopy_end()->set_pages(pages.Count());
+    end.mutable_postcopy_end()->set_chunks(chunks.Count());
+    if (auto s2 = main.Send(end); !s2.ok()) return s2;
+    auto done = main.Receive();
+    if (!done.ok()) return done.status();
+    if (!done->has_postcopy_done()) {
+      return absl::DataLossError("post-copy: the destination did not confirm the end");
+    }
+    return absl::OkStatus();
+  };
+  absl::Status streamed = stream();
+  demand.Shutdown();
+  demand_thread.join();
+  if (!streamed.ok()) {
+    return absl::Status(streamed.code(), absl::StrCat("post-copy failed with the VM at the "
+                                                      "destination: ",
+                                                      streamed.message()));
+  }
+  report.total_ms = MsSince(started);
+  std::lock_guard<std::mutex> lock(mu_);
+  progress_.done = true;
+  report.progress = progress_;
+  report.progress.seconds = MsSince(resumed_at_) / 1000;
+  return report;
+}
+
+// ---- The destination ----
+
+PostcopyProgress PostcopyDestination::progress() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  PostcopyProgress p = progress_;
+  if (pages_) {  // under way
+    p.pages_here = p.pages - pages_->stats().missing;
+    p.seconds = MsSince(resumed_at_) / 1000;
+  }
+  return p;
+}
+
+absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adopt& adopt) {
+  const uint64_t memory_pages = options_.identity.memory_bytes / kPageSize;
+  const uint64_t chunk_count = ChunkCount(options_.identity.disk_bytes);
+  auto first = main.Receive();
+  if (!first.ok()) return first.status();
+  if (!first->has_postcopy_start()) {
+    return absl::DataLossError("post-copy: the source did not begin with the VM's state");
+  }
+  const pb::PostcopyStart& st = first->postcopy_start();
+  if (st.low_memory().size() != RML_IMAGE_GPA ||
+      XXH3_64bits(st.low_memory().data(), st.low_memory().size()) != st.low_hash()) {
+    return absl::DataLossError("post-copy: the memory sent with the state is damaged");
+  }
+  auto missing = ParseBitmap(st.missing_pages(), memory_pages, "post-copy: pages to come");
+  if (!missing.ok()) return missing.status();
+  auto missing_chunks = ParseBitmap(st.missing_chunks(), chunk_count, "post-copy: chunks to come");
+  if (!missing_chunks.ok()) return missing_chunks.status();
+  for (uint64_t gfn = 0; gfn < kLowPages; gfn++) {
+    if (missing->Test(gfn)) {
+      return absl::DataLossError("post-copy: a page that travels with the state is to come");
+    }
+  }
+  auto memory = vmm::GuestMemory::CreateMemfd(options_.identity.memory_bytes);
+  if (!memory.ok()) return memory.status();
+  std::memcpy((*memory)->data(), st.low_memory().data(), RML_IMAGE_GPA);
+
+  // What the guest waits for, asked for by the requester thread.
+  struct Asked {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<uint64_t> pages, chunks;
+    DirtyBitmap pages_asked, chunks_asked;
+    bool stop = false;
+  } asked;
+  asked.pages_asked = DirtyBitmap(memory_pages);
+  asked.chunks_asked = DirtyBitmap(chunk_count);
+  auto on_page = [&asked](uint64_t gfn) {
+    std::lock_guard<std::mutex> lock(asked.mu);
+    asked.pages_asked.Set(gfn);
+    asked.pages.push_back(gfn);
+    asked.cv.notify_all();
+  };
+  auto on_chunk = [&asked](uint64_t chunk) {
+    std::lock_guard<std::mutex> lock(asked.mu);
+    asked.chunks_asked.Set(chunk);
+    asked.chunks.push_back(chunk);
+    asked.cv.notify_all();
+  };
+  const DirtyBitmap to_come = *missing, chunks_to_come = *missing_chunks;
+  auto target = adopt(std::move(*memory), st.state(), std::move(*missing),
+                      std::move(*missing_chunks), on_page, on_chunk);
+  pb::Frame started;
+  started.mutable_postcopy_started()->set_running(target.ok());
+  if (!target.ok()) {
+    started.mutable_postcopy_started()->set_error(std::string(target.status().message()));
+    (void)main.Send(started);
+    return target.status();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_ = {};
+    progress_.pages = to_come.Count();
+    progress_.chunks = chunks_to_come.Count();
+    pages_ = target->pages;
+    resumed_at_ = Clock::now();
+  }
+  main.KeepAlive(options_.peer_timeout / 4);
+  demand.KeepAlive(options_.peer_timeout / 4);
+
+  // The first failure ends everything: it stops the guest, and the connections with it.
+  std::mutex failed_mu;
+  absl::Status failed;
+  bool finished = false;  // every page and chunk is here: closing the connections is no failure
+  auto fail = [&](absl::Status why) {
+    {
+      std::lock_guard<std::mutex> lock(failed_mu);
+      if (!failed.ok() || finished) return;
+      failed = why;
+    }
+    target->disk->AbandonChunks();
+    std::string reason = absl::StrFormat(
+        "post-copy stopped the guest: %s; %d pages and %d disk chunks never arrived", why.message(),
+        target->pages->stats().missing, target->disk->missing_chunks());
+    target->stop(reason);
+    main.Shutdown();
+    demand.Shutdown();
+    std::lock_guard<std::mutex> lock(asked.mu);
+    asked.stop = true;
+    asked.cv.notify_all();
+  };
+  if (auto s = main.Send(started); !s.ok()) fail(s);
+
+  // Places what arrived, checked: a page or chunk must be one that was to come, match its hash,
+  // and arrive once; on the demand connection, only what was asked for. The one allowed
+  // duplicate: asked for on demand while the background stream brought it.
+  auto take = [&](const pb::Frame& f, bool on_demand) -> absl::Status {
+    auto asked_for = [&](bool page, uint64_t i) {
+      std::lock_guard<std::mutex> lock(asked.mu);
+      return page ? asked.pages_asked.Test(i) : asked.chunks_asked.Test(i);
+    };
+    if (f.has_pages()) {
+      auto run = DecodePageBatch(f.pages(), memory_pages);
+      if (!run.ok()) return run.status();
+      for (size_t i = 0; i < run->gfns.size(); i++) {
+        uint64_t gfn = run->gfns[i];
+        const uint8_t* page = run->pages.data() + i * kPageSize;
+        if (!to_come.Test(gfn)) {
+          return absl::DataLossError(absl::StrFormat("page %#x was not one to come", gfn));
+        }
+        if (XXH3_64bits(page, kPageSize) != run->hashes[i]) {
+          return absl::DataLossError(absl::StrFormat("page %#x does not match its hash", gfn));
+        }
+        bool asked_page = asked_for(true, gfn);
+        if (on_demand && !asked_page) {
+          return absl::DataLossError(absl::StrFormat("page %#x came unasked", gfn));
+        }
+        absl::Status s = target->pages->Place(gfn, page);
+        if (absl::IsAlreadyExists(s) && asked_page) continue;
+        if (absl::IsAlreadyExists(s)) {
+          return absl::DataLossError(absl::StrFormat("page %#x arrived twice", gfn));
+        }
+        if (!s.ok()) return s;
+        if (on_demand) {
+          std::lock_guard<std::mutex> lock(mu_);
+          progress_.demand_pages++;
+        }
+      }
+      return absl::OkStatus();
+    }
+    if (f.has_postcopy_chunk()) {
+      const pb::PostcopyChunk& c = f.postcopy_chunk();
+      if (c.chunk() >= chunk_count || !chunks_to_come.Test(c.chunk())) {
+        return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " was not one to come"));
+      }
+      if (XXH3_64bits(c.data().data(), c.data().size()) != c.hash()) {
+        return absl::DataLossError(
+            absl::StrCat("disk chunk ", c.chunk(), " does not match its hash"));
+      }
+      bool asked_chunk = asked_for(false, c.chunk());
+      if (on_demand && !asked_chunk) {
+        return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " came unasked"));
+      }
+      absl::Status s = target->disk->PlaceChunk(c.chunk(), c.data());
+      if (absl::IsAlreadyExists(s) && asked_chunk) return absl::OkStatus();
+      if (absl::IsAlreadyExists(s)) {
+        return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " arrived twice"));
+      }
+      if (!s.ok()) return s;
+      std::lock_guard<std::mutex> lock(mu_);
+      progress_.chunks_here++;
+      if (on_demand) progress_.demand_chunks++;
+      return absl::OkStatus();
+    }
+    return absl::DataLossError("post-copy: an unexpected frame");
+  };
+
+  std::thread requester([&] {
+    vmm::NameThread("rml-pc-ask");
+    std::unique_lock<std::mutex> lock(asked.mu);
+    while (!asked.stop) {
+      if (asked.pages.empty() && asked.chunks.empty()) {
+        asked.cv.wait(lock);
+        continue;
+      }
+      pb::Frame f;
+      pb::PostcopyRequest* r = f.mutable_postcopy_request();
+      while (!asked.pages.empty() && static_cast<size_t>(r->gfns_size()) < kPagesPerBatch) {
+        r->add_gfns(asked.pages.front());
+        asked.pages.pop_front();
+      }
+      while (!asked.chunks.empty() && static_cast<size_t>(r->chunks_size()) < kChunksPerRequest) {
+        r->add_chunks(asked.chunks.front());
+        asked.chunks.pop_front();
+      }
+      lock.unlock();
+      absl::Status s = demand.Send(f);
+      lock.lock();
+      if (!s.ok()) {
+        lock.unlock();
+        fail(s);
+        lock.lock();
+      }
+    }
+  });
+  std::thread demand_reader([&] {
+    vmm::NameThread("rml-pc-fetch");
+    while (true) {
+      auto f = demand.Receive();
+      absl::Status s = f.ok() ? take(*f, true) : SourceGone(f.status());
+      if (!s.ok()) {
+        fail(s);
+        return;
+      }
+    }
+  });
+
+  absl::Status main_status;
+  while (true) {
+    auto f = main.Receive();
+    if (!f.ok()) {
+      main_status = SourceGone(f.status());
+      break;
+    }
+    if (f->has_postcopy_end()) {
+      uint64_t pages_left = target->pages->stats().missing;
+      uint64_t chunks_left = target->disk->missing_chunks();
+      if (pages_left || chunks_left) {
+        main_status =
+            absl::DataLossError("the source ended the post-copy with pages or chunks missing");
+      } else {
+        // Everything is here: from now on nothing stops the guest, not even the source going
+        // before it reads the confirmation.
+        {
+          std::lock_guard<std::mutex> lock(failed_mu);
+          finished = failed.ok();
+        }
+        pb::Frame done;
+        done.mutable_postcopy_done();
+        (void)main.Send(done);
+        std::lock_guard<std::mutex> lock(mu_);
+        progress_.done = finished;
+      }
+      break;
+    }
+    if (auto s = take(*f, false); !s.ok()) {
+      main_status = s;
+      break;
+    }
+  }
+  if (!main_status.ok()) {
+    fail(main_status);
+  } else {
+    std::lock_guard<std::mutex> lock(asked.mu);
+    asked.stop = true;
+    asked.cv.notify_all();
+  }
+  demand.Shutdown();
+  requester.join();
+  demand_reader.join();
+  {
+    // The guest's memory outlives this call only as long as the VM: no pointer into it is kept.
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_.pages_here = progress_.pages - target->pages->stats().missing;
+    progress_.seconds = MsSince(resumed_at_) / 1000;
+    pages_ = nullptr;
+  }
+  std::lock_guard<std::mutex> lock(failed_mu);
+  return failed;
+}
+
+}  // namespace romulus::replicator

@@ -1,0 +1,126 @@
+// Post-copy migration: the VM moves first and its memory after. The source, its VM paused for
+// good, sends the state and what the VM needs to resume (guest RAM below RML_IMAGE_GPA) and the
+// list of pages and disk chunks still to come; the destination resumes the guest at once and
+// receives the rest on two connections: the main one streams everything in the background, the
+// demand one carries what the guest waits for (vmm::MissingPages, BlockDevice::ExpectChunks), so
+// that a demand fetch never waits behind the stream.
+//
+//   source (PostcopySource)                       destination (PostcopyDestination)
+//   main:   PostcopyStart  ───────────────────▶  resumes the guest (its Adopt)
+//           ◀─────────────────── PostcopyStarted
+//   demand: ◀─────────────────── PostcopyRequest  (a fault)
+//           pages, chunks ───────────────────▶    placed, the guest goes on
+//   main:   pages, chunks ───────────────────▶    placed (the background stream)
+//           PostcopyEnd ─────────────────────▶
+//           ◀─────────────────────── PostcopyDone (every page and chunk is here)
+//
+// Until the end the VM's memory is split across the two hosts: if the source dies first, the
+// guest is stopped, saying how much never arrived; it never runs on a page that did not arrive.
+// Every page and chunk is checked against its hash, its range and whether it was to come at all.
+// Internal to the replicator.
+#ifndef ROMULUS_REPLICATOR_POSTCOPY_H_
+#define ROMULUS_REPLICATOR_POSTCOPY_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "replicator/channel.h"
+#include "replicator/replicator.h"
+#include "vmm/vmm.h"
+
+namespace romulus::replicator {
+
+// How far a post-copy has come, on either side.
+struct PostcopyProgress {
+  uint64_t pages = 0, pages_here = 0;    // to come at the start; arrived (destination) or sent
+  uint64_t chunks = 0, chunks_here = 0;  // likewise, disk chunks
+  uint64_t demand_pages = 0, demand_chunks = 0;  // of those, fetched on demand
+  uint64_t bytes = 0;                            // on both connections, from the source
+  double seconds = 0;                            // since the guest resumed at the destination
+  bool done = false;
+};
+
+class PostcopySource {
+ public:
+  struct Options {
+    std::chrono::milliseconds peer_timeout{5000};
+    // Pages the guest wrote lately: streamed before the others (may be empty).
+    vmm::DirtyBitmap recent;
+    pb::Compression compression = pb::COMPRESSION_NONE;
+  };
+  struct Report {
+    PostcopyProgress progress;
+    double resume_ms = 0;  // start sent -> the destination said the guest runs
+    double total_ms = 0;   // start sent -> the destination said every page is here
+  };
+  explicit PostcopySource(Options options) : options_(std::move(options)) {}
+  // `vm` is paused for good: its memory and disk do not change any more. Returns once the
+  // destination holds everything; an error before the destination said the guest runs there
+  // means it does not (FailedPrecondition: it refused), and the VM may resume here; an error
+  // after it means the VM is lost with this host's part of its memory.
+  absl::StatusOr<Report> Run(vmm::CheckpointableVm& vm, Channel& main, Channel& demand);
+  // Any thread.
+  PostcopyProgress progress() const;
+  bool destination_runs() const;
+
+ private:
+  absl::Status ServeDemand(vmm::CheckpointableVm& vm, Channel& demand);
+  absl::Status SendPages(vmm::GuestMemory& memory, Channel& channel, std::vector<uint64_t> gfns,
+                         bool demand);
+  absl::Status SendChunk(vmm::BlockDevice& disk, Channel& channel, uint64_t chunk, bool demand);
+
+  Options options_;
+  mutable std::mutex mu_;
+  vmm::DirtyBitmap to_send_, chunks_to_send_;  // under mu_: still to come, at the start
+  vmm::DirtyBitmap sent_, chunks_sent_;        // under mu_
+  PostcopyProgress progress_;                  // under mu_
+  bool destination_runs_ = false;              // under mu_
+  std::chrono::steady_clock::time_point resumed_at_;
+};
+
+// What the destination resumed: the guest's memory and disk, still arriving, and how to stop it.
+struct PostcopyTarget {
+  vmm::MissingPages* pages = nullptr;
+  vmm::BlockDevice* disk = nullptr;  // with ExpectChunks done
+  std::function<void(const std::string& reason)> stop;
+};
+
+class PostcopyDestination {
+ public:
+  // Resumes the VM from `state` in `memory` (which holds what is not missing), its memory and
+  // disk waiting for what is (`on_page`, `on_chunk` ask for one: MissingPages' and
+  // ExpectChunks' callbacks).
+  using Adopt = std::function<absl::StatusOr<PostcopyTarget>(
+      std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+      vmm::DirtyBitmap missing_pages, vmm::DirtyBitmap missing_chunks,
+      std::function<void(uint64_t gfn)> on_page, std::function<void(uint64_t chunk)> on_chunk)>;
+  struct Options {
+    Identity identity;  // the VM's geometry, as the handshake agreed
+    std::chrono::milliseconds peer_timeout{5000};
+  };
+  explicit PostcopyDestination(Options options) : options_(std::move(options)) {}
+  // Receives the VM on `main`, resumes it through `adopt`, and takes in everything still to
+  // come. OK once every page and chunk is here (the guest runs on all of its memory). An error
+  // before `adopt` succeeded leaves nothing running; after it, the guest was stopped (with the
+  // error as the reason) and is not to run again.
+  absl::Status Run(Channel& main, Channel& demand, const Adopt& adopt);
+  // Any thread.
+  PostcopyProgress progress() const;
+
+ private:
+  class Receiver;
+  Options options_;
+  mutable std::mutex mu_;
+  PostcopyProgress progress_;  // under mu_
+  std::chrono::steady_clock::time_point resumed_at_;
+  vmm::MissingPages* pages_ = nullptr;  // under mu_, once adopted
+};
+
+}  // namespace romulus::replicator
+
+#endif  // ROMULUS_REPLICATOR_POSTCOPY_H_

@@ -1,0 +1,367 @@
+// Post-copy migration between two hosts (here: two sides of loopback connections in this
+// process): the VM resumes at the destination with only its state, fetches on demand what it
+// touches, receives the rest in the background, and ends exactly where the same VM would have
+// ended had it stayed. A source that dies, stalls or sends bad pages stops the guest at the
+// destination with the reason; the guest never runs on a page that did not arrive intact.
+#include <gtest/gtest.h>
+
+// clang-format off
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "replicator/channel.h"
+#include "replicator/postcopy.h"
+#include "tests/test_util.h"
+#include "vmm/block_device.h"
+#include "vmm/missing_pages.h"
+#include "vmm/vmm.h"
+#include "vmm/xxhash_dispatch.h"
+
+namespace romulus::postcopy_test {
+namespace {
+
+using testing::TempDir;
+using vmm::kPageSize;
+namespace asio = boost::asio;
+
+constexpr uint64_t kWorkingSet = 2048;
+constexpr uint64_t kLimit = 200'000;
+constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;  // BootTestVm's
+const char kKey[] = "0123456789abcdef-postcopy-key";
+
+void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
+  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(60);
+  while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
+  }
+  ASSERT_GE(vm.guest_status().workload_pages, pages);
+  ASSERT_TRUE(vm.Pause().ok());
+}
+
+std::vector<uint8_t> WorkloadRegion(vmm::GuestMemory& memory) {
+  const uint8_t* p = memory.data() + RML_WORKLOAD_GPA;
+  return {p, p + kWorkingSet * kPageSize};
+}
+
+// The two connections of a post-copy, source side and destination side.
+struct Connections {
+  std::unique_ptr<asio::io_context> io = std::make_unique<asio::io_context>();  // outlives them
+  std::unique_ptr<replicator::Channel> source_main, source_demand, dest_main, dest_demand;
+};
+
+Connections Connect(pb::Platform platform, std::chrono::milliseconds timeout) {
+  Connections c;
+  replicator::Identity id{"postcopy-vm", kMemory, kDisk, platform};
+  asio::io_context& io = *c.io;
+  asio::ip::tcp::acceptor acceptor(io, {asio::ip::make_address("127.0.0.1"), 0});
+  uint16_t port = acceptor.local_endpoint().port();
+  std::thread dest([&] {
+    for (auto* ch : {&c.dest_main, &c.dest_demand}) {
+      asio::ip::tcp::socket socket(io);
+      boost::system::error_code ec;
+      acceptor.accept(socket, ec);
+      if (ec) return;
+      uint64_t session = 0;
+      auto accepted = replicator::Channel::Accept(std::move(socket), {id, kKey}, timeout, &session);
+      if (!accepted.ok()) return;
+      *ch = std::move(*accepted);
+    }
+  });
+  for (auto* ch : {&c.source_main, &c.source_demand}) {
+    auto connected = replicator::Channel::Connect(io, "127.0.0.1", port, {id, kKey}, 7, timeout);
+    if (connected.ok()) *ch = std::move(*connected);
+  }
+  dest.join();
+  return c;
+}
+
+// The destination host's side: resumes the VM it is given, with a fresh disk image.
+class Destination {
+ public:
+  explicit Destination(const TempDir& dir) : disk_path_(dir.File("dest-disk.img")) {}
+  replicator::PostcopyDestination::Adopt adopt() {
+    return
+        [this](
+            std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+            vmm::DirtyBitmap missing, vmm::DirtyBitmap missing_chunks,
+            std::function<void(uint64_t)> on_page,
+            std::function<void(uint64_t)> on_chunk) -> absl::StatusOr<replicator::PostcopyTarget> {
+          // A fresh image unless the test copied the disk ahead.
+          if (!std::filesystem::exists(disk_path_)) {
+            if (auto s = vmm::BlockDevice::CreateImage(disk_path_, kDisk); !s.ok()) return s;
+          }
+          auto vm = vmm::Vm::Adopt(std::move(memory), state, disk_path_, nullptr, nullptr,
+                                   vmm::Vm::PostCopy{std::move(missing), std::move(on_page)});
+          if (!vm.ok()) return vm.status();
+          vm_ = std::move(*vm);
+          if (auto s = vm_->disk().ExpectChunks(std::move(missing_chunks), std::move(on_chunk),
+                                                testing::ScaledMs(30));
+              !s.ok()) {
+            return s;
+          }
+          if (auto s = vm_->Start(); !s.ok()) return s;
+          return replicator::PostcopyTarget{vm_->missing_pages(), &vm_->disk(),
+                                            [this](const std::string& reason) {
+                                              {
+                                                std::lock_guard<std::mutex> lock(mu_);
+                                                stop_reason_ = reason;
+                                              }
+                                              (void)vm_->Stop();
+                                            }};
+        };
+  }
+  vmm::Vm* vm() { return vm_.get(); }
+  std::string stop_reason() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stop_reason_;
+  }
+
+ private:
+  std::string disk_path_;
+  std::unique_ptr<vmm::Vm> vm_;
+  std::mutex mu_;
+  std::string stop_reason_;
+};
+
+class VmPostcopyMigration : public testing::PlatformTest {
+ protected:
+  // A source VM with the deterministic workload, paused at a tenth of it, and a snapshot of it
+  // there (what a VM that stayed would go on from).
+  void SetUp() override {
+    testing::PlatformTest::SetUp();
+    if (IsSkipped()) return;
+    source_ = testing::BootTestVm(
+        platform(), dir_,
+        {.working_set_pages = kWorkingSet, .write_rate = 0, .write_limit = kLimit, .seed = 11});
+    ASSERT_NE(source_, nullptr);
+    ASSERT_TRUE(source_->Start().ok());
+    RunUntilPages(*source_, kLimit / 10);
+    at_pause_ = source_->guest_status().workload_pages;
+  }
+  TempDir dir_;
+  std::unique_ptr<vmm::Vm> source_;
+  uint64_t at_pause_ = 0;
+};
+
+TEST_P(VmPostcopyMigration, TheVmRunsAtTheDestinationAtOnceAndEndsExactlyAsIfItHadStayed) {
+  auto snapshot = source_->SaveSnapshot(dir_.File("snap"));
+  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
+  Connections c = Connect(platform(), testing::ScaledMs(10));
+  ASSERT_TRUE(c.source_main && c.source_demand && c.dest_main && c.dest_demand);
+
+  replicator::PostcopySource::Options options;
+  options.peer_timeout = testing::ScaledMs(10);
+  replicator::PostcopySource source(std::move(options));
+  absl::StatusOr<replicator::PostcopySource::Report> report;
+  std::thread source_thread(
+      [&] { report = source.Run(*source_, *c.source_main, *c.source_demand); });
+  Destination dest(dir_);
+  replicator::PostcopyDestination destination(
+      {.identity = {"postcopy-vm", kMemory, kDisk, platform()},
+       .peer_timeout = testing::ScaledMs(10)});
+  absl::Status received = destination.Run(*c.dest_main, *c.dest_demand, dest.adopt());
+  source_thread.join();
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_TRUE(received.ok()) << received;
+  ASSERT_NE(dest.vm(), nullptr);
+  EXPECT_TRUE(dest.vm()->missing_pages()->complete());
+  EXPECT_EQ(dest.vm()->disk().missing_chunks(), 0u);
+  auto progress = destination.progress();
+  EXPECT_TRUE(progress.done);
+  EXPECT_EQ(progress.pages_here, progress.pages);
+  EXPECT_EQ(progress.chunks_here, progress.chunks);
+  EXPECT_GT(progress.pages, kWorkingSet / 2);
+
+  // The disk arrived whole (the guest has not written it since).
+  auto source_disk = vmm::FileDigest(source_->disk().fd(), kDisk);
+  auto dest_disk = vmm::FileDigest(dest.vm()->disk().fd(), kDisk);
+  ASSERT_TRUE(source_disk.ok() && dest_disk.ok());
+  EXPECT_EQ(*dest_disk, *source_disk);
+
+  // And the guest ends where the VM that stayed ends.
+  RunUntilPages(*dest.vm(), kLimit);
+  auto stayed = vmm::Vm::Restore(dir_.File("snap"), dir_.File("stayed-disk.img"), nullptr);
+  ASSERT_TRUE(stayed.ok()) << stayed.status();
+  ASSERT_TRUE((*stayed)->Start().ok());
+  RunUntilPages(**stayed, kLimit);
+  EXPECT_EQ(WorkloadRegion(dest.vm()->memory()), WorkloadRegion((*stayed)->memory()));
+
+  auto faults = dest.vm()->missing_pages()->stats();
+  std::printf(
+      "post-copy on %s: guest ran at the destination %.1f ms after the start was sent; all "
+      "%lu pages and %lu disk chunks there after %.1f ms; %lu pages fetched on demand (fault "
+      "wait p50 %.0f us, p99 %.0f us), %.1f MiB from the source\n",
+      platform_name().c_str(), report->resume_ms, progress.pages, progress.chunks, report->total_ms,
+      progress.demand_pages, std::chrono::duration<double, std::micro>(faults.wait_p50).count(),
+      std::chrono::duration<double, std::micro>(faults.wait_p99).count(),
+      static_cast<double>(report->progress.bytes) / (1 << 20));
+}
+
+// A source that plays its part by hand: a start built from the paused VM (every page not zero is
+// to come; the disk is copied ahead), then whatever a test sends.
+class RawSource {
+ public:
+  RawSource(vmm::Vm& vm, replicator::Channel& main, replicator::Channel& demand)
+      : vm_(vm), main_(main), demand_(demand) {}
+  absl::Status Start(const std::string& dest_disk) {
+    std::error_code ec;
+    std::filesystem::copy_file(vm_.disk().path(), dest_disk,
+                               std::filesystem::copy_options::overwrite_existing, ec);
+    if (ec) return absl::InternalError(ec.message());
+    auto state = vm_.SaveState();
+    if (!state.ok()) return state.status();
+    vmm::GuestMemory& m = vm_.memory();
+    vmm::DirtyBitmap missing(m.pages());
+    for (uint64_t gfn = RML_IMAGE_GPA / kPageSize; gfn < m.pages(); gfn++) {
+      if (!vmm::AllZero(m.data() + gfn * kPageSize, kPageSize)) missing.Set(gfn);
+    }
+    to_come_ = missing;
+    pb::Frame f;
+    pb::PostcopyStart* st = f.mutable_postcopy_start();
+    *st->mutable_state() = *state;
+    st->set_low_memory(m.data(), RML_IMAGE_GPA);
+    st->set_low_hash(XXH3_64bits(m.data(), RML_IMAGE_GPA));
+    std::string bits((missing.pages() + 7) / 8, '\0');
+    std::memcpy(bits.data(), missing.words().data(), bits.size());
+    st->set_missing_pages(bits);
+    st->set_missing_chunks(std::string((kDisk / vmm::kDiskChunkBytes + 7) / 8, '\0'));
+    if (auto s = main_.Send(f); !s.ok()) return s;
+    auto started = main_.Receive();
+    if (!started.ok()) return started.status();
+    if (!started->postcopy_started().running()) {
+      return absl::InternalError(started->postcopy_started().error());
+    }
+    return absl::OkStatus();
+  }
+  // The next page the destination asks for (its guest waits for it).
+  absl::StatusOr<uint64_t> NextRequest() {
+    auto f = demand_.Receive();
+    if (!f.ok()) return f.status();
+    if (!f->has_postcopy_request() || f->postcopy_request().gfns_size() == 0) {
+      return absl::InternalError("not a page request");
+    }
+    return f->postcopy_request().gfns(0);
+  }
+  // A batch of one page, with its bytes as the VM has them (or `bytes`) and their hash (or
+  // `hash`).
+  pb::Frame Page(uint64_t gfn, const std::string* bytes = nullptr, const uint64_t* hash = nullptr) {
+    pb::Frame f;
+    pb::PageBatch* b = f.mutable_pages();
+    b->add_gfns(gfn);
+    std::string data = bytes ? *bytes
+                             : std::string(reinterpret_cast<const char*>(vm_.memory().data()) +
+                                               (gfn < vm_.memory().pages() ? gfn : 0) * kPageSize,
+                                           kPageSize);
+    b->add_hashes(hash ? *hash : XXH3_64bits(data.data(), data.size()));
+    b->set_data(data);
+    return f;
+  }
+  const vmm::DirtyBitmap& to_come() const { return to_come_; }
+
+ private:
+  vmm::Vm& vm_;
+  replicator::Channel& main_;
+  replicator::Channel& demand_;
+  vmm::DirtyBitmap to_come_;
+};
+
+// What each bad source does once the destination's guest waits for page `asked`; and what the
+// destination must say.
+struct BadSource {
+  std::string what;
+  std::function<void(RawSource&, replicator::Channel& main, replicator::Channel& demand,
+                     uint64_t asked)>
+      act;
+  std::string error;
+};
+
+TEST_P(VmPostcopyMigration, ASourceThatDiesStallsOrSendsBadPagesStopsTheGuestSayingWhy) {
+  std::vector<BadSource> cases = {
+      {"dies",
+       [](RawSource&, replicator::Channel& main, replicator::Channel& demand, uint64_t) {
+         main.Shutdown();
+         demand.Shutdown();
+       },
+       "the source is gone"},
+      {"stalls", [](RawSource&, replicator::Channel&, replicator::Channel&, uint64_t) {},
+       "the source is gone"},
+      {"a page that does not match its hash",
+       [](RawSource& src, replicator::Channel&, replicator::Channel& demand, uint64_t asked) {
+         uint64_t wrong = 42;
+         (void)demand.Send(src.Page(asked, nullptr, &wrong));
+       },
+       "does not match its hash"},
+      {"a page outside guest RAM",
+       [](RawSource& src, replicator::Channel&, replicator::Channel& demand, uint64_t) {
+         (void)demand.Send(src.Page(kMemory / kPageSize));
+       },
+       "outside guest memory"},
+      {"a page that was not to come",
+       [](RawSource& src, replicator::Channel& main, replicator::Channel&, uint64_t) {
+         (void)main.Send(src.Page(RML_BOOT_GPA / kPageSize));
+       },
+       "was not one to come"},
+      {"a page twice",
+       [](RawSource& src, replicator::Channel& main, replicator::Channel&, uint64_t asked) {
+         uint64_t other = asked;
+         src.to_come().ForEach([&](uint64_t gfn) {
+           if (other == asked && gfn != asked) other = gfn;
+         });
+         (void)main.Send(src.Page(other));
+         (void)main.Send(src.Page(other));
+       },
+       "arrived twice"},
+      {"a page nobody asked for, on the demand connection",
+       [](RawSource& src, replicator::Channel&, replicator::Channel& demand, uint64_t asked) {
+         uint64_t other = asked;
+         src.to_come().ForEach([&](uint64_t gfn) {
+           if (other == asked && gfn != asked) other = gfn;
+         });
+         (void)demand.Send(src.Page(other));
+       },
+       "came unasked"},
+  };
+  for (const BadSource& bad : cases) {
+    SCOPED_TRACE(bad.what);
+    TempDir dir;
+    // A short peer timeout: the stalling source is found out by it.
+    Connections c = Connect(platform(), testing::ScaledMs(1));
+    ASSERT_TRUE(c.source_main && c.source_demand && c.dest_main && c.dest_demand);
+    RawSource src(*source_, *c.source_main, *c.source_demand);
+    Destination dest(dir);
+    replicator::PostcopyDestination destination(
+        {.identity = {"postcopy-vm", kMemory, kDisk, platform()},
+         .peer_timeout = testing::ScaledMs(1)});
+    absl::Status received;
+    std::thread dest_thread(
+        [&] { received = destination.Run(*c.dest_main, *c.dest_demand, dest.adopt()); });
+    ASSERT_TRUE(src.Start(dir.File("dest-disk.img")).ok());
+    auto asked = src.NextRequest();
+    ASSERT_TRUE(asked.ok()) << asked.status();
+    bad.act(src, *c.source_main, *c.source_demand, *asked);
+    dest_thread.join();
+    EXPECT_FALSE(received.ok());
+    EXPECT_NE(received.message().find(bad.error), std::string::npos) << received;
+    ASSERT_NE(dest.vm(), nullptr);
+    EXPECT_TRUE(dest.vm()->exited());
+    EXPECT_NE(dest.stop_reason().find("pages and 0 disk chunks never arrived"), std::string::npos)
+        << dest.stop_reason();
+    // It never ran on anything in place of what did not arrive intact.
+    EXPECT_EQ(dest.vm()->guest_status().workload_pages, at_pause_);
+    EXPECT_TRUE(dest.vm()->missing_pages()->IsMissing(*asked));
+  }
+}
+
+ROMULUS_ON_EVERY_PLATFORM(VmPostcopyMigration);
+
+}  // namespace
+}  // namespace romulus::postcopy_test
