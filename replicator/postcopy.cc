@@ -243,8 +243,18 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
   pb::Frame start;
   pb::PostcopyStart* st = start.mutable_postcopy_start();
   *st->mutable_state() = std::move(*state);
-  st->set_low_memory(memory.data(), RML_IMAGE_GPA);
-  st->set_low_hash(XXH3_64bits(memory.data(), RML_IMAGE_GPA));
+  checkpoint::PageRun low;
+  for (uint64_t gfn = 0; gfn < kLowPages; gfn++) {
+    const uint8_t* page = memory.data() + gfn * kPageSize;
+    if (vmm::AllZero(page, kPageSize)) continue;
+    low.gfns.push_back(gfn);
+    low.hashes.push_back(XXH3_64bits(page, kPageSize));
+    low.pages.insert(low.pages.end(), page, page + kPageSize);
+  }
+  if (!low.gfns.empty()) {
+    pb::Frame f = PageBatchFrame(0, false, low, 0, low.gfns.size(), options_.compression);
+    st->mutable_low()->Swap(f.mutable_pages());
+  }
   st->set_missing_pages(BitmapBytes(pages));
   st->set_missing_chunks(BitmapBytes(chunks));
   Clock::time_point started = Clock::now();
@@ -356,10 +366,6 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
     return absl::DataLossError("post-copy: the source did not begin with the VM's state");
   }
   const pb::PostcopyStart& st = first->postcopy_start();
-  if (st.low_memory().size() != RML_IMAGE_GPA ||
-      XXH3_64bits(st.low_memory().data(), st.low_memory().size()) != st.low_hash()) {
-    return absl::DataLossError("post-copy: the memory sent with the state is damaged");
-  }
   auto missing = ParseBitmap(st.missing_pages(), memory_pages, "post-copy: pages to come");
   if (!missing.ok()) return missing.status();
   auto missing_chunks = ParseBitmap(st.missing_chunks(), chunk_count, "post-copy: chunks to come");
@@ -371,7 +377,17 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
   }
   auto memory = vmm::GuestMemory::CreateMemfd(options_.identity.memory_bytes);
   if (!memory.ok()) return memory.status();
-  std::memcpy((*memory)->data(), st.low_memory().data(), RML_IMAGE_GPA);
+  if (st.has_low()) {
+    auto low = DecodePageBatch(st.low(), memory_pages);
+    if (!low.ok()) return low.status();
+    for (size_t i = 0; i < low->gfns.size(); i++) {
+      const uint8_t* page = low->pages.data() + i * kPageSize;
+      if (low->gfns[i] >= kLowPages || XXH3_64bits(page, kPageSize) != low->hashes[i]) {
+        return absl::DataLossError("post-copy: the memory sent with the state is damaged");
+      }
+      std::memcpy((*memory)->data() + low->gfns[i] * kPageSize, page, kPageSize);
+    }
+  }
 
   // What the guest waits for, asked for by the requester thread.
   struct Asked {

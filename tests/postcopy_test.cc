@@ -228,8 +228,16 @@ class RawSource {
     pb::Frame f;
     pb::PostcopyStart* st = f.mutable_postcopy_start();
     *st->mutable_state() = *state;
-    st->set_low_memory(m.data(), RML_IMAGE_GPA);
-    st->set_low_hash(XXH3_64bits(m.data(), RML_IMAGE_GPA));
+    checkpoint::PageRun low;
+    for (uint64_t gfn = 0; gfn < RML_IMAGE_GPA / kPageSize; gfn++) {
+      low.gfns.push_back(gfn);
+      low.hashes.push_back(XXH3_64bits(m.data() + gfn * kPageSize, kPageSize));
+      low.pages.insert(low.pages.end(), m.data() + gfn * kPageSize,
+                       m.data() + (gfn + 1) * kPageSize);
+    }
+    pb::Frame batch =
+        replicator::PageBatchFrame(0, false, low, 0, low.gfns.size(), pb::COMPRESSION_NONE);
+    st->mutable_low()->Swap(batch.mutable_pages());
     std::string bits((missing.pages() + 7) / 8, '\0');
     std::memcpy(bits.data(), missing.words().data(), bits.size());
     st->set_missing_pages(bits);
