@@ -77,23 +77,23 @@ void ForEachDataRegion(int fd, uint64_t bytes, Fn&& fn) {
   }
 }
 
-// Pages of guest RAM (at or above kLowPages) that are not all zero. Only where the memory's
-// backing is a shared tmpfs file do holes mean zeros; elsewhere every page is read.
+// Pages of guest RAM (at or above kLowPages) that may hold data. Found without reading them: the
+// scan is part of the downtime (a first word of each page read costs 30 ms a GiB here). Where
+// guest RAM is a shared tmpfs file (a memfd) its holes are zeros; elsewhere every page may hold
+// data. A page of zeros in a data region travels as a zero flag.
 DirtyBitmap PagesToCome(const vmm::GuestMemory& memory) {
   DirtyBitmap to_come(memory.pages());
-  auto scan = [&](uint64_t offset, uint64_t length) {
-    for (uint64_t gfn = std::max(offset / kPageSize, kLowPages);
-         gfn < (offset + length + kPageSize - 1) / kPageSize && gfn < memory.pages(); gfn++) {
-      if (!vmm::AllZero(memory.data() + gfn * kPageSize, kPageSize)) to_come.Set(gfn);
-    }
+  auto mark = [&](uint64_t offset, uint64_t length) {
+    uint64_t end = std::min((offset + length + kPageSize - 1) / kPageSize, memory.pages());
+    for (uint64_t gfn = std::max(offset / kPageSize, kLowPages); gfn < end; gfn++) to_come.Set(gfn);
   };
   struct statfs fs;
   int access = ::fcntl(memory.fd(), F_GETFL);
   if (::fstatfs(memory.fd(), &fs) == 0 && fs.f_type == TMPFS_MAGIC && access >= 0 &&
       (access & O_ACCMODE) == O_RDWR) {
-    ForEachDataRegion(memory.fd(), memory.size(), scan);
+    ForEachDataRegion(memory.fd(), memory.size(), mark);
   } else {
-    scan(0, memory.size());
+    mark(0, memory.size());
   }
   return to_come;
 }
