@@ -35,6 +35,9 @@ namespace asio = boost::asio;
 
 constexpr uint64_t kWorkingSet = 2048;
 constexpr uint64_t kLimit = 200'000;
+// Paced, so that the pause at a tenth leaves most of the workload to the destination (unpaced, the
+// guest can do it all between two looks at its counter).
+constexpr uint64_t kWriteRate = 1'000'000;                     // pages/s
 constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;  // BootTestVm's
 const char kKey[] = "0123456789abcdef-postcopy-key";
 
@@ -139,13 +142,16 @@ class VmPostcopyMigration : public testing::PlatformTest {
   void SetUp() override {
     testing::PlatformTest::SetUp();
     if (IsSkipped()) return;
-    source_ = testing::BootTestVm(
-        platform(), dir_,
-        {.working_set_pages = kWorkingSet, .write_rate = 0, .write_limit = kLimit, .seed = 11});
+    source_ = testing::BootTestVm(platform(), dir_,
+                                  {.working_set_pages = kWorkingSet,
+                                   .write_rate = kWriteRate,
+                                   .write_limit = kLimit,
+                                   .seed = 11});
     ASSERT_NE(source_, nullptr);
     ASSERT_TRUE(source_->Start().ok());
     RunUntilPages(*source_, kLimit / 10);
     at_pause_ = source_->guest_status().workload_pages;
+    ASSERT_LT(at_pause_, kLimit / 2);  // most of the workload is left for the destination
   }
   TempDir dir_;
   std::unique_ptr<vmm::Vm> source_;

@@ -26,6 +26,9 @@ using vmm::kPageSize;
 
 constexpr uint64_t kWorkingSet = 2048;  // 8 MiB of the guest's 64 MiB
 constexpr uint64_t kLimit = 200'000;    // workload writes, then the guest only idles
+// Paced, so that the pause at a tenth leaves most of the workload to the destination (unpaced, the
+// guest can do it all between two looks at its counter).
+constexpr uint64_t kWriteRate = 1'000'000;  // pages/s
 
 // Lets the guest run until it has done `pages` workload writes (bounded), then pauses it.
 void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
@@ -107,12 +110,16 @@ class VmPostCopy : public testing::PlatformTest {};
 
 TEST_P(VmPostCopy, AGuestResumedBeforeItsMemoryArrivedRunsExactlyAsAtTheSource) {
   TempDir dir;
-  auto source = testing::BootTestVm(
-      platform(), dir,
-      {.working_set_pages = kWorkingSet, .write_rate = 0, .write_limit = kLimit, .seed = 7});
+  auto source = testing::BootTestVm(platform(), dir,
+                                    {.working_set_pages = kWorkingSet,
+                                     .write_rate = kWriteRate,
+                                     .write_limit = kLimit,
+                                     .seed = 7});
   ASSERT_NE(source, nullptr);
   ASSERT_TRUE(source->Start().ok());
   RunUntilPages(*source, kLimit / 10);
+  // Most of the workload is left for the destination: it runs on pages it has to fetch.
+  ASSERT_LT(source->guest_status().workload_pages, kLimit / 2);
 
   // What the source sends when the VM moves: its state, and its memory (to be fetched).
   auto state = source->SaveState();
@@ -155,7 +162,9 @@ TEST_P(VmPostCopy, AGuestResumedBeforeItsMemoryArrivedRunsExactlyAsAtTheSource) 
   // The guest runs on demand faults alone until it has asked for a few dozen pages; then the
   // rest streams in beside it, in address order.
   ASSERT_TRUE(testing::WaitUntil([&] { return pages->stats().faults >= 32; }, 60))
-      << pages->stats().faults << " faults";
+      << pages->stats().faults << " faults, " << server.served() << " served; the VM "
+      << ((*dest)->exited() ? "exited: " + std::string((*dest)->Wait().message()) : "runs")
+      << "; guest workload " << (*dest)->guest_status().workload_pages;
   uint64_t streamed = 0;
   for (uint64_t gfn = 0; gfn < missing.pages(); gfn++) {
     if (!missing.Test(gfn)) continue;
