@@ -27,6 +27,7 @@ const ContentHash& ZeroPageHash() {
 ContentIndex::ContentIndex(uint64_t pages) : hash_(pages), next_(pages, kNone), prev_(pages) {}
 
 void ContentIndex::Record(uint64_t gfn, const ContentHash& hash) {
+  if (gfn >= next_.size()) return;  // outside memory: never indexed, on either end
   if (next_[gfn] != kNone) {
     if (hash_[gfn] == hash) return;
     Forget(gfn);
@@ -46,6 +47,7 @@ void ContentIndex::Record(uint64_t gfn, const ContentHash& hash) {
 }
 
 void ContentIndex::Forget(uint64_t gfn) {
+  if (gfn >= next_.size()) return;
   uint64_t next = next_[gfn];
   if (next == kNone) return;
   auto it = head_.find(hash_[gfn]);

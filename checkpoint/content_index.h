@@ -39,8 +39,8 @@ const ContentHash& ZeroPageHash();
 class ContentIndex {
  public:
   explicit ContentIndex(uint64_t pages = 0);
-  // Page `gfn` (< pages) now holds the content `hash` (the zero page's: it holds nothing worth
-  // referencing).
+  // Page `gfn` now holds the content `hash` (the zero page's: it holds nothing worth
+  // referencing). Pages past `pages` are never indexed.
   void Record(uint64_t gfn, const ContentHash& hash);
   void Forget(uint64_t gfn);
   // A page that holds `hash`, if any.

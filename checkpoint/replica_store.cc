@@ -166,7 +166,11 @@ absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   absl::Status s = r.ok() ? Verify(c, *r) : r.status();
   if (s.ok() && c.full) s = CommitStaging(c, *r);
   if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
-  if (s.ok()) Record(c, *r);
+  if (s.ok()) {
+    Record(c, *r);
+  } else if (c.full) {
+    index_.Clear();  // it indexed the staging copy, which is gone
+  }
   if (!s.ok() || c.full) return s;
   for (size_t i = 0; i < c.gfns.size(); i++) {
     std::memcpy(memory_->data() + c.gfns[i] * vmm::kPageSize, r->page[i], vmm::kPageSize);

@@ -75,13 +75,18 @@ class DedupReplication : public ::testing::Test {
     engine_.reset();
     vm_.reset();
   }
-  void StartMirror(std::shared_ptr<const checkpoint::BaseImage> base = nullptr) {
-    auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
-    ASSERT_TRUE(r.ok());
-    replica_ = std::move(*r);
+  // A mirror on `port` (0: any), with a new, empty replica unless `keep_replica`.
+  void StartMirror(std::shared_ptr<const checkpoint::BaseImage> base = nullptr, uint16_t port = 0,
+                   bool keep_replica = false) {
+    if (!keep_replica) {
+      auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
+      ASSERT_TRUE(r.ok());
+      replica_ = std::move(*r);
+    }
     auto m =
         replicator::Mirror::Start(*replica_, {.identity = {"dedup-vm", kMemory, kDisk},
                                               .key = kKey,
+                                              .port = port,
                                               .base_image = std::move(base),
                                               .log = [this](absl::string_view l) { Note(l); }});
     ASSERT_TRUE(m.ok()) << m.status();
@@ -187,6 +192,47 @@ TEST_F(DedupReplication, AnEpochThatCopiesHeldContentSendsReferences) {
                           vmm::kPageSize),
               0);
   });
+  EXPECT_EQ(mirror_->stats().rejected, 0u);
+}
+
+// A mirror that comes back with its replica is re-protected by comparing trees; what the guest
+// wrote meanwhile travels once per content.
+TEST_F(DedupReplication, ReProtectionSendsEachNewContentOnce) {
+  CreateVm([](vmm::GuestMemory& m) {
+    for (uint64_t g = 1; g < kPages; g++) {
+      m.Write(g * vmm::kPageSize, DistinctPage(g).data(), vmm::kPageSize);
+    }
+  });
+  StartMirror();
+  StartPrimary();
+  ASSERT_TRUE(WaitUntil([&] { return Protected(); }, 60)) << Logs();
+  uint16_t port = mirror_->port();
+  mirror_.reset();  // its replica stays
+  ASSERT_TRUE(WaitUntil([&] { return !primary_->stats().connected; }, 30)) << Logs();
+  constexpr uint64_t kNew = 200;
+  for (uint64_t i = 0; i < kNew; i++) {
+    // New content, each at two pages.
+    auto p = DistinctPage(i, 99);
+    vm_->WriteAsGuest((100 + i) * vmm::kPageSize, p.data(), vmm::kPageSize);
+    vm_->WriteAsGuest((2100 + i) * vmm::kPageSize, p.data(), vmm::kPageSize);
+  }
+  StartMirror(nullptr, port, /*keep_replica=*/true);
+  ASSERT_TRUE(WaitUntil([&] { return primary_->stats().resyncs >= 2 && Protected(); }, 60))
+      << Logs();
+  auto sync = primary_->stats().sync;
+  std::printf(
+      "re-protection: %llu bytes on the wire, %llu bytes already at the mirror, %llu "
+      "pages as references\n",
+      static_cast<unsigned long long>(sync.wire_bytes),
+      static_cast<unsigned long long>(sync.unchanged_bytes),
+      static_cast<unsigned long long>(sync.deduplicated_pages));
+  EXPECT_GE(sync.deduplicated_pages, kNew);
+  EXPECT_GE(sync.unchanged_bytes, kMemory / 2);
+  EXPECT_LT(sync.wire_bytes, (kNew + 4 * 64) * vmm::kPageSize);  // new contents once, and slack
+  uint64_t epoch = engine_->stats().epochs;
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= int64_t(epoch); }, 30))
+      << Logs();
+  pauses_.ExpectReplicaMatches(*mirror_);
   EXPECT_EQ(mirror_->stats().rejected, 0u);
 }
 
