@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "checkpoint/content_index.h"
 #include "checkpoint/histogram.h"
 #include "proto/romulus.pb.h"
 #include "vmm/vmm.h"
@@ -31,11 +32,19 @@ struct DiskWrite {
   std::string data;  // whole sectors
 };
 
+// A page of a run that arrived as a reference to content the mirror holds (see ContentIndex):
+// its bytes in the run are a placeholder until the replica resolves it.
+struct PageRef {
+  uint64_t index = 0;  // into the run, ascending
+  ContentHash hash;
+};
+
 // Guest pages with their hashes.
 struct PageRun {
   std::vector<uint64_t> gfns;    // page numbers, ascending
   std::vector<uint64_t> hashes;  // xxh3-64 of each page
   std::vector<uint8_t> pages;    // gfns.size() pages of 4 KiB
+  std::vector<PageRef> refs;     // as received from a peer; empty on the primary
 };
 
 // The highest epoch a replica accepts. Epochs come from the peer and are kept as int64_t (-1:
@@ -254,7 +263,19 @@ class ReplicaStore {
   // it instead of sending it again, so that a link that keeps failing still makes progress.
   void SuspendSync();
   // Forgets a synchronisation in progress and everything it staged.
-  void DiscardSync() { staging_.reset(); }
+  void DiscardSync() {
+    staging_.reset();
+    index_.Clear();
+  }
+
+  // References (PageRun::refs) resolve against the pages whose contents this connection's stream
+  // carried since its synchronisation began (staged, then committed), then against the base
+  // image. A new connection starts afresh, as its primary does.
+  void ResetContentIndex() { index_.Clear(); }
+  // A memory image the primary can read too: pages equal to one of its pages may come as
+  // references to it. Set before any connection.
+  void SetBaseImage(std::shared_ptr<const BaseImage> base) { base_ = std::move(base); }
+  const BaseImage* base_image() const { return base_.get(); }
 
   // -1 until the first (full) checkpoint is committed.
   int64_t committed_epoch() const { return committed_epoch_; }
@@ -317,13 +338,23 @@ class ReplicaStore {
       : memory_(std::move(memory)),
         disk_(std::move(disk)),
         disk_path_(std::move(disk_path)),
-        disk_bytes_(disk_bytes) {}
-  absl::Status Verify(const Checkpoint& c) const;
+        disk_bytes_(disk_bytes),
+        index_(memory_->pages()) {}
+  // A run's pages with its references resolved: where each page's bytes are, and the content
+  // hash of each (what the content index records once they are applied).
+  struct ResolvedRun {
+    std::vector<uint8_t> ref_pages;    // the referenced pages' bytes, in refs order
+    std::vector<const uint8_t*> page;  // of each page of the run
+    std::vector<ContentHash> content;
+  };
+  absl::StatusOr<ResolvedRun> Resolve(const PageRun& run, const std::string& what) const;
+  void Record(const PageRun& run, const ResolvedRun& r);
+  absl::Status Verify(const Checkpoint& c, const ResolvedRun& r) const;
   absl::StatusOr<const ReplicaTrees*> ContentTrees();  // CommittedTrees, contents or not
   absl::Status StartStaging();
   // Applies a verified full checkpoint to the staging copy; then the staging copy replaces the
   // replica (nothing was the same), or what it received is written over the replica.
-  absl::Status CommitStaging(const Checkpoint& c);
+  absl::Status CommitStaging(const Checkpoint& c, const ResolvedRun& r);
   absl::Status CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c);
 
   std::unique_ptr<vmm::GuestMemory> memory_;
@@ -336,6 +367,10 @@ class ReplicaStore {
   int64_t committed_epoch_ = -1;
   bool sequence_reset_ = true;
   pb::VmSnapshot state_;
+  // Over the staging copy while there is one (a synchronisation clears it when it starts one),
+  // else over the replica.
+  ContentIndex index_;
+  std::shared_ptr<const BaseImage> base_;
 };
 
 }  // namespace romulus::checkpoint

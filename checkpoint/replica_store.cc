@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "checkpoint/checkpoint.h"
 #include "vmm/xxhash_dispatch.h"
 
@@ -51,7 +53,63 @@ absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Adopt(
   return store;
 }
 
-absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
+absl::StatusOr<ReplicaStore::ResolvedRun> ReplicaStore::Resolve(const PageRun& run,
+                                                                const std::string& what) const {
+  size_t n = run.gfns.size();
+  if (run.hashes.size() != n || run.pages.size() != n * vmm::kPageSize) {
+    return absl::DataLossError(
+        absl::StrCat(what, " rejected: page count, hash count and page bytes disagree"));
+  }
+  ResolvedRun r;
+  r.ref_pages.resize(run.refs.size() * vmm::kPageSize);
+  r.page.resize(n);
+  r.content.resize(n);
+  // A reference may name a page earlier in the same run, which is not applied yet.
+  absl::flat_hash_map<ContentHash, size_t> earlier;
+  const uint8_t* held = staging_ ? staging_->memory->data() : memory_->data();
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (k < run.refs.size() && run.refs[k].index == i) {
+      const ContentHash& h = run.refs[k].hash;
+      uint8_t* out = r.ref_pages.data() + k * vmm::kPageSize;
+      std::optional<uint64_t> base_page;
+      if (auto e = earlier.find(h); e != earlier.end()) {
+        std::memcpy(out, r.page[e->second], vmm::kPageSize);
+      } else if (auto gfn = index_.Find(h)) {
+        std::memcpy(out, held + *gfn * vmm::kPageSize, vmm::kPageSize);
+      } else if (base_ && (base_page = base_->Find(h))) {
+        // The file is shared: what it holds now must still be what was indexed.
+        if (auto s = base_->Read(*base_page, out); !s.ok() || HashPage(out) != h) {
+          return absl::DataLossError(absl::StrCat(what, " rejected: page ", run.gfns[i],
+                                                  " refers to base image page ", *base_page,
+                                                  ", which changed since it was indexed"));
+        }
+      } else {
+        return absl::DataLossError(absl::StrFormat(
+            "%s rejected: page %u refers to content this replica does not hold (xxh3-128 "
+            "%016x%016x)",
+            what, run.gfns[i], h.hi, h.lo));
+      }
+      r.page[i] = out;
+      r.content[i] = h;
+      k++;
+    } else {
+      r.page[i] = run.pages.data() + i * vmm::kPageSize;
+      r.content[i] = HashPage(r.page[i]);
+    }
+    if (!run.refs.empty()) earlier.try_emplace(r.content[i], i);
+  }
+  if (k != run.refs.size()) {
+    return absl::DataLossError(absl::StrCat(what, " rejected: references out of order"));
+  }
+  return r;
+}
+
+void ReplicaStore::Record(const PageRun& run, const ResolvedRun& r) {
+  for (size_t i = 0; i < run.gfns.size(); i++) index_.Record(run.gfns[i], r.content[i]);
+}
+
+absl::Status ReplicaStore::Verify(const Checkpoint& c, const ResolvedRun& r) const {
   auto bad = [&](const std::string& why) {
     return absl::DataLossError(absl::StrCat("checkpoint ", c.epoch, " rejected: ", why));
   };
@@ -72,7 +130,7 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
     if (c.gfns[i] >= pages || (i > 0 && c.gfns[i] <= c.gfns[i - 1])) {
       return bad(absl::StrCat("page number ", c.gfns[i], " out of range or out of order"));
     }
-    if (XXH3_64bits(c.pages.data() + i * vmm::kPageSize, vmm::kPageSize) != c.hashes[i]) {
+    if (XXH3_64bits(r.page[i], vmm::kPageSize) != c.hashes[i]) {
       return bad(absl::StrCat("page ", c.gfns[i], " does not match its hash"));
     }
   }
@@ -101,13 +159,18 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c) const {
 absl::Status ReplicaStore::Apply(const Checkpoint& c) {
   trees_.reset();
   if (staging_) staging_->holdings.reset();
-  absl::Status s = Verify(c);
-  if (s.ok() && c.full) s = CommitStaging(c);
+  auto r = Resolve(c, absl::StrCat("checkpoint ", c.epoch));
+  absl::Status s = r.ok() ? Verify(c, *r) : r.status();
+  if (s.ok() && c.full) s = CommitStaging(c, *r);
   if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
+  if (s.ok()) {
+    Record(c, *r);
+  } else if (c.full) {
+    index_.Clear();  // it indexed the staging copy, which is gone
+  }
   if (!s.ok() || c.full) return s;
   for (size_t i = 0; i < c.gfns.size(); i++) {
-    std::memcpy(memory_->data() + c.gfns[i] * vmm::kPageSize, c.pages.data() + i * vmm::kPageSize,
-                vmm::kPageSize);
+    std::memcpy(memory_->data() + c.gfns[i] * vmm::kPageSize, r->page[i], vmm::kPageSize);
   }
   // A host I/O failure, not bad input.
   if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
@@ -133,6 +196,7 @@ absl::Status ReplicaStore::StartStaging() {
   st->page_hashes.assign(memory_->pages(), 0);
   st->chunk_hashes.assign(st->chunks.pages(), 0);
   staging_ = std::move(st);
+  index_.Clear();  // a synchronisation begins: what it indexes lies in the staging copy
   return absl::OkStatus();
 }
 
@@ -141,22 +205,23 @@ absl::Status ReplicaStore::StageSyncPages(const PageRun& run) {
   auto bad = [](const std::string& why) {
     return absl::DataLossError(absl::StrCat("pre-copy rejected: ", why));
   };
-  if (run.hashes.size() != run.gfns.size() ||
-      run.pages.size() != run.gfns.size() * vmm::kPageSize) {
-    return bad("page count, hash count and page bytes disagree");
-  }
   // Check the whole run before writing any of it.
   for (size_t i = 0; i < run.gfns.size(); i++) {
     if (run.gfns[i] >= memory_->pages()) {
       return bad(absl::StrCat("page number ", run.gfns[i], " out of range"));
     }
-    if (XXH3_64bits(run.pages.data() + i * vmm::kPageSize, vmm::kPageSize) != run.hashes[i]) {
+  }
+  auto r = Resolve(run, "pre-copy");
+  if (!r.ok()) return r.status();
+  for (size_t i = 0; i < run.gfns.size(); i++) {
+    if (XXH3_64bits(r->page[i], vmm::kPageSize) != run.hashes[i]) {
       return bad(absl::StrCat("page ", run.gfns[i], " does not match its hash"));
     }
   }
+  Record(run, *r);
   for (size_t i = 0; i < run.gfns.size(); i++) {
-    std::memcpy(staging_->memory->data() + run.gfns[i] * vmm::kPageSize,
-                run.pages.data() + i * vmm::kPageSize, vmm::kPageSize);
+    std::memcpy(staging_->memory->data() + run.gfns[i] * vmm::kPageSize, r->page[i],
+                vmm::kPageSize);
     staging_->pages.Set(run.gfns[i]);
     staging_->page_hashes[run.gfns[i]] = run.hashes[i];
     staging_->digest.AddPage(run.gfns[i], run.hashes[i]);
@@ -190,6 +255,7 @@ absl::Status ReplicaStore::StageSyncDisk(uint64_t offset, uint64_t length, const
 }
 
 void ReplicaStore::SuspendSync() {
+  index_.Clear();
   if (!staging_) return;
   Staging& st = *staging_;
   st.kept_pages.Merge(st.pages);
@@ -200,12 +266,11 @@ void ReplicaStore::SuspendSync() {
   st.holdings.reset();
 }
 
-absl::Status ReplicaStore::CommitStaging(const Checkpoint& c) {
+absl::Status ReplicaStore::CommitStaging(const Checkpoint& c, const ResolvedRun& r) {
   if (auto s = StartStaging(); !s.ok()) return s;
   Staging& st = *staging_;
   for (size_t i = 0; i < c.gfns.size(); i++) {
-    std::memcpy(st.memory->data() + c.gfns[i] * vmm::kPageSize, c.pages.data() + i * vmm::kPageSize,
-                vmm::kPageSize);
+    std::memcpy(st.memory->data() + c.gfns[i] * vmm::kPageSize, r.page[i], vmm::kPageSize);
     st.pages.Set(c.gfns[i]);
   }
   if (auto s = WriteDiskWrites(st.disk.get(), c.disk_writes, "write staging disk"); !s.ok()) {
@@ -283,6 +348,7 @@ absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& 
 absl::Status ReplicaStore::Seed(const std::string& dir) {
   trees_.reset();
   staging_.reset();  // what it kept was kept over other contents
+  index_.Clear();
   if (auto s = vmm::LoadSnapshotContents(dir, *memory_, disk_bytes_, disk_path_); !s.ok()) {
     return s;
   }
@@ -363,6 +429,7 @@ absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {
   }
   staging_.reset();
   trees_.reset();
+  index_.Clear();
   disk_ = vmm::Fd();  // the VM opens the image itself
   return Committed{std::move(memory_), state_, committed_epoch_, disk_path_};
 }

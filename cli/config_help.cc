@@ -60,6 +60,9 @@ const std::vector<Section>& Sections() {
            {"metrics_listen", "ADDR:PORT", "- (none)", "Prometheus metrics at /metrics"},
            {"health", "message", "- (not watched)",
             "hardware health: its policy moves the VM to the mirror (below)"},
+           {"base_image", "path, at most memory_mib", "- (none)",
+            "a raw memory image the mirror reads too (shared storage): pages equal to one of its "
+            "pages travel as references when the mirror names the same image"},
        }},
       {"The mirror's config (`romulus mirror --config FILE`)",
        "MirrorConfig",
@@ -90,6 +93,8 @@ const std::vector<Section>& Sections() {
            {"health", "message", "- (not watched)",
             "as the primary's; acted on once this host is the primary, and while it is the "
             "mirror a policy that says move refuses a planned migration to it"},
+           {"base_image", "path, at most memory_mib", "- (none)",
+            "as the primary's: the same image, read here"},
        }},
       {"switchover { ... } (either config)",
        "SwitchoverConfig",

@@ -213,10 +213,15 @@ std::string FormatStatus(const pb::StatusReply& s) {
     const pb::SyncStatus& y = s.last_sync();
     absl::StrAppendFormat(&out,
                           "last sync:        %.1f MiB of memory and disk in %.2f s (%.1f MiB "
-                          "already at the mirror), %.1f MiB on the wire\n",
+                          "already at the mirror), %.1f MiB on the wire",
                           static_cast<double>(y.done_bytes()) / (1 << 20), y.seconds(),
                           static_cast<double>(y.unchanged_bytes()) / (1 << 20),
                           static_cast<double>(y.wire_bytes()) / (1 << 20));
+    if (y.deduplicated_pages() + y.base_pages() > 0) {
+      absl::StrAppendFormat(&out, "; %u pages as references (%u to the base image)",
+                            y.deduplicated_pages() + y.base_pages(), y.base_pages());
+    }
+    out += "\n";
   }
   if (s.paths_size() > 0) {
     absl::StrAppendFormat(&out, "peer alive:       %s\n", s.peer_alive() ? "yes" : "no");

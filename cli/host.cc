@@ -44,6 +44,8 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
     y->set_wire_bytes(s.sync.wire_bytes);
     y->set_round(s.sync.round);
     y->set_unchanged_bytes(s.sync.unchanged_bytes);
+    y->set_deduplicated_pages(s.sync.deduplicated_pages);
+    y->set_base_pages(s.sync.base_pages);
     y->set_seconds(s.sync.seconds);
     double rate = s.sync.seconds > 0 ? static_cast<double>(s.sync.done_bytes) / s.sync.seconds : 0;
     y->set_mb_per_s(rate / 1e6);

@@ -352,11 +352,13 @@ std::string NodeMetrics(const pb::StatusReply& r, const switchover::Node::Status
     const std::string sent = "romulus_replication_sent_bytes_total";
     const std::string help =
         "Replication bytes by kind: checkpoint page contents sent as they are (pages) and "
-        "LZ4-compressed (compressed), zero-page flags (zero_flags), disk writes (disk), and what "
+        "LZ4-compressed (compressed), zero-page flags (zero_flags), references to content the "
+        "mirror held sent instead of pages (references), disk writes (disk), and what "
         "initial synchronisations put on the wire (resync)";
     m.Counter(sent, help, static_cast<double>(p.wire.pages), E::L("kind", "pages"));
     m.Counter(sent, help, static_cast<double>(p.wire.compressed), E::L("kind", "compressed"));
     m.Counter(sent, help, static_cast<double>(p.wire.zero_flags), E::L("kind", "zero_flags"));
+    m.Counter(sent, help, static_cast<double>(p.wire.references), E::L("kind", "references"));
     m.Counter(sent, help, static_cast<double>(p.wire.disk), E::L("kind", "disk"));
     m.Counter(sent, help, static_cast<double>(p.wire.resync), E::L("kind", "resync"));
   }

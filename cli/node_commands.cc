@@ -150,6 +150,11 @@ int PrimaryCommand(int argc, char** argv) {
   o.max_in_flight_bytes = c->max_in_flight_mib() << 20;
   o.run_unprotected = c->run_unprotected();
   o.disk_path = c->disk();
+  if (!c->base_image().empty()) {
+    auto base = checkpoint::BaseImage::Open(c->base_image(), vc.memory_bytes);
+    if (!base.ok()) return Fail("primary", base.status());
+    o.base_image = std::move(*base);
+  }
   return RunHost(
       "primary", std::move(h), signals,
       [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {
@@ -233,6 +238,11 @@ int MirrorCommand(int argc, char** argv) {
   o.epoch = std::chrono::milliseconds(c->epoch_ms());
   o.compression = *replicator::ParseCompression(c->compression());
   o.protection = *replicator::ParseEncryption(c->encryption());
+  if (!c->base_image().empty()) {
+    auto base = checkpoint::BaseImage::Open(c->base_image(), c->memory_mib() << 20);
+    if (!base.ok()) return Fail("mirror", base.status());
+    o.base_image = std::move(*base);
+  }
   return RunHost(
       "mirror", std::move(h), signals,
       [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {

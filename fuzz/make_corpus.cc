@@ -387,9 +387,12 @@ struct Vm {
 };
 
 // Sends `c` and checks that the mirror commits it.
-void Commit(Conversation& talk, const checkpoint::Checkpoint& c, pb::Compression compression) {
+void Commit(Conversation& talk, const checkpoint::Checkpoint& c, pb::Compression compression,
+            replicator::Dedup* dedup = nullptr) {
   std::vector<pb::Frame> replies;
-  for (const pb::Frame& f : replicator::CheckpointFrames(c, compression)) replies = talk.Send(f);
+  for (const pb::Frame& f : replicator::CheckpointFrames(c, compression, dedup)) {
+    replies = talk.Send(f);
+  }
   if (replies.size() != 1 || !replies[0].has_ack() || replies[0].ack().epoch() != c.epoch) {
     talk.Fail("checkpoint " + std::to_string(c.epoch) + " was not acknowledged");
   }
@@ -398,8 +401,9 @@ void Commit(Conversation& talk, const checkpoint::Checkpoint& c, pb::Compression
 // A synchronisation as the primary runs it: the comparison of trees (queries the mirror answers),
 // the pages the mirror holds as such, the other pages and the disk chunks, then the full
 // checkpoint that commits it all. `stop_after` batches of pages: the connection drops there.
+// With `dedup`, pages whose content the mirror received before travel as references.
 void Synchronise(Conversation& talk, Vm& vm, pb::Compression compression,
-                 size_t stop_after = SIZE_MAX) {
+                 size_t stop_after = SIZE_MAX, replicator::Dedup* dedup = nullptr) {
   checkpoint::ReplicaTrees own = vm.Trees();
   auto holdings = replicator::CompareTrees(
       own, talk.roots(), [&](const pb::TreeQuery& q) -> absl::StatusOr<pb::TreeAnswer> {
@@ -439,7 +443,7 @@ void Synchronise(Conversation& talk, Vm& vm, pb::Compression compression,
         break;
       }
     }
-    talk.Send(replicator::PageBatchFrame(vm.next_epoch, true, run, begin, n, compression));
+    talk.Send(replicator::PageBatchFrame(vm.next_epoch, true, run, begin, n, compression, dedup));
     for (size_t i = begin; i < begin + n; i++) digest.AddPage(run.gfns[i], run.hashes[i]);
   }
   for (uint64_t i = 0; i < kFuzzDiskBytes / checkpoint::kDiskChunk; i++) {
@@ -448,7 +452,7 @@ void Synchronise(Conversation& talk, Vm& vm, pb::Compression compression,
     digest.AddDisk(chunk.offset, chunk.data.size(), chunk.hash);
   }
   // Pages written while the pre-copy ran travel in the full checkpoint.
-  Commit(talk, vm.Take(true, {2, 40}, 3, digest.value()), compression);
+  Commit(talk, vm.Take(true, {2, 40}, 3, digest.value()), compression, dedup);
 }
 
 void Incremental(Conversation& talk, Vm& vm, pb::Compression compression) {
@@ -466,6 +470,21 @@ void HandOver(Conversation& talk, uint64_t epoch, bool resumes) {
 }
 
 void Mirror() {
+  {
+    // Pages of equal content travel once, then as references the mirror resolves from what it
+    // received: in the pre-copy, and in a checkpoint that copies a page it holds.
+    Conversation talk("dedup", kNoHandovers, false);
+    Vm vm;
+    for (uint64_t gfn : {20, 21, 33}) vm.Dirty(gfn, 3);  // page 3's content
+    replicator::Dedup dedup(kFuzzReplicaPages);
+    Synchronise(talk, vm, pb::COMPRESSION_NONE, SIZE_MAX, &dedup);
+    vm.Dirty(50, 6);  // page 6's content
+    checkpoint::Checkpoint c = vm.Take(false, {}, 140);
+    static_cast<checkpoint::PageRun&>(c) = vm.Pages({50});
+    c.digest = checkpoint::CheckpointDigest(c);
+    Commit(talk, c, pb::LZ4, &dedup);
+    if (dedup.deduplicated < 4) talk.Fail("expected pages sent as references");
+  }
   {
     Conversation talk("full_sync", kNoHandovers, false);
     Vm vm;

@@ -16,6 +16,9 @@ MirrorSession::MirrorSession(MirrorState state, std::string peer)
 absl::StatusOr<pb::Frame> MirrorSession::Start(bool new_session) {
   std::lock_guard<std::mutex> lock(state_.replica_mu);
   if (new_session) state_.replica.ExpectFullCheckpoint();
+  // The primary's record of what this host holds starts afresh with each connection.
+  state_.replica.ResetContentIndex();
+  state_.replica.SetBaseImage(state_.options.base_image);
   pb::Frame roots;
   const checkpoint::ReplicaTrees* trees = nullptr;
   auto t = state_.replica.HoldingsTrees();
@@ -26,6 +29,9 @@ absl::StatusOr<pb::Frame> MirrorSession::Start(bool new_session) {
     return t.status();  // holds something, but reading it failed
   }
   *roots.mutable_replica_roots() = RootsOf(trees);
+  if (const checkpoint::BaseImage* base = state_.replica.base_image()) {
+    roots.mutable_replica_roots()->set_base_digest(base->digest());
+  }
   return roots;
 }
 

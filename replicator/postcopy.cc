@@ -380,6 +380,8 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
   if (st.has_low()) {
     auto low = DecodePageBatch(st.low(), memory_pages);
     if (!low.ok()) return low.status();
+    if (!low->refs.empty())
+      return absl::DataLossError("post-copy pages come whole, not as references");
     for (size_t i = 0; i < low->gfns.size(); i++) {
       const uint8_t* page = low->pages.data() + i * kPageSize;
       if (low->gfns[i] >= kLowPages || XXH3_64bits(page, kPageSize) != low->hashes[i]) {
@@ -466,6 +468,8 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
     if (f.has_pages()) {
       auto run = DecodePageBatch(f.pages(), memory_pages);
       if (!run.ok()) return run.status();
+      if (!run->refs.empty())
+        return absl::DataLossError("post-copy pages come whole, not as references");
       for (size_t i = 0; i < run->gfns.size(); i++) {
         uint64_t gfn = run->gfns[i];
         const uint8_t* page = run->pages.data() + i * kPageSize;

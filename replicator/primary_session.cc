@@ -95,6 +95,10 @@ Primary::Stats PrimarySession::stats() const {
 
 void PrimarySession::Open(std::unique_ptr<Channel> channel, const pb::ReplicaRoots& mirror_roots) {
   mirror_roots_ = mirror_roots;
+  dedup_ = std::make_unique<Dedup>(options_.identity.memory_bytes / vmm::kPageSize);
+  if (options_.base_image && mirror_roots.base_digest() == options_.base_image->digest()) {
+    dedup_->base = options_.base_image.get();
+  }
   engine_.Restart();  // the first checkpoint on a connection is full
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -265,9 +269,15 @@ absl::Status PrimarySession::Precopy() {
     for (;;) {
       checkpoint::PageRun run = engine_.NextSyncPages(batch_pages_);
       if (run.gfns.empty()) break;
-      pb::Frame f = PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression);
+      pb::Frame f =
+          PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression, dedup_.get());
       if (auto s = channel_->Send(f); !s.ok()) return s;
       done += run.gfns.size() * vmm::kPageSize;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.sync.deduplicated_pages = dedup_->deduplicated;
+        stats_.sync.base_pages = dedup_->from_base;
+      }
       if (auto s = update(done, total, round); !s.ok()) return s;
     }
     previous = pending;
@@ -292,11 +302,12 @@ absl::Status PrimarySession::Precopy() {
   }
   Log(options_.log,
       absl::StrFormat("pre-copy done in %.2f s: %.1f MiB of memory and disk in %u rounds "
-                      "(%.1f MiB already at the mirror), %.1f MiB on the wire; %u pages left "
-                      "for the full checkpoint",
+                      "(%.1f MiB already at the mirror; %u pages as references to pages it "
+                      "held, %u to its base image), %.1f MiB on the wire; %u pages left for the "
+                      "full checkpoint",
                       elapsed, static_cast<double>(done) / (1 << 20), round + 1,
-                      static_cast<double>(unchanged) / (1 << 20),
-                      static_cast<double>(wire) / (1 << 20), pending));
+                      static_cast<double>(unchanged) / (1 << 20), dedup_->deduplicated,
+                      dedup_->from_base, static_cast<double>(wire) / (1 << 20), pending));
   return absl::OkStatus();
 }
 
@@ -344,12 +355,14 @@ absl::Status PrimarySession::SendLoop() {
       unacked_.push_back(cp->epoch);  // before its frames go: the ack may come at once
     }
     Primary::Stats::Wire sent;
-    for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression)) {
+    uint64_t deduplicated = dedup_->deduplicated, from_base = dedup_->from_base;
+    for (const pb::Frame& f : CheckpointFrames(*cp, options_.compression, dedup_.get())) {
       if (auto s = channel_->Send(f); !s.ok()) return s;
       if (f.has_pages()) {
         (f.pages().compression() == pb::LZ4 ? sent.compressed : sent.pages) +=
             f.pages().data().size();
         sent.zero_flags += f.pages().zero().size();
+        sent.references += f.pages().ref().size() + f.pages().ref_hashes().size();
       }
       for (const std::string& d : f.disk().data()) sent.disk += d.size();
     }
@@ -358,6 +371,13 @@ absl::Status PrimarySession::SendLoop() {
     stats_.wire.compressed += sent.compressed;
     stats_.wire.zero_flags += sent.zero_flags;
     stats_.wire.disk += sent.disk;
+    stats_.wire.references += sent.references;
+    stats_.wire.deduplicated_pages += dedup_->deduplicated - deduplicated;
+    stats_.wire.base_pages += dedup_->from_base - from_base;
+    if (cp->full) {
+      stats_.sync.deduplicated_pages = dedup_->deduplicated;
+      stats_.sync.base_pages = dedup_->from_base;
+    }
     stats_.bytes_sent = channel_->bytes_sent();
   }
 }

@@ -128,6 +128,7 @@ class PrimarySession {
   size_t batch_pages_ = kPagesPerBatch;   // the connecting thread's own
   std::unique_ptr<Channel> channel_;      // set and reset by the connecting thread, under mu_
   pb::ReplicaRoots mirror_roots_;         // of the connected mirror's replica
+  std::unique_ptr<Dedup> dedup_;          // what the connected mirror holds; the sending thread's
   Primary::Stats stats_;
   std::chrono::steady_clock::time_point sync_start_;
   std::thread epoch_thread_, acks_;

@@ -21,7 +21,8 @@
 namespace romulus::replicator {
 
 // 6: the platform in Hello. 7: frames after the handshake are sealed; the proofs cover both Hellos.
-inline constexpr uint32_t kProtocolVersion = 7;
+// 8: page references (PageBatch.ref) and the mirror's base image digest (ReplicaRoots).
+inline constexpr uint32_t kProtocolVersion = 8;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -90,10 +91,22 @@ uint64_t TreeQueryBudget(const checkpoint::ReplicaTrees& trees);
 std::vector<pb::Frame> SamePagesFrames(const checkpoint::HashTree& pages,
                                        const MirrorHoldings& holdings);
 
-// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): zero pages as flags, the rest
-// raw or, when it makes them smaller, LZ4-compressed. `sync`: part of a pre-copy stream.
+// The primary's record of what content the mirror holds: the stream's pages since the
+// synchronisation began (as the mirror indexes them, in the same order) and, when the mirror has
+// the same base image, that image's pages. One per connection, used on the sending thread.
+struct Dedup {
+  explicit Dedup(uint64_t memory_pages) : sent(memory_pages) {}
+  checkpoint::ContentIndex sent;
+  const checkpoint::BaseImage* base = nullptr;  // the mirror holds this one too
+  uint64_t deduplicated = 0, from_base = 0;     // pages sent as references, by what they name
+};
+
+// Pages run[begin, begin+n) as one batch (n <= kPagesPerBatch): zero pages as flags; with
+// `dedup`, pages whose content the mirror holds as references (and `dedup` records every page
+// sent); the rest raw or, when it makes them smaller, LZ4-compressed. `sync`: part of a pre-copy
+// stream.
 pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const checkpoint::PageRun& run, size_t begin,
-                         size_t n, pb::Compression compression);
+                         size_t n, pb::Compression compression, Dedup* dedup = nullptr);
 // The pages of a batch from an untrusted peer, with counts, sizes, page numbers and
 // decompression checked. Page hashes are checked by ReplicaStore.
 absl::StatusOr<checkpoint::PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_pages);
@@ -108,7 +121,8 @@ absl::StatusOr<std::optional<std::string>> SyncDiskData(const pb::SyncDisk& d);
 
 // The frames that carry one checkpoint: page batches, disk-write batches, then the trailer.
 std::vector<pb::Frame> CheckpointFrames(const checkpoint::Checkpoint& c,
-                                        pb::Compression compression = pb::COMPRESSION_NONE);
+                                        pb::Compression compression = pb::COMPRESSION_NONE,
+                                        Dedup* dedup = nullptr);
 
 // Collects the frames of one checkpoint from an untrusted peer, checking every count and size
 // against the replica's geometry. Page contents and the digest are checked by ReplicaStore.
@@ -141,6 +155,9 @@ class Mirror {
     // runs here now and replication ends (the replica belongs to the VM); an error must leave the
     // replica as it was, and the primary resumes. Unset: hand-overs are refused.
     std::function<absl::Status(uint64_t epoch, const std::string& reason)> on_handover = nullptr;
+    // A memory image the primary reads too (checkpoint::BaseImage): pages equal to one of its
+    // pages may travel as references to it.
+    std::shared_ptr<const checkpoint::BaseImage> base_image = nullptr;
     LogFn log = nullptr;
   };
   struct Stats {
@@ -188,6 +205,9 @@ class Primary {
     // no longer shrinks it, or after this many rounds; the rest goes in the full checkpoint.
     uint32_t max_sync_rounds = 20;
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
+    // A memory image the mirror reads too: pages equal to one of its pages travel as references
+    // to it, when the mirror holds the same image (equal digests).
+    std::shared_ptr<const checkpoint::BaseImage> base_image = nullptr;
     LogFn log = nullptr;
   };
   // The initial synchronisation of the current (or last) connection.
@@ -201,6 +221,9 @@ class Primary {
     uint64_t final_pages = 0;  // pages left for the full checkpoint (once pre-copy ended)
     // Pages and chunks the mirror's replica already held (flags instead of contents).
     uint64_t unchanged_bytes = 0;
+    // Pages sent as references to content the mirror held: an earlier page of the stream, or a
+    // page of the shared base image.
+    uint64_t deduplicated_pages = 0, base_pages = 0;
   };
   struct Stats {
     bool connected = false;
@@ -228,8 +251,11 @@ class Primary {
     // Replication bytes by what they carry, since this primary started: checkpoint page
     // contents sent as they are and LZ4-compressed, the zero-page flags sent instead of zero
     // pages, disk writes, and everything an initial synchronisation sent (on the wire).
+    // References: the bytes of the reference masks and hashes sent instead of pages, and how
+    // many pages were sent so, naming an earlier page of the stream or a base image page.
     struct Wire {
       uint64_t pages = 0, compressed = 0, zero_flags = 0, disk = 0, resync = 0;
+      uint64_t references = 0, deduplicated_pages = 0, base_pages = 0;
     } wire;
   };
   // What a planned migration took, measured on this host.

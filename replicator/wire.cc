@@ -59,12 +59,12 @@ absl::StatusOr<pb::Compression> ParseCompression(absl::string_view name) {
 }
 
 pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t begin, size_t n,
-                         pb::Compression compression) {
+                         pb::Compression compression, Dedup* dedup) {
   pb::Frame f;
   pb::PageBatch* b = f.mutable_pages();
   b->set_epoch(epoch);
   b->set_sync(sync);
-  std::string zero((n + 7) / 8, '\0');
+  std::string zero((n + 7) / 8, '\0'), ref((n + 7) / 8, '\0'), ref_hashes;
   std::string raw;
   raw.reserve(n * vmm::kPageSize);
   bool any_zero = false;
@@ -76,11 +76,30 @@ pb::Frame PageBatchFrame(uint64_t epoch, bool sync, const PageRun& run, size_t b
     if (AllZero(page, vmm::kPageSize)) {
       zero[j / 8] = static_cast<char>(zero[j / 8] | (1 << (j % 8)));
       any_zero = true;
-    } else {
-      raw.append(reinterpret_cast<const char*>(page), vmm::kPageSize);
+      if (dedup) dedup->sent.Forget(gfn);
+      continue;
     }
+    if (dedup) {
+      // Hashed here, on the sending thread, not while the VM is paused.
+      checkpoint::ContentHash h = checkpoint::HashPage(page);
+      bool held = dedup->sent.Find(h).has_value();
+      bool in_base = !held && dedup->base && dedup->base->Find(h).has_value();
+      dedup->sent.Record(gfn, h);
+      if (held || in_base) {
+        (held ? dedup->deduplicated : dedup->from_base)++;
+        ref[j / 8] = static_cast<char>(ref[j / 8] | (1 << (j % 8)));
+        uint64_t words[2] = {h.lo, h.hi};
+        ref_hashes.append(reinterpret_cast<const char*>(words), sizeof(words));
+        continue;
+      }
+    }
+    raw.append(reinterpret_cast<const char*>(page), vmm::kPageSize);
   }
   if (any_zero) b->set_zero(std::move(zero));
+  if (!ref_hashes.empty()) {
+    b->set_ref(std::move(ref));
+    b->set_ref_hashes(std::move(ref_hashes));
+  }
   b->set_compression(Pack(std::move(raw), compression, b->mutable_data()));
   return f;
 }
@@ -93,16 +112,30 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   if (!b.zero().empty() && b.zero().size() != (n + 7) / 8) {
     return absl::DataLossError("page batch with a zero mask of the wrong size");
   }
+  if (!b.ref().empty() && b.ref().size() != (n + 7) / 8) {
+    return absl::DataLossError("page batch with a reference mask of the wrong size");
+  }
   auto is_zero = [&](size_t j) {
     return !b.zero().empty() && (static_cast<uint8_t>(b.zero()[j / 8]) >> (j % 8)) & 1;
   };
-  size_t nonzero = 0;
+  auto is_ref = [&](size_t j) {
+    return !b.ref().empty() && (static_cast<uint8_t>(b.ref()[j / 8]) >> (j % 8)) & 1;
+  };
+  size_t nonzero = 0, refs = 0;
   for (size_t j = 0; j < n; j++) {
     if (b.gfns(static_cast<int>(j)) >= memory_pages) {
       return absl::DataLossError(
           absl::StrCat("page number ", b.gfns(static_cast<int>(j)), " outside guest memory"));
     }
-    nonzero += is_zero(j) ? 0 : 1;
+    if (is_zero(j) && is_ref(j)) {
+      return absl::DataLossError("page batch with a page flagged both zero and a reference");
+    }
+    refs += is_ref(j) ? 1 : 0;
+    nonzero += is_zero(j) || is_ref(j) ? 0 : 1;
+  }
+  if (b.ref_hashes().size() != refs * 16) {
+    return absl::DataLossError(absl::StrCat("page batch with ", refs, " references but ",
+                                            b.ref_hashes().size(), " bytes of their hashes"));
   }
   std::string unpacked;
   const std::string* data = &b.data();
@@ -120,10 +153,17 @@ absl::StatusOr<PageRun> DecodePageBatch(const pb::PageBatch& b, uint64_t memory_
   PageRun run;
   run.gfns.assign(b.gfns().begin(), b.gfns().end());
   run.hashes.assign(b.hashes().begin(), b.hashes().end());
-  run.pages.resize(n * vmm::kPageSize);  // zero pages stay zero
+  run.pages.resize(n * vmm::kPageSize);  // zero pages stay zero, references until resolved
+  run.refs.reserve(refs);
   const char* src = data->data();
   for (size_t j = 0; j < n; j++) {
     if (is_zero(j)) continue;
+    if (is_ref(j)) {
+      uint64_t words[2];
+      std::memcpy(words, b.ref_hashes().data() + run.refs.size() * 16, sizeof(words));
+      run.refs.push_back({.index = j, .hash = {words[0], words[1]}});
+      continue;
+    }
     std::memcpy(run.pages.data() + j * vmm::kPageSize, src, vmm::kPageSize);
     src += vmm::kPageSize;
   }
@@ -203,11 +243,12 @@ absl::StatusOr<std::optional<std::string>> SyncDiskData(const pb::SyncDisk& d) {
   return chunk;
 }
 
-std::vector<pb::Frame> CheckpointFrames(const Checkpoint& c, pb::Compression compression) {
+std::vector<pb::Frame> CheckpointFrames(const Checkpoint& c, pb::Compression compression,
+                                        Dedup* dedup) {
   std::vector<pb::Frame> frames;
   for (size_t i = 0; i < c.gfns.size(); i += kPagesPerBatch) {
-    frames.push_back(PageBatchFrame(c.epoch, false, c, i,
-                                    std::min(kPagesPerBatch, c.gfns.size() - i), compression));
+    frames.push_back(PageBatchFrame(
+        c.epoch, false, c, i, std::min(kPagesPerBatch, c.gfns.size() - i), compression, dedup));
   }
   pb::Frame disk;
   size_t batched = 0;
@@ -257,6 +298,10 @@ absl::StatusOr<std::optional<Checkpoint>> CheckpointAssembler::Add(pb::Frame f) 
     }
     auto run = DecodePageBatch(b, memory_pages_);
     if (!run.ok()) return run.status();
+    for (checkpoint::PageRef& r : run->refs) {
+      r.index += cp_.gfns.size();
+      cp_.refs.push_back(r);
+    }
     cp_.gfns.insert(cp_.gfns.end(), run->gfns.begin(), run->gfns.end());
     cp_.hashes.insert(cp_.hashes.end(), run->hashes.begin(), run->hashes.end());
     cp_.pages.insert(cp_.pages.end(), run->pages.begin(), run->pages.end());

@@ -61,6 +61,7 @@ class NodeImpl : public Node {
                                            .compression = o_.compression,
                                            .protection = o_.protection,
                                            .on_traffic = TrafficHook(),
+                                           .base_image = o_.base_image,
                                            .log = o_.log});
       if (!r.ok()) return r.status();
       p.primary = std::move(*r);
@@ -91,6 +92,7 @@ class NodeImpl : public Node {
          .on_traffic = TrafficHook(),
          .on_handover = [this](uint64_t epoch,
                                const std::string& reason) { return TakeHandover(epoch, reason); },
+         .base_image = o_.base_image,
          .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change

@@ -205,6 +205,8 @@ class Node {
     uint16_t peer_port = 0;
     std::chrono::milliseconds epoch{25};
     pb::Compression compression = pb::COMPRESSION_NONE;
+    // A memory image both hosts read (replicator's base_image), in either role.
+    std::shared_ptr<const checkpoint::BaseImage> base_image = nullptr;
     replicator::Protection protection = {};  // of replication frames, in either role
     uint64_t max_in_flight_bytes = 256ull << 20;
     // The VM this node starts with releases outputs while no mirror is connected. A VM it

@@ -81,6 +81,12 @@ void SoftVm::FillWithNoise() {
   memory_->Write(vmm::kPageSize, noise.data(), noise.size());
 }
 
+void SoftVm::WriteAsGuest(uint64_t gpa, const void* src, uint64_t len) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return !paused_ || stop_; });
+  memory_->Write(gpa, src, len);
+}
+
 uint64_t SoftVm::WritesIn(const uint8_t* memory) {
   uint64_t n;
   std::memcpy(&n, memory, sizeof(n));

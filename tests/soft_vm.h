@@ -44,6 +44,9 @@ class SoftVm : public switchover::NodeVm {
   // Fills memory but page 0 (the write count) with incompressible bytes, through Write so that
   // the harvest sees them: every page then costs its full size on the wire. Running or not.
   void FillWithNoise();
+  // Writes as the guest does, between two of its own writes and never while it is paused, so
+  // that a checkpoint's pause sees all of it or none.
+  void WriteAsGuest(uint64_t gpa, const void* src, uint64_t len);
   // Stops the writer for good and gives up the memory (to become a replica).
   std::unique_ptr<vmm::GuestMemory> TakeMemory() override;
 
