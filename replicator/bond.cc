@@ -54,6 +54,9 @@ class Bond final : public Channel {
   }
 
   absl::Status Send(const pb::Frame& frame) override {
+    // A keepalive is no part of the stream (the receiving channel drops it): it goes on every
+    // idle path, as a sign of life, unnumbered.
+    if (frame.has_keepalive()) return SendKeepalive(frame);
     size_t size = frame.ByteSizeLong() + kFrameOverhead;
     if (size > kMaxFrameBytes + kFrameOverhead) {
       return absl::InternalError("frame too large to send");
@@ -154,6 +157,21 @@ class Bond final : public Channel {
     size_t size;
     size_t path;  // the path it was (last) handed to
   };
+
+  absl::Status SendKeepalive(const pb::Frame& frame) {
+    std::vector<Channel*> idle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_.ok()) return error_;
+      if (shut_) return absl::CancelledError("the connection was shut down");
+      for (auto& p : paths_) {
+        if (p->up && p->pending == 0) idle.push_back(p->channel.get());
+      }
+    }
+    // A path that fails here is found failed by its own threads too.
+    for (Channel* c : idle) (void)c->Send(frame);
+    return absl::OkStatus();
+  }
 
   void OnFrame() {
     std::lock_guard<std::mutex> lock(on_frame_mu_);

@@ -117,9 +117,26 @@ class ParallelPathsNetns : public ::testing::Test {
     std::lock_guard<std::mutex> lock(mu_);
     log_ += absl::StrCat(who, line, "\n");
   }
+  // The log, and where both sides stand.
   std::string Logs() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return log_;
+    std::string out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out = log_;
+    }
+    auto ps = primary_->stats();
+    auto ms = mirror_->stats();
+    absl::StrAppend(&out, "primary: ", ps.state, "; acked ", ps.acked, ", lag ", ps.lag_epochs,
+                    ", sync done ", ps.sync.done_bytes, " of ", ps.sync.total_bytes, "\n");
+    absl::StrAppend(&out, "mirror: committed ", ms.committed_epoch, ", syncing ", ms.syncing,
+                    ", connections ", ms.connections, "\n");
+    for (const auto* paths : {&ps.paths, &ms.paths}) {
+      for (const auto& p : *paths) {
+        absl::StrAppend(&out, "  path ", p.peer, (p.up ? " up" : " down"), ", sent ", p.bytes_sent,
+                        ", received ", p.bytes_received, ", resent ", p.resent, "\n");
+      }
+    }
+    return out;
   }
   bool Protected() { return primary_->stats().state.find("protected") != std::string::npos; }
 
