@@ -105,6 +105,17 @@ class Bond final : public Channel {
     for (auto& p : paths_) p->channel->KeepAlive(idle);
   }
 
+  void Flush(std::chrono::milliseconds within) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, within, [&] {
+      if (shut_ || !error_.ok()) return true;
+      for (const auto& p : paths_) {
+        if (p->up && p->pending > 0) return false;
+      }
+      return true;
+    });
+  }
+
   void Shutdown() override {
     std::lock_guard<std::mutex> lock(mu_);
     shut_ = true;
@@ -117,9 +128,12 @@ class Bond final : public Channel {
     for (const auto& p : paths_) absl::StrAppend(&s, s.empty() ? "" : " + ", p->channel->peer());
     return s;
   }
+  // Frames handed over count as sent once they wait for a path, as a TcpChannel's count them
+  // once the kernel has them: the pre-copy's progress and rate are measured with this.
   uint64_t bytes_sent() const override {
     uint64_t n = 0;
-    for (const auto& p : paths_) n += p->channel->bytes_sent();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& p : paths_) n += p->channel->bytes_sent() + (p->up ? p->pending : 0);
     return n;
   }
   uint64_t bytes_received() const override {
@@ -236,6 +250,7 @@ class Bond final : public Channel {
       absl::Status s = p.channel->Send(*frame);
       lock.lock();
       p.pending -= std::min(p.pending, size);  // PathDown may have cleared it
+      if (p.pending == 0) cv_.notify_all();    // Flush waits for it
       if (!s.ok()) {
         lock.unlock();
         PathDown(i, s);

@@ -67,6 +67,9 @@ class Channel {
   // peer's receive timeout measures this side's life, not how long its work takes (a long
   // commit, hashing a large memory). Ends with Shutdown.
   virtual void KeepAlive(std::chrono::milliseconds idle) = 0;
+  // Waits, at most `within`, until what Send took has been handed to the kernel (a last reply
+  // before the connection ends). A TcpChannel's Send already has.
+  virtual void Flush(std::chrono::milliseconds within) { (void)within; }
   // Any thread: makes blocked Send/Receive calls return with an error.
   virtual void Shutdown() = 0;
   virtual std::string peer() const = 0;

@@ -315,6 +315,7 @@ class MirrorImpl : public Mirror {
         if (auto s = ch.Send(reply); !s.ok()) return s;
       }
       if (conversation.handed_over()) {
+        ch.Flush(options_.peer_timeout);  // the reply goes before the connection ends
         return absl::CancelledError("the VM was handed over to this host");
       }
     }
