@@ -85,8 +85,9 @@ class Bond final : public Channel {
     cv_.wait(lock, [&] {
       return shut_ || !error_.ok() || (!buffer_.empty() && buffer_.begin()->first == next_);
     });
-    if (!error_.ok()) return error_;
     if (shut_) return absl::CancelledError("the connection was shut down");
+    // What arrived in order before the paths failed is handed on first (a last reply).
+    if (buffer_.empty() || buffer_.begin()->first != next_) return error_;
     auto it = buffer_.begin();
     pb::Frame f = std::move(it->second.first);
     buffered_bytes_ -= it->second.second;
