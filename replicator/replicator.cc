@@ -418,8 +418,9 @@ class PrimaryImpl : public Primary {
     std::vector<size_t> use(paths.size());
     for (size_t i = 0; i < use.size(); i++) use[i] = i;
     for (;;) {
-      if (use.size() == 1) {
-        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port, terms, session_id_,
+      if (use.size() == 1) {  // a connection of its own
+        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port,
+                                {options_.identity, options_.key, options_.protection}, session_id_,
                                 options_.peer_timeout);
       }
       terms.bond = rng() | 1;

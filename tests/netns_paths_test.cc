@@ -232,5 +232,21 @@ TEST_F(ParallelPathsNetns, APathCutMidCheckpointUnderLoadCostsOnlyAResend) {
   ExpectExactOverTheOtherPath(0);
 }
 
+// A path that is down when the primary connects is left out: the connection goes over the other
+// (a plain one), the mirror drops the unfinished bond, and the replica is exact.
+TEST_F(ParallelPathsNetns, APathDownAtConnectionTimeIsLeftOut) {
+  StartVm(/*working_set_pages=*/512, /*writes_per_ms=*/10);
+  Cut(1);
+  StartMirror();
+  StartPrimary();
+  ASSERT_TRUE(primary_ && mirror_);
+  ASSERT_TRUE(WaitUntil([&] { return Protected() && primary_->stats().acked >= 5; }, 60)) << Logs();
+  pauses_.ExpectReplicaMatches(*mirror_);
+  EXPECT_TRUE(primary_->stats().paths.size() == 1) << Logs();
+  EXPECT_EQ(primary_->stats().paths[0].peer, absl::StrCat(kMirrorAddress[0], ":", kPort));
+  EXPECT_NE(Logs().find("connecting over 1 of 2 paths"), std::string::npos) << Logs();
+  EXPECT_EQ(deaths_.load(), 0) << Logs();
+}
+
 }  // namespace
 }  // namespace romulus::netns_paths_test
