@@ -6,11 +6,14 @@
 // the fewest bytes waiting, and keeps it until the receiver confirms it (`acked`, cumulative,
 // on data frames and on small ack frames at least every kAckInterval). The receiver puts frames
 // back in order. When a path fails, what was sent on it and not confirmed is sent again on the
-// others, marked `resent` (the receiver drops a copy it already has); only when every path has
-// failed does the bond fail. Memory is bounded on both sides: at most kWindowFrames frames and
-// kWindowBytes (plus one frame) unconfirmed; the receiver refuses a frame beyond that window and
-// a repeated one not marked as resent. A failed path does not rejoin: the next connection opens
-// all paths again. Internal to the replicator.
+// others, marked `resent` (the receiver drops a copy it already has, and the original of one that
+// overtook it); only when every path has failed does the bond fail, after handing on what had
+// arrived in order. Memory is bounded on both sides: at most kWindowFrames frames and
+// kWindowBytes (plus one frame) unconfirmed; the receiver refuses a frame beyond that window, one
+// out of order on its path, and a repeated one while no path has failed. Keepalives are no part
+// of the stream: each path carries its own. Send returns once a frame is queued (Flush waits for
+// the queues to drain). A failed path does not rejoin: the next connection opens all paths
+// again. Internal to the replicator.
 #ifndef ROMULUS_REPLICATOR_BOND_H_
 #define ROMULUS_REPLICATOR_BOND_H_
 
