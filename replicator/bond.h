@@ -10,7 +10,7 @@
 // overtook it); only when every path has failed does the bond fail, after handing on what had
 // arrived in order. Memory is bounded on both sides: at most kWindowFrames frames and
 // kWindowBytes (plus one frame) unconfirmed; the receiver refuses a frame beyond that window, one
-// out of order on its path, and a repeated one while no path has failed. Keepalives are no part
+// out of order on its path, and a repeated one while no resend has arrived. Keepalives are no part
 // of the stream: each path carries its own. Send returns once a frame is queued (Flush waits for
 // the queues to drain). A failed path does not rejoin: the next connection opens all paths
 // again. Internal to the replicator.
