@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -129,6 +130,32 @@ bool IsAddress(const std::string& text) {
 }
 
 // A port: 1 to 65535, or 0 where the caller gave 0 its meaning (a default, or "none").
+// Parallel paths: further HOST:PORTs (or addresses, without `host_port`), beside `first`; at
+// most kMaxPaths in all, none twice.
+absl::Status CheckPaths(const Parsed& p, absl::string_view field,
+                        const google::protobuf::RepeatedPtrField<std::string>& paths,
+                        const std::string& first, bool host_port) {
+  std::vector<std::string> seen = {first};
+  for (int i = 0; i < paths.size(); i++) {
+    const std::string& path = paths[i];
+    std::string at = absl::StrCat(field, "[", i, "]");  // names the element's line
+    if (static_cast<uint32_t>(i) + 1 >= replicator::kMaxPaths) {
+      return p.Bad(at, absl::StrCat("at most ", replicator::kMaxPaths - 1, " further paths (",
+                                    replicator::kMaxPaths, " in all)"));
+    }
+    if (host_port) {
+      if (auto s = CheckHostPort(p, at, path); !s.ok()) return s;
+    } else if (!IsAddress(path)) {
+      return p.Bad(at, absl::StrCat("'", path, "' is not an IPv4 or IPv6 address"));
+    }
+    if (std::find(seen.begin(), seen.end(), path) != seen.end()) {
+      return p.Bad(at, absl::StrCat("'", path, "' is named twice: each path is one address"));
+    }
+    seen.push_back(path);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckPort(const Parsed& p, absl::string_view field, uint32_t value) {
   return value == 0 ? absl::OkStatus() : p.Range(field, value, 1, 65535);
 }
@@ -311,6 +338,7 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (c.disk().empty()) return p.Bad("disk", "is required");
   if (c.mirror().empty()) return p.Bad("mirror", "is required (HOST:PORT)");
   if (auto s = CheckHostPort(p, "mirror", c.mirror()); !s.ok()) return s;
+  if (auto s = CheckPaths(p, "mirror_path", c.mirror_path(), c.mirror(), true); !s.ok()) return s;
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.max_in_flight_mib() == 0) c.set_max_in_flight_mib(256);
   if (auto s = p.Range("max_in_flight_mib", c.max_in_flight_mib(), 1, kMaxInFlightMib, "MiB");
@@ -339,6 +367,11 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (c.replication_port() != 0 && c.replication_listen().empty()) {
     c.set_replication_listen("127.0.0.1");
   }
+  if (auto s = CheckPaths(p, "replication_listen_path", c.replication_listen_path(),
+                          c.replication_listen(), false);
+      !s.ok()) {
+    return s;
+  }
   if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
   if (c.has_health()) {
     if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
@@ -359,6 +392,14 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (!c.replicate_to().empty()) {
     if (auto s = CheckHostPort(p, "replicate_to", c.replicate_to()); !s.ok()) return s;
   }
+  if (!c.replicate_to_path().empty() && c.replicate_to().empty()) {
+    return p.Bad("replicate_to_path[0]", "needs replicate_to (the first path)");
+  }
+  if (auto s = CheckPaths(p, "replicate_to_path", c.replicate_to_path(), c.replicate_to(), true);
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckPaths(p, "listen_path", c.listen_path(), c.listen(), false); !s.ok()) return s;
   if (!replicator::ParseEncryption(c.encryption()).ok()) {
     return p.Bad("encryption", "must be auto, aes-256-gcm, chacha20-poly1305 or off");
   }

@@ -223,6 +223,15 @@ std::string FormatStatus(const pb::StatusReply& s) {
     }
     out += "\n";
   }
+  for (const pb::ReplicationPathState& p : s.replication_paths()) {
+    absl::StrAppendFormat(&out, "replication path: %s: %s, %.1f MiB sent, %.1f MiB received",
+                          p.peer(), p.up() ? "up" : "down",
+                          static_cast<double>(p.bytes_sent()) / (1 << 20),
+                          static_cast<double>(p.bytes_received()) / (1 << 20));
+    if (p.resent() > 0) absl::StrAppendFormat(&out, ", %d frames sent again", p.resent());
+    if (!p.up() && !p.error().empty()) absl::StrAppendFormat(&out, " (%s)", p.error());
+    out += "\n";
+  }
   if (s.paths_size() > 0) {
     absl::StrAppendFormat(&out, "peer alive:       %s\n", s.peer_alive() ? "yes" : "no");
   }

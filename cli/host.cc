@@ -19,6 +19,20 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The replication connection's paths, when it has several (parallel paths).
+void AddPaths(const std::vector<replicator::PathStats>& paths, pb::StatusReply* r) {
+  if (paths.size() < 2) return;
+  for (const replicator::PathStats& p : paths) {
+    pb::ReplicationPathState* s = r->add_replication_paths();
+    s->set_peer(p.peer);
+    s->set_up(p.up);
+    s->set_bytes_sent(p.bytes_sent);
+    s->set_bytes_received(p.bytes_received);
+    s->set_resent(p.resent);
+    s->set_error(p.error);
+  }
+}
+
 pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primary::Stats& s) {
   pb::StatusReply r;
   r.set_role("primary");
@@ -37,6 +51,7 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
   r.set_unprotected_s(s.unprotected_seconds);
   r.set_failed_connections(s.failed_connections);
   r.set_protection(s.protection);
+  AddPaths(s.paths, &r);
   if (s.sync.active || s.sync.seconds > 0) {
     pb::SyncStatus* y = s.sync.active ? r.mutable_sync() : r.mutable_last_sync();
     y->set_done_bytes(s.sync.done_bytes);
@@ -77,6 +92,7 @@ pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror:
   r.set_committed_epoch(s.committed_epoch);
   r.set_bytes(s.bytes);
   r.set_rejected(s.rejected);
+  AddPaths(s.paths, &r);
   return r;
 }
 

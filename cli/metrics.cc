@@ -379,6 +379,16 @@ std::string NodeMetrics(const pb::StatusReply& r, const switchover::Node::Status
               p.rtt_ms() / 1000, E::L("path", p.name()));
     }
   }
+  // Parallel paths: each path of the replication connection.
+  for (const pb::ReplicationPathState& p : r.replication_paths()) {
+    m.Gauge("romulus_replication_path_up", "1 while this path of the replication connection works",
+            p.up() ? 1 : 0, E::L("peer", p.peer()));
+  }
+  for (const pb::ReplicationPathState& p : r.replication_paths()) {
+    m.Counter("romulus_replication_path_sent_bytes_total",
+              "Bytes sent on this path of the current replication connection",
+              static_cast<double>(p.bytes_sent()), E::L("peer", p.peer()));
+  }
   if (!r.witness().empty()) {
     m.Gauge("romulus_lease_held", "1 while this host holds the witness's lease for the VM",
             r.lease_held() ? 1 : 0);

@@ -144,6 +144,10 @@ int PrimaryCommand(int argc, char** argv) {
   o.listen = c->replication_listen();
   o.port = static_cast<uint16_t>(c->replication_port());
   SplitHostPort(c->mirror(), &o.peer_host, &o.peer_port);
+  for (const std::string& path : c->mirror_path()) {
+    SplitHostPort(path, &o.peer_paths.emplace_back().host, &o.peer_paths.back().port);
+  }
+  o.listen_paths = {c->replication_listen_path().begin(), c->replication_listen_path().end()};
   o.epoch = std::chrono::milliseconds(c->epoch_ms());
   o.compression = *replicator::ParseCompression(c->compression());
   o.protection = *replicator::ParseEncryption(c->encryption());
@@ -235,6 +239,10 @@ int MirrorCommand(int argc, char** argv) {
   o.listen = c->listen();
   o.port = static_cast<uint16_t>(c->port());
   if (!c->replicate_to().empty()) SplitHostPort(c->replicate_to(), &o.peer_host, &o.peer_port);
+  for (const std::string& path : c->replicate_to_path()) {
+    SplitHostPort(path, &o.peer_paths.emplace_back().host, &o.peer_paths.back().port);
+  }
+  o.listen_paths = {c->listen_path().begin(), c->listen_path().end()};
   o.epoch = std::chrono::milliseconds(c->epoch_ms());
   o.compression = *replicator::ParseCompression(c->compression());
   o.protection = *replicator::ParseEncryption(c->encryption());

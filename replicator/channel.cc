@@ -3,6 +3,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <poll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -54,6 +55,11 @@ pb::Frame HelloFrame(const Channel::Terms& me, const std::string& nonce, uint64_
   h->set_session(session);
   h->set_cipher(me.protection.cipher);
   h->set_encrypt(me.protection.encrypt);
+  if (me.bond != 0) {
+    h->set_bond(me.bond);
+    h->set_path_index(me.path_index);
+    h->set_path_count(me.path_count);
+  }
   return f;
 }
 
@@ -79,6 +85,11 @@ absl::Status CheckHello(const pb::Frame& f, const Channel::Terms& terms) {
         vmm::PlatformName(me.platform), " platform: neither could resume the other's state"));
   }
   if (h.nonce().size() != kNonceBytes) return absl::PermissionDeniedError("bad nonce");
+  if (h.bond() != 0 &&
+      (h.path_count() < 1 || h.path_count() > kMaxPaths || h.path_index() >= h.path_count())) {
+    return absl::InvalidArgumentError(absl::StrCat("path ", h.path_index(), " of ", h.path_count(),
+                                                   " (1 to ", kMaxPaths, " paths allowed)"));
+  }
   if (h.cipher() != terms.protection.cipher) {
     return absl::FailedPreconditionError(absl::StrCat("peer protects frames with ",
                                                       CipherName(h.cipher()), ", this side with ",
@@ -122,7 +133,7 @@ bool SameMac(absl::string_view a, absl::string_view b) {
   return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
 }
 
-Channel::Channel(tcp::socket socket, std::chrono::milliseconds timeout)
+TcpChannel::TcpChannel(tcp::socket socket, std::chrono::milliseconds timeout)
     : socket_(std::move(socket)), timeout_(timeout) {
   last_receive_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
   boost::system::error_code ec;
@@ -146,11 +157,37 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Connect(asio::io_context& io,
   auto addr = asio::ip::make_address(host == "localhost" ? "127.0.0.1" : host, ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat("'", host, "' is not an IP address"));
   tcp::socket socket(io);
-  socket.connect(tcp::endpoint(addr, port), ec);
+  // Within the timeout: a path whose packets vanish must not hold a connection attempt for the
+  // kernel's minutes of SYN retries.
+  socket.open(addr.is_v4() ? tcp::v4() : tcp::v6(), ec);
+  if (!ec) socket.non_blocking(true, ec);
+  if (!ec) {
+    // Asio's connect waits for an unfinished connection whatever the mode: connect(2) itself.
+    tcp::endpoint ep(addr, port);
+    if (::connect(socket.native_handle(), ep.data(), static_cast<socklen_t>(ep.size())) != 0) {
+      ec = boost::system::error_code(errno, boost::system::system_category());
+    }
+    if (ec.value() == EINPROGRESS) {
+      pollfd pfd{socket.native_handle(), POLLOUT, 0};
+      int n = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
+      int err = 0;
+      socklen_t len = sizeof(err);
+      if (n == 0) {
+        err = ETIMEDOUT;
+      } else if (n < 0) {
+        err = errno;
+      } else {
+        ::getsockopt(socket.native_handle(), SOL_SOCKET, SO_ERROR, &err, &len);
+      }
+      ec = err ? boost::system::error_code(err, boost::system::system_category())
+               : boost::system::error_code();
+    }
+  }
+  if (!ec) socket.non_blocking(false, ec);
   if (ec)
     return absl::UnavailableError(
         absl::StrCat("connect to mirror ", host, ":", port, ": ", ec.message()));
-  std::unique_ptr<Channel> ch(new Channel(std::move(socket), timeout));
+  std::unique_ptr<TcpChannel> ch(new TcpChannel(std::move(socket), timeout));
   Terms mine = terms;
   if (mine.protection.cipher == pb::FRAME_CIPHER_UNSPECIFIED) {
     mine.protection.cipher = CheapestCipher();
@@ -176,8 +213,9 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Connect(asio::io_context& io,
 
 absl::StatusOr<std::unique_ptr<Channel>> Channel::Accept(tcp::socket socket, const Terms& terms,
                                                          std::chrono::milliseconds timeout,
-                                                         uint64_t* peer_session) {
-  std::unique_ptr<Channel> ch(new Channel(std::move(socket), timeout));
+                                                         uint64_t* peer_session,
+                                                         pb::Hello* peer_hello) {
+  std::unique_ptr<TcpChannel> ch(new TcpChannel(std::move(socket), timeout));
   std::string their_hello;
   auto theirs = ch->ReceiveFrame(&their_hello);
   if (!theirs.ok()) return theirs.status();
@@ -203,11 +241,12 @@ absl::StatusOr<std::unique_ptr<Channel>> Channel::Accept(tcp::socket socket, con
     return s;
   }
   *peer_session = theirs->hello().session();
+  if (peer_hello) *peer_hello = theirs->hello();
   return ch;
 }
 
-absl::Status Channel::Protect(const Protection& protection, absl::string_view send_key,
-                              absl::string_view receive_key) {
+absl::Status TcpChannel::Protect(const Protection& protection, absl::string_view send_key,
+                                 absl::string_view receive_key) {
   auto sealer = FrameSealer::Create(protection.cipher, protection.encrypt, send_key);
   if (!sealer.ok()) return sealer.status();
   auto opener = FrameSealer::Create(protection.cipher, protection.encrypt, receive_key);
@@ -219,11 +258,15 @@ absl::Status Channel::Protect(const Protection& protection, absl::string_view se
   return absl::OkStatus();
 }
 
-std::string Channel::protection() const {
+std::string TcpChannel::protection() const {
   return absl::StrCat(CipherName(protection_.cipher), protection_.encrypt ? "" : ", in clear");
 }
 
-absl::Status Channel::SendBody(const std::string& body) {
+std::vector<PathStats> TcpChannel::paths() const {
+  return {{peer_, true, bytes_sent_.load(), bytes_received_.load(), 0, ""}};
+}
+
+absl::Status TcpChannel::SendBody(const std::string& body) {
   if (body.size() > kMaxFrameBytes) return absl::InternalError("frame too large to send");
   std::string frame(4 + body.size(), '\0');
   auto* p = reinterpret_cast<uint8_t*>(frame.data());
@@ -233,7 +276,7 @@ absl::Status Channel::SendBody(const std::string& body) {
   return WriteFrame(frame);
 }
 
-absl::Status Channel::Send(const pb::Frame& frame) {
+absl::Status TcpChannel::Send(const pb::Frame& frame) {
   size_t n = frame.ByteSizeLong();
   if (n > kMaxFrameBytes) return absl::InternalError("frame too large to send");
   // Header, body and tag in one buffer: one write, and the body is sealed where it lies.
@@ -255,7 +298,7 @@ absl::Status Channel::Send(const pb::Frame& frame) {
 }
 
 // With send_mu_ held.
-absl::Status Channel::WriteFrame(std::string& frame) {
+absl::Status TcpChannel::WriteFrame(std::string& frame) {
   iovec iov = {frame.data(), frame.size()};
   for (;;) {
     absl::Status s = vmm::WriteFully(socket_.native_handle(), &iov, 1, send_what_);
@@ -272,7 +315,7 @@ absl::Status Channel::WriteFrame(std::string& frame) {
   return absl::OkStatus();
 }
 
-void Channel::KeepAlive(std::chrono::milliseconds idle) {
+void TcpChannel::KeepAlive(std::chrono::milliseconds idle) {
   keepalive_ = std::thread([this, idle] {
     vmm::NameThread("rml-keepalive");
     pb::Frame keepalive;
@@ -292,12 +335,12 @@ void Channel::KeepAlive(std::chrono::milliseconds idle) {
   });
 }
 
-Channel::~Channel() {
+TcpChannel::~TcpChannel() {
   Shutdown();
   if (keepalive_.joinable()) keepalive_.join();
 }
 
-absl::StatusOr<pb::Frame> Channel::Receive() {
+absl::StatusOr<pb::Frame> TcpChannel::Receive() {
   for (;;) {
     auto f = ReceiveFrame();
     if (f.ok()) {
@@ -308,7 +351,7 @@ absl::StatusOr<pb::Frame> Channel::Receive() {
   }
 }
 
-absl::StatusOr<pb::Frame> Channel::ReceiveFrame(std::string* body) {
+absl::StatusOr<pb::Frame> TcpChannel::ReceiveFrame(std::string* body) {
   uint8_t header[4];
   if (auto s = vmm::ReadFully(socket_.native_handle(), header, sizeof(header), receive_what_);
       !s.ok())
@@ -344,7 +387,7 @@ absl::StatusOr<pb::Frame> Channel::ReceiveFrame(std::string* body) {
   return f;
 }
 
-void Channel::Shutdown() {
+void TcpChannel::Shutdown() {
   {
     std::lock_guard<std::mutex> lock(keepalive_mu_);
     shut_ = true;

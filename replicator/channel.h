@@ -18,6 +18,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "replicator/frame_protection.h"
@@ -25,6 +26,8 @@
 
 namespace romulus::replicator {
 
+// One logical connection: frames in order both ways. A TcpChannel is one TCP connection; a Bond
+// (bond.h) spreads one stream over several of them, one per path.
 class Channel {
  public:
   // What a handshake needs: who this side is, the key, and how it protects frames.
@@ -32,44 +35,71 @@ class Channel {
     Identity identity;
     std::string key;
     Protection protection = {};
+    // The primary's path `path_index` of `path_count` of bond `bond` (0: a connection alone).
+    uint64_t bond = 0;
+    uint32_t path_index = 0, path_count = 1;
   };
-  // Primary side: connects and runs the handshake. Its `protection` (the cipher resolved to the
-  // cheapest here when unspecified) is what both directions use.
+  // Primary side: connects (within `timeout`) and runs the handshake. Its `protection` (the
+  // cipher resolved to the cheapest here when unspecified) is what both directions use.
   static absl::StatusOr<std::unique_ptr<Channel>> Connect(boost::asio::io_context& io,
                                                           const std::string& host, uint16_t port,
                                                           const Terms& terms, uint64_t session,
                                                           std::chrono::milliseconds timeout);
-  // Mirror side: runs the handshake on an accepted socket; returns the primary's session. The
-  // primary's cipher is accepted; whether frames are encrypted must agree with `protection`.
+  // Mirror side: runs the handshake on an accepted socket; returns the primary's session (and,
+  // if asked, its whole Hello: which bond and path this is). The primary's cipher is accepted;
+  // whether frames are encrypted must agree with `protection`.
   static absl::StatusOr<std::unique_ptr<Channel>> Accept(boost::asio::ip::tcp::socket socket,
                                                          const Terms& terms,
                                                          std::chrono::milliseconds timeout,
-                                                         uint64_t* peer_session);
+                                                         uint64_t* peer_session,
+                                                         pb::Hello* peer_hello = nullptr);
 
-  ~Channel();
+  virtual ~Channel() = default;
 
   // Any thread (sends are serialised).
-  absl::Status Send(const pb::Frame& frame);
+  virtual absl::Status Send(const pb::Frame& frame) = 0;
   // The next frame that is not a keepalive; `on_frame` (if set) runs for every frame, keepalives
   // included: each is a sign of the peer's life.
-  absl::StatusOr<pb::Frame> Receive();
-  void set_on_frame(std::function<void()> on_frame) { on_frame_ = std::move(on_frame); }
+  virtual absl::StatusOr<pb::Frame> Receive() = 0;
+  // Before the first Send or Receive.
+  virtual void set_on_frame(std::function<void()> on_frame) = 0;
   // From now on a thread sends a keepalive whenever nothing was sent for `idle`, so that the
   // peer's receive timeout measures this side's life, not how long its work takes (a long
   // commit, hashing a large memory). Ends with Shutdown.
-  void KeepAlive(std::chrono::milliseconds idle);
+  virtual void KeepAlive(std::chrono::milliseconds idle) = 0;
+  // Waits, at most `within`, until what Send took has been handed to the kernel (a last reply
+  // before the connection ends). A TcpChannel's Send already has.
+  virtual void Flush(std::chrono::milliseconds within) { (void)within; }
   // Any thread: makes blocked Send/Receive calls return with an error.
-  void Shutdown();
-  std::string peer() const { return peer_; }
-  uint64_t bytes_sent() const { return bytes_sent_.load(); }
+  virtual void Shutdown() = 0;
+  virtual std::string peer() const = 0;
+  virtual uint64_t bytes_sent() const = 0;
   // Bytes of frames received on this connection, headers and tags included.
-  uint64_t bytes_received() const { return bytes_received_.load(); }
+  virtual uint64_t bytes_received() const = 0;
   // How this connection's frames are protected, e.g. "aes-256-gcm" or "chacha20-poly1305,
   // in clear".
-  std::string protection() const;
+  virtual std::string protection() const = 0;
+  // Each path's state (one for a TcpChannel).
+  virtual std::vector<PathStats> paths() const = 0;
+};
+
+class TcpChannel final : public Channel {
+ public:
+  ~TcpChannel() override;
+  absl::Status Send(const pb::Frame& frame) override;
+  absl::StatusOr<pb::Frame> Receive() override;
+  void set_on_frame(std::function<void()> on_frame) override { on_frame_ = std::move(on_frame); }
+  void KeepAlive(std::chrono::milliseconds idle) override;
+  void Shutdown() override;
+  std::string peer() const override { return peer_; }
+  uint64_t bytes_sent() const override { return bytes_sent_.load(); }
+  uint64_t bytes_received() const override { return bytes_received_.load(); }
+  std::string protection() const override;
+  std::vector<PathStats> paths() const override;
 
  private:
-  Channel(boost::asio::ip::tcp::socket socket, std::chrono::milliseconds timeout);
+  friend class Channel;
+  TcpChannel(boost::asio::ip::tcp::socket socket, std::chrono::milliseconds timeout);
   // A frame as bytes (the handshake's Hellos are hashed as they crossed the wire).
   absl::Status SendBody(const std::string& body);
   absl::Status WriteFrame(std::string& frame);  // with send_mu_ held

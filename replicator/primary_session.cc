@@ -82,6 +82,7 @@ Primary::Stats PrimarySession::stats() const {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - unprotected_since_)
             .count();
   }
+  if (channel_) s.paths = channel_->paths();
   s.held_outputs = gate_.held();
   s.epoch_loop_at = std::chrono::steady_clock::time_point(
       std::chrono::steady_clock::duration(epoch_loop_ns_.load()));

@@ -5,17 +5,22 @@
 // clang-format on
 #include "replicator/replicator.h"
 
+#include <poll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "replicator/bond.h"
 #include "replicator/channel.h"
 #include "replicator/mirror_session.h"
 #include "replicator/primary_session.h"
@@ -63,11 +68,11 @@ namespace {
 class MirrorImpl : public Mirror {
  public:
   MirrorImpl(checkpoint::ReplicaStore& replica, Options options)
-      : replica_(replica), options_(std::move(options)), acceptor_(io_) {}
+      : replica_(replica), options_(std::move(options)) {}
 
   ~MirrorImpl() override {
     stop_ = true;
-    ::shutdown(acceptor_.native_handle(), SHUT_RDWR);
+    for (auto& a : acceptors_) ::shutdown(a->native_handle(), SHUT_RDWR);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (channel_) channel_->Shutdown();
@@ -76,20 +81,31 @@ class MirrorImpl : public Mirror {
   }
 
   absl::Status Listen() {
-    boost::system::error_code ec;
-    auto addr = asio::ip::make_address(options_.listen, ec);
-    if (ec)
-      return absl::InvalidArgumentError(absl::StrCat("bad listen address '", options_.listen, "'"));
-    tcp::endpoint ep(addr, options_.port);
-    acceptor_.open(ep.protocol(), ec);
-    if (!ec) acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
-    if (!ec) acceptor_.bind(ep, ec);
-    if (!ec) acceptor_.listen(4, ec);
-    if (ec) {
-      return absl::UnavailableError(absl::StrCat("mirror cannot listen on ", options_.listen, ":",
-                                                 options_.port, ": ", ec.message()));
+    std::vector<std::string> addresses = {options_.listen};
+    for (const std::string& a : options_.listen_paths) {
+      if (std::find(addresses.begin(), addresses.end(), a) == addresses.end()) {
+        addresses.push_back(a);
+      }
     }
-    port_ = acceptor_.local_endpoint().port();
+    for (const std::string& address : addresses) {
+      boost::system::error_code ec;
+      auto addr = asio::ip::make_address(address, ec);
+      if (ec) return absl::InvalidArgumentError(absl::StrCat("bad listen address '", address, "'"));
+      // Every path's address at the same port: the first one's, when any free port was asked for.
+      tcp::endpoint ep(addr, acceptors_.empty() ? options_.port : port_);
+      auto acceptor = std::make_unique<tcp::acceptor>(io_);
+      acceptor->open(ep.protocol(), ec);
+      if (!ec) acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
+      if (!ec) acceptor->bind(ep, ec);
+      if (!ec) acceptor->listen(4, ec);
+      if (!ec) acceptor->non_blocking(true, ec);
+      if (ec) {
+        return absl::UnavailableError(
+            absl::StrCat("mirror cannot listen on ", address, ":", ep.port(), ": ", ec.message()));
+      }
+      port_ = acceptor->local_endpoint().port();
+      acceptors_.push_back(std::move(acceptor));
+    }
     thread_ = std::thread([this] {
       vmm::NameThread("rml-mirror");
       Serve();
@@ -101,7 +117,9 @@ class MirrorImpl : public Mirror {
 
   Stats stats() const override {
     std::lock_guard<std::mutex> lock(mu_);
-    return stats_;
+    Stats s = stats_;
+    if (channel_) s.paths = channel_->paths();
+    return s;
   }
 
   void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) override {
@@ -110,42 +128,138 @@ class MirrorImpl : public Mirror {
   }
 
  private:
-  void Serve() {
-    uint64_t accept_failures = 0;  // in a row: the first is logged, and the recovery
+  // The next connection on any listening address, or nullopt at `deadline` (or when stopping).
+  std::optional<tcp::socket> AcceptAny(
+      std::optional<std::chrono::steady_clock::time_point> deadline) {
+    std::vector<pollfd> fds;
+    for (auto& a : acceptors_) fds.push_back({a->native_handle(), POLLIN, 0});
     while (!stop_) {
-      tcp::socket socket(io_);
-      boost::system::error_code ec;
-      acceptor_.accept(socket, ec);
-      if (stop_) return;
-      if (ec) {  // say, out of descriptors: a primary's connection waits in the backlog
-        if (accept_failures++ == 0) {
-          Log(options_.log, absl::StrCat("accepting a primary failed: ", ec.message(),
-                                         "; retrying until it works"));
-        }
-        if (!vmm::AcceptFailedForThatConnection(ec.value())) {
-          std::this_thread::sleep_for(vmm::kAcceptRetryPause);
-        }
-        continue;
+      // Waits are short, so that stopping (which shuts the acceptors) is seen soon.
+      int wait = 200;
+      if (deadline) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            *deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) return std::nullopt;
+        wait = std::min<int>(wait, static_cast<int>(left.count()) + 1);
       }
-      if (accept_failures > 0) {
-        Log(options_.log,
-            absl::StrCat("accepting primaries again after ", accept_failures, " failed accepts"));
-        accept_failures = 0;
+      int n = ::poll(fds.data(), fds.size(), wait);
+      if (stop_) return std::nullopt;
+      if (n < 0 && errno != EINTR) {
+        Log(options_.log, absl::StrCat("waiting for primaries failed: ", std::strerror(errno)));
+        std::this_thread::sleep_for(vmm::kAcceptRetryPause);
       }
-      uint64_t session = 0;
-      auto ch =
-          Channel::Accept(std::move(socket), {options_.identity, options_.key, options_.protection},
-                          options_.peer_timeout, &session);
+      for (size_t i = 0; n > 0 && i < fds.size(); i++) {
+        if (fds[i].revents == 0) continue;
+        tcp::socket socket(io_);
+        boost::system::error_code ec;
+        acceptors_[i]->accept(socket, ec);
+        if (stop_) return std::nullopt;
+        if (ec == asio::error::would_block || ec == asio::error::try_again) continue;
+        if (ec) {  // say, out of descriptors: a primary's connection waits in the backlog
+          if (accept_failures_++ == 0) {
+            Log(options_.log, absl::StrCat("accepting a primary failed: ", ec.message(),
+                                           "; retrying until it works"));
+          }
+          if (!vmm::AcceptFailedForThatConnection(ec.value())) {
+            std::this_thread::sleep_for(vmm::kAcceptRetryPause);
+          }
+          continue;
+        }
+        if (accept_failures_ > 0) {
+          Log(options_.log, absl::StrCat("accepting primaries again after ", accept_failures_,
+                                         " failed accepts"));
+          accept_failures_ = 0;
+        }
+        socket.non_blocking(false, ec);
+        return socket;
+      }
+    }
+    return std::nullopt;
+  }
+
+  // Accepts and authenticates one connection: a primary's (or one path of it).
+  absl::StatusOr<std::unique_ptr<Channel>> Handshake(tcp::socket socket, uint64_t* session,
+                                                     pb::Hello* hello) {
+    return Channel::Accept(std::move(socket),
+                           {options_.identity, options_.key, options_.protection},
+                           options_.peer_timeout, session, hello);
+  }
+
+  // The next primary's connection: one channel, or the paths of one bond made one. A bond whose
+  // paths do not all arrive within the peer timeout is dropped; while it forms, connections of
+  // any other are refused.
+  std::unique_ptr<Channel> NextConnection(uint64_t* session) {
+    while (!stop_) {
+      auto socket = AcceptAny(std::nullopt);
+      if (!socket) return nullptr;
+      pb::Hello hello;
+      auto ch = Handshake(std::move(*socket), session, &hello);
       if (!ch.ok()) {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
         continue;
       }
-      (*ch)->set_on_frame(options_.on_traffic);
-      (*ch)->KeepAlive(kChannelKeepalive);  // a long commit here is no silence
+      if (hello.bond() == 0 || hello.path_count() <= 1) return std::move(*ch);
+      uint64_t bond = hello.bond();
+      uint32_t count = hello.path_count();
+      std::vector<std::unique_ptr<Channel>> paths(count);
+      paths[hello.path_index()] = std::move(*ch);
+      uint32_t have = 1;
+      auto deadline = std::chrono::steady_clock::now() + options_.peer_timeout;
+      while (have < count && !stop_) {
+        auto next = AcceptAny(deadline);
+        if (!next) break;
+        uint64_t next_session = 0;
+        pb::Hello h;
+        auto path = Handshake(std::move(*next), &next_session, &h);
+        if (!path.ok()) {
+          Reject(absl::StrCat("refused a primary's path: ", path.status().message()));
+        } else if (next_session == *session && h.bond() != bond) {
+          // The same primary gave up on this bond (a path it could not reach) and starts
+          // another: that one is formed instead.
+          if (h.bond() == 0 || h.path_count() <= 1) return std::move(*path);
+          Log(options_.log, absl::StrCat("the primary formed a new connection of ", h.path_count(),
+                                         " paths instead"));
+          bond = h.bond();
+          count = h.path_count();
+          paths.clear();
+          paths.resize(count);
+          paths[h.path_index()] = std::move(*path);
+          have = 1;
+          deadline = std::chrono::steady_clock::now() + options_.peer_timeout;
+        } else if (h.bond() != bond || h.path_count() != count || paths[h.path_index()] ||
+                   next_session != *session) {
+          Reject(absl::StrCat("refused a primary's connection (bond ", h.bond() % 100000, ", path ",
+                              h.path_index(), " of ", h.path_count(),
+                              "): not a missing path of the connection being formed (bond ",
+                              bond % 100000, ", ", have, " of ", count, " paths)"));
+        } else {
+          paths[h.path_index()] = std::move(*path);
+          have++;
+        }
+      }
+      if (have < count) {
+        if (!stop_) {
+          Reject(absl::StrCat("dropped a primary's connection: ", have, " of its ", count,
+                              " paths arrived within ", options_.peer_timeout.count(), " ms"));
+        }
+        continue;
+      }
+      return MakeBond(std::move(paths), options_.log);
+    }
+    return nullptr;
+  }
+
+  void Serve() {
+    while (!stop_) {
+      uint64_t session = 0;
+      std::unique_ptr<Channel> ch = NextConnection(&session);
+      if (!ch) return;
+      ch->set_on_frame(options_.on_traffic);
+      ch->KeepAlive(kChannelKeepalive);  // a long commit here is no silence
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stop_) return;  // stopped during the handshake: the channel was not there to shut
-        channel_ = std::move(*ch);
+        channel_ = std::move(ch);
         stats_.connections++;
         stats_.connected = true;
         stats_.peer = channel_->peer();
@@ -170,7 +284,7 @@ class MirrorImpl : public Mirror {
         handed_over = stats_.handed_over;
       }
       if (handed_over) {  // this host runs the VM now: no primary may connect
-        ::shutdown(acceptor_.native_handle(), SHUT_RDWR);
+        for (auto& a : acceptors_) ::shutdown(a->native_handle(), SHUT_RDWR);
         return;
       }
       if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
@@ -201,6 +315,7 @@ class MirrorImpl : public Mirror {
         if (auto s = ch.Send(reply); !s.ok()) return s;
       }
       if (conversation.handed_over()) {
+        ch.Flush(options_.peer_timeout);  // the reply goes before the connection ends
         return absl::CancelledError("the VM was handed over to this host");
       }
     }
@@ -210,7 +325,8 @@ class MirrorImpl : public Mirror {
   checkpoint::ReplicaStore& replica_;
   Options options_;
   asio::io_context io_;
-  tcp::acceptor acceptor_;
+  std::vector<std::unique_ptr<tcp::acceptor>> acceptors_;  // one per listening address
+  uint64_t accept_failures_ = 0;  // in a row: the first is logged, and the recovery
   std::thread thread_;
   std::atomic<bool> stop_{false};
   uint16_t port_ = 0;
@@ -291,6 +407,49 @@ class PrimaryImpl : public Primary {
     session_.BackOff(std::chrono::duration_cast<milliseconds>(wait * jitter));
   }
 
+  // One connection to the mirror: over its one address, or one connection per path made one
+  // bond. Paths that cannot be connected are left out (the connection goes on the others, as a
+  // new bond); they are tried again at the next connection.
+  absl::StatusOr<std::unique_ptr<Channel>> ConnectMirror(asio::io_context& io,
+                                                         std::mt19937_64& rng) {
+    Channel::Terms terms{options_.identity, options_.key, options_.protection};
+    std::vector<Options::Path> paths = options_.mirror_paths;
+    if (paths.empty()) paths.push_back({options_.mirror_host, options_.mirror_port});
+    std::vector<size_t> use(paths.size());
+    for (size_t i = 0; i < use.size(); i++) use[i] = i;
+    for (;;) {
+      if (use.size() == 1) {  // a connection of its own
+        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port,
+                                {options_.identity, options_.key, options_.protection}, session_id_,
+                                options_.peer_timeout);
+      }
+      terms.bond = rng() | 1;
+      terms.path_count = static_cast<uint32_t>(use.size());
+      std::vector<std::unique_ptr<Channel>> channels;
+      std::vector<size_t> reached;
+      std::string failures;
+      for (size_t k = 0; k < use.size(); k++) {
+        if (session_.stopping()) return absl::CancelledError("stopping");
+        terms.path_index = static_cast<uint32_t>(k);
+        auto ch = Channel::Connect(io, paths[use[k]].host, paths[use[k]].port, terms, session_id_,
+                                   options_.peer_timeout);
+        if (ch.ok()) {
+          channels.push_back(std::move(*ch));
+          reached.push_back(use[k]);
+        } else {
+          absl::StrAppend(&failures, failures.empty() ? "" : "; ", "path ", use[k], ": ",
+                          ch.status().message());
+        }
+      }
+      if (reached.size() == use.size()) return MakeBond(std::move(channels), options_.log);
+      if (reached.empty()) return absl::UnavailableError(failures);
+      Log(options_.log, absl::StrCat(failures, "; connecting over ", reached.size(), " of ",
+                                     paths.size(), " paths"));
+      channels.clear();  // the mirror drops the unfinished bond when the next one arrives
+      use = reached;
+    }
+  }
+
   void ConnectLoop() {
     asio::io_context io;
     std::string last_error;
@@ -298,9 +457,7 @@ class PrimaryImpl : public Primary {
     while (true) {
       if (session_.stopping()) return;
       if (!released_unprotected_) GoUnprotected(unprotected_why_);
-      auto ch = Channel::Connect(io, options_.mirror_host, options_.mirror_port,
-                                 {options_.identity, options_.key, options_.protection},
-                                 session_id_, options_.peer_timeout);
+      auto ch = ConnectMirror(io, rng);
       if (!ch.ok()) {
         std::string err(ch.status().message());
         if (err != last_error) Log(options_.log, absl::StrCat("mirror unreachable: ", err));

@@ -21,8 +21,10 @@
 namespace romulus::replicator {
 
 // 6: the platform in Hello. 7: frames after the handshake are sealed; the proofs cover both Hellos.
-// 8: page references (PageBatch.ref) and the mirror's base image digest (ReplicaRoots).
-inline constexpr uint32_t kProtocolVersion = 8;
+// 8: page references (PageBatch.ref) and the mirror's base image digest (ReplicaRoots). 9:
+// parallel paths (Hello.bond, Frame.seq); post-copy migration's frames.
+inline constexpr uint32_t kProtocolVersion = 9;
+inline constexpr uint32_t kMaxPaths = 8;
 inline constexpr uint32_t kMaxFrameBytes = 4u << 20;
 inline constexpr size_t kPagesPerBatch = 256;  // 1 MiB of pages per frame
 
@@ -37,6 +39,15 @@ struct Identity {
 };
 
 using LogFn = std::function<void(absl::string_view line)>;
+
+// One path of a replication connection (several with parallel paths).
+struct PathStats {
+  std::string peer;
+  bool up = false;
+  uint64_t bytes_sent = 0, bytes_received = 0;
+  uint64_t resent = 0;  // frames sent again on this path after another path failed
+  std::string error;    // why it failed
+};
 
 // HMAC-SHA256 of `message` under the pre-shared key, and a constant-time comparison of two MACs.
 std::string Hmac(absl::string_view key, absl::string_view message);
@@ -147,6 +158,9 @@ class Mirror {
     std::string key;
     std::string listen = "127.0.0.1";
     uint16_t port = 0;  // 0: any free port
+    // Parallel paths: more addresses to listen on, at the same port. A primary with several
+    // paths connects to one address per path; its connections form one logical connection.
+    std::vector<std::string> listen_paths = {};
     std::chrono::milliseconds peer_timeout{5000};
     Protection protection = {};  // the primary's cipher is taken; `encrypt` must agree
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
@@ -167,8 +181,9 @@ class Mirror {
     uint64_t rejected = 0;  // connections dropped for a bad frame, key or checkpoint
     int64_t committed_epoch = -1;
     bool connected = false;
-    bool syncing = false;      // a pre-copy stream is arriving (into staging, not the replica)
-    bool handed_over = false;  // the VM was handed over to this host: replication has ended
+    bool syncing = false;          // a pre-copy stream is arriving (into staging, not the replica)
+    bool handed_over = false;      // the VM was handed over to this host: replication has ended
+    std::vector<PathStats> paths;  // of the current connection (one unless parallel paths)
     // The connected primary announced a hand-over, expected before this time (see
     // pb::HandoverNotice): its silence until then is no reason to promote this host.
     std::optional<std::chrono::steady_clock::time_point> handover_expected_until;
@@ -190,6 +205,14 @@ class Primary {
     std::string key;
     std::string mirror_host = "127.0.0.1";
     uint16_t mirror_port = 0;
+    // Parallel paths (two or more, at most kMaxPaths): the mirror's address on each path, used
+    // instead of mirror_host and mirror_port. Checkpoints travel over all of them at once; one
+    // that fails costs only a resend on the others.
+    struct Path {
+      std::string host;
+      uint16_t port = 0;
+    };
+    std::vector<Path> mirror_paths = {};
     std::chrono::milliseconds epoch{25};
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
@@ -242,7 +265,8 @@ class Primary {
     // (reconnects back off while they get nowhere).
     double unprotected_seconds = 0;
     uint32_t failed_connections = 0;
-    std::string protection;  // of the frames on the current (or last) connection
+    std::string protection;        // of the frames on the current (or last) connection
+    std::vector<PathStats> paths;  // of the current connection (one unless parallel paths)
     // The epoch loop's last pass (every epoch, protected or not): a loop that is stuck (a VM
     // that does not pause, a commit that never ends) stops moving it.
     std::chrono::steady_clock::time_point epoch_loop_at{};

@@ -37,6 +37,14 @@ class NodeImpl : public Node {
     m.Reset();
   }
 
+  // The peer's listener on every path: none beyond peer_host:peer_port without parallel paths.
+  std::vector<replicator::Primary::Options::Path> PeerPaths() const {
+    if (o_.peer_paths.empty()) return {};
+    std::vector<replicator::Primary::Options::Path> paths = {{o_.peer_host, o_.peer_port}};
+    paths.insert(paths.end(), o_.peer_paths.begin(), o_.peer_paths.end());
+    return paths;
+  }
+
   absl::Status RunAsPrimary(std::unique_ptr<vmm::OutputGate> gate, std::unique_ptr<NodeVm> vm,
                             bool run_unprotected) {
     AsPrimary p;
@@ -55,6 +63,7 @@ class NodeImpl : public Node {
                                            .key = o_.key,
                                            .mirror_host = o_.peer_host,
                                            .mirror_port = o_.peer_port,
+                                           .mirror_paths = PeerPaths(),
                                            .epoch = o_.epoch,
                                            .run_unprotected = run_unprotected,
                                            .before_unprotected = o_.before_unprotected,
@@ -88,6 +97,7 @@ class NodeImpl : public Node {
          .key = o_.key,
          .listen = o_.listen,
          .port = o_.port,
+         .listen_paths = o_.listen_paths,
          .protection = o_.protection,
          .on_traffic = TrafficHook(),
          .on_handover = [this](uint64_t epoch,

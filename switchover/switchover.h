@@ -203,6 +203,10 @@ class Node {
     // runs unprotected.
     std::string peer_host{};
     uint16_t peer_port = 0;
+    // Parallel paths: further addresses to listen on (at `port`) as the mirror, and the other
+    // host's listener on further paths as the primary.
+    std::vector<std::string> listen_paths{};
+    std::vector<replicator::Primary::Options::Path> peer_paths{};
     std::chrono::milliseconds epoch{25};
     pb::Compression compression = pb::COMPRESSION_NONE;
     // A memory image both hosts read (replicator's base_image), in either role.

@@ -316,8 +316,7 @@ TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
       pb::PrimaryConfig::descriptor(),    pb::MirrorConfig::descriptor(),
       pb::SwitchoverConfig::descriptor(), pb::HeartbeatPath::descriptor(),
       pb::WorkloadConfig::descriptor(),   pb::HealthConfig::descriptor(),
-      pb::HealthRule::descriptor(),
-      pb::ProxyConfig::descriptor()};
+      pb::HealthRule::descriptor(),       pb::ProxyConfig::descriptor()};
   for (const google::protobuf::Descriptor* d : messages) {
     SCOPED_TRACE(d->name());
     std::vector<std::string> in_proto;
@@ -334,6 +333,46 @@ TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
   }
   testing::Child unknown({"help", "nothing"});
   EXPECT_EQ(unknown.Wait(30), 2);
+}
+
+// Parallel paths: each further path is HOST:PORT (an address on the listening side), none twice,
+// at most 8 in all; a refusal names the element's line.
+TEST(Config, ParallelPathsAreCheckedAndNameTheirLine) {
+  testing::TempDir dir;
+  auto good = cli::LoadPrimaryConfig(Write(dir, R"(vm_id: "a"
+disk: "d"
+psk_file: "k"
+mirror: "10.1.0.2:7000"
+mirror_path: "10.2.0.2:7000"
+replication_listen: "10.1.0.1"
+replication_port: 7000
+replication_listen_path: "10.2.0.1"
+)"));
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(good->mirror_path_size(), 1);
+  auto mirror = cli::LoadMirrorConfig(Write(dir, R"(vm_id: "a"
+port: 7000
+psk_file: "k"
+replica_disk: "r"
+listen: "10.1.0.2"
+listen_path: "10.2.0.2"
+replicate_to: "10.1.0.1:7000"
+replicate_to_path: "10.2.0.1:7000"
+)"));
+  ASSERT_TRUE(mirror.ok()) << mirror.status();
+  ExpectRefused(true, {{"mirror_path: \"10.2.0.2\"", 4,
+                        "mirror_path[0]: '10.2.0.2' is not HOST:PORT (a port of 1 to 65535)"},
+                       {"mirror: \"10.1.0.2:7000\"\nmirror_path: \"10.1.0.2:7000\"", 5,
+                        "mirror_path[0]: '10.1.0.2:7000' is named twice: each path is one address"},
+                       {"mirror_path: \"10.2.0.2:1\"\nmirror_path: \"10.2.0.2:2\"\n"
+                        "mirror_path: \"10.2.0.2:3\"\nmirror_path: \"10.2.0.2:4\"\n"
+                        "mirror_path: \"10.2.0.2:5\"\nmirror_path: \"10.2.0.2:6\"\n"
+                        "mirror_path: \"10.2.0.2:7\"\nmirror_path: \"10.2.0.2:8\"",
+                        11, "mirror_path[7]: at most 7 further paths (8 in all)"}});
+  ExpectRefused(false, {{"listen_path: \"somewhere\"", 4,
+                         "listen_path[0]: 'somewhere' is not an IPv4 or IPv6 address"},
+                        {"replicate_to_path: \"10.2.0.1:7000\"", 4,
+                         "replicate_to_path[0]: needs replicate_to (the first path)"}});
 }
 
 }  // namespace

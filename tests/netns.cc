@@ -119,6 +119,14 @@ absl::Status NetnsLab::Cut(const std::string& host, const std::vector<std::strin
                                      set, " drop; }\n}\n"));
 }
 
+absl::Status NetnsLab::Limit(const std::string& host, const std::string& interface,
+                             const std::string& rate) {
+  // A bucket of 256 KiB: a few frames at once at any rate tested, and no latency limit that
+  // would drop what TCP has in flight.
+  return Run(absl::StrCat("ip netns exec ", Ns(host), " tc qdisc replace dev ", interface,
+                          " root tbf rate ", rate, " burst 256kb latency 400ms"));
+}
+
 void NetnsLab::RunIn(const std::string& host, const std::function<void()>& fn) {
   std::string error;
   std::thread t([&] {

@@ -43,6 +43,10 @@ class NetnsLab {
   absl::Status SetRules(const std::string& host, const std::string& rules);
   // Drops everything in and out of the given interfaces of `host` ("" none).
   absl::Status Cut(const std::string& host, const std::vector<std::string>& interfaces);
+  // Caps what `host` sends out of `interface` at `rate` (tc's syntax, e.g. "200mbit") with a
+  // token bucket filter: a path of that bandwidth.
+  absl::Status Limit(const std::string& host, const std::string& interface,
+                     const std::string& rate);
   // Runs `fn` on a thread inside `host`'s namespace: sockets it opens (and threads it starts)
   // live there.
   void RunIn(const std::string& host, const std::function<void()>& fn);

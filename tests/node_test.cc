@@ -39,6 +39,7 @@ class NodeTest : public ::testing::Test {
     uint16_t port = 0;  // its replication listener, as the mirror
     std::unique_ptr<Node> node;
   };
+  bool two_paths_ = false;  // parallel paths: a second one over 127.0.0.2
 
   NodeTest() {
     a_ = {"a", dir_.File("a.img"), dir_.File("a.mem"), testing::FreePort(), nullptr};
@@ -70,6 +71,8 @@ class NodeTest : public ::testing::Test {
     return o;
   }
 
+  void RunMigrationsBackAndForth();
+
   Node::Options NodeOptions(const Host& self, const Host& peer) {
     Node::Options o;
     o.identity = {"soft-vm", kMemory, kDisk};
@@ -78,6 +81,10 @@ class NodeTest : public ::testing::Test {
     o.port = self.port;
     o.peer_host = "127.0.0.1";
     o.peer_port = peer.port;
+    if (two_paths_) {  // a second path over 127.0.0.2, loopback too
+      o.listen_paths = {"127.0.0.2"};
+      o.peer_paths = {{"127.0.0.2", peer.port}};
+    }
     o.epoch = milliseconds(10);
     o.disk_path = self.disk;
     o.adopt = [this, &self](
@@ -192,7 +199,23 @@ class NodeTest : public ::testing::Test {
   Host a_, b_;
 };
 
-TEST_F(NodeTest, MigrationSwapsTheRolesAndBackWithoutAFullResync) {
+TEST_F(NodeTest, MigrationSwapsTheRolesAndBackWithoutAFullResync) { RunMigrationsBackAndForth(); }
+
+// The same over two parallel paths: both carry the replication, and the roles swap with them.
+TEST_F(NodeTest, MigrationOverTwoPathsSwapsTheRolesAndBack) {
+  two_paths_ = true;
+  RunMigrationsBackAndForth();
+  for (Host* h : {&a_, &b_}) {
+    pb::StatusReply reply = cli::NodeStatusReply("node-test", h->node->status());
+    ASSERT_EQ(reply.replication_paths_size(), 2) << h->name;
+    for (const pb::ReplicationPathState& p : reply.replication_paths()) {
+      EXPECT_TRUE(p.up()) << h->name << " " << p.peer();
+      EXPECT_GT(p.bytes_sent() + p.bytes_received(), 0u) << h->name << " " << p.peer();
+    }
+  }
+}
+
+void NodeTest::RunMigrationsBackAndForth() {
   StartPrimary(a_, b_);
   auto replica = checkpoint::ReplicaStore::Create(kMemory, b_.disk, kDisk);
   ASSERT_TRUE(replica.ok()) << replica.status();
