@@ -15,16 +15,6 @@ namespace {
 using google::protobuf::util::MessageDifferencer;
 using testing::TempDir;
 
-// Lets the guest run until it has done `pages` workload writes (bounded), then pauses it.
-void RunUntilPages(vmm::Vm& vm, uint64_t pages) {
-  auto deadline = std::chrono::steady_clock::now() + testing::Scaled(20);
-  while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
-  }
-  ASSERT_GE(vm.guest_status().workload_pages, pages);
-  ASSERT_TRUE(vm.Pause().ok());
-}
-
 class VmStateRoundTrip : public testing::PlatformTest {};
 
 TEST_P(VmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
@@ -36,7 +26,7 @@ TEST_P(VmStateRoundTrip, VcpuClockAndDevicesSurviveSnapshotRestore) {
                                  .pattern = RML_PATTERN_UNIFORM});
   ASSERT_NE(vm, nullptr);
   ASSERT_TRUE(vm->Start().ok());
-  RunUntilPages(*vm, 5000);
+  testing::RunGuestUntil(*vm, 5000, 20);
   auto saved = vm->SaveState();
   ASSERT_TRUE(saved.ok()) << saved.status();
   auto info = vm->SaveSnapshot(dir.File("snap"));

@@ -97,6 +97,15 @@ std::unique_ptr<vmm::Vm> BootTestVm(pb::Platform platform, const TempDir& dir,
   return vm.ok() ? std::move(*vm) : nullptr;
 }
 
+void RunGuestUntil(vmm::Vm& vm, uint64_t pages, double seconds) {
+  auto deadline = std::chrono::steady_clock::now() + Scaled(seconds);
+  while (vm.guest_status().workload_pages < pages && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling the guest's counter
+  }
+  ASSERT_GE(vm.guest_status().workload_pages, pages);
+  ASSERT_TRUE(vm.Pause().ok());
+}
+
 Child::Child(const std::vector<std::string>& args) {
   auto p = cli::Process::Start(ROMULUS_BINARY, args);
   if (!p.ok()) {

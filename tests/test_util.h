@@ -114,6 +114,10 @@ class TempDir {
 std::unique_ptr<vmm::Vm> BootTestVm(pb::Platform platform, const TempDir& dir,
                                     vmm::WorkloadConfig workload = {});
 
+// Lets `vm`'s guest run until it has done `pages` workload writes (at most `seconds`, scaled),
+// then pauses it; fails the test if it did not get there.
+void RunGuestUntil(vmm::Vm& vm, uint64_t pages, double seconds = 60);
+
 // A guest image built by hand: the ABI header, then `code` at the entry point (0x100020);
 // `image_end` (default: the end of the code) is where it says its bss ends.
 std::string HandmadeImage(const std::string& code, uint64_t image_end = 0);

@@ -167,6 +167,9 @@ absl::Status MissingPages::Place(uint64_t gfn, const void* bytes) {
     return absl::OutOfRangeError(
         absl::StrFormat("page %#x lies outside guest RAM (%d pages)", gfn, memory_.pages()));
   }
+  // One page at a time: a second Place of the same page returns only once the first has placed
+  // it and counted it (so that, when it answers AlreadyExists, the page is here).
+  std::lock_guard<std::mutex> placing(place_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!missing_.Test(gfn)) {
@@ -182,9 +185,8 @@ absl::Status MissingPages::Place(uint64_t gfn, const void* bytes) {
     rc = ::ioctl(own_uffd_, UFFDIO_COPY, &copy);
   } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
   if (rc != 0) {
-    // Two callers placing one page: the second finds it there.
-    if (errno == EEXIST)
-      return absl::AlreadyExistsError(absl::StrFormat("page %#x is here already", gfn));
+    // The backing has a page where one was missing: something wrote guest RAM through a mapping
+    // that is not registered.
     return ErrnoStatus(absl::StrFormat("place page %#x", gfn));
   }
   {

@@ -90,6 +90,7 @@ class MissingPages {
   int own_uffd_ = -1;  // the monitor's mapping's (owned by mappings_[0])
   Fd wake_;            // an eventfd, for Poke
 
+  std::mutex place_mu_;  // held by Place throughout
   mutable std::mutex mu_;
   DirtyBitmap missing_;                                          // under mu_
   DirtyBitmap requested_;                                        // under mu_: on_fault ran for it
