@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -438,12 +439,20 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
   std::mutex failed_mu;
   absl::Status failed;
   bool finished = false;  // every page and chunk is here: closing the connections is no failure
+  // Signalled as pages and chunks are placed, and on failure (under mu_).
+  std::condition_variable arrived;
+  std::atomic<bool> failing{false};
   auto fail = [&](absl::Status why) {
     {
       std::lock_guard<std::mutex> lock(failed_mu);
       if (!failed.ok() || finished) return;
       failed = why;
     }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failing = true;
+    }
+    arrived.notify_all();
     target->disk->AbandonChunks();
     std::string reason = absl::StrFormat(
         "post-copy stopped the guest: %s; %d pages and %d disk chunks never arrived", why.message(),
@@ -489,10 +498,9 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
           return absl::DataLossError(absl::StrFormat("page %#x arrived twice", gfn));
         }
         if (!s.ok()) return s;
-        if (on_demand) {
-          std::lock_guard<std::mutex> lock(mu_);
-          progress_.demand_pages++;
-        }
+        std::lock_guard<std::mutex> lock(mu_);  // a waiter sees the page here, or is woken
+        if (on_demand) progress_.demand_pages++;
+        arrived.notify_all();
       }
       return absl::OkStatus();
     }
@@ -518,6 +526,7 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
       std::lock_guard<std::mutex> lock(mu_);
       progress_.chunks_here++;
       if (on_demand) progress_.demand_chunks++;
+      arrived.notify_all();
       return absl::OkStatus();
     }
     return absl::DataLossError("post-copy: an unexpected frame");
@@ -571,9 +580,17 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
       break;
     }
     if (f->has_postcopy_end()) {
-      uint64_t pages_left = target->pages->stats().missing;
-      uint64_t chunks_left = target->disk->missing_chunks();
-      if (pages_left || chunks_left) {
+      // The last pages fetched on demand may still be on their way on the other connection (the
+      // background stream leaves out what demand sent): wait for them, a peer timeout at most.
+      bool all_here;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        all_here = arrived.wait_for(lock, options_.peer_timeout, [&] {
+          return failing || (target->pages->complete() && target->disk->missing_chunks() == 0);
+        });
+        all_here = all_here && !failing;
+      }
+      if (!all_here) {
         main_status =
             absl::DataLossError("the source ended the post-copy with pages or chunks missing");
       } else {
