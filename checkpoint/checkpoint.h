@@ -280,6 +280,7 @@ class ReplicaStore {
   // -1 until the first (full) checkpoint is committed.
   int64_t committed_epoch() const { return committed_epoch_; }
   uint64_t memory_bytes() const { return memory_->size(); }
+  const std::string& disk_path() const { return disk_path_; }
   uint64_t disk_bytes() const { return disk_bytes_; }
   uint64_t MemoryDigest() const { return memory_->Digest(); }
   const vmm::GuestMemory& memory() const { return *memory_; }

@@ -376,6 +376,11 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (c.has_health()) {
     if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
   }
+  if (auto s = p.Range("migration.precopy_rounds", c.migration().precopy_rounds(), 0,
+                       replicator::PostcopyMigration::kMaxPrecopyRounds);
+      !s.ok()) {
+    return s;
+  }
   return c;
 }
 
@@ -406,6 +411,11 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (auto s = CheckSwitchover(p, c.mutable_switchover()); !s.ok()) return s;
   if (c.has_health()) {
     if (auto s = CheckHealth(p, c.mutable_health()); !s.ok()) return s;
+  }
+  if (auto s = p.Range("migration.precopy_rounds", c.migration().precopy_rounds(), 0,
+                       replicator::PostcopyMigration::kMaxPrecopyRounds);
+      !s.ok()) {
+    return s;
   }
   return c;
 }

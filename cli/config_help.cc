@@ -68,6 +68,8 @@ const std::vector<Section>& Sections() {
            {"base_image", "path, at most memory_mib", "- (none)",
             "a raw memory image the mirror reads too (shared storage): pages equal to one of its "
             "pages travel as references when the mirror names the same image"},
+           {"migration", "message", "- (pre-copy to the mirror)",
+            "how romulus migrate moves the VM when it does not say (below)"},
        }},
       {"The mirror's config (`romulus mirror --config FILE`)",
        "MirrorConfig",
@@ -105,6 +107,22 @@ const std::vector<Section>& Sections() {
             "mirror a policy that says move refuses a planned migration to it"},
            {"base_image", "path, at most memory_mib", "- (none)",
             "as the primary's: the same image, read here"},
+           {"migration", "message", "- (pre-copy to the mirror)",
+            "as the primary's; once this host is the primary"},
+       }},
+      {"migration { ... } (either config; romulus migrate's options override it)",
+       "MigrationConfig",
+       {
+           {"postcopy", "bool", "false",
+            "move the VM first and its memory after (post-copy), to the configured peer unless "
+            "--to names another host: for a destination that holds nothing yet, or a guest that "
+            "writes memory faster than the link"},
+           {"accept_postcopy_risk", "bool", "false",
+            "needed for post-copy: until all of its memory has arrived the VM lives on both "
+            "hosts, and dies if the source does"},
+           {"precopy_rounds", "0-100", "0",
+            "post-copy's hybrid: this many pre-copy rounds while the VM runs, then post-copy for "
+            "what the guest wrote meanwhile"},
        }},
       {"switchover { ... } (either config)",
        "SwitchoverConfig",

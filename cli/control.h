@@ -24,14 +24,16 @@ struct ControlHandlers {
   std::function<pb::StatusReply()> status = nullptr;
   // Promotes this host (a mirror); returns what it did. Unset: the process cannot be promoted.
   std::function<absl::StatusOr<std::string>(bool force)> promote = nullptr;
-  // Hands the VM over to the mirror (a primary); returns what it did. Unset: not a primary.
-  std::function<absl::StatusOr<Migrated>(std::chrono::milliseconds timeout)> migrate = nullptr;
+  // Moves the VM away (a primary), as the request says; returns what it did. Unset: not a
+  // primary. Status requests are answered while it runs.
+  std::function<absl::StatusOr<Migrated>(const pb::MigrateRequest& request)> migrate = nullptr;
 };
 
 class ControlServer {
  public:
   // Listens on `path` (a stale socket file there is replaced) and answers each request with
-  // the handlers, one request at a time, on a thread of its own.
+  // the handlers, one request at a time, on a thread of its own; a migration runs on another,
+  // one at a time, so that `romulus status` shows its progress.
   static absl::StatusOr<std::unique_ptr<ControlServer>> Start(const std::string& path,
                                                               ControlHandlers handlers);
   virtual ~ControlServer() = default;
@@ -45,11 +47,15 @@ absl::StatusOr<std::string> RequestPromotion(const std::string& path, bool force
 
 // Human-readable lines, one field a line.
 std::string FormatStatus(const pb::StatusReply& s);
+// A post-copy migration's progress in one line.
+std::string PostcopyLine(const pb::PostcopyStatus& p);
 
 int StatusCommand(int argc, char** argv);
 // Asks the process behind `path` (a primary) to hand its VM over to its mirror.
 absl::StatusOr<Migrated> RequestMigration(const std::string& path,
                                           std::chrono::milliseconds timeout);
+absl::StatusOr<Migrated> RequestMigration(const std::string& path, const pb::MigrateRequest& req,
+                                          int reply_timeout_ms);
 
 int PromoteCommand(int argc, char** argv);
 int MigrateCommand(int argc, char** argv);

@@ -217,6 +217,33 @@ std::string MigrationLine(const replicator::Primary::HandoverReport& report,
           : std::string("this host is idle (no replication_port to be the mirror on)"));
 }
 
+pb::PostcopyStatus PostcopyStatusOf(const replicator::PostcopyProgress& p, const std::string& side,
+                                    const std::string& error) {
+  pb::PostcopyStatus s;
+  s.set_side(side);
+  s.set_pages(p.pages);
+  s.set_pages_here(p.pages_here);
+  s.set_chunks(p.chunks);
+  s.set_chunks_here(p.chunks_here);
+  s.set_demand_pages(p.demand_pages);
+  s.set_faults(p.faults);
+  s.set_fault_wait_p50_ms(p.fault_wait_p50_ms);
+  s.set_fault_wait_p99_ms(p.fault_wait_p99_ms);
+  double moved = static_cast<double>(p.pages_here * vmm::kPageSize +
+                                     p.chunks_here * vmm::kDiskChunkBytes);
+  double left = static_cast<double>((p.pages - std::min(p.pages_here, p.pages)) * vmm::kPageSize +
+                                    (p.chunks - std::min(p.chunks_here, p.chunks)) *
+                                        vmm::kDiskChunkBytes);
+  double rate = p.seconds > 0 ? moved / p.seconds : 0;
+  s.set_mb_per_s(rate / 1e6);
+  s.set_eta_s(rate > 0 ? left / rate : 0);
+  s.set_seconds(p.seconds);
+  s.set_done(p.done);
+  s.set_precopy_rounds(p.precopy_rounds);
+  s.set_error(error);
+  return s;
+}
+
 void AddHealth(const switchover::HealthMonitor::Status& h, pb::StatusReply* r) {
   pb::HealthStatus* s = r->mutable_health();
   s->set_checks(h.checks);
@@ -229,7 +256,21 @@ void AddHealth(const switchover::HealthMonitor::Status& h, pb::StatusReply* r) {
 
 }  // namespace
 
+pb::StatusReply RoleStatusReply(const std::string& vm_id, const switchover::Node::Status& s);
+
 pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node::Status& s) {
+  pb::StatusReply r = RoleStatusReply(vm_id, s);
+  if (s.postcopy) {
+    *r.mutable_postcopy() = PostcopyStatusOf(*s.postcopy, s.postcopy_side, s.postcopy_error);
+    // While it runs, it is what this host does.
+    if (!s.postcopy->done && s.postcopy_error.empty()) r.set_state(PostcopyLine(r.postcopy()));
+  } else if (!s.postcopy_error.empty()) {
+    r.set_state(absl::StrCat("post-copy failed: ", s.postcopy_error, "; ", r.state()));
+  }
+  return r;
+}
+
+pb::StatusReply RoleStatusReply(const std::string& vm_id, const switchover::Node::Status& s) {
   using Role = switchover::Node::Role;
   if (s.role == Role::kMirror && s.mirror) return MirrorStatus(vm_id, *s.mirror);
   if (s.role == Role::kPrimary && s.primary) {
@@ -249,9 +290,12 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
   r.set_vm_id(vm_id);
   if (s.role == Role::kPrimary) {
     r.set_role("primary");
-    r.set_state(absl::StrFormat(
-        "promoted from mirror at epoch %d; running unprotected (no peer configured)",
-        s.resumed_epoch));
+    r.set_state(s.resumed_epoch >= 0
+                    ? absl::StrFormat(
+                          "promoted from mirror at epoch %d; running unprotected (no peer "
+                          "configured)",
+                          s.resumed_epoch)
+                    : std::string("running, not replicating"));
     r.set_committed_epoch(s.resumed_epoch);
     r.set_held_outputs(s.held_outputs);
     r.set_handed_over_because(s.handed_over_because);
@@ -347,6 +391,64 @@ absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const 
   return out;
 }
 
+namespace {
+
+// `romulus migrate`, as the request and the config's migration block say.
+absl::StatusOr<Migrated> Migrate(switchover::Node& n, const pb::MigrateRequest& req,
+                                 const pb::MigrationConfig& config) {
+  auto timeout = std::chrono::milliseconds(req.timeout_ms() ? req.timeout_ms() : 10000);
+  bool postcopy = req.postcopy() || config.postcopy();
+  if (!postcopy) {
+    if (!req.to().empty() || req.has_precopy_rounds()) {
+      return absl::InvalidArgumentError(
+          "--to and --precopy-rounds are post-copy's (--postcopy, or migration { postcopy: true "
+          "})");
+    }
+    auto report = n.Migrate(timeout, "asked by an operator (romulus migrate)");
+    if (!report.ok()) return report.status();
+    return Migrated{.line = MigrationLine(*report, n.status()), .downtime_ms = report->downtime_ms};
+  }
+  if (!req.accept_postcopy_risk() && !config.accept_postcopy_risk()) {
+    return absl::FailedPreconditionError(
+        "post-copy puts the VM at risk: until all of its memory has arrived it lives on both "
+        "hosts, and dies with this one if it fails; say --accept-postcopy-risk (or "
+        "migration { accept_postcopy_risk: true }) to go on");
+  }
+  switchover::Node::PostcopyTo to;
+  to.timeout = timeout;
+  if (!req.to().empty()) {
+    auto ep = switchover::ParseEndpoint(req.to());
+    if (!ep.ok()) return absl::InvalidArgumentError(absl::StrCat("--to: ", ep.status().message()));
+    to.host = ep->host;
+    to.port = ep->port;
+  }
+  to.precopy_rounds = req.has_precopy_rounds() ? req.precopy_rounds() : config.precopy_rounds();
+  if (to.precopy_rounds > replicator::PostcopyMigration::kMaxPrecopyRounds) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "at most ", replicator::PostcopyMigration::kMaxPrecopyRounds, " pre-copy rounds"));
+  }
+  auto report = n.MigratePostcopy(to, "asked by an operator (romulus migrate --postcopy)");
+  if (!report.ok()) return report.status();
+  const replicator::PostcopyProgress& p = report->progress;
+  switchover::Node::Status now = n.status();
+  std::string line = absl::StrFormat(
+      "moved by post-copy%s: the guest ran at the destination %.1f ms after it paused here "
+      "(downtime), and all of its memory was there after %.1f ms: %d pages and %d disk chunks, "
+      "%d of them fetched on demand; %d faults (wait p50 %.2f ms p99 %.2f ms), %.1f MiB sent; %s",
+      p.precopy_rounds ? absl::StrFormat(" after %d pre-copy rounds (%.1f MiB)", p.precopy_rounds,
+                                         static_cast<double>(p.precopy_bytes) / (1 << 20))
+                       : std::string(),
+      report->downtime_ms, report->total_ms, p.pages, p.chunks, p.demand_pages + p.demand_chunks,
+      p.faults, p.fault_wait_p50_ms, p.fault_wait_p99_ms,
+      static_cast<double>(p.bytes) / (1 << 20),
+      now.role == switchover::Node::Role::kMirror
+          ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
+          : std::string("this host is idle (no replication_port to be the mirror on)"));
+  return Migrated{.line = line, .downtime_ms = report->downtime_ms};
+}
+
+}  // namespace
+
 int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode start) {
   NodeRef ref;
   std::atomic<bool> peer_dead{false};
@@ -382,6 +484,16 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
                      checkpoint::ReplicaStore::Committed c,
                      vmm::OutputGate& gate) -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
     auto vm = vmm::Vm::Adopt(std::move(c.memory), c.state, c.disk_path, GuestConsole(who), &gate);
+    if (!vm.ok()) return vm.status();
+    return std::make_unique<LedgerVm>(std::move(*vm), gate, listen, port, who);
+  };
+  h.node.adopt_postcopy = [who, listen = h.ledger_listen, port = h.ledger_port](
+                              std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+                              const std::string& disk_path, vmm::Vm::PostCopy postcopy,
+                              vmm::OutputGate& gate)
+      -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
+    auto vm = vmm::Vm::Adopt(std::move(memory), state, disk_path, GuestConsole(who), &gate,
+                             std::move(postcopy));
     if (!vm.ok()) return vm.status();
     return std::make_unique<LedgerVm>(std::move(*vm), gate, listen, port, who);
   };
@@ -463,12 +575,10 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
       MaybeControl(h.control_socket,
                    {.status = [&] { return status_of(n.status()); },
                     .promote = [&](bool force) { return n.Promote(force, "asked by an operator"); },
-                    .migrate = [&](std::chrono::milliseconds timeout) -> absl::StatusOr<Migrated> {
-                      auto report = n.Migrate(timeout, "asked by an operator (romulus migrate)");
-                      if (!report.ok()) return report.status();
-                      std::string line = MigrationLine(*report, n.status());
-                      Logger(who)(line);
-                      return Migrated{.line = line, .downtime_ms = report->downtime_ms};
+                    .migrate = [&](const pb::MigrateRequest& req) -> absl::StatusOr<Migrated> {
+                      auto done = Migrate(n, req, h.migration);
+                      if (done.ok()) Logger(who)(done->line);
+                      return done;
                     }});
   if (!control.ok()) return Fail(who, control.status());
 

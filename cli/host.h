@@ -76,6 +76,7 @@ class LedgerVm : public switchover::NodeVm {
   absl::StatusOr<pb::VmSnapshot> SaveState() override { return vm_->SaveState(); }
   vmm::GuestMemory& memory() override { return vm_->memory(); }
   vmm::BlockDevice& disk() override { return vm_->disk(); }
+  vmm::MissingPages* missing_pages() override { return vm_->missing_pages(); }
 
  private:
   std::unique_ptr<vmm::Vm> vm_;
@@ -102,6 +103,7 @@ struct HostSettings {
   // As the primary: the hardware health monitor and its policy (empty: none), which moves the
   // VM to the mirror when the policy says so.
   pb::HealthConfig health{};
+  pb::MigrationConfig migration{};  // how `romulus migrate` moves the VM when it does not say
   // Filled in by the command (identity, key, replication); RunHost adds the switchover pieces
   // and how this host runs a VM.
   switchover::Node::Options node{};

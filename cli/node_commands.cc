@@ -139,6 +139,7 @@ int PrimaryCommand(int argc, char** argv) {
   switchover::Node::Options& o = h.node;
   h.metrics_listen = c->metrics_listen();
   h.health = c->health();
+  h.migration = c->migration();
   o.identity = {c->vm_id(), vc.memory_bytes, c->disk_mib() << 20, *platform};
   o.key = *key;
   o.listen = c->replication_listen();
@@ -234,6 +235,7 @@ int MirrorCommand(int argc, char** argv) {
   switchover::Node::Options& o = h.node;
   h.metrics_listen = c->metrics_listen();
   h.health = c->health();
+  h.migration = c->migration();
   o.identity = {c->vm_id(), c->memory_mib() << 20, c->disk_mib() << 20, platform};
   o.key = *key;
   o.listen = c->listen();

@@ -38,6 +38,7 @@ class Channel {
     // The primary's path `path_index` of `path_count` of bond `bond` (0: a connection alone).
     uint64_t bond = 0;
     uint32_t path_index = 0, path_count = 1;
+    pb::PostcopyConnection postcopy = pb::POSTCOPY_NONE;  // a post-copy source's connection
   };
   // Primary side: connects (within `timeout`) and runs the handshake. Its `protection` (the
   // cipher resolved to the cheapest here when unspecified) is what both directions use.

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <sys/random.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "guest/abi.h"
+#include "replicator/mirror_session.h"  // Log
 #include "vmm/xxhash_dispatch.h"
 
 namespace romulus::replicator {
@@ -223,13 +225,90 @@ absl::Status PostcopySource::ServeDemand(vmm::CheckpointableVm& vm, Channel& dem
   }
 }
 
+absl::Status PostcopySource::Precopy(vmm::CheckpointableVm& vm, Channel& main, uint32_t rounds) {
+  vmm::GuestMemory& memory = vm.memory();
+  precopied_ = held_ = DirtyBitmap(memory.pages());
+  // Each round sends what the harvest before it found written (the first, everything that may
+  // hold data), while the guest runs; the harvest after it tells which of those it wrote again.
+  auto harvest = [&]() -> absl::StatusOr<DirtyBitmap> {
+    if (auto s = vm.Pause(); !s.ok()) return s;
+    auto dirty = vm.HarvestDirty();
+    if (!dirty.ok()) return dirty.status();
+    for (size_t w = 0; w < held_.words().size(); w++) held_.words()[w] &= ~dirty->words()[w];
+    return dirty;
+  };
+  auto first = harvest();  // from now on the harvests count what the guest writes
+  if (!first.ok()) return first.status();
+  DirtyBitmap send = PagesToCome(memory);
+  for (uint32_t round = 0; round < rounds; round++) {
+    if (auto s = vm.Resume(); !s.ok()) return s;
+    uint64_t before = main.bytes_sent();
+    std::vector<uint64_t> gfns;
+    absl::Status sent;
+    auto flush = [&] {
+      checkpoint::PageRun run;
+      run.gfns = std::move(gfns);
+      gfns.clear();
+      run.pages.resize(run.gfns.size() * kPageSize);
+      for (size_t i = 0; i < run.gfns.size(); i++) {
+        uint8_t* to = run.pages.data() + i * kPageSize;
+        std::memcpy(to, memory.data() + run.gfns[i] * kPageSize, kPageSize);
+        run.hashes.push_back(XXH3_64bits(to, kPageSize));  // of the copy, which may be torn
+      }
+      sent = main.Send(PageBatchFrame(0, true, run, 0, run.gfns.size(), options_.compression));
+    };
+    send.ForEach([&](uint64_t gfn) {
+      if (!sent.ok()) return;
+      precopied_.Set(gfn);
+      held_.Set(gfn);
+      gfns.push_back(gfn);
+      if (gfns.size() == kPagesPerBatch) flush();
+    });
+    if (sent.ok() && !gfns.empty()) flush();
+    if (!sent.ok()) return sent;
+    auto dirty = harvest();
+    if (!dirty.ok()) return dirty.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_.precopy_rounds = round + 1;
+    progress_.precopy_bytes += main.bytes_sent() - before;
+    send = std::move(*dirty);
+    recent_ = send;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm& vm, Channel& main,
                                                            Channel& demand) {
+  auto report = RunPaused(vm, main, demand);
+  if (report.ok()) return report;
+  bool after_end;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    after_end = end_sent_;
+  }
+  return absl::Status(after_end ? absl::StatusCode::kUnavailable : absl::StatusCode::kAborted,
+                      report.status().message());
+}
+
+absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::CheckpointableVm& vm,
+                                                                 Channel& main, Channel& demand) {
   vmm::GuestMemory& memory = vm.memory();
   uint64_t disk_bytes = vm.disk().sectors() * RML_SECTOR_SIZE;
   auto state = vm.SaveState();
   if (!state.ok()) return state.status();
+  if (precopied_.pages() == 0) {
+    // What the guest wrote in the last moments (since the last checkpoint) goes first.
+    auto dirty = vm.HarvestDirty();
+    if (dirty.ok()) recent_ = std::move(*dirty);
+    precopied_ = held_ = DirtyBitmap(memory.pages());
+  }
+  // To come: every page that may hold data, and every pre-copied one (which may be a hole now),
+  // unless the destination holds it as it is.
   DirtyBitmap pages = PagesToCome(memory);
+  for (size_t w = 0; w < pages.words().size(); w++) {
+    pages.words()[w] = (pages.words()[w] | precopied_.words()[w]) & ~held_.words()[w];
+  }
+  for (uint64_t gfn = 0; gfn < std::min(kLowPages, pages.pages()); gfn++) pages.Clear(gfn);
   DirtyBitmap chunks = ChunksToCome(vm.disk().fd(), disk_bytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -237,7 +316,6 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
     chunks_to_send_ = chunks;
     sent_ = DirtyBitmap(pages.pages());
     chunks_sent_ = DirtyBitmap(chunks.pages());
-    progress_ = {};
     progress_.pages = pages.Count();
     progress_.chunks = chunks.Count();
   }
@@ -268,7 +346,7 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
     return absl::DataLossError("post-copy: the destination did not answer the start");
   }
   if (!reply->postcopy_started().running()) {
-    return absl::FailedPreconditionError(
+    return absl::AbortedError(
         absl::StrCat("the destination did not resume the VM: ",
                      reply->postcopy_started().error().substr(0, 200)));
   }
@@ -292,7 +370,7 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
       absl::Status s;
       pages.ForEach([&](uint64_t gfn) {
         if (!s.ok()) return;
-        bool recent = gfn < options_.recent.pages() && options_.recent.Test(gfn);
+        bool recent = gfn < recent_.pages() && recent_.Test(gfn);
         if ((pass == 0) != recent) return;
         {
           std::lock_guard<std::mutex> lock(mu_);
@@ -322,12 +400,20 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
     pb::Frame end;
     end.mutable_postcopy_end()->set_pages(pages.Count());
     end.mutable_postcopy_end()->set_chunks(chunks.Count());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      end_sent_ = true;  // from here the destination may finish without this side hearing it
+    }
     if (auto s2 = main.Send(end); !s2.ok()) return s2;
     auto done = main.Receive();
     if (!done.ok()) return done.status();
     if (!done->has_postcopy_done()) {
       return absl::DataLossError("post-copy: the destination did not confirm the end");
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_.faults = done->postcopy_done().faults();
+    progress_.fault_wait_p50_ms = done->postcopy_done().fault_wait_p50_ms();
+    progress_.fault_wait_p99_ms = done->postcopy_done().fault_wait_p99_ms();
     return absl::OkStatus();
   };
   absl::Status streamed = stream();
@@ -352,7 +438,11 @@ PostcopyProgress PostcopyDestination::progress() const {
   std::lock_guard<std::mutex> lock(mu_);
   PostcopyProgress p = progress_;
   if (pages_) {  // under way
-    p.pages_here = p.pages - pages_->stats().missing;
+    vmm::MissingPages::Stats stats = pages_->stats();
+    p.pages_here = p.pages - stats.missing;
+    p.faults = stats.faults;
+    p.fault_wait_p50_ms = std::chrono::duration<double, std::milli>(stats.wait_p50).count();
+    p.fault_wait_p99_ms = std::chrono::duration<double, std::milli>(stats.wait_p99).count();
     p.seconds = MsSince(resumed_at_) / 1000;
   }
   return p;
@@ -361,8 +451,38 @@ PostcopyProgress PostcopyDestination::progress() const {
 absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adopt& adopt) {
   const uint64_t memory_pages = options_.identity.memory_bytes / kPageSize;
   const uint64_t chunk_count = ChunkCount(options_.identity.disk_bytes);
-  auto first = main.Receive();
-  if (!first.ok()) return first.status();
+  auto memory = vmm::GuestMemory::CreateMemfd(options_.identity.memory_bytes);
+  if (!memory.ok()) return memory.status();
+  // The hybrid's pre-copy rounds: pages while the guest still runs at the source, each checked
+  // against its hash; later rounds overwrite earlier ones. Bounded: a source that never stops
+  // pre-copying is dropped.
+  const uint64_t max_staged = (PostcopyMigration::kMaxPrecopyRounds + 1) * memory_pages;
+  uint64_t staged_pages = 0;
+  absl::StatusOr<pb::Frame> first;
+  while (true) {
+    first = main.Receive();
+    if (!first.ok()) return first.status();
+    if (!first->has_pages() || !first->pages().sync()) break;
+    auto run = DecodePageBatch(first->pages(), memory_pages);
+    if (!run.ok()) return run.status();
+    if (!run->refs.empty()) {
+      return absl::DataLossError("post-copy pages come whole, not as references");
+    }
+    staged_pages += run->gfns.size();
+    if (staged_pages > max_staged) {
+      return absl::DataLossError("post-copy: the source pre-copied more rounds than allowed");
+    }
+    for (size_t i = 0; i < run->gfns.size(); i++) {
+      const uint8_t* page = run->pages.data() + i * kPageSize;
+      if (XXH3_64bits(page, kPageSize) != run->hashes[i]) {
+        return absl::DataLossError(
+            absl::StrFormat("post-copy: pre-copied page %#x does not match its hash", run->gfns[i]));
+      }
+      std::memcpy((*memory)->data() + run->gfns[i] * kPageSize, page, kPageSize);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_.precopy_bytes += first->ByteSizeLong();
+  }
   if (!first->has_postcopy_start()) {
     return absl::DataLossError("post-copy: the source did not begin with the VM's state");
   }
@@ -376,8 +496,9 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
       return absl::DataLossError("post-copy: a page that travels with the state is to come");
     }
   }
-  auto memory = vmm::GuestMemory::CreateMemfd(options_.identity.memory_bytes);
-  if (!memory.ok()) return memory.status();
+  // A pre-copied page still to come becomes missing (a hole) when the VM adopts this memory.
+  // The pages sent with the state replace what was there.
+  std::memset((*memory)->data(), 0, std::min(kLowPages, memory_pages) * kPageSize);
   if (st.has_low()) {
     auto low = DecodePageBatch(st.low(), memory_pages);
     if (!low.ok()) return low.status();
@@ -426,7 +547,6 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    progress_ = {};
     progress_.pages = to_come.Count();
     progress_.chunks = chunks_to_come.Count();
     pages_ = target->pages;
@@ -601,7 +721,12 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
           finished = failed.ok();
         }
         pb::Frame done;
-        done.mutable_postcopy_done();
+        vmm::MissingPages::Stats faults = target->pages->stats();
+        done.mutable_postcopy_done()->set_faults(faults.faults);
+        done.mutable_postcopy_done()->set_fault_wait_p50_ms(
+            std::chrono::duration<double, std::milli>(faults.wait_p50).count());
+        done.mutable_postcopy_done()->set_fault_wait_p99_ms(
+            std::chrono::duration<double, std::milli>(faults.wait_p99).count());
         (void)main.Send(done);
         std::lock_guard<std::mutex> lock(mu_);
         progress_.done = finished;
@@ -626,12 +751,96 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
   {
     // The guest's memory outlives this call only as long as the VM: no pointer into it is kept.
     std::lock_guard<std::mutex> lock(mu_);
-    progress_.pages_here = progress_.pages - target->pages->stats().missing;
+    vmm::MissingPages::Stats stats = target->pages->stats();
+    progress_.pages_here = progress_.pages - stats.missing;
+    progress_.faults = stats.faults;
+    progress_.fault_wait_p50_ms = std::chrono::duration<double, std::milli>(stats.wait_p50).count();
+    progress_.fault_wait_p99_ms = std::chrono::duration<double, std::milli>(stats.wait_p99).count();
     progress_.seconds = MsSince(resumed_at_) / 1000;
     pages_ = nullptr;
   }
   std::lock_guard<std::mutex> lock(failed_mu);
   return failed;
 }
+
+// ---- The source's connections ----
+
+class PostcopyMigration::Impl {
+ public:
+  explicit Impl(Options options)
+      : options_(std::move(options)),
+        source_({.peer_timeout = options_.peer_timeout, .compression = options_.compression}) {}
+
+  absl::StatusOr<Report> Run(vmm::CheckpointableVm& vm) {
+    if (options_.precopy_rounds > kMaxPrecopyRounds) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("at most ", kMaxPrecopyRounds, " pre-copy rounds"));
+    }
+    // Both connections first: a destination that refuses them costs the VM nothing.
+    uint64_t session = 0;
+    if (::getrandom(&session, sizeof(session), 0) != sizeof(session)) std::abort();
+    Channel::Terms terms{.identity = options_.identity,
+                         .key = options_.key,
+                         .protection = options_.protection,
+                         .bond = 0,
+                         .path_index = 0,
+                         .path_count = 1,
+                         .postcopy = pb::POSTCOPY_MAIN};
+    auto main = Channel::Connect(io_, options_.host, options_.port, terms, session,
+                                 options_.peer_timeout);
+    if (!main.ok()) return Refused(main.status());
+    terms.postcopy = pb::POSTCOPY_DEMAND;
+    auto demand = Channel::Connect(io_, options_.host, options_.port, terms, session,
+                                   options_.peer_timeout);
+    if (!demand.ok()) return Refused(demand.status());
+    Log(options_.log, absl::StrFormat("post-copy: connected to %s:%d (%s)", options_.host,
+                                      options_.port, (*main)->protection()));
+    if (options_.precopy_rounds > 0) {
+      auto t0 = Clock::now();
+      if (auto s = source_.Precopy(vm, **main, options_.precopy_rounds); !s.ok()) {
+        (void)vm.Pause();  // it may have failed with the guest running
+        return Refused(s);
+      }
+      PostcopyProgress p = source_.progress();
+      Log(options_.log, absl::StrFormat("post-copy: %u pre-copy rounds sent %.1f MiB in %.1f s",
+                                        p.precopy_rounds,
+                                        static_cast<double>(p.precopy_bytes) / (1 << 20),
+                                        MsSince(t0) / 1000));
+    } else if (auto s = vm.Pause(); !s.ok()) {
+      return s;
+    }
+    auto paused = Clock::now();
+    if (options_.before_start) {
+      if (auto s = options_.before_start(); !s.ok()) return Refused(s);
+    }
+    auto ran = source_.Run(vm, **main, **demand);
+    if (!ran.ok()) return ran.status();
+    Report report;
+    report.progress = ran->progress;
+    double before_start = MsSince(paused) - ran->total_ms;  // state saved, bitmaps made
+    report.downtime_ms = before_start + ran->resume_ms;
+    report.total_ms = MsSince(paused);
+    return report;
+  }
+
+  PostcopyProgress progress() const { return source_.progress(); }
+
+ private:
+  static absl::Status Refused(const absl::Status& s) {
+    return absl::AbortedError(absl::StrCat("post-copy did not start: ", s.message()));
+  }
+
+  Options options_;
+  boost::asio::io_context io_;
+  PostcopySource source_;
+};
+
+PostcopyMigration::PostcopyMigration(Options options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {}
+PostcopyMigration::~PostcopyMigration() = default;
+absl::StatusOr<PostcopyMigration::Report> PostcopyMigration::Run(vmm::CheckpointableVm& vm) {
+  return impl_->Run(vm);
+}
+PostcopyProgress PostcopyMigration::progress() const { return impl_->progress(); }
 
 }  // namespace romulus::replicator

@@ -35,22 +35,10 @@
 
 namespace romulus::replicator {
 
-// How far a post-copy has come, on either side.
-struct PostcopyProgress {
-  uint64_t pages = 0, pages_here = 0;    // to come at the start; arrived (destination) or sent
-  uint64_t chunks = 0, chunks_here = 0;  // likewise, disk chunks
-  uint64_t demand_pages = 0, demand_chunks = 0;  // of those, fetched on demand
-  uint64_t bytes = 0;                            // on both connections, from the source
-  double seconds = 0;                            // since the guest resumed at the destination
-  bool done = false;
-};
-
 class PostcopySource {
  public:
   struct Options {
     std::chrono::milliseconds peer_timeout{5000};
-    // Pages the guest wrote lately: streamed before the others (may be empty).
-    vmm::DirtyBitmap recent;
     pb::Compression compression = pb::COMPRESSION_NONE;
   };
   struct Report {
@@ -59,16 +47,22 @@ class PostcopySource {
     double total_ms = 0;   // start sent -> the destination said every page is here
   };
   explicit PostcopySource(Options options) : options_(std::move(options)) {}
+  // The hybrid, before Run: `rounds` passes over the guest's memory while `vm` runs, each
+  // sending what the last one left or the guest wrote since (the first, every page that may
+  // hold data). Returns with the VM paused for good; Run then sends only the pages the guest
+  // wrote after they went, and those never sent.
+  absl::Status Precopy(vmm::CheckpointableVm& vm, Channel& main, uint32_t rounds);
   // `vm` is paused for good: its memory and disk do not change any more. Returns once the
-  // destination holds everything; an error before the destination said the guest runs there
-  // means it does not (FailedPrecondition: it refused), and the VM may resume here; an error
-  // after it means the VM is lost with this host's part of its memory.
+  // destination holds everything. Errors: Aborted before the end was sent (the destination
+  // cannot have finished: it stops the guest, and the VM may resume here); Unavailable after
+  // (it may have finished and run the guest on).
   absl::StatusOr<Report> Run(vmm::CheckpointableVm& vm, Channel& main, Channel& demand);
   // Any thread.
   PostcopyProgress progress() const;
   bool destination_runs() const;
 
  private:
+  absl::StatusOr<Report> RunPaused(vmm::CheckpointableVm& vm, Channel& main, Channel& demand);
   absl::Status ServeDemand(vmm::CheckpointableVm& vm, Channel& demand);
   absl::Status SendPages(vmm::GuestMemory& memory, Channel& channel, std::vector<uint64_t> gfns,
                          bool demand);
@@ -78,33 +72,24 @@ class PostcopySource {
   mutable std::mutex mu_;
   vmm::DirtyBitmap to_send_, chunks_to_send_;  // under mu_: still to come, at the start
   vmm::DirtyBitmap sent_, chunks_sent_;        // under mu_
+  // By Precopy: the pages it sent, those of them the destination holds as they are now, and
+  // what the guest wrote in its last round (streamed first: what it uses now).
+  vmm::DirtyBitmap precopied_, held_, recent_;
   PostcopyProgress progress_;                  // under mu_
   bool destination_runs_ = false;              // under mu_
+  bool end_sent_ = false;                      // under mu_
   std::chrono::steady_clock::time_point resumed_at_;
-};
-
-// What the destination resumed: the guest's memory and disk, still arriving, and how to stop it.
-struct PostcopyTarget {
-  vmm::MissingPages* pages = nullptr;
-  vmm::BlockDevice* disk = nullptr;  // with ExpectChunks done
-  std::function<void(const std::string& reason)> stop;
 };
 
 class PostcopyDestination {
  public:
-  // Resumes the VM from `state` in `memory` (which holds what is not missing), its memory and
-  // disk waiting for what is (`on_page`, `on_chunk` ask for one: MissingPages' and
-  // ExpectChunks' callbacks).
-  using Adopt = std::function<absl::StatusOr<PostcopyTarget>(
-      std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
-      vmm::DirtyBitmap missing_pages, vmm::DirtyBitmap missing_chunks,
-      std::function<void(uint64_t gfn)> on_page, std::function<void(uint64_t chunk)> on_chunk)>;
+  using Adopt = PostcopyAdopt;
   struct Options {
     Identity identity;  // the VM's geometry, as the handshake agreed
     std::chrono::milliseconds peer_timeout{5000};
   };
   explicit PostcopyDestination(Options options) : options_(std::move(options)) {}
-  // Receives the VM on `main`, resumes it through `adopt`, and takes in everything still to
+  // Receives the VM on `main` (after the pages of a hybrid's pre-copy rounds), resumes it through `adopt`, and takes in everything still to
   // come. OK once every page and chunk is here (the guest runs on all of its memory). An error
   // before `adopt` succeeded leaves nothing running; after it, the guest was stopped (with the
   // error as the reason) and is not to run again.

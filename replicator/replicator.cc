@@ -23,6 +23,7 @@
 #include "replicator/bond.h"
 #include "replicator/channel.h"
 #include "replicator/mirror_session.h"
+#include "replicator/postcopy.h"
 #include "replicator/primary_session.h"
 #include "vmm/sys.h"
 
@@ -76,6 +77,8 @@ class MirrorImpl : public Mirror {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (channel_) channel_->Shutdown();
+      if (post_main_) post_main_->Shutdown();
+      if (post_demand_) post_demand_->Shutdown();
     }
     if (thread_.joinable()) thread_.join();
   }
@@ -119,6 +122,7 @@ class MirrorImpl : public Mirror {
     std::lock_guard<std::mutex> lock(mu_);
     Stats s = stats_;
     if (channel_) s.paths = channel_->paths();
+    if (postcopy_) s.postcopy = postcopy_->progress();
     return s;
   }
 
@@ -185,10 +189,31 @@ class MirrorImpl : public Mirror {
                            options_.peer_timeout, session, hello);
   }
 
+  // A post-copy source's demand connection, which follows its main one (same session) within
+  // the peer timeout; nullptr when it does not.
+  std::unique_ptr<Channel> PostcopyDemand(uint64_t session) {
+    auto next = AcceptAny(std::chrono::steady_clock::now() + options_.peer_timeout);
+    if (!next) return nullptr;
+    uint64_t next_session = 0;
+    pb::Hello h;
+    auto ch = Handshake(std::move(*next), &next_session, &h);
+    if (!ch.ok()) {
+      Reject(absl::StrCat("refused a post-copy source's second connection: ",
+                          ch.status().message()));
+      return nullptr;
+    }
+    if (h.postcopy() != pb::POSTCOPY_DEMAND || next_session != session) {
+      Reject("refused a post-copy source: its second connection was not its demand connection");
+      return nullptr;
+    }
+    return std::move(*ch);
+  }
+
   // The next primary's connection: one channel, or the paths of one bond made one. A bond whose
   // paths do not all arrive within the peer timeout is dropped; while it forms, connections of
-  // any other are refused.
-  std::unique_ptr<Channel> NextConnection(uint64_t* session) {
+  // any other are refused. A post-copy source's two connections: its main one, and its demand
+  // one in `demand`.
+  std::unique_ptr<Channel> NextConnection(uint64_t* session, std::unique_ptr<Channel>* demand) {
     while (!stop_) {
       auto socket = AcceptAny(std::nullopt);
       if (!socket) return nullptr;
@@ -196,6 +221,15 @@ class MirrorImpl : public Mirror {
       auto ch = Handshake(std::move(*socket), session, &hello);
       if (!ch.ok()) {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
+        continue;
+      }
+      if (hello.postcopy() == pb::POSTCOPY_MAIN) {
+        *demand = PostcopyDemand(*session);
+        if (*demand) return std::move(*ch);
+        continue;
+      }
+      if (hello.postcopy() != pb::POSTCOPY_NONE) {
+        Reject("refused a post-copy source's demand connection that came first");
         continue;
       }
       if (hello.bond() == 0 || hello.path_count() <= 1) return std::move(*ch);
@@ -252,8 +286,16 @@ class MirrorImpl : public Mirror {
   void Serve() {
     while (!stop_) {
       uint64_t session = 0;
-      std::unique_ptr<Channel> ch = NextConnection(&session);
+      std::unique_ptr<Channel> demand;
+      std::unique_ptr<Channel> ch = NextConnection(&session, &demand);
       if (!ch) return;
+      if (demand) {
+        if (ReceivePostcopy(std::move(ch), std::move(demand))) {
+          for (auto& a : acceptors_) ::shutdown(a->native_handle(), SHUT_RDWR);
+          return;  // this host runs the VM now (or stopped it): no primary may connect
+        }
+        continue;
+      }
       ch->set_on_frame(options_.on_traffic);
       ch->KeepAlive(kChannelKeepalive);  // a long commit here is no silence
       {
@@ -289,6 +331,56 @@ class MirrorImpl : public Mirror {
       }
       if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
     }
+  }
+
+  // A post-copy migration to this host, on the mirror's thread (the node runs the VM it
+  // adopts). True when the VM was adopted, whatever happened after.
+  bool ReceivePostcopy(std::unique_ptr<Channel> main, std::unique_ptr<Channel> demand) {
+    std::string peer = main->peer();
+    if (!options_.postcopy) {
+      Reject(absl::StrCat("refused a post-copy migration from ", peer,
+                          ": this host takes none"));
+      return false;
+    }
+    main->set_on_frame(options_.on_traffic);
+    PostcopyDestination destination(
+        {.identity = options_.identity, .peer_timeout = options_.peer_timeout});
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      postcopy_ = &destination;
+      post_main_ = main.get();
+      post_demand_ = demand.get();
+      stats_.connections++;
+      stats_.connected = true;
+      stats_.peer = peer;
+    }
+    Log(options_.log, absl::StrCat("post-copy source ", peer, " connected"));
+    bool adopted = false;
+    absl::Status s = options_.postcopy([&](const PostcopyAdopt& adopt) {
+      return destination.Run(
+          *main, *demand,
+          [&](std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+              vmm::DirtyBitmap missing, vmm::DirtyBitmap missing_chunks,
+              std::function<void(uint64_t)> on_page,
+              std::function<void(uint64_t)> on_chunk) -> absl::StatusOr<PostcopyTarget> {
+            auto target = adopt(std::move(memory), state, std::move(missing),
+                                std::move(missing_chunks), std::move(on_page), std::move(on_chunk));
+            adopted = target.ok();
+            return target;
+          });
+    });
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      postcopy_ = nullptr;
+      post_main_ = post_demand_ = nullptr;
+      stats_.postcopy = destination.progress();
+      stats_.connected = false;
+      stats_.handed_over = adopted;
+    }
+    if (!adopted) {
+      Reject(absl::StrCat("refused a post-copy migration from ", peer, ": ", s.message()));
+    }
+    return adopted;
   }
 
   void Reject(const std::string& line) {
@@ -334,6 +426,9 @@ class MirrorImpl : public Mirror {
   std::mutex apply_mu_;    // held while the replica is read or changed
   mutable std::mutex mu_;  // stats and the current channel
   std::unique_ptr<Channel> channel_;
+  // A post-copy migration under way (under mu_): its progress, and its connections to shut.
+  PostcopyDestination* postcopy_ = nullptr;
+  Channel *post_main_ = nullptr, *post_demand_ = nullptr;
   Stats stats_;
 };
 

@@ -151,6 +151,79 @@ class CheckpointAssembler {
   checkpoint::Checkpoint cp_;
 };
 
+// ---- Post-copy migration: the VM moves first and its memory after (postcopy.h says how) ----
+
+// How far a post-copy has come, on either side.
+struct PostcopyProgress {
+  uint64_t pages = 0, pages_here = 0;    // to come at the start; arrived (destination) or sent
+  uint64_t chunks = 0, chunks_here = 0;  // likewise, disk chunks
+  uint64_t demand_pages = 0, demand_chunks = 0;  // of those, fetched on demand
+  uint64_t bytes = 0;                            // on both connections, from the source
+  double seconds = 0;                            // since the guest resumed at the destination
+  // The guest's waits for a missing page (at the destination; at the source once it is done).
+  uint64_t faults = 0;
+  double fault_wait_p50_ms = 0, fault_wait_p99_ms = 0;
+  uint32_t precopy_rounds = 0;  // the hybrid's rounds before the VM moved
+  uint64_t precopy_bytes = 0;   // what they sent
+  bool done = false;
+};
+
+// What a destination resumed: the guest's memory and disk, still arriving, and how to stop it.
+struct PostcopyTarget {
+  vmm::MissingPages* pages = nullptr;
+  vmm::BlockDevice* disk = nullptr;  // with ExpectChunks done
+  std::function<void(const std::string& reason)> stop;
+};
+// Resumes the VM from `state` in `memory` (which holds what is not missing), its memory and
+// disk waiting for what is (`on_page`, `on_chunk` ask for one: MissingPages' and ExpectChunks'
+// callbacks). An error leaves nothing running.
+using PostcopyAdopt = std::function<absl::StatusOr<PostcopyTarget>(
+    std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+    vmm::DirtyBitmap missing_pages, vmm::DirtyBitmap missing_chunks,
+    std::function<void(uint64_t gfn)> on_page, std::function<void(uint64_t chunk)> on_chunk)>;
+
+// The source's side: moves a running VM to another host's replication listener (a Mirror with
+// `postcopy` set). With pre-copy rounds first (the hybrid), the pages the guest does not write
+// meanwhile are there before it moves, and only the rest is fetched after.
+class PostcopyMigration {
+ public:
+  struct Options {
+    Identity identity;
+    std::string key;
+    std::string host;
+    uint16_t port = 0;
+    Protection protection = {};
+    std::chrono::milliseconds peer_timeout{5000};
+    pb::Compression compression = pb::COMPRESSION_NONE;
+    uint32_t precopy_rounds = 0;  // at most kMaxPrecopyRounds
+    // Runs with the VM paused for good, before its state leaves (to hand a lease over); an
+    // error ends the migration (Aborted).
+    std::function<absl::Status()> before_start = nullptr;
+    LogFn log = nullptr;
+  };
+  static constexpr uint32_t kMaxPrecopyRounds = 100;
+  struct Report {
+    PostcopyProgress progress;
+    double downtime_ms = 0;  // VM paused here -> the destination said the guest runs there
+    double total_ms = 0;     // VM paused here -> every page and chunk is there
+  };
+  explicit PostcopyMigration(Options options);
+  ~PostcopyMigration();
+  // `vm` runs. Pauses it for good and moves it; returns once the destination holds everything
+  // (its outputs are the caller's to release then). Errors leave the VM paused here:
+  //  - Aborted: the destination refused, failed or is gone before the end: it does not run the
+  //    guest (it stops it, and released none of its outputs), and the VM may resume here;
+  //  - Unavailable: the connection failed after the end was sent, so the destination may be
+  //    running it: resuming here too could run it twice.
+  absl::StatusOr<Report> Run(vmm::CheckpointableVm& vm);
+  // Any thread.
+  PostcopyProgress progress() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 class Mirror {
  public:
   struct Options {
@@ -172,6 +245,13 @@ class Mirror {
     // A memory image the primary reads too (checkpoint::BaseImage): pages equal to one of its
     // pages may travel as references to it.
     std::shared_ptr<const checkpoint::BaseImage> base_image = nullptr;
+    // Post-copy migration to this host (PostcopyMigration): `postcopy` runs on the mirror's
+    // thread with a function that receives the VM through an adopt function (see
+    // PostcopyAdopt) and returns once every page is here (OK) or the guest was stopped (the
+    // reason), or adopting failed. Whatever happened after the guest was adopted, replication
+    // ends here. Unset: post-copy migrations are refused.
+    using ReceivePostcopy = std::function<absl::Status(const PostcopyAdopt& adopt)>;
+    std::function<absl::Status(const ReceivePostcopy& receive)> postcopy = nullptr;
     LogFn log = nullptr;
   };
   struct Stats {
@@ -188,6 +268,7 @@ class Mirror {
     // pb::HandoverNotice): its silence until then is no reason to promote this host.
     std::optional<std::chrono::steady_clock::time_point> handover_expected_until;
     std::string peer;
+    std::optional<PostcopyProgress> postcopy;  // a post-copy migration to this host, once begun
   };
   static absl::StatusOr<std::unique_ptr<Mirror>> Start(checkpoint::ReplicaStore& replica,
                                                        Options options);

@@ -3,6 +3,8 @@
 // role_mu_ lets one role change run at a time (a change can take seconds: a hand-over, a
 // promotion); mu_ guards the parts, is held only to read or swap them, and is never held while
 // a part is torn down (tearing down a mirror joins the thread that may be asking for mu_).
+#include <unistd.h>
+
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
@@ -15,11 +17,38 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
+// How long a disk command of a VM arriving by post-copy waits for a chunk before the VM stops
+// (the source's failure stops it sooner).
+constexpr milliseconds kChunkStall{10000};
+
 double MsSince(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
 }
 
 class NodeImpl : public Node {
+  // Declared so that they are destroyed in the right order: replication, then the engine, then
+  // the VM, then the gate its outputs pass through; the mirror before its replica.
+  struct AsPrimary {
+    std::unique_ptr<vmm::OutputGate> gate;
+    std::unique_ptr<NodeVm> vm;
+    std::unique_ptr<checkpoint::EpochEngine> engine;
+    std::unique_ptr<replicator::Primary> primary;
+    void Reset() {
+      primary.reset();
+      engine.reset();
+      vm.reset();
+      gate.reset();
+    }
+  };
+  struct AsMirror {
+    std::unique_ptr<checkpoint::ReplicaStore> replica;
+    std::unique_ptr<replicator::Mirror> mirror;
+    void Reset() {
+      mirror.reset();
+      replica.reset();
+    }
+  };
+
  public:
   explicit NodeImpl(Options o) : o_(std::move(o)), disk_path_(o_.disk_path) {}
 
@@ -50,37 +79,46 @@ class NodeImpl : public Node {
     AsPrimary p;
     p.gate = std::move(gate);
     p.vm = std::move(vm);
-    // Without a peer nothing would ever acknowledge an epoch: the gate stays open instead.
-    if (o_.peer_port != 0) {
-      p.engine = std::make_unique<checkpoint::EpochEngine>(
-          *p.vm, *p.gate,
-          checkpoint::EpochEngine::Options{.max_in_flight_bytes = o_.max_in_flight_bytes});
-    }
+    run_unprotected_ = run_unprotected;
+    AttachEngine(p);
     if (auto s = p.vm->Start(); !s.ok()) return s;
-    if (p.engine) {
-      auto r = replicator::Primary::Start(*p.engine, *p.gate,
-                                          {.identity = o_.identity,
-                                           .key = o_.key,
-                                           .mirror_host = o_.peer_host,
-                                           .mirror_port = o_.peer_port,
-                                           .mirror_paths = PeerPaths(),
-                                           .epoch = o_.epoch,
-                                           .run_unprotected = run_unprotected,
-                                           .before_unprotected = o_.before_unprotected,
-                                           .compression = o_.compression,
-                                           .protection = o_.protection,
-                                           .on_traffic = TrafficHook(),
-                                           .base_image = o_.base_image,
-                                           .log = o_.log});
-      if (!r.ok()) return r.status();
-      p.primary = std::move(*r);
-    }
+    if (auto s = Replicate(p); !s.ok()) return s;
     if (o_.heartbeat) o_.heartbeat->SetRole("primary");
     std::lock_guard<std::mutex> lock(mu_);
     p_ = std::move(p);
     role_ = Role::kPrimary;
     // The lease may have been lost while the VM was being built.
     if (o_.lease ? !o_.lease->held() : fenced_) ApplyFence(true);
+    return absl::OkStatus();
+  }
+
+  // Without a peer nothing would ever acknowledge an epoch: the gate stays open instead.
+  void AttachEngine(AsPrimary& p) {
+    if (o_.peer_port == 0) return;
+    p.engine = std::make_unique<checkpoint::EpochEngine>(
+        *p.vm, *p.gate,
+        checkpoint::EpochEngine::Options{.max_in_flight_bytes = o_.max_in_flight_bytes});
+  }
+
+  // Replication of `p`'s VM (attached to its engine) to the peer.
+  absl::Status Replicate(AsPrimary& p) {
+    if (!p.engine) return absl::OkStatus();
+    auto r = replicator::Primary::Start(*p.engine, *p.gate,
+                                        {.identity = o_.identity,
+                                         .key = o_.key,
+                                         .mirror_host = o_.peer_host,
+                                         .mirror_port = o_.peer_port,
+                                         .mirror_paths = PeerPaths(),
+                                         .epoch = o_.epoch,
+                                         .run_unprotected = run_unprotected_,
+                                         .before_unprotected = o_.before_unprotected,
+                                         .compression = o_.compression,
+                                         .protection = o_.protection,
+                                         .on_traffic = TrafficHook(),
+                                         .base_image = o_.base_image,
+                                         .log = o_.log});
+    if (!r.ok()) return r.status();
+    p.primary = std::move(*r);
     return absl::OkStatus();
   }
 
@@ -103,6 +141,10 @@ class NodeImpl : public Node {
          .on_handover = [this](uint64_t epoch,
                                const std::string& reason) { return TakeHandover(epoch, reason); },
          .base_image = o_.base_image,
+         .postcopy = o_.adopt_postcopy ? [this](const replicator::Mirror::Options::ReceivePostcopy&
+                                                    receive) { return TakePostcopy(receive); }
+                                       : std::function<absl::Status(
+                                             const replicator::Mirror::Options::ReceivePostcopy&)>(),
          .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change
@@ -159,8 +201,13 @@ class NodeImpl : public Node {
       return report.status();
     }
     migration_downtime_seconds_.Observe(report->downtime_ms / 1000);
-    // The VM runs on the other host now. This one's memory and disk hold exactly the checkpoint
-    // it resumed: they become its replica, and its synchronisation sends only what differs.
+    BecomeMirrorOfNewPrimary();
+    return report;
+  }
+
+  // The VM runs on the other host now. This one's memory and disk hold exactly what it resumed:
+  // they become its replica, and its synchronisation sends only what differs. With role_mu_.
+  void BecomeMirrorOfNewPrimary() {
     AsPrimary old;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -186,6 +233,97 @@ class NodeImpl : public Node {
           "memory and disk",
           o_.listen, o_.port));
     }
+  }
+
+  absl::StatusOr<replicator::PostcopyMigration::Report> MigratePostcopy(
+      const PostcopyTo& to, const std::string& reason) override {
+    std::lock_guard<std::mutex> one_at_a_time(role_mu_);
+    replicator::PostcopyMigration::Options po{
+        .identity = o_.identity,
+        .key = o_.key,
+        .host = to.host.empty() ? o_.peer_host : to.host,
+        .port = to.host.empty() ? o_.peer_port : to.port,
+        .protection = o_.protection,
+        .peer_timeout = to.timeout,
+        .compression = o_.compression,
+        .precopy_rounds = to.precopy_rounds,
+        .before_start = nullptr,
+        .log = o_.log};
+    if (po.port == 0) {
+      return absl::FailedPreconditionError(
+          "no destination: no peer is configured, so post-copy needs one named (--to HOST:PORT)");
+    }
+    // With a witness the lease goes to the destination (named by the heartbeats, so it must be
+    // the peer) before the VM does; if the migration fails it is taken back.
+    bool transferred = false;
+    if (o_.lease) {
+      po.before_start = [&]() -> absl::Status {
+        std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
+        if (peer.empty()) {
+          return absl::FailedPreconditionError(
+              "the destination's node name is unknown (no heartbeat heard): the lease cannot go "
+              "to it");
+        }
+        auto s = o_.lease->TransferTo(peer, milliseconds(1000));
+        transferred = s.ok();
+        return s;
+      };
+    }
+    auto migration = std::make_shared<replicator::PostcopyMigration>(std::move(po));
+    NodeVm* vm;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (role_ != Role::kPrimary) {
+        return absl::FailedPreconditionError("only a primary can migrate its VM");
+      }
+      vm = p_.vm.get();
+      postcopy_ = migration;
+      postcopy_side_ = "source";
+      postcopy_error_.clear();
+      postcopy_last_.reset();
+    }
+    Log(absl::StrFormat("post-copy migration to %s:%d begins (%s)",
+                        to.host.empty() ? o_.peer_host : to.host,
+                        to.host.empty() ? o_.peer_port : to.port, reason));
+    // Protection to the old mirror ends; the VM runs on. What it said since the mirror's last
+    // commit stays held: released once the VM is whole at the destination, or by the next
+    // mirror's commits if it resumes here.
+    StopReplication();
+    auto report = migration->Run(*vm);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      postcopy_.reset();
+      postcopy_last_ = migration->progress();
+      if (!report.ok()) postcopy_error_ = std::string(report.status().message());
+    }
+    if (!report.ok()) {
+      if (absl::IsUnavailable(report.status())) {
+        return absl::UnavailableError(absl::StrCat(
+            report.status().message(),
+            "; the destination may be running the VM, so it stays paused here"));
+      }
+      if (transferred) {
+        o_.lease->Want(true);
+        if (auto s = o_.lease->AcquireWithin(milliseconds(3000)); !s.ok()) {
+          return absl::UnavailableError(
+              absl::StrCat(report.status().message(), "; but the lease did not come back (",
+                           s.message(), "): the VM stays paused here until it does"));
+        }
+      }
+      if (auto s = ResumeHere(); !s.ok()) {
+        return absl::InternalError(absl::StrCat(report.status().message(),
+                                                "; and the VM did not resume here: ", s.message()));
+      }
+      return absl::AbortedError(
+          absl::StrCat(report.status().message(), "; the VM runs here again"));
+    }
+    migration_downtime_seconds_.Observe(report->downtime_ms / 1000);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      postcopy_last_ = report->progress;
+      p_.gate->SetHolding(false);  // the VM is whole at the destination: its outputs may leave
+    }
+    BecomeMirrorOfNewPrimary();
     return report;
   }
 
@@ -255,6 +393,15 @@ class NodeImpl : public Node {
       s.mirror = m_.mirror->stats();
       s.port = m_.mirror->port();
     }
+    s.postcopy_side = postcopy_side_;
+    s.postcopy_error = postcopy_error_;
+    if (postcopy_) {
+      s.postcopy = postcopy_->progress();
+    } else if (postcopy_side_ == "destination" && m_.mirror) {
+      s.postcopy = m_.mirror->stats().postcopy;  // under way, or how it ended
+    } else {
+      s.postcopy = postcopy_last_;
+    }
     return s;
   }
 
@@ -269,29 +416,6 @@ class NodeImpl : public Node {
   }
 
  private:
-  // Declared so that they are destroyed in the right order: replication, then the engine, then
-  // the VM, then the gate its outputs pass through; the mirror before its replica.
-  struct AsPrimary {
-    std::unique_ptr<vmm::OutputGate> gate;
-    std::unique_ptr<NodeVm> vm;
-    std::unique_ptr<checkpoint::EpochEngine> engine;
-    std::unique_ptr<replicator::Primary> primary;
-    void Reset() {
-      primary.reset();
-      engine.reset();
-      vm.reset();
-      gate.reset();
-    }
-  };
-  struct AsMirror {
-    std::unique_ptr<checkpoint::ReplicaStore> replica;
-    std::unique_ptr<replicator::Mirror> mirror;
-    void Reset() {
-      mirror.reset();
-      replica.reset();
-    }
-  };
-
   // Planned migration, on the mirror's replication thread: the primary paused its VM for good
   // after `epoch`, committed here. The primary's request authorises it; with a witness the
   // primary handed its lease to this node, which takes it before resuming. The mirror is not
@@ -336,6 +460,169 @@ class NodeImpl : public Node {
     Log(absl::StrFormat("handed over: resumed epoch %d as the primary in %.1f ms (restart); %s%s",
                         epoch, MsSince(t0), Protection(),
                         reason.empty() ? "" : absl::StrCat("; the VM moved because: ", reason)));
+    return absl::OkStatus();
+  }
+
+  // Post-copy migration to this host, on the mirror's replication thread (see Migrate for the
+  // lease). The VM runs here from the moment it is adopted, its outputs held until every page
+  // is here; then it is the primary, replicating to the peer. If the source fails first the
+  // guest is stopped and this host is idle: the VM never runs on a page that did not arrive.
+  absl::Status TakePostcopy(const replicator::Mirror::Options::ReceivePostcopy& receive) {
+    std::unique_lock<std::mutex> one_at_a_time(role_mu_, std::try_to_lock);
+    if (!one_at_a_time.owns_lock()) {
+      return absl::UnavailableError("a role change is under way on this host");
+    }
+    std::string disk;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (role_ != Role::kMirror) return absl::FailedPreconditionError("this host is no mirror");
+      disk = m_.replica->disk_path();
+      postcopy_side_ = "destination";
+      postcopy_error_.clear();
+    }
+    if (o_.healthy) {
+      if (auto s = o_.healthy(); !s.ok()) {
+        return absl::FailedPreconditionError(absl::StrCat("this host is unhealthy: ", s.message()));
+      }
+    }
+    auto t0 = Clock::now();
+    bool adopted = false;
+    vmm::OutputGate* gate = nullptr;
+    NodeVm* vm = nullptr;
+    absl::Status received = receive(
+        [&](std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+            vmm::DirtyBitmap missing, vmm::DirtyBitmap missing_chunks,
+            std::function<void(uint64_t)> on_page,
+            std::function<void(uint64_t)> on_chunk) -> absl::StatusOr<replicator::PostcopyTarget> {
+          if (o_.can_resume) {
+            if (auto s = o_.can_resume(state); !s.ok()) {
+              return absl::FailedPreconditionError(
+                  absl::StrCat("cannot resume the VM here: ", s.message()));
+            }
+          }
+          if (o_.lease) {
+            o_.lease->Want(true);
+            if (auto s = o_.lease->AcquireWithin(milliseconds(2000)); !s.ok()) {
+              o_.lease->Want(false);
+              return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
+            }
+          }
+          auto p = AdoptPostcopy(std::move(memory), state, std::move(missing),
+                                 std::move(missing_chunks), std::move(on_page),
+                                 std::move(on_chunk), disk);
+          if (!p.ok()) {
+            if (o_.lease) o_.lease->Want(false);
+            return p.status();
+          }
+          adopted = true;
+          gate = p->gate.get();
+          vm = p->vm.get();
+          if (o_.heartbeat) o_.heartbeat->SetRole("primary");
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            p_ = std::move(*p);
+            role_ = Role::kPrimary;
+            resumed_epoch_ = -1;
+            handed_over_because_ = "a post-copy migration";
+          }
+          return replicator::PostcopyTarget{
+              vm->missing_pages(), &vm->disk(), [this, vm](const std::string& why) {
+                (void)vm->Pause();  // for good: it is torn down once the receiving ends
+                Log(why);
+              }};
+        });
+    if (!adopted) return received;
+    if (!received.ok()) {
+      // The guest was stopped: nothing it said left (its outputs were held), and it goes now.
+      AsPrimary gone;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        gone = std::move(p_);
+        role_ = Role::kIdle;
+        postcopy_error_ = std::string(received.message());
+      }
+      gone.Reset();
+      if (o_.lease) o_.lease->Want(false);
+      if (o_.heartbeat) o_.heartbeat->SetRole("idle");
+      Log(absl::StrCat("post-copy failed, the VM is not running here: ", received.message()));
+      return received;
+    }
+    // Every page is here: the guest's outputs leave, and it is protected like any primary.
+    gate->SetHolding(false);
+    absl::Status protecting;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      AttachEngine(p_);
+      protecting = Replicate(p_);
+      if (o_.lease ? !o_.lease->held() : fenced_) ApplyFence(true);
+    }
+    Log(absl::StrFormat("post-copy: every page is here %.1f ms after the source connected; %s",
+                        MsSince(t0),
+                        protecting.ok() ? Protection()
+                                        : absl::StrCat("not protected: ", protecting.message())));
+    return absl::OkStatus();
+  }
+
+  // The parts of a primary for a VM that arrives by post-copy, started: a fresh disk image
+  // (written beside the replica's, which it replaces once the VM is made), its outputs held.
+  absl::StatusOr<AsPrimary> AdoptPostcopy(std::unique_ptr<vmm::GuestMemory> memory,
+                                          const pb::VmSnapshot& state, vmm::DirtyBitmap missing,
+                                          vmm::DirtyBitmap missing_chunks,
+                                          std::function<void(uint64_t)> on_page,
+                                          std::function<void(uint64_t)> on_chunk,
+                                          const std::string& disk) {
+    std::string incoming = disk + ".incoming";
+    ::unlink(incoming.c_str());
+    if (auto s = vmm::BlockDevice::CreateImage(incoming, o_.identity.disk_bytes); !s.ok()) {
+      return s;
+    }
+    AsPrimary p;
+    p.gate = std::make_unique<vmm::OutputGate>();
+    p.gate->SetHolding(true);
+    auto vm = o_.adopt_postcopy(std::move(memory), state, incoming,
+                                vmm::Vm::PostCopy{std::move(missing), std::move(on_page)},
+                                *p.gate);
+    if (!vm.ok()) {
+      ::unlink(incoming.c_str());
+      return vm.status();
+    }
+    p.vm = std::move(*vm);
+    absl::Status s = p.vm->disk().ExpectChunks(std::move(missing_chunks), std::move(on_chunk),
+                                               kChunkStall);
+    if (s.ok() && ::rename(incoming.c_str(), disk.c_str()) != 0) {
+      s = vmm::ErrnoStatus(absl::StrCat("rename ", incoming, " to ", disk));
+    }
+    if (s.ok()) s = p.vm->Start();
+    if (!s.ok()) {
+      p.Reset();
+      ::unlink(incoming.c_str());
+      return s;
+    }
+    disk_path_ = disk;
+    return p;
+  }
+
+  // Ends replication to the mirror; the VM runs on. With role_mu_.
+  void StopReplication() {
+    std::unique_ptr<replicator::Primary> primary;
+    std::unique_ptr<checkpoint::EpochEngine> engine;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      primary = std::move(p_.primary);
+      engine = std::move(p_.engine);
+    }
+    primary.reset();
+    engine.reset();
+  }
+
+  // After a migration that did not happen: the paused VM runs here again, replicating to the
+  // peer as before. With role_mu_.
+  absl::Status ResumeHere() {
+    std::lock_guard<std::mutex> lock(mu_);
+    AttachEngine(p_);
+    if (auto s = p_.vm->Resume(); !s.ok()) return s;
+    if (auto s = Replicate(p_); !s.ok()) return s;
+    if (o_.lease ? !o_.lease->held() : fenced_) ApplyFence(true);
     return absl::OkStatus();
   }
 
@@ -404,6 +691,11 @@ class NodeImpl : public Node {
   checkpoint::Histogram migration_downtime_seconds_ = checkpoint::Histogram::Seconds();
   Role role_ = Role::kIdle;
   bool fenced_ = false;
+  bool run_unprotected_ = false;  // of the VM this node runs as the primary
+  // Post-copy (under mu_): the migration from this host under way, and the last one's end.
+  std::shared_ptr<replicator::PostcopyMigration> postcopy_;
+  std::optional<replicator::PostcopyProgress> postcopy_last_;
+  std::string postcopy_side_, postcopy_error_;
   int64_t resumed_epoch_ = -1;
   std::string handed_over_because_;
   AsPrimary p_;

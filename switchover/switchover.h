@@ -177,6 +177,8 @@ class NodeVm : public vmm::CheckpointableVm {
   virtual std::unique_ptr<vmm::GuestMemory> TakeMemory() = 0;
   // OK while the guest runs (or was stopped on request); the error it stopped with on its own.
   virtual absl::Status exit_status() = 0;
+  // A VM adopted for post-copy: where its missing pages are placed (nullptr otherwise).
+  virtual vmm::MissingPages* missing_pages() { return nullptr; }
 };
 
 // One host of a protected VM, in whichever role it holds now, and the role changes:
@@ -192,6 +194,9 @@ class Node {
   enum class Role { kPrimary, kMirror, kIdle };
   using AdoptFn = std::function<absl::StatusOr<std::unique_ptr<NodeVm>>(
       checkpoint::ReplicaStore::Committed committed, vmm::OutputGate& gate)>;
+  using AdoptPostcopyFn = std::function<absl::StatusOr<std::unique_ptr<NodeVm>>(
+      std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+      const std::string& disk_path, vmm::Vm::PostCopy postcopy, vmm::OutputGate& gate)>;
   struct Options {
     replicator::Identity identity{};
     std::string key{};
@@ -220,6 +225,10 @@ class Node {
     std::string disk_path{};
     // Makes the committed replica a VM, not started, whose outputs pass through `gate`.
     AdoptFn adopt = nullptr;
+    // Post-copy migration to this host: makes a VM, not started, of `memory` (lacking the pages
+    // `postcopy` names), `state` and the disk image at `disk_path`, whose outputs pass through
+    // `gate`. Unset: this host takes no post-copy migration.
+    AdoptPostcopyFn adopt_postcopy = nullptr;
     // Whether this host can run the committed replica, asked before the replica is given up
     // (unset: it can).
     std::function<absl::Status(const pb::VmSnapshot& state)> can_resume = nullptr;
@@ -248,6 +257,17 @@ class Node {
     // Over this node's life: promotions (asked to resumed as the primary) and planned
     // migrations away from it (their downtime: VM paused here to resumed at the peer), seconds.
     checkpoint::Histogram::Snapshot promotion_seconds, migration_downtime_seconds;
+    // A post-copy migration under way, or the last one: from this host ("source") or to it
+    // ("destination"), and why it failed if it did.
+    std::optional<replicator::PostcopyProgress> postcopy;
+    std::string postcopy_side, postcopy_error;
+  };
+  // Where a post-copy migration goes, and how.
+  struct PostcopyTo {
+    std::string host;   // the destination's replication listener; empty: the peer's
+    uint16_t port = 0;
+    uint32_t precopy_rounds = 0;  // the hybrid: pre-copy rounds first
+    std::chrono::milliseconds timeout{10000};  // the destination's silence that ends it
   };
 
   // `vm` runs (once started here) with its outputs through `gate`.
@@ -263,6 +283,15 @@ class Node {
   // `reason` travels with the VM: the new primary logs it and shows it in its status.
   virtual absl::StatusOr<replicator::Primary::HandoverReport> Migrate(
       std::chrono::milliseconds timeout, const std::string& reason) = 0;
+  // Post-copy migration: the VM moves to `to` first and its memory after (replicator::
+  // PostcopyMigration). Until every page is there the VM lives on both hosts: its outputs stay
+  // held, so that if the destination fails first it resumes here losing nothing (Aborted: the
+  // VM runs here again, protected as before); if this host fails first, the destination stops
+  // it. Unavailable: the connection failed at the very end, so the destination may run it: the
+  // VM stays paused here. On success this host becomes the mirror of the new primary, as after
+  // Migrate.
+  virtual absl::StatusOr<replicator::PostcopyMigration::Report> MigratePostcopy(
+      const PostcopyTo& to, const std::string& reason) = 0;
   // Failover: resumes the last committed checkpoint as the primary, once authorised (`force`:
   // without proof that the old primary is gone). Returns a line saying what was done.
   virtual absl::StatusOr<std::string> Promote(bool force, const std::string& why) = 0;
