@@ -264,7 +264,8 @@ pb::StatusReply NodeStatusReply(const std::string& vm_id, const switchover::Node
     *r.mutable_postcopy() = PostcopyStatusOf(*s.postcopy, s.postcopy_side, s.postcopy_error);
     // While it runs, it is what this host does.
     if (!s.postcopy->done && s.postcopy_error.empty()) r.set_state(PostcopyLine(r.postcopy()));
-  } else if (!s.postcopy_error.empty()) {
+  }
+  if (!s.postcopy_error.empty()) {
     r.set_state(absl::StrCat("post-copy failed: ", s.postcopy_error, "; ", r.state()));
   }
   return r;

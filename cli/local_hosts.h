@@ -60,6 +60,7 @@ class LocalHosts {
   Process& process(Host h) { return *hosts_[h]; }
   std::string control_socket(Host h) const;
   uint16_t ledger_port(Host h) const { return ledger_[h]; }
+  uint16_t replication_port(Host h) const { return replication_[h]; }
   // Where /metrics is served (with Options::metrics), on 127.0.0.1.
   uint16_t metrics_port(Host h) const { return metrics_[h]; }
   uint16_t witness_metrics_port() const { return witness_metrics_; }

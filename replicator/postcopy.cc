@@ -284,7 +284,7 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::Run(vmm::CheckpointableVm
   bool after_end;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    after_end = end_sent_;
+    after_end = commit_sent_;
   }
   return absl::Status(after_end ? absl::StatusCode::kUnavailable : absl::StatusCode::kAborted,
                       report.status().message());
@@ -400,20 +400,27 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::Checkpoint
     pb::Frame end;
     end.mutable_postcopy_end()->set_pages(pages.Count());
     end.mutable_postcopy_end()->set_chunks(chunks.Count());
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      end_sent_ = true;  // from here the destination may finish without this side hearing it
-    }
     if (auto s2 = main.Send(end); !s2.ok()) return s2;
     auto done = main.Receive();
     if (!done.ok()) return done.status();
     if (!done->has_postcopy_done()) {
-      return absl::DataLossError("post-copy: the destination did not confirm the end");
+      return absl::DataLossError("post-copy: the destination did not say it holds everything");
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    progress_.faults = done->postcopy_done().faults();
-    progress_.fault_wait_p50_ms = done->postcopy_done().fault_wait_p50_ms();
-    progress_.fault_wait_p99_ms = done->postcopy_done().fault_wait_p99_ms();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      progress_.faults = done->postcopy_done().faults();
+      progress_.fault_wait_p50_ms = done->postcopy_done().fault_wait_p50_ms();
+      progress_.fault_wait_p99_ms = done->postcopy_done().fault_wait_p99_ms();
+      commit_sent_ = true;  // from here the destination may own the VM without this side knowing
+    }
+    pb::Frame commit;
+    commit.mutable_postcopy_commit();
+    if (auto s2 = main.Send(commit); !s2.ok()) return s2;
+    auto committed = main.Receive();
+    if (!committed.ok()) return committed.status();
+    if (!committed->has_postcopy_committed()) {
+      return absl::DataLossError("post-copy: the destination did not confirm the commit");
+    }
     return absl::OkStatus();
   };
   absl::Status streamed = stream();
@@ -714,12 +721,6 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         main_status =
             absl::DataLossError("the source ended the post-copy with pages or chunks missing");
       } else {
-        // Everything is here: from now on nothing stops the guest, not even the source going
-        // before it reads the confirmation.
-        {
-          std::lock_guard<std::mutex> lock(failed_mu);
-          finished = failed.ok();
-        }
         pb::Frame done;
         vmm::MissingPages::Stats faults = target->pages->stats();
         done.mutable_postcopy_done()->set_faults(faults.faults);
@@ -727,9 +728,27 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
             std::chrono::duration<double, std::milli>(faults.wait_p50).count());
         done.mutable_postcopy_done()->set_fault_wait_p99_ms(
             std::chrono::duration<double, std::milli>(faults.wait_p99).count());
-        (void)main.Send(done);
-        std::lock_guard<std::mutex> lock(mu_);
-        progress_.done = finished;
+        // Everything is here, but the VM is the source's until it says otherwise (it may
+        // still resume it if this side went now).
+        absl::Status sent = main.Send(done);
+        absl::StatusOr<pb::Frame> commit = sent.ok() ? main.Receive() : sent;
+        if (!commit.ok()) {
+          main_status = SourceGone(commit.status());
+        } else if (!commit->has_postcopy_commit()) {
+          main_status = absl::DataLossError("post-copy: the source did not commit the move");
+        } else {
+          // From now on nothing stops the guest, not even the source going before it reads the
+          // confirmation.
+          {
+            std::lock_guard<std::mutex> lock(failed_mu);
+            finished = failed.ok();
+          }
+          pb::Frame committed;
+          committed.mutable_postcopy_committed();
+          (void)main.Send(committed);
+          std::lock_guard<std::mutex> lock(mu_);
+          progress_.done = finished;
+        }
       }
       break;
     }

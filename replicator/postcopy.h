@@ -13,6 +13,8 @@
 //   main:   pages, chunks ───────────────────▶    placed (the background stream)
 //           PostcopyEnd ─────────────────────▶
 //           ◀─────────────────────── PostcopyDone (every page and chunk is here)
+//           PostcopyCommit ──────────────────▶    the VM is the destination's: outputs leave
+//           ◀────────────────── PostcopyCommitted
 //
 // Until the end the VM's memory is split across the two hosts: if the source dies first, the
 // guest is stopped, saying how much never arrived; it never runs on a page that did not arrive.
@@ -53,9 +55,9 @@ class PostcopySource {
   // wrote after they went, and those never sent.
   absl::Status Precopy(vmm::CheckpointableVm& vm, Channel& main, uint32_t rounds);
   // `vm` is paused for good: its memory and disk do not change any more. Returns once the
-  // destination holds everything. Errors: Aborted before the end was sent (the destination
-  // cannot have finished: it stops the guest, and the VM may resume here); Unavailable after
-  // (it may have finished and run the guest on).
+  // destination holds everything and took the VM. Errors: Aborted before the commit was sent
+  // (the destination cannot have taken the VM: it stops the guest, and the VM may resume here);
+  // Unavailable after (it may have taken it and run the guest on).
   absl::StatusOr<Report> Run(vmm::CheckpointableVm& vm, Channel& main, Channel& demand);
   // Any thread.
   PostcopyProgress progress() const;
@@ -77,7 +79,7 @@ class PostcopySource {
   vmm::DirtyBitmap precopied_, held_, recent_;
   PostcopyProgress progress_;                  // under mu_
   bool destination_runs_ = false;              // under mu_
-  bool end_sent_ = false;                      // under mu_
+  bool commit_sent_ = false;                   // under mu_
   std::chrono::steady_clock::time_point resumed_at_;
 };
 

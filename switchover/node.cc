@@ -213,6 +213,7 @@ class NodeImpl : public Node {
       std::lock_guard<std::mutex> lock(mu_);
       old = std::move(p_);
       role_ = Role::kIdle;
+      moving_ = false;
     }
     old.primary.reset();
     old.engine.reset();
@@ -277,6 +278,7 @@ class NodeImpl : public Node {
         return absl::FailedPreconditionError("only a primary can migrate its VM");
       }
       vm = p_.vm.get();
+      moving_ = true;
       postcopy_ = migration;
       postcopy_side_ = "source";
       postcopy_error_.clear();
@@ -489,6 +491,11 @@ class NodeImpl : public Node {
     bool adopted = false;
     vmm::OutputGate* gate = nullptr;
     NodeVm* vm = nullptr;
+    struct Stopped {
+      std::mutex mu;
+      std::string why;  // the guest was stopped (on the receiving's thread), saying why
+    };
+    auto stopped = std::make_shared<Stopped>();
     absl::Status received = receive(
         [&](std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
             vmm::DirtyBitmap missing, vmm::DirtyBitmap missing_chunks,
@@ -507,6 +514,7 @@ class NodeImpl : public Node {
               return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
             }
           }
+          uint64_t pages = missing.Count(), chunks = missing_chunks.Count();
           auto p = AdoptPostcopy(std::move(memory), state, std::move(missing),
                                  std::move(missing_chunks), std::move(on_page),
                                  std::move(on_chunk), disk);
@@ -525,26 +533,36 @@ class NodeImpl : public Node {
             resumed_epoch_ = -1;
             handed_over_because_ = "a post-copy migration";
           }
+          Log(absl::StrFormat(
+              "post-copy: the VM runs here, %.1f ms after the source connected; %d pages and %d "
+              "disk chunks to come (its outputs are held until they are here)",
+              MsSince(t0), pages, chunks));
           return replicator::PostcopyTarget{
-              vm->missing_pages(), &vm->disk(), [this, vm](const std::string& why) {
+              vm->missing_pages(), &vm->disk(), [vm, stopped](const std::string& why) {
                 (void)vm->Pause();  // for good: it is torn down once the receiving ends
-                Log(why);
+                std::lock_guard<std::mutex> lock(stopped->mu);
+                stopped->why = why;
               }};
         });
     if (!adopted) return received;
     if (!received.ok()) {
       // The guest was stopped: nothing it said left (its outputs were held), and it goes now.
+      std::string why;
+      {
+        std::lock_guard<std::mutex> lock(stopped->mu);
+        why = stopped->why.empty() ? std::string(received.message()) : stopped->why;
+      }
       AsPrimary gone;
       {
         std::lock_guard<std::mutex> lock(mu_);
         gone = std::move(p_);
         role_ = Role::kIdle;
-        postcopy_error_ = std::string(received.message());
+        postcopy_error_ = why;
       }
       gone.Reset();
       if (o_.lease) o_.lease->Want(false);
       if (o_.heartbeat) o_.heartbeat->SetRole("idle");
-      Log(absl::StrCat("post-copy failed, the VM is not running here: ", received.message()));
+      Log(absl::StrCat("post-copy failed, the VM is not running here: ", why));
       return received;
     }
     // Every page is here: the guest's outputs leave, and it is protected like any primary.
@@ -619,11 +637,14 @@ class NodeImpl : public Node {
   // peer as before. With role_mu_.
   absl::Status ResumeHere() {
     std::lock_guard<std::mutex> lock(mu_);
+    moving_ = false;
     AttachEngine(p_);
-    if (auto s = p_.vm->Resume(); !s.ok()) return s;
-    if (auto s = Replicate(p_); !s.ok()) return s;
-    if (o_.lease ? !o_.lease->held() : fenced_) ApplyFence(true);
-    return absl::OkStatus();
+    if (o_.lease ? !o_.lease->held() : fenced_) {
+      ApplyFence(true);  // it resumes when the fence lifts
+    } else if (auto s = p_.vm->Resume(); !s.ok()) {
+      return s;
+    }
+    return Replicate(p_);
   }
 
   // The committed replica becomes the running VM. With role_mu_ held, once nothing more is
@@ -664,7 +685,8 @@ class NodeImpl : public Node {
       return;
     }
     p_.gate->SetFenced(fenced);
-    (void)(fenced ? p_.vm->Pause() : p_.vm->Resume());
+    // A VM a migration paused stays paused when the fence lifts: the migration decides.
+    if (fenced || !moving_) (void)(fenced ? p_.vm->Pause() : p_.vm->Resume());
   }
 
   std::string Protection() const {
@@ -692,6 +714,7 @@ class NodeImpl : public Node {
   Role role_ = Role::kIdle;
   bool fenced_ = false;
   bool run_unprotected_ = false;  // of the VM this node runs as the primary
+  bool moving_ = false;           // under mu_: a post-copy migration holds the VM paused
   // Post-copy (under mu_): the migration from this host under way, and the last one's end.
   std::shared_ptr<replicator::PostcopyMigration> postcopy_;
   std::optional<replicator::PostcopyProgress> postcopy_last_;

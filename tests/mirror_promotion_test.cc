@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -26,6 +27,7 @@
 #include "replicator/replicator.h"
 #include "switchover/switchover.h"
 #include "tests/soft_vm.h"
+#include "tests/tampering_relay.h"
 #include "tests/test_util.h"
 
 namespace romulus::mirror_promotion_test {
@@ -498,6 +500,131 @@ TEST_P(VmMigration, APlannedMigrationUnderLoadLosesNothingAndGoesBack) {
 }
 
 ROMULUS_ON_EVERY_PLATFORM(VmMigration);
+
+// Issue 16, post-copy between two `romulus` hosts. Under load (clients direct and through the
+// proxy), the VM moves to the other host by post-copy (its replica there is not used), and back
+// by the hybrid (two pre-copy rounds, then post-copy): each time no acknowledged write is lost,
+// the clients through the proxy see a pause and nothing else, and the host it left becomes the
+// mirror of the new primary, which is protected again. Without the risk accepted the command
+// refuses, saying why, and the VM stays protected where it is.
+class VmPostcopyHosts : public testing::PlatformTest {
+ protected:
+  // `romulus migrate --postcopy` from `from`, with `extra` arguments.
+  static std::unique_ptr<Child> Postcopy(cli::LocalHosts& hosts, Host from,
+                                         std::vector<std::string> extra) {
+    std::vector<std::string> args = {"migrate", "--socket", hosts.control_socket(from),
+                                     "--postcopy", "--accept-postcopy-risk"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return std::make_unique<Child>(args);
+  }
+};
+
+TEST_P(VmPostcopyHosts, UnderLoadTheVmMovesAndBackLosingNothing) {
+  TempDir dir;
+  auto hosts = StartHosts(dir, platform_name());
+  ASSERT_NE(hosts, nullptr);
+  Child refused({"migrate", "--socket", hosts->control_socket(Host::kA), "--postcopy"});
+  EXPECT_EQ(refused.Wait(60), 1);
+  EXPECT_THAT(refused.output(), HasSubstr("say --accept-postcopy-risk"));
+  for (auto [from, to, rounds] : {std::tuple{Host::kA, Host::kB, "0"},
+                                  std::tuple{Host::kB, Host::kA, "2"}}) {
+    SCOPED_TRACE(absl::StrCat(cli::LocalHosts::Name(from), ", pre-copy rounds ", rounds));
+    TwoLoads loads(*hosts, from);
+    EXPECT_TRUE(loads.WaitRunning());
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));  // mid-run, by design
+    auto migrate = Postcopy(*hosts, from, {"--precopy-rounds", rounds});
+    int rc = migrate->Wait(120);
+    loads.Join();
+    cli::Process& new_primary = hosts->process(to);
+    ASSERT_EQ(rc, 0) << migrate->output() << hosts->process(from).output() << new_primary.output();
+    EXPECT_THAT(migrate->output(), HasSubstr("moved by post-copy"));
+    EXPECT_THAT(migrate->output(), HasSubstr("this host is now its mirror"));
+    EXPECT_TRUE(new_primary.WaitForLine("post-copy: every page is here", testing::ScaledMs(10)).ok())
+        << new_primary.output();
+    const auto& report = loads.direct;
+    ASSERT_TRUE(report.ok()) << report.status();
+    EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
+    EXPECT_EQ(report->lost_acknowledged, 0u);
+    EXPECT_EQ(report->unresolved, 0u);
+    ExpectNothingButAPause(loads.proxied, *hosts->proxy());
+    std::printf("post-copy %s -> %s on %s (%s pre-copy rounds): %s\n", cli::LocalHosts::Name(from),
+                cli::LocalHosts::Name(to), platform_name().c_str(), rounds,
+                migrate->output().c_str());
+    // Protected again: the host it left, now the mirror, has the new primary's synchronisation.
+    ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", testing::ScaledMs(60)).ok())
+        << new_primary.output();
+  }
+  EXPECT_TRUE(hosts->Stop().ok());
+}
+
+// A destination that dies in the middle (the VM running there, pages still to come; the link to
+// it is slowed so that there is a middle): the VM resumes at the source, which never let its
+// outputs go, and no acknowledged write is lost. A source that dies in the middle: the
+// destination stops the guest saying how much never arrived, and runs nothing.
+TEST_P(VmPostcopyHosts, EitherHostDyingMidwayLosesNothingOrRunsNothing) {
+  for (Host killed : {Host::kB, Host::kA}) {
+    SCOPED_TRACE(absl::StrCat("killed ", cli::LocalHosts::Name(killed)));
+    TempDir dir;
+    auto hosts = StartHosts(dir, platform_name());
+    ASSERT_NE(hosts, nullptr);
+    // About 4 MB/s towards the destination: its few MiB take a second or more.
+    auto slow = testing::TamperingRelay::Bytes(
+        hosts->replication_port(Host::kB),
+        [](testing::TamperingRelay::Direction d, uint64_t, char*, size_t n) {
+          if (d == testing::TamperingRelay::kToMirror) {
+            std::this_thread::sleep_for(std::chrono::microseconds(n / 4));  // the link's pace
+          }
+        });
+    std::optional<TwoLoads> loads;
+    if (killed == Host::kB) {
+      loads.emplace(*hosts, Host::kA);
+      EXPECT_TRUE(loads->WaitRunning());
+    }
+    auto migrate = Postcopy(*hosts, Host::kA, {"--to", absl::StrCat("127.0.0.1:", slow->port())});
+    auto runs = hosts->process(Host::kB).WaitForLine("post-copy: the VM runs here",
+                                                     testing::ScaledMs(60));
+    ASSERT_TRUE(runs.ok()) << hosts->process(Host::kB).output() << migrate->output();
+    hosts->process(killed).Signal(SIGKILL);
+    if (killed == Host::kB) {
+      int rc = migrate->Wait(120);
+      if (rc != 1 || migrate->output().find("the VM runs here again") == std::string::npos) {
+        (void)hosts->Stop();  // the clients give up at once, instead of after their retries
+        loads->Join();
+        FAIL() << "exit " << rc << ": " << migrate->output();
+      }
+      // The mirror returns; protection (and with it the held outputs) resumes.
+      ASSERT_TRUE(hosts->Rejoin(Host::kB).ok());
+      loads->Join();
+      const auto& report = loads->direct;
+      ASSERT_TRUE(report.ok()) << report.status();
+      EXPECT_TRUE(report->ok()) << cli::FormatReport(*report) << hosts->process(Host::kA).output()
+                                << hosts->process(Host::kB).output();
+      EXPECT_EQ(report->lost_acknowledged, 0u);
+      EXPECT_EQ(report->unresolved, 0u);
+      ExpectNothingButAPause(loads->proxied, *hosts->proxy());
+    } else {
+      cli::Process& b = hosts->process(Host::kB);
+      auto stopped = b.WaitForLine("post-copy failed, the VM is not running here",
+                                   testing::ScaledMs(60));
+      ASSERT_TRUE(stopped.ok()) << b.output();
+      EXPECT_THAT(*stopped, HasSubstr("never arrived"));
+      auto st = cli::QueryStatus(hosts->control_socket(Host::kB));
+      ASSERT_TRUE(st.ok()) << st.status();
+      EXPECT_EQ(st->role(), "idle");
+      EXPECT_THAT(st->state(), HasSubstr("post-copy failed"));
+      // Nothing answers on its ledger address: no guest runs there.
+      EXPECT_FALSE(
+          cli::LedgerClient::Connect("127.0.0.1", hosts->ledger_port(Host::kB), 500)
+              .ok());
+      std::printf("source killed mid-post-copy on %s: %s\n", platform_name().c_str(),
+                  stopped->c_str());
+    }
+    slow.reset();
+    (void)hosts->Stop();
+  }
+}
+
+ROMULUS_ON_EVERY_PLATFORM(VmPostcopyHosts);
 
 // The main job: `romulus demo` runs its three acts (failover, re-protection, migration back),
 // its clients through a proxy, and every check in them passes.
