@@ -22,15 +22,7 @@ using testing::SoftVm;
 using testing::TempDir;
 using testing::WaitUntil;
 constexpr uint64_t kMemory = 32ull << 20, kDisk = 4ull << 20, kWorkingSet = 1024;
-// The VM's writes a millisecond. Under a sanitizer a checkpoint of the whole working set takes
-// ~300 ms to cross, so at 20 a millisecond every epoch dirtied all of it and the mirror never
-// caught up: each hand-over waited out its drain (half its timeout, 10 s) for nothing. At 2 the
-// mirror keeps up there too; the same paths run, with fewer pages in each checkpoint.
-#ifdef ROMULUS_SANITIZED
-constexpr uint64_t kWritesPerMs = 2;
-#else
-constexpr uint64_t kWritesPerMs = 20;
-#endif
+constexpr uint64_t kWritesPerMs = testing::WriteRate(20, 2);
 const char kKey[] = "0123456789abcdef-migration-key";
 const replicator::Identity kIdentity{"soft-vm", kMemory, kDisk};
 

@@ -43,16 +43,8 @@ using testing::TempDir;
 using testing::WaitUntil;
 
 const char kKey[] = "promotion-test-key-0123456789";
-// The software VM's writes a millisecond (SoftVm's default, 50, in a release build). Under a
-// sanitizer a checkpoint of its whole working set is slow to cross, so at 50 every epoch dirtied
-// all of it, the mirror never caught up, a hand-over waited out its drain (half its timeout,
-// 10 s) for nothing and epochs committed 5 to 8 a second. At 2 the mirror keeps up there too;
-// the same paths run, with fewer pages in each checkpoint.
-#ifdef ROMULUS_SANITIZED
-constexpr uint64_t kWritesPerMs = 2;
-#else
-constexpr uint64_t kWritesPerMs = 50;
-#endif
+// The software VM's writes a millisecond (SoftVm's default in a release build).
+constexpr uint64_t kWritesPerMs = testing::WriteRate(50, 2);
 // Why a mirror cannot resume a software VM's replica (its state names no platform), on any host.
 const char kNoPlatform[] =
     "cannot resume the replica here: its state holds no vCPU state of any platform";

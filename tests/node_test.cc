@@ -29,15 +29,7 @@ using switchover::Node;
 using testing::SoftVm;
 using testing::WaitUntil;
 constexpr uint64_t kMemory = 16ull << 20, kDisk = 4ull << 20, kWorkingSet = 512;
-// The VM's writes a millisecond. Under a sanitizer a checkpoint of the whole working set is slow
-// to cross, so at 20 a millisecond every 10 ms epoch dirtied all of it, the mirror never caught
-// up and each migration waited out its drain (half its timeout, 10 s) for nothing. At 2 the
-// mirror keeps up there too; the same paths run, with fewer pages in each checkpoint.
-#ifdef ROMULUS_SANITIZED
-constexpr uint64_t kWritesPerMs = 2;
-#else
-constexpr uint64_t kWritesPerMs = 20;
-#endif
+constexpr uint64_t kWritesPerMs = testing::WriteRate(20, 2);
 constexpr uint64_t kOutputEvery = 50;
 const char kKey[] = "0123456789abcdef-node-test-key";
 

@@ -46,16 +46,9 @@ TEST(KeyFile, HoldsOneLineOfSixteenTo4096Bytes) {
 }
 constexpr uint64_t kMemory = 64ull << 20, kDisk = 8ull << 20;
 const char kKey[] = "0123456789abcdef-test-key";
-// The guest's page writes a second. Under a sanitizer a checkpoint of the whole 2048-page working
-// set takes ~100 ms, so at 50000 every 10 ms epoch dirtied all of it, 8 checkpoints were always in
-// flight and each held answer waited ~1 s: the load's 2 s run answered 9 requests and its setup
-// and final reads took 20 s more. At 5000 the mirror keeps up there too (answers in ~30 ms); the
-// same paths run, with fewer pages in each checkpoint.
-#ifdef ROMULUS_SANITIZED
-constexpr uint64_t kWriteRate = 5000;
-#else
-constexpr uint64_t kWriteRate = 50000;
-#endif
+// The guest's page writes a second. At 50000 under a sanitizer each held answer waited ~1 s: the
+// load's 2 s run answered 9 requests.
+constexpr uint64_t kWriteRate = testing::WriteRate(50000, 5000);
 
 class VmReplication : public testing::PlatformTest {
  protected:

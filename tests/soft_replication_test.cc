@@ -126,13 +126,7 @@ class SoftReplication : public ::testing::TestWithParam<pb::Compression> {
     return early_;
   }
 
-  // The software VM's writes a millisecond. Under a sanitizer a checkpoint of the whole working
-  // set is slow to cross: at 20 every epoch dirtied all of it and the mirror never caught up.
-#ifdef ROMULUS_SANITIZED
-  uint64_t writes_per_ms_ = 2;
-#else
-  uint64_t writes_per_ms_ = 20;
-#endif
+  uint64_t writes_per_ms_ = testing::WriteRate(20, 2);  // the software VM's
   TempDir dir_;
   vmm::OutputGate gate_;
   std::unique_ptr<SoftVm> vm_;

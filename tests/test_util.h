@@ -44,16 +44,26 @@ class PlatformTest : public ::testing::TestWithParam<pb::Platform> {
                            ::testing::ValuesIn(::romulus::testing::TestPlatforms()), \
                            ::romulus::testing::PlatformTestName)
 
+// A sanitizer build (ASan/UBSan or TSan): everything runs several times slower.
+#ifdef ROMULUS_SANITIZED
+inline constexpr bool kSanitized = true;
+#else
+inline constexpr bool kSanitized = false;
+#endif
+
 // The length of a long exactness run: a fifth of it in sanitizer builds. Their allocators map
 // each large block afresh, and a fresh page costs a fault (about 13 us on a PVM guest), so a
 // checkpoint's buffers cost far more there; the same code paths, and the memory and thread
 // errors on them, are covered by fewer rounds.
-constexpr int LongRun(int n) {
-#ifdef ROMULUS_SANITIZED
-  return n / 5 > 0 ? n / 5 : 1;
-#else
-  return n;
-#endif
+constexpr int LongRun(int n) { return kSanitized ? (n / 5 > 0 ? n / 5 : 1) : n; }
+
+// How fast a test VM writes: slower in sanitizer builds, where a checkpoint of a whole working
+// set takes hundreds of milliseconds to cross. At the release build's rate every epoch there
+// dirtied all of it, checkpoints piled up in flight and a hand-over waited out its drain (half
+// its timeout) for nothing; at the lower one the mirror keeps up, and the same paths run with
+// fewer pages in each checkpoint.
+constexpr uint64_t WriteRate(uint64_t release, uint64_t sanitized) {
+  return kSanitized ? sanitized : release;
 }
 
 // How much longer than in a release build on an idle machine a wait may take: sanitizer builds
