@@ -13,8 +13,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cli/args.h"
-#include "switchover/switchover.h"
 #include "google/protobuf/util/json_util.h"
+#include "switchover/switchover.h"
 #include "vmm/ledger_protocol.h"
 #include "vmm/sys.h"
 
@@ -105,20 +105,19 @@ class ControlServerImpl : public ControlServer {
         } else {
           if (migration_.joinable()) migration_.join();
           migrating_ = true;
-          migration_ = std::thread(
-              [this, client = std::move(client), request = req.migrate()]() mutable {
-                pb::ControlReply reply;
-                auto done = handlers_.migrate(request);
-                if (done.ok()) {
-                  reply.set_migrated(done->line);
-                  reply.set_downtime_ms(done->downtime_ms);
-                } else {
-                  reply.set_error(std::string(done.status().message()));
-                }
-                (void)vmm::WriteFully(client.get(), vmm::EncodeFrame(reply),
-                                      "control socket write");
-                migrating_ = false;
-              });
+          migration_ = std::thread([this, client = std::move(client),
+                                    request = req.migrate()]() mutable {
+            pb::ControlReply reply;
+            auto done = handlers_.migrate(request);
+            if (done.ok()) {
+              reply.set_migrated(done->line);
+              reply.set_downtime_ms(done->downtime_ms);
+            } else {
+              reply.set_error(std::string(done.status().message()));
+            }
+            (void)vmm::WriteFully(client.get(), vmm::EncodeFrame(reply), "control socket write");
+            migrating_ = false;
+          });
           continue;  // the migration's thread answers
         }
       } else {
@@ -222,10 +221,10 @@ std::string PostcopyLine(const pb::PostcopyStatus& p) {
                 : 100.0,
       p.chunks_here(), p.chunks(), p.demand_pages(), p.faults(), p.fault_wait_p50_ms(),
       p.fault_wait_p99_ms(), p.mb_per_s(),
-      p.done()              ? absl::StrFormat("done in %.1f s", p.seconds())
-      : !p.error().empty()  ? absl::StrCat("failed: ", p.error())
-      : p.mb_per_s() > 0    ? absl::StrFormat("ETA %.1f s", p.eta_s())
-                            : std::string("ETA ?"));
+      p.done()             ? absl::StrFormat("done in %.1f s", p.seconds())
+      : !p.error().empty() ? absl::StrCat("failed: ", p.error())
+      : p.mb_per_s() > 0   ? absl::StrFormat("ETA %.1f s", p.eta_s())
+                           : std::string("ETA ?"));
 }
 
 std::string FormatStatus(const pb::StatusReply& s) {
@@ -297,7 +296,8 @@ std::string FormatStatus(const pb::StatusReply& s) {
   if (!s.handed_over_because().empty()) {
     absl::StrAppendFormat(&out, "handed over:      because %s\n", s.handed_over_because());
   }
-  if (s.has_postcopy()) absl::StrAppendFormat(&out, "post-copy:        %s\n", PostcopyLine(s.postcopy()));
+  if (s.has_postcopy())
+    absl::StrAppendFormat(&out, "post-copy:        %s\n", PostcopyLine(s.postcopy()));
   if (s.has_health()) {
     const pb::HealthStatus& h = s.health();
     absl::StrAppendFormat(&out, "health:           %s (%d checks, %d moves asked, %d refused)\n",
@@ -418,8 +418,9 @@ int MigrateCommand(int argc, char** argv) {
             "how long the last checkpoint and the mirror's answer may take, or with --postcopy "
             "how long the destination may be silent (1 to 600000)");
   args.Bool("postcopy", &postcopy, "move the VM first and its memory after");
-  args.String("to", &to, "post-copy's destination (HOST:PORT of its replication listener; "
-                         "default: the configured peer)");
+  args.String("to", &to,
+              "post-copy's destination (HOST:PORT of its replication listener; "
+              "default: the configured peer)");
   args.Uint("precopy-rounds", &rounds, "the hybrid: pre-copy rounds before post-copy (0 to 100)");
   args.Bool("accept-postcopy-risk", &accept_risk,
             "go on although the VM dies with this host until all of its memory has arrived");
@@ -437,9 +438,9 @@ int MigrateCommand(int argc, char** argv) {
         absl::StatusOr<Migrated> done;
         std::atomic<bool> answered{false};
         std::thread ask([&] {
-          done = RequestMigration(socket, req,
-                                  static_cast<int>(timeout_ms) +
-                                      (postcopy ? kPostcopyAnswerMs : kHandOverAnswerMs));
+          done = RequestMigration(
+              socket, req,
+              static_cast<int>(timeout_ms) + (postcopy ? kPostcopyAnswerMs : kHandOverAnswerMs));
           answered = true;
         });
         auto next = std::chrono::steady_clock::now() + std::chrono::seconds(1);

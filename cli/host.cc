@@ -229,11 +229,11 @@ pb::PostcopyStatus PostcopyStatusOf(const replicator::PostcopyProgress& p, const
   s.set_faults(p.faults);
   s.set_fault_wait_p50_ms(p.fault_wait_p50_ms);
   s.set_fault_wait_p99_ms(p.fault_wait_p99_ms);
-  double moved = static_cast<double>(p.pages_here * vmm::kPageSize +
-                                     p.chunks_here * vmm::kDiskChunkBytes);
-  double left = static_cast<double>((p.pages - std::min(p.pages_here, p.pages)) * vmm::kPageSize +
-                                    (p.chunks - std::min(p.chunks_here, p.chunks)) *
-                                        vmm::kDiskChunkBytes);
+  double moved =
+      static_cast<double>(p.pages_here * vmm::kPageSize + p.chunks_here * vmm::kDiskChunkBytes);
+  double left =
+      static_cast<double>((p.pages - std::min(p.pages_here, p.pages)) * vmm::kPageSize +
+                          (p.chunks - std::min(p.chunks_here, p.chunks)) * vmm::kDiskChunkBytes);
   double rate = p.seconds > 0 ? moved / p.seconds : 0;
   s.set_mb_per_s(rate / 1e6);
   s.set_eta_s(rate > 0 ? left / rate : 0);
@@ -291,12 +291,12 @@ pb::StatusReply RoleStatusReply(const std::string& vm_id, const switchover::Node
   r.set_vm_id(vm_id);
   if (s.role == Role::kPrimary) {
     r.set_role("primary");
-    r.set_state(s.resumed_epoch >= 0
-                    ? absl::StrFormat(
-                          "promoted from mirror at epoch %d; running unprotected (no peer "
-                          "configured)",
-                          s.resumed_epoch)
-                    : std::string("running, not replicating"));
+    r.set_state(
+        s.resumed_epoch >= 0
+            ? absl::StrFormat("promoted from mirror at epoch %d; running unprotected (no peer "
+                              "configured)",
+                              s.resumed_epoch)
+            : std::string("running, not replicating"));
     r.set_committed_epoch(s.resumed_epoch);
     r.set_held_outputs(s.held_outputs);
     r.set_handed_over_because(s.handed_over_because);
@@ -440,8 +440,7 @@ absl::StatusOr<Migrated> Migrate(switchover::Node& n, const pb::MigrateRequest& 
                                          static_cast<double>(p.precopy_bytes) / (1 << 20))
                        : std::string(),
       report->downtime_ms, report->total_ms, p.pages, p.chunks, p.demand_pages + p.demand_chunks,
-      p.faults, p.fault_wait_p50_ms, p.fault_wait_p99_ms,
-      static_cast<double>(p.bytes) / (1 << 20),
+      p.faults, p.fault_wait_p50_ms, p.fault_wait_p99_ms, static_cast<double>(p.bytes) / (1 << 20),
       now.role == switchover::Node::Role::kMirror
           ? absl::StrFormat("this host is now its mirror (replication on port %d)", now.port)
           : std::string("this host is idle (no replication_port to be the mirror on)"));
@@ -488,11 +487,11 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     if (!vm.ok()) return vm.status();
     return std::make_unique<LedgerVm>(std::move(*vm), gate, listen, port, who);
   };
-  h.node.adopt_postcopy = [who, listen = h.ledger_listen, port = h.ledger_port](
-                              std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
-                              const std::string& disk_path, vmm::Vm::PostCopy postcopy,
-                              vmm::OutputGate& gate)
-      -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
+  h.node.adopt_postcopy =
+      [who, listen = h.ledger_listen, port = h.ledger_port](
+          std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
+          const std::string& disk_path, vmm::Vm::PostCopy postcopy,
+          vmm::OutputGate& gate) -> absl::StatusOr<std::unique_ptr<switchover::NodeVm>> {
     auto vm = vmm::Vm::Adopt(std::move(memory), state, disk_path, GuestConsole(who), &gate,
                              std::move(postcopy));
     if (!vm.ok()) return vm.status();

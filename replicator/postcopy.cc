@@ -346,9 +346,8 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::Checkpoint
     return absl::DataLossError("post-copy: the destination did not answer the start");
   }
   if (!reply->postcopy_started().running()) {
-    return absl::AbortedError(
-        absl::StrCat("the destination did not resume the VM: ",
-                     reply->postcopy_started().error().substr(0, 200)));
+    return absl::AbortedError(absl::StrCat("the destination did not resume the VM: ",
+                                           reply->postcopy_started().error().substr(0, 200)));
   }
   Report report;
   report.resume_ms = MsSince(started);
@@ -482,8 +481,8 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
     for (size_t i = 0; i < run->gfns.size(); i++) {
       const uint8_t* page = run->pages.data() + i * kPageSize;
       if (XXH3_64bits(page, kPageSize) != run->hashes[i]) {
-        return absl::DataLossError(
-            absl::StrFormat("post-copy: pre-copied page %#x does not match its hash", run->gfns[i]));
+        return absl::DataLossError(absl::StrFormat(
+            "post-copy: pre-copied page %#x does not match its hash", run->gfns[i]));
       }
       std::memcpy((*memory)->data() + run->gfns[i] * kPageSize, page, kPageSize);
     }
@@ -805,12 +804,12 @@ class PostcopyMigration::Impl {
                          .path_index = 0,
                          .path_count = 1,
                          .postcopy = pb::POSTCOPY_MAIN};
-    auto main = Channel::Connect(io_, options_.host, options_.port, terms, session,
-                                 options_.peer_timeout);
+    auto main =
+        Channel::Connect(io_, options_.host, options_.port, terms, session, options_.peer_timeout);
     if (!main.ok()) return Refused(main.status());
     terms.postcopy = pb::POSTCOPY_DEMAND;
-    auto demand = Channel::Connect(io_, options_.host, options_.port, terms, session,
-                                   options_.peer_timeout);
+    auto demand =
+        Channel::Connect(io_, options_.host, options_.port, terms, session, options_.peer_timeout);
     if (!demand.ok()) return Refused(demand.status());
     Log(options_.log, absl::StrFormat("post-copy: connected to %s:%d (%s)", options_.host,
                                       options_.port, (*main)->protection()));
@@ -821,10 +820,9 @@ class PostcopyMigration::Impl {
         return Refused(s);
       }
       PostcopyProgress p = source_.progress();
-      Log(options_.log, absl::StrFormat("post-copy: %u pre-copy rounds sent %.1f MiB in %.1f s",
-                                        p.precopy_rounds,
-                                        static_cast<double>(p.precopy_bytes) / (1 << 20),
-                                        MsSince(t0) / 1000));
+      Log(options_.log,
+          absl::StrFormat("post-copy: %u pre-copy rounds sent %.1f MiB in %.1f s", p.precopy_rounds,
+                          static_cast<double>(p.precopy_bytes) / (1 << 20), MsSince(t0) / 1000));
     } else if (auto s = vm.Pause(); !s.ok()) {
       return s;
     }

@@ -77,9 +77,9 @@ class PostcopySource {
   // By Precopy: the pages it sent, those of them the destination holds as they are now, and
   // what the guest wrote in its last round (streamed first: what it uses now).
   vmm::DirtyBitmap precopied_, held_, recent_;
-  PostcopyProgress progress_;                  // under mu_
-  bool destination_runs_ = false;              // under mu_
-  bool commit_sent_ = false;                   // under mu_
+  PostcopyProgress progress_;      // under mu_
+  bool destination_runs_ = false;  // under mu_
+  bool commit_sent_ = false;       // under mu_
   std::chrono::steady_clock::time_point resumed_at_;
 };
 
@@ -91,10 +91,10 @@ class PostcopyDestination {
     std::chrono::milliseconds peer_timeout{5000};
   };
   explicit PostcopyDestination(Options options) : options_(std::move(options)) {}
-  // Receives the VM on `main` (after the pages of a hybrid's pre-copy rounds), resumes it through `adopt`, and takes in everything still to
-  // come. OK once every page and chunk is here (the guest runs on all of its memory). An error
-  // before `adopt` succeeded leaves nothing running; after it, the guest was stopped (with the
-  // error as the reason) and is not to run again.
+  // Receives the VM on `main` (after the pages of a hybrid's pre-copy rounds), resumes it through
+  // `adopt`, and takes in everything still to come. OK once every page and chunk is here (the guest
+  // runs on all of its memory). An error before `adopt` succeeded leaves nothing running; after it,
+  // the guest was stopped (with the error as the reason) and is not to run again.
   absl::Status Run(Channel& main, Channel& demand, const Adopt& adopt);
   // Any thread.
   PostcopyProgress progress() const;

@@ -198,8 +198,8 @@ class MirrorImpl : public Mirror {
     pb::Hello h;
     auto ch = Handshake(std::move(*next), &next_session, &h);
     if (!ch.ok()) {
-      Reject(absl::StrCat("refused a post-copy source's second connection: ",
-                          ch.status().message()));
+      Reject(
+          absl::StrCat("refused a post-copy source's second connection: ", ch.status().message()));
       return nullptr;
     }
     if (h.postcopy() != pb::POSTCOPY_DEMAND || next_session != session) {
@@ -338,8 +338,7 @@ class MirrorImpl : public Mirror {
   bool ReceivePostcopy(std::unique_ptr<Channel> main, std::unique_ptr<Channel> demand) {
     std::string peer = main->peer();
     if (!options_.postcopy) {
-      Reject(absl::StrCat("refused a post-copy migration from ", peer,
-                          ": this host takes none"));
+      Reject(absl::StrCat("refused a post-copy migration from ", peer, ": this host takes none"));
       return false;
     }
     main->set_on_frame(options_.on_traffic);

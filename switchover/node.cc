@@ -141,10 +141,11 @@ class NodeImpl : public Node {
          .on_handover = [this](uint64_t epoch,
                                const std::string& reason) { return TakeHandover(epoch, reason); },
          .base_image = o_.base_image,
-         .postcopy = o_.adopt_postcopy ? [this](const replicator::Mirror::Options::ReceivePostcopy&
-                                                    receive) { return TakePostcopy(receive); }
-                                       : std::function<absl::Status(
-                                             const replicator::Mirror::Options::ReceivePostcopy&)>(),
+         .postcopy = o_.adopt_postcopy
+                         ? [this](const replicator::Mirror::Options::ReceivePostcopy&
+                                      receive) { return TakePostcopy(receive); }
+                         : std::function<absl::Status(
+                               const replicator::Mirror::Options::ReceivePostcopy&)>(),
          .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change
@@ -239,17 +240,16 @@ class NodeImpl : public Node {
   absl::StatusOr<replicator::PostcopyMigration::Report> MigratePostcopy(
       const PostcopyTo& to, const std::string& reason) override {
     std::lock_guard<std::mutex> one_at_a_time(role_mu_);
-    replicator::PostcopyMigration::Options po{
-        .identity = o_.identity,
-        .key = o_.key,
-        .host = to.host.empty() ? o_.peer_host : to.host,
-        .port = to.host.empty() ? o_.peer_port : to.port,
-        .protection = o_.protection,
-        .peer_timeout = to.timeout,
-        .compression = o_.compression,
-        .precopy_rounds = to.precopy_rounds,
-        .before_start = nullptr,
-        .log = o_.log};
+    replicator::PostcopyMigration::Options po{.identity = o_.identity,
+                                              .key = o_.key,
+                                              .host = to.host.empty() ? o_.peer_host : to.host,
+                                              .port = to.host.empty() ? o_.peer_port : to.port,
+                                              .protection = o_.protection,
+                                              .peer_timeout = to.timeout,
+                                              .compression = o_.compression,
+                                              .precopy_rounds = to.precopy_rounds,
+                                              .before_start = nullptr,
+                                              .log = o_.log};
     if (po.port == 0) {
       return absl::FailedPreconditionError(
           "no destination: no peer is configured, so post-copy needs one named (--to HOST:PORT)");
@@ -300,9 +300,9 @@ class NodeImpl : public Node {
     }
     if (!report.ok()) {
       if (absl::IsUnavailable(report.status())) {
-        return absl::UnavailableError(absl::StrCat(
-            report.status().message(),
-            "; the destination may be running the VM, so it stays paused here"));
+        return absl::UnavailableError(
+            absl::StrCat(report.status().message(),
+                         "; the destination may be running the VM, so it stays paused here"));
       }
       if (transferred) {
         o_.lease->Want(true);
@@ -323,7 +323,10 @@ class NodeImpl : public Node {
     {
       std::lock_guard<std::mutex> lock(mu_);
       postcopy_last_ = report->progress;
-      p_.gate->SetHolding(false);  // the VM is whole at the destination: its outputs may leave
+      // The VM is whole at the destination, which continues from the state that said them: what
+      // it said here may leave, though the lease (and with it the fence) went with the VM.
+      p_.gate->SetFenced(false);
+      p_.gate->SetHolding(false);
     }
     BecomeMirrorOfNewPrimary();
     return report;
@@ -515,9 +518,9 @@ class NodeImpl : public Node {
             }
           }
           uint64_t pages = missing.Count(), chunks = missing_chunks.Count();
-          auto p = AdoptPostcopy(std::move(memory), state, std::move(missing),
-                                 std::move(missing_chunks), std::move(on_page),
-                                 std::move(on_chunk), disk);
+          auto p =
+              AdoptPostcopy(std::move(memory), state, std::move(missing), std::move(missing_chunks),
+                            std::move(on_page), std::move(on_chunk), disk);
           if (!p.ok()) {
             if (o_.lease) o_.lease->Want(false);
             return p.status();
@@ -570,14 +573,15 @@ class NodeImpl : public Node {
     absl::Status protecting;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      // Like a VM a failover resumed, its outputs do not wait for a mirror that may not return.
+      run_unprotected_ = true;
       AttachEngine(p_);
       protecting = Replicate(p_);
-      if (o_.lease ? !o_.lease->held() : fenced_) ApplyFence(true);
+      SyncFence();
     }
-    Log(absl::StrFormat("post-copy: every page is here %.1f ms after the source connected; %s",
-                        MsSince(t0),
-                        protecting.ok() ? Protection()
-                                        : absl::StrCat("not protected: ", protecting.message())));
+    Log(absl::StrFormat(
+        "post-copy: every page is here %.1f ms after the source connected; %s", MsSince(t0),
+        protecting.ok() ? Protection() : absl::StrCat("not protected: ", protecting.message())));
     return absl::OkStatus();
   }
 
@@ -598,15 +602,14 @@ class NodeImpl : public Node {
     p.gate = std::make_unique<vmm::OutputGate>();
     p.gate->SetHolding(true);
     auto vm = o_.adopt_postcopy(std::move(memory), state, incoming,
-                                vmm::Vm::PostCopy{std::move(missing), std::move(on_page)},
-                                *p.gate);
+                                vmm::Vm::PostCopy{std::move(missing), std::move(on_page)}, *p.gate);
     if (!vm.ok()) {
       ::unlink(incoming.c_str());
       return vm.status();
     }
     p.vm = std::move(*vm);
-    absl::Status s = p.vm->disk().ExpectChunks(std::move(missing_chunks), std::move(on_chunk),
-                                               kChunkStall);
+    absl::Status s =
+        p.vm->disk().ExpectChunks(std::move(missing_chunks), std::move(on_chunk), kChunkStall);
     if (s.ok() && ::rename(incoming.c_str(), disk.c_str()) != 0) {
       s = vmm::ErrnoStatus(absl::StrCat("rename ", incoming, " to ", disk));
     }
@@ -639,12 +642,23 @@ class NodeImpl : public Node {
     std::lock_guard<std::mutex> lock(mu_);
     moving_ = false;
     AttachEngine(p_);
-    if (o_.lease ? !o_.lease->held() : fenced_) {
-      ApplyFence(true);  // it resumes when the fence lifts
-    } else if (auto s = p_.vm->Resume(); !s.ok()) {
-      return s;
+    if (!SyncFence()) {  // else it resumes when the fence lifts
+      if (auto s = p_.vm->Resume(); !s.ok()) return s;
     }
     return Replicate(p_);
+  }
+
+  // After an engine was attached to the VM of a primary that ran without one, which fenced the
+  // gate itself: the fence as the lease (or Fence) says now, through the engine. Returns whether
+  // the node is fenced. With mu_ held.
+  bool SyncFence() {
+    bool fenced = o_.lease ? !o_.lease->held() : fenced_;
+    if (fenced) {
+      ApplyFence(true);
+    } else {
+      p_.gate->SetFenced(false);
+    }
+    return fenced;
   }
 
   // The committed replica becomes the running VM. With role_mu_ held, once nothing more is

@@ -264,9 +264,9 @@ class Node {
   };
   // Where a post-copy migration goes, and how.
   struct PostcopyTo {
-    std::string host;   // the destination's replication listener; empty: the peer's
+    std::string host;  // the destination's replication listener; empty: the peer's
     uint16_t port = 0;
-    uint32_t precopy_rounds = 0;  // the hybrid: pre-copy rounds first
+    uint32_t precopy_rounds = 0;               // the hybrid: pre-copy rounds first
     std::chrono::milliseconds timeout{10000};  // the destination's silence that ends it
   };
 

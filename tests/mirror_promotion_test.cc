@@ -533,8 +533,8 @@ TEST_P(VmPostcopyHosts, UnderLoadTheVmMovesAndBackLosingNothing) {
   Child refused({"migrate", "--socket", hosts->control_socket(Host::kA), "--postcopy"});
   EXPECT_EQ(refused.Wait(60), 1);
   EXPECT_THAT(refused.output(), HasSubstr("say --accept-postcopy-risk"));
-  for (auto [from, to, rounds] : {std::tuple{Host::kA, Host::kB, "0"},
-                                  std::tuple{Host::kB, Host::kA, "2"}}) {
+  for (auto [from, to, rounds] :
+       {std::tuple{Host::kA, Host::kB, "0"}, std::tuple{Host::kB, Host::kA, "2"}}) {
     SCOPED_TRACE(absl::StrCat(cli::LocalHosts::Name(from), ", pre-copy rounds ", rounds));
     TwoLoads loads(*hosts, from);
     EXPECT_TRUE(loads.WaitRunning());
@@ -546,7 +546,8 @@ TEST_P(VmPostcopyHosts, UnderLoadTheVmMovesAndBackLosingNothing) {
     ASSERT_EQ(rc, 0) << migrate->output() << hosts->process(from).output() << new_primary.output();
     EXPECT_THAT(migrate->output(), HasSubstr("moved by post-copy"));
     EXPECT_THAT(migrate->output(), HasSubstr("this host is now its mirror"));
-    EXPECT_TRUE(new_primary.WaitForLine("post-copy: every page is here", testing::ScaledMs(10)).ok())
+    EXPECT_TRUE(
+        new_primary.WaitForLine("post-copy: every page is here", testing::ScaledMs(10)).ok())
         << new_primary.output();
     const auto& report = loads.direct;
     ASSERT_TRUE(report.ok()) << report.status();
@@ -554,9 +555,12 @@ TEST_P(VmPostcopyHosts, UnderLoadTheVmMovesAndBackLosingNothing) {
     EXPECT_EQ(report->lost_acknowledged, 0u);
     EXPECT_EQ(report->unresolved, 0u);
     ExpectNothingButAPause(loads.proxied, *hosts->proxy());
-    std::printf("post-copy %s -> %s on %s (%s pre-copy rounds): %s\n", cli::LocalHosts::Name(from),
-                cli::LocalHosts::Name(to), platform_name().c_str(), rounds,
-                migrate->output().c_str());
+    std::printf(
+        "post-copy %s -> %s on %s (%s pre-copy rounds): the clients' longest wait %.1f ms "
+        "direct, %.1f ms through the proxy; %s",
+        cli::LocalHosts::Name(from), cli::LocalHosts::Name(to), platform_name().c_str(), rounds,
+        report->max_us / 1000, loads.proxied.ok() ? loads.proxied->max_us / 1000 : -1.0,
+        migrate->output().c_str());
     // Protected again: the host it left, now the mirror, has the new primary's synchronisation.
     ASSERT_TRUE(new_primary.WaitForLine("protected: replicating", testing::ScaledMs(60)).ok())
         << new_primary.output();
@@ -588,8 +592,8 @@ TEST_P(VmPostcopyHosts, EitherHostDyingMidwayLosesNothingOrRunsNothing) {
       EXPECT_TRUE(loads->WaitRunning());
     }
     auto migrate = Postcopy(*hosts, Host::kA, {"--to", absl::StrCat("127.0.0.1:", slow->port())});
-    auto runs = hosts->process(Host::kB).WaitForLine("post-copy: the VM runs here",
-                                                     testing::ScaledMs(60));
+    auto runs =
+        hosts->process(Host::kB).WaitForLine("post-copy: the VM runs here", testing::ScaledMs(60));
     ASSERT_TRUE(runs.ok()) << hosts->process(Host::kB).output() << migrate->output();
     hosts->process(killed).Signal(SIGKILL);
     if (killed == Host::kB) {
@@ -611,8 +615,8 @@ TEST_P(VmPostcopyHosts, EitherHostDyingMidwayLosesNothingOrRunsNothing) {
       ExpectNothingButAPause(loads->proxied, *hosts->proxy());
     } else {
       cli::Process& b = hosts->process(Host::kB);
-      auto stopped = b.WaitForLine("post-copy failed, the VM is not running here",
-                                   testing::ScaledMs(60));
+      auto stopped =
+          b.WaitForLine("post-copy failed, the VM is not running here", testing::ScaledMs(60));
       ASSERT_TRUE(stopped.ok()) << b.output();
       EXPECT_THAT(*stopped, HasSubstr("never arrived"));
       auto st = cli::QueryStatus(hosts->control_socket(Host::kB));
@@ -620,9 +624,7 @@ TEST_P(VmPostcopyHosts, EitherHostDyingMidwayLosesNothingOrRunsNothing) {
       EXPECT_EQ(st->role(), "idle");
       EXPECT_THAT(st->state(), HasSubstr("post-copy failed"));
       // Nothing answers on its ledger address: no guest runs there.
-      EXPECT_FALSE(
-          cli::LedgerClient::Connect("127.0.0.1", hosts->ledger_port(Host::kB), 500)
-              .ok());
+      EXPECT_FALSE(cli::LedgerClient::Connect("127.0.0.1", hosts->ledger_port(Host::kB), 500).ok());
       std::printf("source killed mid-post-copy on %s: %s\n", platform_name().c_str(),
                   stopped->c_str());
     }

@@ -76,7 +76,10 @@ class Endpoint : public LedgerEndpoint {
 
   ~Endpoint() override {
     ledger_.SetResponseSink(nullptr);  // waits for a response being handed over
-    io_->stop();
+    // Answers the gate released just before (a post-copy's source releases its last ones as the
+    // VM leaves) were posted to the loop: they go out before it stops. Stopped at once, they
+    // kept their connections open, and their clients waited for a timeout to try elsewhere.
+    asio::post(*io_, [io = io_.get()] { io->stop(); });
     if (thread_.joinable()) thread_.join();
   }
 
