@@ -46,8 +46,9 @@ const std::string& ServerPath() {
       if (force) return std::string("promoted");
       return absl::FailedPreconditionError("no lease");
     };
-    h.migrate = [](std::chrono::milliseconds t) -> absl::StatusOr<cli::Migrated> {
-      return cli::Migrated{.line = "migrated", .downtime_ms = static_cast<double>(t.count())};
+    h.migrate = [](const pb::MigrateRequest& req) -> absl::StatusOr<cli::Migrated> {
+      return cli::Migrated{.line = "migrated",
+                           .downtime_ms = static_cast<double>(req.timeout_ms())};
     };
     static auto server = cli::ControlServer::Start(p, std::move(h));
     if (!server.ok()) std::abort();

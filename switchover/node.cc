@@ -178,26 +178,12 @@ class NodeImpl : public Node {
     auto report = primary->HandOver(
         timeout,
         [&]() -> absl::Status {
-          if (!o_.lease) return absl::OkStatus();
-          std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
-          if (peer.empty()) {
-            return absl::FailedPreconditionError(
-                "the mirror's node name is unknown (no heartbeat heard): the lease cannot go to "
-                "it");
-          }
-          auto s = o_.lease->TransferTo(peer, milliseconds(1000));
-          transferred = s.ok();
-          return s;
+          return o_.lease ? HandLeaseToPeer(&transferred) : absl::OkStatus();
         },
         reason);
     if (!report.ok()) {
       if (transferred && report.status().code() == absl::StatusCode::kAborted) {
-        o_.lease->Want(true);
-        if (auto s = o_.lease->AcquireWithin(milliseconds(3000)); !s.ok()) {
-          return absl::UnavailableError(
-              absl::StrCat(report.status().message(), "; but the lease did not come back (",
-                           s.message(), "): the VM stays paused here until it does"));
-        }
+        if (auto s = TakeLeaseBack(report.status()); !s.ok()) return s;
       }
       return report.status();
     }
@@ -255,20 +241,10 @@ class NodeImpl : public Node {
           "no destination: no peer is configured, so post-copy needs one named (--to HOST:PORT)");
     }
     // With a witness the lease goes to the destination (named by the heartbeats, so it must be
-    // the peer) before the VM does; if the migration fails it is taken back.
+    // the peer) before the VM's state does; if the migration fails it is taken back.
     bool transferred = false;
     if (o_.lease) {
-      po.before_start = [&]() -> absl::Status {
-        std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
-        if (peer.empty()) {
-          return absl::FailedPreconditionError(
-              "the destination's node name is unknown (no heartbeat heard): the lease cannot go "
-              "to it");
-        }
-        auto s = o_.lease->TransferTo(peer, milliseconds(1000));
-        transferred = s.ok();
-        return s;
-      };
+      po.before_start = [&] { return HandLeaseToPeer(&transferred); };
     }
     auto migration = std::make_shared<replicator::PostcopyMigration>(std::move(po));
     NodeVm* vm;
@@ -305,12 +281,7 @@ class NodeImpl : public Node {
                          "; the destination may be running the VM, so it stays paused here"));
       }
       if (transferred) {
-        o_.lease->Want(true);
-        if (auto s = o_.lease->AcquireWithin(milliseconds(3000)); !s.ok()) {
-          return absl::UnavailableError(
-              absl::StrCat(report.status().message(), "; but the lease did not come back (",
-                           s.message(), "): the VM stays paused here until it does"));
-        }
+        if (auto s = TakeLeaseBack(report.status()); !s.ok()) return s;
       }
       if (auto s = ResumeHere(); !s.ok()) {
         return absl::InternalError(absl::StrCat(report.status().message(),
@@ -621,6 +592,31 @@ class NodeImpl : public Node {
     }
     disk_path_ = disk;
     return p;
+  }
+
+  // A migration hands the witness's lease to the other host (named by the heartbeats) before the
+  // VM moves; `*transferred` says whether it went.
+  absl::Status HandLeaseToPeer(bool* transferred) {
+    std::string peer = o_.heartbeat ? o_.heartbeat->peer_node() : "";
+    if (peer.empty()) {
+      return absl::FailedPreconditionError(
+          "the other host's node name is unknown (no heartbeat heard): the lease cannot go to it");
+    }
+    absl::Status s = o_.lease->TransferTo(peer, milliseconds(1000));
+    *transferred = s.ok();
+    return s;
+  }
+
+  // A migration that did not happen after the lease went: this host takes it back before the
+  // VM runs here again. `failed` is why the migration did not happen.
+  absl::Status TakeLeaseBack(const absl::Status& failed) {
+    o_.lease->Want(true);
+    if (auto s = o_.lease->AcquireWithin(milliseconds(3000)); !s.ok()) {
+      return absl::UnavailableError(absl::StrCat(failed.message(),
+                                                 "; but the lease did not come back (", s.message(),
+                                                 "): the VM stays paused here until it does"));
+    }
+    return absl::OkStatus();
   }
 
   // Ends replication to the mirror; the VM runs on. With role_mu_.
