@@ -136,7 +136,7 @@ t0=$SECONDS
 echo "== tsan: networking tests"
 set +e
 TSAN_OPTIONS=halt_on_error=1 ctest --test-dir "$dir" --output-on-failure -j"$jobs" \
-  -R 'OutputGate|ControlSocket|^Systemd\.|^Metrics\.|^Process\.|^LocalHosts\.|WireFormat|^Witness\.|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|^HealthMonitor\.|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|^ProxyTest\.|^ProxyCommand\.|^Bond\.|^Missing(Pages|Chunks)|/(VmLocalHosts\.|VmPostcopyMigration\.|VmPostcopyHosts\.|VmLedger\.|VmBadInput\.|VmSystemd\.|VmReplication\.(AWrongKey|Garbage|ARestarted)).*/(process|none)( |$)' 2>&1 |
+  -R 'OutputGate|ControlSocket|^Systemd\.|^Metrics\.|^Process\.|^LocalHosts\.|WireFormat|^Witness\.|Lease|Heartbeat|SwitchoverNetns|MirrorPromotion|Migration\.AnError|NodeTest\.AFailed|^HealthMonitor\.|SilentPeer|SoftReplication\.APrimaryThatLies|LoadFailover|^ProxyTest\.|^ProxyCommand\.|^Bond\.|^Missing(Pages|Chunks)|/(VmLocalHosts\.|VmPostcopyMigration\.|VmLedger\.|VmBadInput\.|VmSystemd\.|VmReplication\.(AWrongKey|Garbage|ARestarted)).*/(process|none)( |$)' 2>&1 |
   tee "$dir/ctest.log"
 rc=${PIPESTATUS[0]}
 set -e
