@@ -417,13 +417,7 @@ class NodeImpl : public Node {
       return absl::FailedPreconditionError(
           absl::StrCat("cannot resume the replica here: ", s.message()));
     }
-    if (o_.lease) {
-      o_.lease->Want(true);
-      if (auto s = o_.lease->AcquireWithin(milliseconds(2000)); !s.ok()) {
-        o_.lease->Want(false);
-        return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
-      }
-    }
+    if (auto s = TakeLeaseToRun(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
       role_ = Role::kIdle;
@@ -481,13 +475,7 @@ class NodeImpl : public Node {
                   absl::StrCat("cannot resume the VM here: ", s.message()));
             }
           }
-          if (o_.lease) {
-            o_.lease->Want(true);
-            if (auto s = o_.lease->AcquireWithin(milliseconds(2000)); !s.ok()) {
-              o_.lease->Want(false);
-              return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
-            }
-          }
+          if (auto s = TakeLeaseToRun(); !s.ok()) return s;
           uint64_t pages = missing.Count(), chunks = missing_chunks.Count();
           auto p =
               AdoptPostcopy(std::move(memory), state, std::move(missing), std::move(missing_chunks),
@@ -605,6 +593,17 @@ class NodeImpl : public Node {
     absl::Status s = o_.lease->TransferTo(peer, milliseconds(1000));
     *transferred = s.ok();
     return s;
+  }
+
+  // A host the VM migrates to takes the lease (which its peer handed over) before running it.
+  absl::Status TakeLeaseToRun() {
+    if (!o_.lease) return absl::OkStatus();
+    o_.lease->Want(true);
+    if (auto s = o_.lease->AcquireWithin(milliseconds(2000)); !s.ok()) {
+      o_.lease->Want(false);
+      return absl::FailedPreconditionError(absl::StrCat("no lease: ", s.message()));
+    }
+    return absl::OkStatus();
   }
 
   // A migration that did not happen after the lease went: this host takes it back before the

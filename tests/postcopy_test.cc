@@ -55,6 +55,20 @@ std::vector<uint8_t> WorkloadRegion(vmm::GuestMemory& memory) {
 
 // Answers the destination's demand faults from `source`, on a thread of its own, as the source
 // host will over the network.
+// A VM running the deterministic workload (`seed`), paused a tenth of the way through it: most
+// of the workload is left for the destination. nullptr if it did not boot or start.
+std::unique_ptr<vmm::Vm> BootPausedAtATenth(pb::Platform platform, const TempDir& dir,
+                                            uint64_t seed) {
+  auto vm = testing::BootTestVm(platform, dir,
+                                {.working_set_pages = kWorkingSet,
+                                 .write_rate = kWriteRate,
+                                 .write_limit = kLimit,
+                                 .seed = seed});
+  if (vm == nullptr || !vm->Start().ok()) return nullptr;
+  testing::RunGuestUntil(*vm, kLimit / 10);
+  return vm;
+}
+
 class PageServer {
  public:
   explicit PageServer(const std::vector<uint8_t>& source) : source_(source) {}
@@ -118,14 +132,8 @@ class VmPostCopy : public testing::PlatformTest {};
 
 TEST_P(VmPostCopy, AGuestResumedBeforeItsMemoryArrivedRunsExactlyAsAtTheSource) {
   TempDir dir;
-  auto source = testing::BootTestVm(platform(), dir,
-                                    {.working_set_pages = kWorkingSet,
-                                     .write_rate = kWriteRate,
-                                     .write_limit = kLimit,
-                                     .seed = 7});
+  auto source = BootPausedAtATenth(platform(), dir, 7);
   ASSERT_NE(source, nullptr);
-  ASSERT_TRUE(source->Start().ok());
-  testing::RunGuestUntil(*source, kLimit / 10);
   // Most of the workload is left for the destination: it runs on pages it has to fetch.
   ASSERT_LT(source->guest_status().workload_pages, kLimit / 2);
 
@@ -347,14 +355,8 @@ class VmPostcopyMigration : public testing::PlatformTest {
   void SetUp() override {
     testing::PlatformTest::SetUp();
     if (IsSkipped()) return;
-    source_ = testing::BootTestVm(platform(), dir_,
-                                  {.working_set_pages = kWorkingSet,
-                                   .write_rate = kWriteRate,
-                                   .write_limit = kLimit,
-                                   .seed = 11});
+    source_ = BootPausedAtATenth(platform(), dir_, 11);
     ASSERT_NE(source_, nullptr);
-    ASSERT_TRUE(source_->Start().ok());
-    testing::RunGuestUntil(*source_, kLimit / 10);
     at_pause_ = source_->guest_status().workload_pages;
     ASSERT_LT(at_pause_, kLimit / 2);  // most of the workload is left for the destination
   }
