@@ -108,6 +108,10 @@ class NodeRef {
     std::lock_guard<std::mutex> lock(mu_);
     if (node_) node_->Fence(fenced);
   }
+  void Supersede(const std::string& why) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (node_) node_->Supersede(why);
+  }
 
  private:
   std::mutex mu_;
@@ -383,6 +387,7 @@ absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const 
     o.renew = std::chrono::milliseconds(c.lease_renew_ms());
     o.on_gained = std::move(hooks.on_lease_gained);
     o.on_lost = std::move(hooks.on_lease_lost);
+    o.on_superseded = std::move(hooks.on_superseded);
     o.log = log;
     auto lease = switchover::LeaseClient::Start(std::move(o));
     if (!lease.ok()) return lease.status();
@@ -456,7 +461,8 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
                             {.on_peer_dead = [&] { peer_dead = true; },
                              .on_peer_back = [&] { peer_dead = false; },
                              .on_lease_gained = [&] { ref.Fence(false); },
-                             .on_lease_lost = [&] { ref.Fence(true); }},
+                             .on_lease_lost = [&] { ref.Fence(true); },
+                             .on_superseded = [&](const std::string& why) { ref.Supersede(why); }},
                             Logger(who));
   if (!ha.ok()) return Fail(who, ha.status());
   h.node.lease = ha->lease.get();
@@ -554,6 +560,12 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
     r.set_platform(std::string(vmm::PlatformName(h.platform)));
     if (absl::Status why = n.vm_exit_status(); !why.ok()) {
       r.set_state(absl::StrCat("VM stopped: ", why.message()));
+    }
+    r.set_term(st.term);
+    if (!st.superseded.empty()) {
+      r.set_superseded(st.superseded);
+      r.set_state(absl::StrCat("superseded, VM stopped for good: ", st.superseded,
+                               " (restart this host as the mirror to rejoin)"));
     }
     ha->AddStatus(&r);
     if (health) AddHealth(health->status(), &r);

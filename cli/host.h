@@ -51,6 +51,7 @@ struct Switchover {
 struct SwitchoverHooks {
   std::function<void()> on_peer_dead = nullptr, on_peer_back = nullptr;
   std::function<void()> on_lease_gained = nullptr, on_lease_lost = nullptr;
+  std::function<void(const std::string& why)> on_superseded = nullptr;
 };
 absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const std::string& vm_id,
                                            const std::string& role, const std::string& key,

@@ -164,8 +164,14 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   if (auto s = WriteFile(l->File("a.conf"), Text(a)); !s.ok()) return s;
   if (auto s = WriteFile(l->File("b.conf"), l->MirrorConfig(kB)); !s.ok()) return s;
 
-  std::vector<std::string> witness_args = {"witness", "--psk-file", l->File("key"), "--listen",
-                                           At("127.0.0.1", l->witness_)};
+  std::vector<std::string> witness_args = {"witness",
+                                           "--psk-file",
+                                           l->File("key"),
+                                           "--listen",
+                                           At("127.0.0.1", l->witness_),
+                                           "--state",
+                                           l->File("witness.state"),
+                                           "--init"};
   if (l->o_.metrics) {
     witness_args.insert(witness_args.end(),
                         {"--metrics-listen", At("127.0.0.1", l->witness_metrics_)});

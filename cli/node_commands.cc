@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/checkpoint.h"
 #include "cli/commands.h"
@@ -163,9 +165,19 @@ int PrimaryCommand(int argc, char** argv) {
   return RunHost(
       "primary", std::move(h), signals,
       [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {
-        // With a witness this host runs the VM only while it holds the lease.
+        // With a witness this host runs the VM only while it holds the lease, and only from
+        // files no newer term superseded (the term they belong to is recorded beside the disk).
         if (o.lease) {
+          uint64_t files_term = switchover::ReadTermFile(c->disk());
+          o.lease->SetStateTerm(files_term);
           if (auto s = o.lease->AcquireWithin(std::chrono::milliseconds(3000)); !s.ok()) {
+            if (absl::StrContains(s.message(), "superseded")) {
+              return absl::FailedPreconditionError(absl::StrCat(
+                  "not starting the VM: its disk ", c->disk(), " belongs to term ", files_term,
+                  ", which a newer term superseded (", s.message(),
+                  "). The VM runs on the other host: start this host as its mirror (romulus "
+                  "mirror) to rejoin"));
+            }
             return absl::FailedPreconditionError(
                 absl::StrCat("not starting the VM without the lease: ", s.message()));
           }

@@ -19,15 +19,24 @@
 namespace romulus::cli {
 
 int WitnessCommand(int argc, char** argv) {
-  std::string listen = "0.0.0.0:7300", psk_file, metrics_listen;
+  std::string listen = "0.0.0.0:7300", psk_file, metrics_listen, state;
   uint64_t lease_ms = 150;
-  Args args("romulus witness --psk-file FILE [options]",
-            "Grants the active lease of each VM to one host at a time. A primary renews its\n"
-            "lease; a mirror may promote only once the lease is its own. After a restart the\n"
-            "witness grants nothing for one lease period, so no lease it granted before is still\n"
-            "believed held when it grants the next.");
+  bool init = false;
+  Args args("romulus witness --psk-file FILE --state FILE [options]",
+            "Numbers the terms of each VM and grants its lease to one host at a time. A primary\n"
+            "renews its lease; a mirror may promote only once the lease is its own, and only\n"
+            "from a replica that no newer term superseded. Every new term is written to the\n"
+            "state file (and fsynced) before it is granted, so that none is granted twice, also\n"
+            "across restarts. After a restart the witness grants nothing for one lease period,\n"
+            "so no lease it granted before is still believed held when it grants the next.");
   args.String("listen", &listen, "UDP ADDR:PORT to serve leases on (port 0: any free port)");
   args.String("psk-file", &psk_file, "file holding the pre-shared key of the hosts it serves");
+  args.String("state", &state,
+              "file holding the terms (required; the witness refuses to start without it unless "
+              "--init)");
+  args.Bool("init", &init,
+            "first start: create the state file, which must not exist (a witness that lost it "
+            "must not start afresh while any host runs one of its VMs)");
   args.Uint("lease-ms", &lease_ms, "how long a lease lasts unless renewed (10-60000)");
   args.String("metrics-listen", &metrics_listen,
               "TCP ADDR:PORT serving Prometheus metrics at /metrics (default: none)");
@@ -44,16 +53,20 @@ int WitnessCommand(int argc, char** argv) {
       return args.UsageError(absl::StrCat("--metrics-listen: ", s.message()));
     }
   }
+  if (state.empty()) return args.UsageError("--state is required");
   auto key = replicator::ReadKeyFile(psk_file);
   if (!key.ok()) return Fail("witness", key.status());
   sigset_t signals = TakeSignals();
   auto witness = switchover::Witness::Start({.key = *key,
                                              .listen = *endpoint,
                                              .lease = std::chrono::milliseconds(lease_ms),
+                                             .state_path = state,
+                                             .init = init,
                                              .log = Logger("witness")});
   if (!witness.ok()) return Fail("witness", witness.status());
-  std::printf("romulus witness: serving leases of %lu ms on %s:%d\n",
-              static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port());
+  std::printf("romulus witness: serving leases of %lu ms on %s:%d (terms in %s)\n",
+              static_cast<unsigned long>(lease_ms), endpoint->host.c_str(), (*witness)->port(),
+              state.c_str());
   std::fflush(stdout);
   std::unique_ptr<MetricsServer> metrics;
   if (!metrics_listen.empty()) {

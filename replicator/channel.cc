@@ -56,6 +56,7 @@ pb::Frame HelloFrame(const Channel::Terms& me, const std::string& nonce, uint64_
   h->set_cipher(me.protection.cipher);
   h->set_encrypt(me.protection.encrypt);
   h->set_postcopy(me.postcopy);
+  h->set_term(me.term);
   if (me.bond != 0) {
     h->set_bond(me.bond);
     h->set_path_index(me.path_index);

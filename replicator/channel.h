@@ -39,6 +39,7 @@ class Channel {
     uint64_t bond = 0;
     uint32_t path_index = 0, path_count = 1;
     pb::PostcopyConnection postcopy = pb::POSTCOPY_NONE;  // a post-copy source's connection
+    uint64_t term = 0;  // the primary's: the witness's term it runs the VM in (0: none)
   };
   // Primary side: connects (within `timeout`) and runs the handshake. Its `protection` (the
   // cipher resolved to the cheapest here when unspecified) is what both directions use.

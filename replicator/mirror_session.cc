@@ -6,9 +6,10 @@
 
 namespace romulus::replicator {
 
-MirrorSession::MirrorSession(MirrorState state, std::string peer)
+MirrorSession::MirrorSession(MirrorState state, std::string peer, uint64_t term)
     : state_(state),
       peer_(std::move(peer)),
+      term_(term),
       assembler_(state.replica.memory_bytes(), state.replica.disk_bytes()) {}
 
 // Tells the primary what the replica holds, as the roots of its hash trees; it then asks about
@@ -84,6 +85,7 @@ absl::StatusOr<std::vector<pb::Frame>> MirrorSession::Receive(pb::Frame f) {
     std::lock_guard<std::mutex> lock(state_.stats_mu);
     state_.stats.checkpoints++;
     state_.stats.committed_epoch = static_cast<int64_t>((*cp)->epoch);
+    state_.stats.term = std::max(state_.stats.term, term_);
     if ((*cp)->full) state_.stats.syncing = false;
   }
   if ((*cp)->full) {
@@ -93,6 +95,7 @@ absl::StatusOr<std::vector<pb::Frame>> MirrorSession::Receive(pb::Frame f) {
   }
   pb::Frame ack;
   ack.mutable_ack()->set_epoch((*cp)->epoch);
+  ack.mutable_ack()->set_term(term_);
   return std::vector<pb::Frame>{std::move(ack)};
 }
 

@@ -38,7 +38,7 @@ struct MirrorState {
 class MirrorSession {
  public:
   // `peer` names the primary in log lines.
-  MirrorSession(MirrorState state, std::string peer);
+  MirrorSession(MirrorState state, std::string peer, uint64_t term = 0);
 
   // The connection's first frame to the primary: the roots of the replica's hash trees. A
   // primary of another session than the last numbers its epochs afresh (`new_session`): the
@@ -67,6 +67,7 @@ class MirrorSession {
 
   MirrorState state_;
   std::string peer_;
+  const uint64_t term_;        // the primary's, as its Hello said
   bool comparing_ = true;      // answering tree queries until the primary is done
   uint64_t tree_budget_ = 0;   // hashes still answered on this connection
   bool synchronised_ = false;  // this connection's full checkpoint is committed

@@ -213,7 +213,8 @@ class MirrorImpl : public Mirror {
   // paths do not all arrive within the peer timeout is dropped; while it forms, connections of
   // any other are refused. A post-copy source's two connections: its main one, and its demand
   // one in `demand`.
-  std::unique_ptr<Channel> NextConnection(uint64_t* session, std::unique_ptr<Channel>* demand) {
+  std::unique_ptr<Channel> NextConnection(uint64_t* session, uint64_t* term,
+                                          std::unique_ptr<Channel>* demand) {
     while (!stop_) {
       auto socket = AcceptAny(std::nullopt);
       if (!socket) return nullptr;
@@ -232,6 +233,16 @@ class MirrorImpl : public Mirror {
         Reject("refused a post-copy source's demand connection that came first");
         continue;
       }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (hello.term() < stats_.term) {
+          Reject(absl::StrCat("refused a primary of term ", hello.term(),
+                              ": this replica holds checkpoints of term ", stats_.term,
+                              ", so that primary was superseded"));
+          continue;
+        }
+      }
+      *term = hello.term();
       if (hello.bond() == 0 || hello.path_count() <= 1) return std::move(*ch);
       uint64_t bond = hello.bond();
       uint32_t count = hello.path_count();
@@ -285,9 +296,9 @@ class MirrorImpl : public Mirror {
 
   void Serve() {
     while (!stop_) {
-      uint64_t session = 0;
+      uint64_t session = 0, term = 0;
       std::unique_ptr<Channel> demand;
-      std::unique_ptr<Channel> ch = NextConnection(&session, &demand);
+      std::unique_ptr<Channel> ch = NextConnection(&session, &term, &demand);
       if (!ch) return;
       if (demand) {
         if (ReceivePostcopy(std::move(ch), std::move(demand))) {
@@ -309,7 +320,8 @@ class MirrorImpl : public Mirror {
       Log(options_.log, absl::StrCat("primary ", channel_->peer(), " connected"));
       bool new_session = session != session_;
       session_ = session;
-      MirrorSession conversation({replica_, apply_mu_, stats_, mu_, options_}, channel_->peer());
+      MirrorSession conversation({replica_, apply_mu_, stats_, mu_, options_}, channel_->peer(),
+                                 term);
       absl::Status why = Converse(*channel_, conversation, new_session);
       conversation.End();  // keeps what an unfinished synchronisation verified
       {
@@ -507,14 +519,14 @@ class PrimaryImpl : public Primary {
   absl::StatusOr<std::unique_ptr<Channel>> ConnectMirror(asio::io_context& io,
                                                          std::mt19937_64& rng) {
     Channel::Terms terms{options_.identity, options_.key, options_.protection};
+    terms.term = options_.term;
     std::vector<Options::Path> paths = options_.mirror_paths;
     if (paths.empty()) paths.push_back({options_.mirror_host, options_.mirror_port});
     std::vector<size_t> use(paths.size());
     for (size_t i = 0; i < use.size(); i++) use[i] = i;
     for (;;) {
       if (use.size() == 1) {  // a connection of its own
-        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port,
-                                {options_.identity, options_.key, options_.protection}, session_id_,
+        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port, terms, session_id_,
                                 options_.peer_timeout);
       }
       terms.bond = rng() | 1;

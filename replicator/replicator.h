@@ -260,6 +260,9 @@ class Mirror {
     uint64_t bytes = 0;
     uint64_t rejected = 0;  // connections dropped for a bad frame, key or checkpoint
     int64_t committed_epoch = -1;
+    // The newest term of a primary whose checkpoint this replica committed (0: none, or no
+    // witness): the term a promotion resumes from. Primaries of older terms are refused.
+    uint64_t term = 0;
     bool connected = false;
     bool syncing = false;          // a pre-copy stream is arriving (into staging, not the replica)
     bool handed_over = false;      // the VM was handed over to this host: replication has ended
@@ -297,6 +300,9 @@ class Primary {
     std::chrono::milliseconds epoch{25};
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
+    // The witness's term this primary runs the VM in (0: no witness). A mirror that committed
+    // checkpoints of a newer term refuses it; one that acknowledges in another term is dropped.
+    uint64_t term = 0;
     // With run_unprotected: called (on the connecting thread) each time outputs are about to
     // leave without a mirror (at the start, after the mirror was lost), before the first does.
     // Outputs stay held until it succeeds; it is tried again before each connection attempt.

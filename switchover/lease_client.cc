@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "switchover/authority.h"
 #include "switchover/datagram.h"
 #include "switchover/switchover.h"
 
@@ -72,7 +73,7 @@ class LeaseClientImpl : public LeaseClient {
         SendLocked(pb::LEASE_ACQUIRE, "");
       } else {
         bool was = HeldLocked(Clock::now());
-        held_until_ = Clock::now();
+        state_.Drop(Clock::now());
         SendLocked(pb::LEASE_RELEASE, "");
         lock.unlock();
         if (was) Lost("released");
@@ -80,14 +81,56 @@ class LeaseClientImpl : public LeaseClient {
     });
   }
 
+  void SetStateTerm(uint64_t term) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    state_.SetStateTerm(term);
+  }
+
   absl::Status AcquireWithin(milliseconds wait) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      superseded_.clear();
+    }
     Want(true);
     std::unique_lock<std::mutex> lock(mu_);
     auto deadline = Clock::now() + wait;
     while (!HeldLocked(Clock::now())) {
+      if (!superseded_.empty()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("witness ", witness_name_, ": ", superseded_));
+      }
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !HeldLocked(Clock::now())) {
         return absl::UnavailableError(
             absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  void SetTentative(bool tentative) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    tentative_ = tentative;
+  }
+
+  absl::Status Confirm(milliseconds wait) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    tentative_ = false;
+    superseded_.clear();
+    uint64_t term = state_.term();
+    asio::post(io_, [this] {
+      std::lock_guard<std::mutex> l(mu_);
+      if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
+    });
+    auto deadline = Clock::now() + wait;
+    while (confirmed_ < term || !HeldLocked(Clock::now())) {
+      if (!superseded_.empty()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("witness ", witness_name_, ": ", superseded_));
+      }
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+        return absl::UnavailableError(absl::StrCat("witness ", witness_name_,
+                                                   " did not confirm term ", term, ": ",
+                                                   WhyNotLocked(Clock::now())));
       }
     }
     return absl::OkStatus();
@@ -102,7 +145,7 @@ class LeaseClientImpl : public LeaseClient {
     asio::post(io_, [this] {
       std::lock_guard<std::mutex> l(mu_);
       want_ = false;
-      held_until_ = Clock::now();  // from the moment it is sent, this node no longer holds it
+      state_.Drop(Clock::now());  // from the moment it is sent, this node no longer holds it
       SendLocked(pb::LEASE_TRANSFER, transfer_to_);
     });
     auto deadline = Clock::now() + wait;
@@ -121,22 +164,28 @@ class LeaseClientImpl : public LeaseClient {
     return HeldLocked(Clock::now());
   }
 
+  uint64_t term() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return state_.term();
+  }
+
   Status status() const override {
     std::lock_guard<std::mutex> lock(mu_);
     auto now = Clock::now();
     Status s;
     s.held = HeldLocked(now);
+    s.term = state_.term();
     s.holder = holder_;
-    if (s.held) s.remaining = std::chrono::duration_cast<milliseconds>(held_until_ - now);
+    if (s.held) s.remaining = std::chrono::duration_cast<milliseconds>(state_.held_until() - now);
     s.reason = reason_;
     s.witness_reachable = last_reply_ != Clock::time_point{} && now - last_reply_ < 4 * o_.renew;
-    s.held_since = held_since_;
-    s.held_until = held_until_;
+    s.held_since = state_.held_since();
+    s.held_until = state_.held_until();
     return s;
   }
 
  private:
-  bool HeldLocked(Clock::time_point now) const { return now < held_until_; }
+  bool HeldLocked(Clock::time_point now) const { return state_.Held(now); }
 
   std::string WhyNotLocked(Clock::time_point now) const {
     if (last_reply_ == Clock::time_point{} || now - last_reply_ >= 4 * o_.renew) {
@@ -158,6 +207,8 @@ class LeaseClientImpl : public LeaseClient {
     r->set_to_node(to);
     r->set_request_id(++next_id_);
     r->set_nonce(nonce_);
+    r->set_state_term(state_.request_term());
+    r->set_tentative(op == pb::LEASE_ACQUIRE && tentative_);
     pending_[next_id_] = {Clock::now(), op};
     while (pending_.size() > kMaxPending) pending_.erase(pending_.begin());
     boost::system::error_code ec;
@@ -198,7 +249,8 @@ class LeaseClientImpl : public LeaseClient {
     last_reply_ = now;
     nonce_ = r.next_nonce().substr(0, kMaxNameBytes);
     holder_ = r.holder().substr(0, kMaxNameBytes);
-    bool gained = false;
+    if (r.granted()) confirmed_ = std::max(confirmed_, r.confirmed());
+    LeaseState::Event event;
     if (r.reason() != "challenge") reason_ = r.reason().substr(0, 256);
     if (r.reason() == "challenge") {
       if (want_)
@@ -207,16 +259,12 @@ class LeaseClientImpl : public LeaseClient {
         SendLocked(pb::LEASE_TRANSFER, transfer_to_);
       else if (op == pb::LEASE_RELEASE)
         SendLocked(pb::LEASE_RELEASE, "");
-    } else if (r.granted() && op == pb::LEASE_ACQUIRE && want_) {
-      // Counted from the send, less 1 % and 1 ms for the two clocks' drift.
-      milliseconds ttl(r.ttl_ms());
-      auto until = sent_at + ttl - ttl / 100 - milliseconds(1);
-      if (until > now) {
-        gained = !HeldLocked(now);
-        if (gained) held_since_ = now;
-        if (until > held_until_) held_until_ = until;
-        ArmExpiryLocked();
-      }
+    } else if (event = state_.OnReply(r, op, want_, sent_at, now); event.superseded) {
+      // Asking again cannot change the answer: this node's state is older than a term that ran.
+      want_ = false;
+      superseded_ = reason_.empty() ? "superseded by a newer term" : reason_;
+    } else if (r.granted() && op == pb::LEASE_ACQUIRE && want_ && HeldLocked(now)) {
+      ArmExpiryLocked();  // gained or renewed
     } else if (!r.granted() && op == pb::LEASE_ACQUIRE && want_ && !r.holder().empty() &&
                r.ttl_ms() < o_.renew.count()) {
       // Someone else's lease ends before the next renewal tick: ask again just after it does.
@@ -226,16 +274,22 @@ class LeaseClientImpl : public LeaseClient {
         if (!ec && want_ && !HeldLocked(Clock::now())) SendLocked(pb::LEASE_ACQUIRE, "");
       });
     }
+    std::string superseded = event.superseded ? superseded_ : "";
+    uint64_t term = state_.term();
     lock.unlock();
     cv_.notify_all();
-    if (gained) {
-      Log(absl::StrCat("lease gained from witness ", witness_name_));
+    if (event.gained) {
+      Log(absl::StrCat("lease gained from witness ", witness_name_, " (term ", term, ")"));
       if (o_.on_gained) o_.on_gained();
+    }
+    if (!superseded.empty()) {
+      Log(absl::StrCat("witness ", witness_name_, ": ", superseded));
+      if (o_.on_superseded) o_.on_superseded(superseded);
     }
   }
 
   void ArmExpiryLocked() {
-    expiry_timer_.expires_at(held_until_);
+    expiry_timer_.expires_at(state_.held_until());
     expiry_timer_.async_wait([this](const boost::system::error_code& ec) {
       if (ec) return;  // re-armed by a renewal
       std::unique_lock<std::mutex> lock(mu_);
@@ -265,7 +319,11 @@ class LeaseClientImpl : public LeaseClient {
   uint64_t next_id_;
   std::map<uint64_t, std::pair<Clock::time_point, pb::LeaseOp>> pending_;
   std::string nonce_, holder_, reason_, transfer_to_;
-  Clock::time_point last_reply_{}, held_since_{}, held_until_{};
+  std::string superseded_;  // the witness's word that this node's state was superseded
+  bool tentative_ = false;
+  uint64_t confirmed_ = 0;  // the newest term the witness said ran
+  LeaseState state_;
+  Clock::time_point last_reply_{};
 };
 
 }  // namespace

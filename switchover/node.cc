@@ -5,10 +5,12 @@
 // a part is torn down (tearing down a mirror joins the thread that may be asking for mu_).
 #include <unistd.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "switchover/authority.h"
 #include "switchover/switchover.h"
 
 namespace romulus::switchover {
@@ -80,6 +82,7 @@ class NodeImpl : public Node {
     p.gate = std::move(gate);
     p.vm = std::move(vm);
     run_unprotected_ = run_unprotected;
+    if (auto s = EnterTerm(*p.gate); !s.ok()) return s;
     AttachEngine(p);
     if (auto s = p.vm->Start(); !s.ok()) return s;
     if (auto s = Replicate(p); !s.ok()) return s;
@@ -111,6 +114,7 @@ class NodeImpl : public Node {
                                          .mirror_paths = PeerPaths(),
                                          .epoch = o_.epoch,
                                          .run_unprotected = run_unprotected_,
+                                         .term = o_.lease ? o_.lease->term() : 0,
                                          .before_unprotected = o_.before_unprotected,
                                          .compression = o_.compression,
                                          .protection = o_.protection,
@@ -296,8 +300,8 @@ class NodeImpl : public Node {
       postcopy_last_ = report->progress;
       // The VM is whole at the destination, which continues from the state that said them: what
       // it said here may leave, though the lease (and with it the fence) went with the VM.
+      p_.gate->ReleaseThrough(p_.gate->Mark());
       p_.gate->SetFenced(false);
-      p_.gate->SetHolding(false);
     }
     BecomeMirrorOfNewPrimary();
     return report;
@@ -317,13 +321,20 @@ class NodeImpl : public Node {
         return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
       }
     }
+    uint64_t replica_term;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      replica_term = m_.mirror->stats().term;
+    }
     PromotionPolicy policy{.lease = o_.lease,
+                           .state_term = replica_term,
                            .fence_command = o_.fence_command,
                            .wait = o_.lease ? milliseconds(1000) : o_.fence_timeout};
     if (auto s = AuthorizePromotion(policy, force); !s.ok()) {
       return absl::FailedPreconditionError(absl::StrCat("not promoting: ", s.message()));
     }
     double authorised_ms = MsSince(t0);
+    forced_ = force;
     // Checked before the replica is given up, so that a host that cannot run it stays a mirror
     // with its replica intact.
     if (auto s = CanResume(); !s.ok()) {
@@ -349,8 +360,22 @@ class NodeImpl : public Node {
 
   void Fence(bool fenced) override {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!superseded_.empty()) return;  // for good
     fenced_ = fenced;
     if (role_ == Role::kPrimary) ApplyFence(fenced);
+  }
+
+  void Supersede(const std::string& why) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    // A mirror whose promotion the witness refused so holds an old replica; the next
+    // synchronisation brings it the current term.
+    if (role_ != Role::kPrimary || !superseded_.empty()) return;
+    superseded_ = why;
+    superseded_flag_ = true;
+    fenced_ = true;
+    ApplyFence(true);
+    Log(absl::StrCat("superseded, the VM stopped here for good (nothing it said is released): ",
+                     why, ". This host may rejoin only as the mirror of the primary"));
   }
 
   Status status() const override {
@@ -359,6 +384,8 @@ class NodeImpl : public Node {
     s.role = role_;
     s.resumed_epoch = resumed_epoch_;
     s.handed_over_because = handed_over_because_;
+    s.superseded = superseded_;
+    s.term = o_.lease ? o_.lease->term() : 0;
     s.promotion_seconds = promotion_seconds_.snapshot();
     s.migration_downtime_seconds = migration_downtime_seconds_.snapshot();
     if (role_ == Role::kPrimary) {
@@ -475,7 +502,8 @@ class NodeImpl : public Node {
                   absl::StrCat("cannot resume the VM here: ", s.message()));
             }
           }
-          if (auto s = TakeLeaseToRun(); !s.ok()) return s;
+          // Tentative: until every page is here the source may take the VM back.
+          if (auto s = TakeLeaseToRun(/*tentative=*/true); !s.ok()) return s;
           uint64_t pages = missing.Count(), chunks = missing_chunks.Count();
           auto p =
               AdoptPostcopy(std::move(memory), state, std::move(missing), std::move(missing_chunks),
@@ -527,7 +555,28 @@ class NodeImpl : public Node {
       Log(absl::StrCat("post-copy failed, the VM is not running here: ", why));
       return received;
     }
-    // Every page is here: the guest's outputs leave, and it is protected like any primary.
+    // Every page is here. The term runs from now on (the source can no longer take the VM back,
+    // which it would have done had it been first to ask): the guest's outputs leave, and it is
+    // protected like any primary.
+    if (o_.lease) {
+      if (auto s = o_.lease->Confirm(milliseconds(2000)); !s.ok()) {
+        AsPrimary gone;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          gone = std::move(p_);
+          role_ = Role::kIdle;
+          postcopy_error_ = std::string(s.message());
+        }
+        gone.Reset();
+        o_.lease->Want(false);
+        if (o_.heartbeat) o_.heartbeat->SetRole("idle");
+        Log(
+            absl::StrCat("post-copy: every page is here, but the term could not be confirmed, so "
+                         "the VM is not running here: ",
+                         s.message()));
+        return s;
+      }
+    }
     gate->SetHolding(false);
     absl::Status protecting;
     {
@@ -560,6 +609,8 @@ class NodeImpl : public Node {
     AsPrimary p;
     p.gate = std::make_unique<vmm::OutputGate>();
     p.gate->SetHolding(true);
+    disk_path_ = disk;
+    if (auto s = EnterTerm(*p.gate); !s.ok()) return s;
     auto vm = o_.adopt_postcopy(std::move(memory), state, incoming,
                                 vmm::Vm::PostCopy{std::move(missing), std::move(on_page)}, *p.gate);
     if (!vm.ok()) {
@@ -596,8 +647,13 @@ class NodeImpl : public Node {
   }
 
   // A host the VM migrates to takes the lease (which its peer handed over) before running it.
-  absl::Status TakeLeaseToRun() {
+  absl::Status TakeLeaseToRun(bool tentative = false) {
     if (!o_.lease) return absl::OkStatus();
+    o_.lease->SetTentative(tentative);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (m_.mirror) o_.lease->SetStateTerm(m_.mirror->stats().term);
+    }
     o_.lease->Want(true);
     if (auto s = o_.lease->AcquireWithin(milliseconds(2000)); !s.ok()) {
       o_.lease->Want(false);
@@ -641,6 +697,25 @@ class NodeImpl : public Node {
       if (auto s = p_.vm->Resume(); !s.ok()) return s;
     }
     return Replicate(p_);
+  }
+
+  // A VM about to run here in the lease's term: its files record the term first (so that a host
+  // restarted over them later cannot run them again once superseded), and its gate lets
+  // outputs leave without a mirror only while the lease is held at that moment.
+  absl::Status EnterTerm(vmm::OutputGate& gate) {
+    if (!o_.lease) return absl::OkStatus();
+    if (!disk_path_.empty()) {
+      if (auto s = WriteTermFile(disk_path_, o_.lease->term()); !s.ok()) {
+        return absl::UnavailableError(absl::StrCat("cannot record the term: ", s.message()));
+      }
+    }
+    gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
+    return absl::OkStatus();
+  }
+
+  bool MayReleaseUnprotected() const {
+    if (superseded_flag_) return false;
+    return forced_ || o_.lease->held();
   }
 
   // After an engine was attached to the VM of a primary that ran without one, which fenced the
@@ -722,6 +797,8 @@ class NodeImpl : public Node {
   checkpoint::Histogram migration_downtime_seconds_ = checkpoint::Histogram::Seconds();
   Role role_ = Role::kIdle;
   bool fenced_ = false;
+  std::string superseded_;  // under mu_: why a newer term superseded this host's VM
+  std::atomic<bool> superseded_flag_{false}, forced_{false};
   bool run_unprotected_ = false;  // of the VM this node runs as the primary
   bool moving_ = false;           // under mu_: a post-copy migration holds the VM paused
   // Post-copy (under mu_): the migration from this host under way, and the last one's end.

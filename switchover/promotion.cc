@@ -32,7 +32,9 @@ absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text) {
 absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force) {
   absl::Status s;
   if (policy.lease != nullptr) {
+    policy.lease->SetStateTerm(policy.state_term);
     s = policy.lease->AcquireWithin(policy.wait);
+    if (!s.ok()) policy.lease->Want(false);
   } else if (!policy.fence_command.empty()) {
     s = RunFenceCommand(policy.fence_command, policy.wait);
   } else {

@@ -76,9 +76,11 @@ class Heartbeat {
   virtual std::vector<PathStatus> paths() const = 0;
 };
 
-// The witness: grants one lease per VM, to one node at a time. A lease lasts `lease` from when
-// the witness granted it; the holder renews it. After a restart it grants nothing for one lease
-// period, so a lease granted before the restart has expired before another is granted.
+// The witness: numbers the terms of each VM and grants one lease per VM, to one node at a time
+// (the rules are in authority.h). A lease lasts `lease` from when the witness granted it; the
+// holder renews it. After a restart it grants nothing for one lease period, so a lease granted
+// before the restart has expired before another is granted; and it keeps the terms in its state
+// file, so that none is granted twice.
 class Witness {
  public:
   struct Options {
@@ -86,11 +88,17 @@ class Witness {
     Endpoint listen{};  // port 0: any free port
     std::chrono::milliseconds lease{150};
     size_t max_entries = 4096;  // VMs and nodes tracked, to bound memory
+    // Where the terms are kept, written and fsynced before a grant that changes them is
+    // answered. Empty: in memory only (tests). A missing file is an error unless `init` says
+    // this is a first start; `init` with an existing file is an error too.
+    std::string state_path{};
+    bool init = false;
     LogFn log{};
   };
   struct Holder {
     std::string vm_id, node;
     std::chrono::milliseconds remaining{0};
+    uint64_t term = 0;
   };
   static absl::StatusOr<std::unique_ptr<Witness>> Start(Options options);
   virtual ~Witness() = default;
@@ -114,10 +122,14 @@ class LeaseClient {
     std::chrono::milliseconds renew{30};
     // Called on the client's thread when the lease is gained or lost (not renewed in time).
     std::function<void()> on_gained{}, on_lost{};
+    // Called on the client's thread when the witness says this node's state was superseded by
+    // a newer term (the client stops wanting the lease); `why` is the witness's reason.
+    std::function<void(const std::string& why)> on_superseded{};
     LogFn log{};
   };
   struct Status {
     bool held = false;
+    uint64_t term = 0;                       // of the lease this node holds or last held
     std::string holder;                      // as the witness last said ("" nobody or not heard)
     std::chrono::milliseconds remaining{0};  // of this node's lease, when held
     std::string reason;                      // the witness's last reason for a refusal
@@ -131,11 +143,23 @@ class LeaseClient {
 
   // Starts or stops asking for (and renewing) the lease. Stopping releases it.
   virtual void Want(bool want) = 0;
-  // Asks until the lease is held or `wait` passes. Keeps wanting it either way.
+  // The term of the state this node would run (its disk's, or its replica's): requests carry
+  // it, and the witness grants a new term only to a state that was not superseded.
+  virtual void SetStateTerm(uint64_t term) = 0;
+  // Asks until the lease is held or `wait` passes. Keeps wanting it either way, unless the
+  // witness said this node's state was superseded (FailedPrecondition at once).
   virtual absl::Status AcquireWithin(std::chrono::milliseconds wait) = 0;
   // Hands a held lease to `node` (planned migration); this node stops wanting it.
   virtual absl::Status TransferTo(const std::string& node, std::chrono::milliseconds wait) = 0;
+  // While tentative, this node holds (and renews) a lease handed to it without confirming its
+  // term: the term has not run, and the node that handed it over may still take the VM back.
+  // Confirm ends that: it returns once the witness recorded that the term runs (or why not:
+  // superseded, when the giver took the VM back first). A post-copy destination confirms
+  // before its VM releases anything.
+  virtual void SetTentative(bool tentative) = 0;
+  virtual absl::Status Confirm(std::chrono::milliseconds wait) = 0;
   virtual bool held() const = 0;
+  virtual uint64_t term() const = 0;
   virtual Status status() const = 0;
 };
 
@@ -157,10 +181,19 @@ absl::Status RunCommand(absl::string_view what, const std::string& command,
                         std::chrono::milliseconds timeout);
 absl::Status RunFenceCommand(const std::string& command, std::chrono::milliseconds timeout);
 
+// The witness's term a VM's files belong to (recorded beside its disk image, in DISK.term), 0
+// when none is recorded. A host records it durably before the VM runs in a term, so that files
+// a newer term superseded are never run again.
+uint64_t ReadTermFile(const std::string& disk_path);
+absl::Status WriteTermFile(const std::string& disk_path, uint64_t term);
+
 // Who may allow this host to become the primary. With a lease client, holding the lease; else,
 // with a fencing command, its success; else only `force`.
+// A promotion that is refused stops asking for the lease: nothing holds it that does not run the
+// VM.
 struct PromotionPolicy {
   LeaseClient* lease = nullptr;
+  uint64_t state_term = 0;  // the term of the replica to be resumed
   std::string fence_command;
   std::chrono::milliseconds wait{1000};  // for the lease or the fencing command
 };
@@ -250,6 +283,8 @@ class Node {
     Role role = Role::kIdle;
     int64_t resumed_epoch = -1;       // the checkpoint this node resumed as the primary (-1: none)
     std::string handed_over_because;  // when the other host handed it the VM: why it moved
+    uint64_t term = 0;                // of this node's lease (0: no witness)
+    std::string superseded;           // why a newer term superseded this node's VM ("" not)
     std::optional<replicator::Primary::Stats> primary;  // a primary replicating to its peer
     std::optional<replicator::Mirror::Stats> mirror;
     uint64_t held_outputs = 0;
@@ -298,6 +333,9 @@ class Node {
   // The lease was lost (another host may be promoted: the VM pauses, outputs are held) or
   // regained.
   virtual void Fence(bool fenced) = 0;
+  // The witness says a newer term superseded this node's VM: a primary stops it for good (it
+  // stays paused, nothing it said leaves, later grants do not lift the fence). Any thread.
+  virtual void Supersede(const std::string& why) = 0;
   virtual Status status() const = 0;
   // While the mirror: `fn` runs while no checkpoint is being applied.
   virtual void WithReplica(const std::function<void(checkpoint::ReplicaStore&)>& fn) = 0;

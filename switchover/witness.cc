@@ -6,12 +6,17 @@
 #include <utility>
 #include <boost/asio.hpp>
 // clang-format on
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "replicator/replicator.h"
+#include "switchover/authority.h"
 #include "switchover/datagram.h"
 #include "switchover/switchover.h"
 
@@ -23,15 +28,12 @@ using asio::ip::udp;
 using std::chrono::milliseconds;
 
 constexpr size_t kNonceBytes = 16;
-
-struct Lease {
-  std::string holder;
-  Clock::time_point expiry{};
-};
+constexpr uint32_t kStateVersion = 1;
+constexpr size_t kMaxStateBytes = 16 << 20;
 
 class WitnessImpl : public Witness {
  public:
-  explicit WitnessImpl(Options o) : o_(std::move(o)), socket_(io_), started_(Clock::now()) {}
+  explicit WitnessImpl(Options o) : o_(std::move(o)), socket_(io_) {}
 
   ~WitnessImpl() override {
     io_.stop();
@@ -42,6 +44,9 @@ class WitnessImpl : public Witness {
     if (o_.lease.count() <= 0 || o_.lease.count() > kMaxLeaseMs) {
       return absl::InvalidArgumentError(absl::StrCat("lease must be 1 to ", kMaxLeaseMs, " ms"));
     }
+    auto records = LoadState();
+    if (!records.ok()) return records.status();
+    terms_.emplace(o_.lease, o_.max_entries, std::move(*records), Persister(), Clock::now());
     auto local = ToUdp(o_.listen);
     if (!local.ok()) return local.status();
     boost::system::error_code ec;
@@ -62,11 +67,8 @@ class WitnessImpl : public Witness {
   std::vector<Holder> holders() const override {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Holder> out;
-    auto now = Clock::now();
-    for (const auto& [vm, lease] : leases_) {
-      if (lease.holder.empty() || now >= lease.expiry) continue;
-      out.push_back(
-          {vm, lease.holder, std::chrono::duration_cast<milliseconds>(lease.expiry - now)});
+    for (const TermTable::Holder& h : terms_->holders(Clock::now())) {
+      out.push_back({h.vm_id, h.node, h.remaining, h.term});
     }
     return out;
   }
@@ -115,78 +117,92 @@ class WitnessImpl : public Witness {
 
   pb::LeaseReply Decide(const pb::LeaseRequest& r, Clock::time_point now, std::string* log) {
     pb::LeaseReply out;
-    out.set_request_id(r.request_id());
     auto key = std::make_pair(r.vm_id(), r.node());
     auto nonce = nonces_.find(key);
     if (nonce == nonces_.end()) {
       if (nonces_.size() >= o_.max_entries) {
         ++rejected_;
+        out.set_request_id(r.request_id());
         out.set_reason("witness is tracking too many nodes");
         return out;
       }
       nonce = nonces_.emplace(key, RandomBytes(kNonceBytes)).first;
     }
-    Lease& lease = leases_[r.vm_id()];
-    bool live = !lease.holder.empty() && now < lease.expiry;
-    auto remaining = [&] {
-      return live ? static_cast<uint32_t>(
-                        std::chrono::duration_cast<milliseconds>(lease.expiry - now).count())
-                  : 0u;
-    };
-    out.set_holder(live ? lease.holder : "");
-    out.set_ttl_ms(remaining());
     if (!replicator::SameMac(r.nonce(), nonce->second)) {
       if (!r.nonce().empty()) ++rejected_;
+      out.set_request_id(r.request_id());
       out.set_next_nonce(nonce->second);  // a challenge: the node asks again with it
       out.set_reason("challenge");
       return out;
     }
+    out = terms_->Decide(r, now, log);
+    out.set_request_id(r.request_id());
     nonce->second = RandomBytes(kNonceBytes);
     out.set_next_nonce(nonce->second);
-
-    switch (r.op()) {
-      case pb::LEASE_ACQUIRE:
-        if (now - started_ < o_.lease) {
-          out.set_reason(absl::StrCat(
-              "witness started ", std::chrono::duration_cast<milliseconds>(now - started_).count(),
-              " ms ago; it grants leases one lease period after start"));
-        } else if (!live || lease.holder == r.node()) {
-          if (!live) *log = absl::StrCat("lease of ", r.vm_id(), " granted to ", r.node());
-          lease.holder = r.node();
-          lease.expiry = now + o_.lease;
-          out.set_granted(true);
-          out.set_holder(r.node());
-          out.set_ttl_ms(static_cast<uint32_t>(o_.lease.count()));
-        } else {
-          out.set_reason(
-              absl::StrCat("lease held by ", lease.holder, " for another ", remaining(), " ms"));
-        }
-        break;
-      case pb::LEASE_RELEASE:
-        if (live && lease.holder == r.node()) {
-          lease.holder.clear();
-          *log = absl::StrCat("lease of ", r.vm_id(), " released by ", r.node());
-          out.set_holder("");
-          out.set_ttl_ms(0);
-        }
-        break;
-      case pb::LEASE_TRANSFER:
-        if (live && lease.holder == r.node() && !r.to_node().empty()) {
-          lease.holder = r.to_node();
-          lease.expiry = now + o_.lease;
-          *log =
-              absl::StrCat("lease of ", r.vm_id(), " handed from ", r.node(), " to ", r.to_node());
-          out.set_granted(true);
-          out.set_holder(r.to_node());
-          out.set_ttl_ms(static_cast<uint32_t>(o_.lease.count()));
-        } else {
-          out.set_reason(absl::StrCat(r.node(), " does not hold the lease"));
-        }
-        break;
-      default:
-        out.set_reason("unknown lease operation");
-    }
     return out;
+  }
+
+  // The terms as the state file has them. A witness without its state file would grant terms
+  // that were granted before: it starts only when told this is a first start (init).
+  absl::StatusOr<TermTable::Records> LoadState() {
+    TermTable::Records records;
+    if (o_.state_path.empty()) return records;
+    std::ifstream in(o_.state_path, std::ios::binary);
+    if (!in) {
+      if (errno != ENOENT) {
+        return absl::UnavailableError(
+            absl::StrCat("witness state ", o_.state_path, ": ", std::strerror(errno)));
+      }
+      if (!o_.init) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "witness state ", o_.state_path,
+            " does not exist: without it this witness could grant a term that was granted "
+            "before. If this is the witness's first start, or no host runs any of its VMs, "
+            "start it once with --init"));
+      }
+      if (auto s = Persist(records); !s.ok()) return s;
+      return records;
+    }
+    if (o_.init) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--init: witness state ", o_.state_path,
+          " exists already; it holds the terms hosts run in (remove it only if no host runs any "
+          "of its VMs)"));
+    }
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    pb::WitnessState state;
+    if (bytes.size() > kMaxStateBytes || !state.ParseFromString(bytes) ||
+        state.version() != kStateVersion) {
+      return absl::DataLossError(absl::StrCat("witness state ", o_.state_path,
+                                              " is damaged or of another version: not starting"));
+    }
+    for (const pb::WitnessTerm& t : state.vm()) {
+      if (t.vm_id().empty() || t.vm_id().size() > kMaxNameBytes ||
+          t.holder().size() > kMaxNameBytes || t.confirmed() > t.term()) {
+        return absl::DataLossError(
+            absl::StrCat("witness state ", o_.state_path, " holds a damaged record: not starting"));
+      }
+      records[t.vm_id()] = {.term = t.term(), .confirmed = t.confirmed(), .holder = t.holder()};
+    }
+    return records;
+  }
+
+  absl::Status Persist(const TermTable::Records& records) {
+    pb::WitnessState state;
+    state.set_version(kStateVersion);
+    for (const auto& [vm, r] : records) {
+      pb::WitnessTerm* t = state.add_vm();
+      t->set_vm_id(vm);
+      t->set_term(r.term);
+      t->set_confirmed(r.confirmed);
+      t->set_holder(r.holder);
+    }
+    return WriteFileDurably(o_.state_path, state.SerializeAsString());
+  }
+
+  TermTable::PersistFn Persister() {
+    if (o_.state_path.empty()) return nullptr;
+    return [this](const TermTable::Records& records) { return Persist(records); };
   }
 
   Options o_;
@@ -194,11 +210,10 @@ class WitnessImpl : public Witness {
   udp::socket socket_;
   udp::endpoint from_;
   std::array<char, kMaxDatagramBytes + 1> buffer_;
-  const Clock::time_point started_;
   uint16_t port_ = 0;
   std::thread thread_;
   mutable std::mutex mu_;
-  std::map<std::string, Lease> leases_;
+  std::optional<TermTable> terms_;
   std::map<std::pair<std::string, std::string>, std::string> nonces_;
   uint64_t rejected_ = 0;
 };

@@ -104,6 +104,7 @@ class MirrorPromotion : public ::testing::Test {
     o.identity = {"pm", 16ull << 20, 4ull << 20, MirrorDefaultPlatform()};
     o.key = kKey;
     o.mirror_port = port_;
+    if (lease_) o.term = lease_->term();  // the term the test's lease holds for this primary
     auto p = replicator::Primary::Start(*engine_, gate_, o);
     ASSERT_TRUE(p.ok()) << p.status();
     primary_ = std::move(*p);

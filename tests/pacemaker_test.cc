@@ -422,7 +422,8 @@ class PacemakerNetns : public ::testing::Test {
       EXPECT_TRUE(p.ok()) << p.status();
       if (p.ok()) witness_pair_.push_back(std::move(*p));
     };
-    run(lab_->Namespace("c"), {"witness", "--psk-file", key, "--listen", "0.0.0.0:7300"});
+    run(lab_->Namespace("c"), {"witness", "--psk-file", key, "--listen", "0.0.0.0:7300", "--state",
+                               dir_.File("witness.state"), "--init"});
     run(Ns(1), {"mirror", "--config", dir_.File("vm3-1.conf")});
     run(Ns(0), {"primary", "--config", dir_.File("vm3-0.conf")});
   }

@@ -58,6 +58,8 @@ TEST(Witness, GrantsTheLeaseToOneNodeAtATimeAndNothingInItsFirstLeasePeriod) {
   // A restarted witness cannot know who held the lease before: it waits one lease period.
   EXPECT_GE(a->status().held_since, started + kLease);
 
+  // b's state is a's (b would run a replica of what a runs in its term).
+  b->SetStateTerm(a->term());
   absl::Status refused = b->AcquireWithin(milliseconds(150));
   EXPECT_FALSE(refused.ok());
   EXPECT_THAT(std::string(refused.message()), HasSubstr("held by a"));
@@ -71,6 +73,10 @@ TEST(Witness, GrantsTheLeaseToOneNodeAtATimeAndNothingInItsFirstLeasePeriod) {
   ASSERT_TRUE(b->AcquireWithin(milliseconds(2000)).ok());
   EXPECT_FALSE(a->held());
   EXPECT_GE(b->status().held_since, a->status().held_until);
+  // Each grant to another node is a new term; the witness's holders say which.
+  EXPECT_EQ(b->term(), a->term() + 1);
+  ASSERT_EQ(w->holders().size(), 1u);
+  EXPECT_EQ(w->holders()[0].term, b->term());
   b->Want(false);
 }
 
@@ -152,8 +158,10 @@ TEST(Lease, AHandOverGivesTheLeaseToTheNamedNodeAndTakesItFromTheGiver) {
   ASSERT_TRUE(a->TransferTo("b", milliseconds(1000)).ok());
   EXPECT_FALSE(a->held());
   ASSERT_TRUE(b->AcquireWithin(milliseconds(1000)).ok());  // b renews what it was handed
-  absl::Status back = a->AcquireWithin(milliseconds(100));
-  EXPECT_THAT(std::string(back.message()), HasSubstr("held by b"));
+  EXPECT_EQ(b->term(), a->term() + 1);                     // in a term of its own
+  // b ran in its term: a's state (the VM it handed over) is superseded, for good.
+  absl::Status back = a->AcquireWithin(milliseconds(1000));
+  EXPECT_THAT(std::string(back.message()), HasSubstr("superseded"));
   EXPECT_GE(b->status().held_since, a->status().held_until);
 }
 
@@ -429,10 +437,24 @@ TEST(Promotion, NeedsALeaseOrAFenceOrAnOperatorsForce) {
   ASSERT_TRUE(a->AcquireWithin(milliseconds(3000)).ok());
   PromotionPolicy lease;
   lease.lease = b.get();
+  lease.state_term = a->term();  // b's replica holds what a runs
   lease.wait = milliseconds(100);
   absl::Status held = AuthorizePromotion(lease, false);
   EXPECT_THAT(std::string(held.message()), HasSubstr("held by a"));
   EXPECT_TRUE(a->held());
+
+  // A refused promotion stops asking (issue 26, finding 3): when a's lease lapses, b, which
+  // does not run the VM, must not take it (it used to, fencing the live primary at its next
+  // renewal gap).
+  a.reset();
+  ASSERT_TRUE(WaitUntil([&] { return w->holders().empty(); }, 5));
+  // Long enough for many of b's renewal ticks (20 ms), had it kept asking.
+  auto until = Clock::now() + milliseconds(300);
+  while (Clock::now() < until) {
+    EXPECT_FALSE(b->held());
+    EXPECT_TRUE(w->holders().empty());
+    std::this_thread::sleep_for(milliseconds(10));
+  }
 }
 
 TEST(Endpoint, ParsesAddressAndPortAndRefusesTheRest) {

@@ -352,7 +352,9 @@ void ExpectNotifyLifecycle(const TempDir& dir, const std::vector<std::string>& a
 TEST(Systemd, TheWitnessSendsReadyStatusAndWatchdogAndStopping) {
   TempDir dir;
   std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
-  ExpectNotifyLifecycle(dir, {"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key")},
+  ExpectNotifyLifecycle(dir,
+                        {"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key"),
+                         "--state", dir.File("witness.state"), "--init"},
                         "serving leases");
 }
 
@@ -371,7 +373,8 @@ TEST(Systemd, TheProxySendsReadyStatusAndWatchdogAndStopping) {
 TEST(Systemd, WithoutNotifySocketTheWitnessRunsAsBefore) {
   TempDir dir;
   std::ofstream(dir.File("key")) << "a-test-key-of-some-length\n";
-  testing::Child witness({"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key")});
+  testing::Child witness({"witness", "--listen", "127.0.0.1:0", "--psk-file", dir.File("key"),
+                          "--state", dir.File("witness.state"), "--init"});
   EXPECT_NE(witness.WaitForLine("serving leases", 30), "");
   witness.Signal(SIGTERM);
   EXPECT_EQ(witness.Wait(30), 0) << witness.output();
@@ -396,9 +399,17 @@ TEST(Systemd, ADaemonWhoseNotificationsAreNotReadStillStopsWhenTold) {
   }
   ::close(sender);
   ASSERT_EQ(errno, EAGAIN) << "the queue never filled: " << queued;
-  std::vector<std::string> args = {
-      "NOTIFY_SOCKET=" + path, "WATCHDOG_USEC=100000", ROMULUS_BINARY, "witness", "--listen",
-      "127.0.0.1:0",           "--psk-file",           dir.File("key")};
+  std::vector<std::string> args = {"NOTIFY_SOCKET=" + path,
+                                   "WATCHDOG_USEC=100000",
+                                   ROMULUS_BINARY,
+                                   "witness",
+                                   "--listen",
+                                   "127.0.0.1:0",
+                                   "--psk-file",
+                                   dir.File("key"),
+                                   "--state",
+                                   dir.File("witness.state"),
+                                   "--init"};
   auto witness = cli::Process::Start("/usr/bin/env", args);
   ASSERT_TRUE(witness.ok()) << witness.status();
   ASSERT_TRUE((*witness)->WaitForLine("serving leases", testing::ScaledMs(30)).ok());

@@ -23,6 +23,15 @@ void OutputGate::ReleaseThrough(uint64_t mark) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     released_ = std::max(released_, mark);
+    proven_ = std::max(proven_, mark);
+  }
+  Deliver();
+}
+
+void OutputGate::SetUnprotectedCheck(std::function<bool()> may_release) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    may_release_ = std::move(may_release);
   }
   Deliver();
 }
@@ -48,9 +57,19 @@ void OutputGate::SetFenced(bool fenced) {
 void OutputGate::Deliver() {
   std::lock_guard<std::mutex> order(deliver_mu_);
   std::vector<Output> ready;
+  std::function<bool()> check;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!held_.empty() && held_.front().first < released_ && released_ > proven_) {
+      check = may_release_;
+    }
+  }
+  // Asked without mu_: the check may take locks of its own, whose holders may push outputs.
+  bool unproven_may_leave = !check || check();
   {
     std::lock_guard<std::mutex> lock(mu_);
     while (!fenced_ && !held_.empty() && held_.front().first < released_) {
+      if (held_.front().first >= proven_ && !unproven_may_leave && may_release_) break;
       ready.push_back(std::move(held_.front().second));
       held_.pop_front();
     }

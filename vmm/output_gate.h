@@ -26,6 +26,12 @@ class OutputGate {
   // Fenced: nothing at all is delivered, released or not (a primary that lost its lease). When
   // the fence lifts, what was released meanwhile leaves.
   void SetFenced(bool fenced);
+  // What an open gate lets through without ReleaseThrough (no mirror proved it committed) leaves
+  // only while `may_release` says so, asked right before each delivery: a primary releasing
+  // without a mirror must hold the lease at that moment, not merely when its lease last said so
+  // (a process frozen for a while runs on before its lease timer fires). Held otherwise, until
+  // the next ReleaseThrough, SetFenced or SetHolding. nullptr: no such check.
+  void SetUnprotectedCheck(std::function<bool()> may_release);
   size_t held() const;
 
  private:
@@ -37,6 +43,8 @@ class OutputGate {
   std::deque<std::pair<uint64_t, Output>> held_;
   uint64_t pushed_ = 0;
   uint64_t released_ = 0;  // outputs below this mark may leave
+  uint64_t proven_ = 0;    // outputs below this mark were released by ReleaseThrough
+  std::function<bool()> may_release_;
   bool holding_ = false, fenced_ = false;
 };
 

@@ -1,0 +1,112 @@
+// Authority with real `romulus` processes (cli::LocalHosts: a witness, host a as the primary,
+// host b as its mirror): the findings of issue 26 that a frozen or restarted host caused, each
+// as it happened, under ledger load.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <thread>
+
+#include "cli/control.h"
+#include "cli/load.h"
+#include "cli/local_hosts.h"
+#include "cli/process.h"
+#include "tests/test_util.h"
+
+namespace romulus::authority_hosts_test {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::TempDir;
+using Host = cli::LocalHosts::Host;
+
+class VmAuthority : public testing::PlatformTest {
+ protected:
+  void Start() {
+    cli::LocalHosts::Options o{.binary = ROMULUS_BINARY,
+                               .dir = dir_.path(),
+                               .memory_mib = 64,
+                               .disk_mib = 8,
+                               .working_set_pages = 1024,
+                               .write_rate = testing::WriteRate(20000, 2000)};
+    o.platform = platform_name();
+    o.wait = testing::ScaledMs(60);
+    auto hosts = cli::LocalHosts::Start(std::move(o));
+    ASSERT_TRUE(hosts.ok()) << hosts.status();
+    hosts_ = std::move(*hosts);
+  }
+
+  absl::StatusOr<pb::StatusReply> Status(Host h) {
+    return cli::QueryStatus(hosts_->control_socket(h));
+  }
+
+  TempDir dir_;
+  std::unique_ptr<cli::LocalHosts> hosts_;
+};
+
+// Finding 1: the primary freezes (SIGSTOP) past the heartbeat timeout and its lease; the mirror
+// promotes in a new term; the frozen host comes back. It used to win the lease back at the new
+// primary's first renewal gap and stall or diverge the VM. Now the witness tells it a newer term
+// superseded it: it stops its VM for good, says so, and the clients lose nothing.
+TEST_P(VmAuthority, AFrozenPrimaryThatComesBackIsSupersededAndNeverSpeaksAgain) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  cli::Process& a = hosts_->process(Host::kA);
+  cli::Process& b = hosts_->process(Host::kB);
+  auto before = Status(Host::kA);
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_GT(before->term(), 0u);
+  cli::LoadOptions o = hosts_->Load(Host::kA);
+  o.clients = 4;
+  o.duration_s = 4;
+  absl::StatusOr<cli::LoadReport> report;
+  std::thread load([&] { report = cli::RunLoad(o); });
+  a.Signal(SIGSTOP);
+  auto promoted = b.WaitForLine("promoted (", testing::ScaledMs(30));
+  a.Signal(SIGCONT);
+  auto superseded =
+      a.WaitForLine("superseded, the VM stopped here for good", testing::ScaledMs(30));
+  load.join();
+  ASSERT_TRUE(promoted.ok()) << promoted.status() << b.output();
+  ASSERT_TRUE(superseded.ok()) << superseded.status() << a.output();
+  auto old_primary = Status(Host::kA);
+  auto new_primary = Status(Host::kB);
+  ASSERT_TRUE(old_primary.ok() && new_primary.ok());
+  EXPECT_THAT(old_primary->superseded(), HasSubstr("superseded"));
+  EXPECT_THAT(old_primary->state(), HasSubstr("restart this host as the mirror"));
+  EXPECT_EQ(new_primary->role(), "primary");
+  EXPECT_GT(new_primary->term(), before->term());
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
+  EXPECT_EQ(report->lost_acknowledged, 0u);
+  EXPECT_EQ(report->unresolved, 0u);
+  // Nothing lets the superseded host back in: it never holds the lease again.
+  auto later = Status(Host::kA);
+  ASSERT_TRUE(later.ok());
+  EXPECT_FALSE(later->lease_held());
+}
+
+// Finding 4: after a failover the old primary is started again as `romulus primary` over its
+// old disk. It used to boot a fresh VM there and fence the real one. Now it refuses to boot:
+// its disk belongs to a superseded term.
+TEST_P(VmAuthority, ARestartedOldPrimaryRefusesToBootOverItsSupersededDisk) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  cli::Process& a = hosts_->process(Host::kA);
+  cli::Process& b = hosts_->process(Host::kB);
+  a.Signal(SIGKILL);
+  ASSERT_TRUE(b.WaitForLine("promoted (", testing::ScaledMs(30)).ok()) << b.output();
+  testing::Child again({"primary", "--config", dir_.File("a.conf")});
+  EXPECT_EQ(again.Wait(testing::ScaledMs(30).count() / 1000.0), 1) << again.output();
+  EXPECT_THAT(again.output(), HasSubstr("belongs to term 1, which a newer term superseded"));
+  EXPECT_THAT(again.output(), HasSubstr("start this host as its mirror"));
+  auto s = Status(Host::kB);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->role(), "primary");
+  EXPECT_TRUE(s->lease_held());
+  // Rejoining as the mirror works, and the VM is protected again.
+  ASSERT_TRUE(hosts_->Rejoin(Host::kA).ok());
+}
+
+ROMULUS_ON_EVERY_PLATFORM(VmAuthority);
+
+}  // namespace
+}  // namespace romulus::authority_hosts_test
