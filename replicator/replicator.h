@@ -260,6 +260,8 @@ class Mirror {
     uint64_t bytes = 0;
     uint64_t rejected = 0;  // connections dropped for a bad frame, key or checkpoint
     int64_t committed_epoch = -1;
+    // Why the replica may no longer be used (ReplicaStore::unusable), or empty.
+    std::string unusable;
     bool connected = false;
     bool syncing = false;          // a pre-copy stream is arriving (into staging, not the replica)
     bool handed_over = false;      // the VM was handed over to this host: replication has ended
@@ -346,6 +348,9 @@ class Primary {
     // (reconnects back off while they get nowhere).
     double unprotected_seconds = 0;
     uint32_t failed_connections = 0;
+    // Connections this primary dropped for a bad frame from the mirror (one that failed its
+    // integrity check, or broke the protocol).
+    uint64_t rejected = 0;
     std::string protection;        // of the frames on the current (or last) connection
     std::vector<PathStats> paths;  // of the current connection (one unless parallel paths)
     // The epoch loop's last pass (every epoch, protected or not): a loop that is stuck (a VM
