@@ -2,8 +2,10 @@
 // epoch changed (pages, disk writes, vCPU and device state) and resumes it; outputs produced in
 // an epoch are released only when that epoch is acknowledged. On the mirror, the ReplicaStore
 // verifies a whole checkpoint and only then applies it, so the replica is always exactly some
-// committed checkpoint. One header for the three: EpochEngine (epoch_engine.cc), ReplicaStore
-// (replica_store.cc), and what both compute alike, the hash trees and digests (digests.cc).
+// committed checkpoint, also when its disk fails mid-commit (see ReplicaStore::Apply), or is
+// marked unusable and never promoted. One header for the three: EpochEngine (epoch_engine.cc),
+// ReplicaStore (replica_store.cc), and what both compute alike, the hash trees and digests
+// (digests.cc).
 #ifndef ROMULUS_CHECKPOINT_CHECKPOINT_H_
 #define ROMULUS_CHECKPOINT_CHECKPOINT_H_
 
@@ -245,10 +247,24 @@ class ReplicaStore {
       std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path);
 
   // Verifies `c` completely (sequence, sizes, every page hash, the digest), then applies it.
-  // On any error the replica is left exactly as it was. An incremental checkpoint must follow
-  // the last committed one; a full one may come at any later epoch (a resynchronisation): it
-  // completes the staging copy built by the pre-copy stream, which then replaces the replica.
+  // An incremental checkpoint must follow the last committed one; a full one may come at any
+  // later epoch (a resynchronisation): it completes the staging copy built by the pre-copy
+  // stream, which then replaces the replica.
+  // What an error leaves:
+  //  - bad input (DataLoss, FailedPrecondition): the replica exactly as it was;
+  //  - a disk that fails (ENOSPC: ResourceExhausted; EIO, a short write): the disk is written
+  //    before memory, and what an incremental checkpoint's writes overwrote is read first and
+  //    put back, so the replica (memory, disk, state, epoch) is still the last committed
+  //    checkpoint, and still promotable. When putting back fails too, the replica is unusable()
+  //    from then on: committed_epoch() is -1 (never promotable), and it refuses every
+  //    checkpoint, synchronisation and snapshot. A full checkpoint written over the replica in
+  //    place (a resynchronisation that found some of it the same) that fails part-way leaves it
+  //    uncommitted (committed_epoch() -1, not promotable) with its contents kept, like a seeded
+  //    replica, for the next synchronisation to compare and repair.
+  // The error's message says which, in one line.
   absl::Status Apply(const Checkpoint& c);
+  // Why the replica may no longer be used, or empty.
+  const std::string& unusable() const { return unusable_; }
   // A new primary session numbers its epochs afresh: only a full checkpoint is accepted next.
   void ExpectFullCheckpoint() { sequence_reset_ = true; }
 
@@ -357,6 +373,8 @@ class ReplicaStore {
   // replica (nothing was the same), or what it received is written over the replica.
   absl::Status CommitStaging(const Checkpoint& c, const ResolvedRun& r);
   absl::Status CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c);
+  // An incremental checkpoint's disk writes failed (`torn`: and could not be taken back).
+  absl::Status DiskFailed(uint64_t epoch, const absl::Status& why, bool torn);
 
   std::unique_ptr<vmm::GuestMemory> memory_;
   vmm::Fd disk_;
@@ -367,6 +385,7 @@ class ReplicaStore {
   std::unique_ptr<ReplicaTrees> trees_;  // of the contents as they are; reset when they change
   int64_t committed_epoch_ = -1;
   bool sequence_reset_ = true;
+  std::string unusable_;  // set once, never cleared
   pb::VmSnapshot state_;
   // Over the staging copy while there is one (a synchronisation clears it when it starts one),
   // else over the replica.

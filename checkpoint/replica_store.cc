@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "absl/container/flat_hash_map.h"
@@ -15,16 +16,77 @@
 namespace romulus::checkpoint {
 namespace {
 
-// Writes a checkpoint's disk writes, already checked against the disk's size, to the image `fd`.
-absl::Status WriteDiskWrites(int fd, const std::vector<DiskWrite>& writes, const char* what) {
-  for (const DiskWrite& w : writes) {
-    if (::pwrite(fd, w.data.data(), w.data.size(),
-                 static_cast<off_t>(w.sector * RML_SECTOR_SIZE)) !=
-        static_cast<ssize_t>(w.data.size())) {
-      return vmm::ErrnoStatus(what);
+// Writes a checkpoint's disk writes, already checked against the disk's size, to the image `fd`,
+// all or nothing: what they overwrite is read first, and when a write fails (a full disk, an I/O
+// error, a short write) the bytes that did reach the file are put back. There is no fsync: the
+// replica's memory lives in this process, so a replica outlives the process only through
+// SaveSnapshot, which syncs. A failure that could not be taken back sets `*torn`: the image then
+// holds neither checkpoint.
+absl::Status WriteDiskWrites(int fd, const std::vector<DiskWrite>& writes, const char* what,
+                             bool* torn) {
+  *torn = false;
+  std::vector<std::string> old(writes.size());
+  for (size_t i = 0; i < writes.size(); i++) {
+    old[i].resize(writes[i].data.size());
+    uint64_t off = writes[i].sector * RML_SECTOR_SIZE;
+    if (::pread(fd, old[i].data(), old[i].size(), static_cast<off_t>(off)) !=
+        static_cast<ssize_t>(old[i].size())) {
+      return vmm::ErrnoStatus(absl::StrCat(what, ": reading what it overwrites"));
     }
   }
+  std::vector<size_t> written(writes.size(), 0);
+  absl::Status failed;
+  for (size_t i = 0; i < writes.size() && failed.ok(); i++) {
+    const std::string& data = writes[i].data;
+    uint64_t off = writes[i].sector * RML_SECTOR_SIZE;
+    while (written[i] < data.size()) {
+      ssize_t n = ::pwrite(fd, data.data() + written[i], data.size() - written[i],
+                           static_cast<off_t>(off + written[i]));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        failed = vmm::ErrnoStatus(what, n == 0 ? EIO : errno);
+        break;
+      }
+      written[i] += static_cast<size_t>(n);
+    }
+  }
+  if (failed.ok()) return failed;
+  // Only the bytes that were written go back: their blocks are allocated, so on a full disk
+  // writing over them needs no more space.
+  for (size_t i = 0; i < writes.size(); i++) {
+    uint64_t off = writes[i].sector * RML_SECTOR_SIZE;
+    for (size_t done = 0; done < written[i];) {
+      ssize_t n =
+          ::pwrite(fd, old[i].data() + done, written[i] - done, static_cast<off_t>(off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        *torn = true;
+        return absl::Status(failed.code(),
+                            absl::StrCat(failed.message(), "; putting back what it overwrote ",
+                                         "failed too: ", std::strerror(n == 0 ? EIO : errno)));
+      }
+      done += static_cast<size_t>(n);
+    }
+  }
+  return failed;
+}
+
+// Writes all of `n` bytes at `off`, a short write continued.
+absl::Status PwriteAll(int fd, const char* p, size_t n, uint64_t off, const char* what) {
+  for (size_t done = 0; done < n;) {
+    ssize_t k = ::pwrite(fd, p + done, n - done, static_cast<off_t>(off + done));
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return vmm::ErrnoStatus(what, k == 0 ? EIO : errno);
+    done += static_cast<size_t>(k);
+  }
   return absl::OkStatus();
+}
+
+// What the mirror's peer and operator read of a disk failure.
+std::string DiskFailure(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kResourceExhausted
+             ? absl::StrCat("the replica disk is full (", s.message(), ")")
+             : absl::StrCat("the replica disk failed (", s.message(), ")");
 }
 
 }  // namespace
@@ -157,30 +219,64 @@ absl::Status ReplicaStore::Verify(const Checkpoint& c, const ResolvedRun& r) con
 }
 
 absl::Status ReplicaStore::Apply(const Checkpoint& c) {
+  if (!unusable_.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("checkpoint ", c.epoch, " refused: the replica is unusable: ", unusable_));
+  }
   trees_.reset();
   if (staging_) staging_->holdings.reset();
   auto r = Resolve(c, absl::StrCat("checkpoint ", c.epoch));
   absl::Status s = r.ok() ? Verify(c, *r) : r.status();
-  if (s.ok() && c.full) s = CommitStaging(c, *r);
-  if (c.full) staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
-  if (s.ok()) {
-    Record(c, *r);
-  } else if (c.full) {
-    index_.Clear();  // it indexed the staging copy, which is gone
+  if (c.full) {
+    if (s.ok()) s = CommitStaging(c, *r);
+    staging_.reset();  // a synchronisation ends with its full checkpoint, good or bad
+    if (s.ok()) {
+      Record(c, *r);
+    } else {
+      index_.Clear();  // it indexed the staging copy, which is gone
+    }
+    return s;
   }
-  if (!s.ok() || c.full) return s;
+  if (!s.ok()) return s;
+  // The disk first, all or nothing, as it can fail; then memory and state, which cannot.
+  bool torn = false;
+  if (auto w = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk", &torn); !w.ok()) {
+    return DiskFailed(c.epoch, w, torn);
+  }
   for (size_t i = 0; i < c.gfns.size(); i++) {
     std::memcpy(memory_->data() + c.gfns[i] * vmm::kPageSize, r->page[i], vmm::kPageSize);
   }
-  // A host I/O failure, not bad input.
-  if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
+  Record(c, *r);
   state_ = c.state;
   committed_epoch_ = static_cast<int64_t>(c.epoch);
   sequence_reset_ = false;
   return absl::OkStatus();
 }
 
+absl::Status ReplicaStore::DiskFailed(uint64_t epoch, const absl::Status& why, bool torn) {
+  std::string line = absl::StrCat("checkpoint ", epoch, " not committed: ", DiskFailure(why));
+  if (torn) {
+    // Neither checkpoint is on the disk now: nothing here may be resumed, or acknowledged on.
+    unusable_ = line;
+    committed_epoch_ = -1;
+    seeded_ = false;
+    staging_.reset();
+    index_.Clear();
+    return absl::Status(why.code(),
+                        absl::StrCat(line,
+                                     "; the replica is UNUSABLE (never promotable; restart "
+                                     "this mirror to take a new one)"));
+  }
+  return absl::Status(why.code(),
+                      committed_epoch_ >= 0
+                          ? absl::StrCat(line, "; the replica stays at epoch ", committed_epoch_)
+                          : line);
+}
+
 absl::Status ReplicaStore::StartStaging() {
+  if (!unusable_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("the replica is unusable: ", unusable_));
+  }
   if (staging_) return absl::OkStatus();
   auto st = std::make_unique<Staging>();
   auto mem = vmm::GuestMemory::CreateMemfd(memory_->size());
@@ -244,9 +340,12 @@ absl::Status ReplicaStore::StageSyncDisk(uint64_t offset, uint64_t length, const
     return absl::DataLossError(
         absl::StrCat("pre-copy rejected: disk chunk at ", offset, " does not match its hash"));
   }
-  if (data && ::pwrite(staging_->disk.get(), data->data(), length, static_cast<off_t>(offset)) !=
-                  static_cast<ssize_t>(length)) {
-    return vmm::ErrnoStatus("write staging disk");
+  if (data) {
+    if (auto s =
+            PwriteAll(staging_->disk.get(), data->data(), length, offset, "write staging disk");
+        !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("pre-copy not staged: ", DiskFailure(s)));
+    }
   }
   staging_->chunks.Set(offset / kDiskChunk);
   staging_->chunk_hashes[offset / kDiskChunk] = hash;
@@ -273,8 +372,11 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c, const ResolvedRun&
     std::memcpy(st.memory->data() + c.gfns[i] * vmm::kPageSize, r.page[i], vmm::kPageSize);
     st.pages.Set(c.gfns[i]);
   }
-  if (auto s = WriteDiskWrites(st.disk.get(), c.disk_writes, "write staging disk"); !s.ok()) {
-    return s;
+  bool torn = false;  // the staging copy goes whatever happens to it
+  if (auto s = WriteDiskWrites(st.disk.get(), c.disk_writes, "write staging disk", &torn);
+      !s.ok()) {
+    return absl::Status(s.code(),
+                        absl::StrCat("checkpoint ", c.epoch, " not committed: ", DiskFailure(s)));
   }
   for (const DiskWrite& w : c.disk_writes) {
     uint64_t off = w.sector * RML_SECTOR_SIZE;
@@ -294,12 +396,14 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c, const ResolvedRun&
   // it already, what was received is written over it (which costs what differed, not the size).
   if (st.same_pages.Count() + st.same_chunks.Count() == 0) {
     if (::rename((disk_path_ + ".sync").c_str(), disk_path_.c_str()) != 0) {
-      return vmm::ErrnoStatus(absl::StrCat("replace replica disk ", disk_path_));
+      auto why = vmm::ErrnoStatus(absl::StrCat("replace replica disk ", disk_path_));
+      return absl::Status(
+          why.code(), absl::StrCat("checkpoint ", c.epoch, " not committed: ", DiskFailure(why)));
     }
     memory_ = std::move(st.memory);
     disk_ = std::move(st.disk);
   } else if (auto s = CopyReceivedIntoReplica(st, c); !s.ok()) {
-    return s;  // a host I/O failure, not bad input
+    return s;
   }
   seeded_ = false;
   state_ = c.state;
@@ -309,25 +413,47 @@ absl::Status ReplicaStore::CommitStaging(const Checkpoint& c, const ResolvedRun&
 }
 
 absl::Status ReplicaStore::CopyReceivedIntoReplica(const Staging& st, const Checkpoint& c) {
+  // The disk first, as it can fail; memory last, which cannot. Chunks written over in place are
+  // not kept (they may be most of the disk): a failure part-way leaves a disk that is neither
+  // the old checkpoint nor the new one, so the replica gives up its commit and keeps its
+  // contents only to be compared by the next synchronisation, like a seeded one.
+  bool wrote = false;
+  auto failed = [&](const absl::Status& why) {
+    std::string line = absl::StrCat("checkpoint ", c.epoch, " not committed: ", DiskFailure(why));
+    if (!wrote) return absl::Status(why.code(), line);  // the replica is as it was
+    if (committed_epoch_ >= 0) {
+      absl::StrAppend(&line, "; the replica no longer holds epoch ", committed_epoch_,
+                      " and is not promotable until a synchronisation completes");
+    }
+    committed_epoch_ = -1;
+    seeded_ = true;
+    return absl::Status(why.code(), line);
+  };
+  std::string chunk(kDiskChunk, '\0');
+  for (uint64_t i = 0; i < st.chunks.pages(); i++) {
+    if (!st.chunks.Test(i)) continue;
+    uint64_t off = i * kDiskChunk, n = std::min(kDiskChunk, disk_bytes_ - off);
+    if (::pread(st.disk.get(), chunk.data(), n, static_cast<off_t>(off)) !=
+        static_cast<ssize_t>(n)) {
+      return failed(vmm::ErrnoStatus("read staging disk"));
+    }
+    wrote = true;  // perhaps partly, when it fails
+    if (auto s = PwriteAll(disk_.get(), chunk.data(), n, off, "write replica disk"); !s.ok()) {
+      return failed(s);
+    }
+  }
+  // The full checkpoint's writes may fall in chunks that were the same: they go over those too.
+  bool torn = false;
+  if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk", &torn); !s.ok()) {
+    wrote = wrote || torn;
+    return failed(s);
+  }
   for (uint64_t gfn = 0; gfn < memory_->pages(); gfn++) {
     if (st.pages.Test(gfn)) {
       std::memcpy(memory_->data() + gfn * vmm::kPageSize, st.memory->data() + gfn * vmm::kPageSize,
                   vmm::kPageSize);
     }
   }
-  std::string chunk(kDiskChunk, '\0');
-  for (uint64_t i = 0; i < st.chunks.pages(); i++) {
-    if (!st.chunks.Test(i)) continue;
-    uint64_t off = i * kDiskChunk, n = std::min(kDiskChunk, disk_bytes_ - off);
-    if (::pread(st.disk.get(), chunk.data(), n, static_cast<off_t>(off)) !=
-            static_cast<ssize_t>(n) ||
-        ::pwrite(disk_.get(), chunk.data(), n, static_cast<off_t>(off)) !=
-            static_cast<ssize_t>(n)) {
-      return vmm::ErrnoStatus("write replica disk");
-    }
-  }
-  // The full checkpoint's writes may fall in chunks that were the same: they go over those too.
-  if (auto s = WriteDiskWrites(disk_.get(), c.disk_writes, "write replica disk"); !s.ok()) return s;
   ::unlink((disk_path_ + ".sync").c_str());
   return absl::OkStatus();
 }
@@ -337,6 +463,9 @@ absl::StatusOr<uint64_t> ReplicaStore::DiskDigest() const {
 }
 
 absl::StatusOr<vmm::SnapshotInfo> ReplicaStore::SaveSnapshot(const std::string& dir) const {
+  if (!unusable_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("the replica is unusable: ", unusable_));
+  }
   if (committed_epoch_ < 0) return absl::FailedPreconditionError("no checkpoint committed yet");
   vmm::SnapshotInfo info;
   std::memcpy(&info.guest, memory_->data() + RML_BOOT_GPA + offsetof(rml_boot, status),
@@ -424,6 +553,9 @@ absl::Status ReplicaStore::StageSameDisk(uint64_t offset, uint64_t length, uint6
 }
 
 absl::StatusOr<ReplicaStore::Committed> ReplicaStore::TakeCommitted() {
+  if (!unusable_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("the replica is unusable: ", unusable_));
+  }
   if (committed_epoch_ < 0 || memory_ == nullptr) {
     return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
   }

@@ -50,6 +50,7 @@ pb::StatusReply PrimaryStatus(const std::string& vm_id, const replicator::Primar
   r.set_resyncs(s.resyncs);
   r.set_unprotected_s(s.unprotected_seconds);
   r.set_failed_connections(s.failed_connections);
+  r.set_rejected(s.rejected);
   r.set_protection(s.protection);
   AddPaths(s.paths, &r);
   if (s.sync.active || s.sync.seconds > 0) {
@@ -76,7 +77,9 @@ pb::StatusReply MirrorStatus(const std::string& vm_id, const replicator::Mirror:
   pb::StatusReply r;
   r.set_role("mirror");
   r.set_vm_id(vm_id);
-  if (!s.connected) {
+  if (!s.unusable.empty()) {
+    r.set_state(absl::StrCat("replica UNUSABLE, never promotable: ", s.unusable));
+  } else if (!s.connected) {
     r.set_state(s.committed_epoch < 0 ? "waiting for a primary; no replica yet"
                                       : "waiting for a primary; replica holds its last commit");
   } else if (s.syncing) {

@@ -425,9 +425,13 @@ FrameReadAhead::~FrameReadAhead() {
   thread_.join();
 }
 
-absl::StatusOr<pb::Frame> FrameReadAhead::Next() {
+absl::StatusOr<pb::Frame> FrameReadAhead::Next(std::chrono::steady_clock::time_point until) {
   std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [this] { return !frames_.empty(); });
+  if (until == std::chrono::steady_clock::time_point::max()) {
+    cv_.wait(lock, [this] { return !frames_.empty(); });
+  } else if (!cv_.wait_until(lock, until, [this] { return !frames_.empty(); })) {
+    return absl::DeadlineExceededError("no frame in time");
+  }
   absl::StatusOr<pb::Frame> f = std::move(frames_.front());
   if (f.ok()) {
     frames_.pop_front();

@@ -143,8 +143,10 @@ class FrameReadAhead {
   FrameReadAhead(const FrameReadAhead&) = delete;
   FrameReadAhead& operator=(const FrameReadAhead&) = delete;
 
-  // The next frame, as Channel::Receive would have returned it.
-  absl::StatusOr<pb::Frame> Next();
+  // The next frame, as Channel::Receive would have returned it; DeadlineExceeded when none came
+  // by `until`.
+  absl::StatusOr<pb::Frame> Next(
+      std::chrono::steady_clock::time_point until = std::chrono::steady_clock::time_point::max());
 
  private:
   Channel& channel_;

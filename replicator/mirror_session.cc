@@ -16,6 +16,10 @@ MirrorSession::MirrorSession(MirrorState state, std::string peer, uint64_t term)
 // the nodes below until it is done, and sends only what differs.
 absl::StatusOr<pb::Frame> MirrorSession::Start(bool new_session) {
   std::lock_guard<std::mutex> lock(state_.replica_mu);
+  if (!state_.replica.unusable().empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the replica is unusable: ", state_.replica.unusable()));
+  }
   if (new_session) state_.replica.ExpectFullCheckpoint();
   // The primary's record of what this host holds starts afresh with each connection.
   state_.replica.ResetContentIndex();
@@ -76,11 +80,23 @@ absl::StatusOr<std::vector<pb::Frame>> MirrorSession::Receive(pb::Frame f) {
   if (!cp.ok()) return Reject(cp.status());
   if (!cp->has_value()) return std::vector<pb::Frame>{};
   absl::Status applied;
+  int64_t committed;
+  std::string unusable;
   {
     std::lock_guard<std::mutex> lock(state_.replica_mu);
     applied = state_.replica.Apply(**cp);
+    committed = state_.replica.committed_epoch();
+    unusable = state_.replica.unusable();
   }
-  if (!applied.ok()) return Reject(applied);
+  if (!applied.ok()) {
+    {
+      // A disk that failed mid-commit may have cost the replica its commit (see Apply).
+      std::lock_guard<std::mutex> lock(state_.stats_mu);
+      state_.stats.committed_epoch = committed;
+      state_.stats.unusable = unusable;
+    }
+    return Reject(applied);
+  }
   {
     std::lock_guard<std::mutex> lock(state_.stats_mu);
     state_.stats.checkpoints++;
@@ -156,10 +172,7 @@ absl::Status MirrorSession::StageSync(const pb::Frame& f) {
 // committed last; the host resumes it (on_handover) and the answer says whether it runs here.
 pb::Frame MirrorSession::AnswerHandover(uint64_t epoch, const std::string& reason) {
   const Mirror::Options& options = state_.options;
-  // The primary's words, for a log line: printable ASCII, bounded.
-  constexpr size_t kMaxReason = 512;
-  std::string why_moved;
-  for (char c : reason.substr(0, kMaxReason)) why_moved += (c >= 0x20 && c < 0x7f) ? c : '?';
+  std::string why_moved = PeerText(reason);
   absl::Status why;
   int64_t committed;
   {

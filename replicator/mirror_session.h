@@ -24,6 +24,14 @@ inline void Log(const LogFn& log, const std::string& line) {
   if (log) log(line);
 }
 
+// Text from the peer, for a log line or a status: printable ASCII, at most kMaxPeerText bytes.
+inline constexpr size_t kMaxPeerText = 512;
+inline std::string PeerText(absl::string_view text) {
+  std::string out;
+  for (char c : text.substr(0, kMaxPeerText)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
+}
+
 // What outlives a connection, owned by the Mirror and shared with each of its sessions.
 struct MirrorState {
   checkpoint::ReplicaStore& replica;
@@ -42,7 +50,8 @@ class MirrorSession {
 
   // The connection's first frame to the primary: the roots of the replica's hash trees. A
   // primary of another session than the last numbers its epochs afresh (`new_session`): the
-  // replica then accepts only a full checkpoint next. An error ends the connection.
+  // replica then accepts only a full checkpoint next. An error ends the connection (a replica
+  // that is unusable refuses every connection).
   absl::StatusOr<pb::Frame> Start(bool new_session);
 
   // One frame from the primary, and what to send back in order (none, a tree answer, an ack, a

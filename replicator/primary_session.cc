@@ -18,6 +18,10 @@ using checkpoint::Checkpoint;
 
 }  // namespace
 
+absl::Status MirrorRefused(const pb::Refusal& refusal) {
+  return absl::AbortedError(absl::StrCat("mirror refused: ", PeerText(refusal.reason())));
+}
+
 PrimarySession::PrimarySession(checkpoint::EpochEngine& engine, vmm::OutputGate& gate,
                                const Primary::Options& options)
     : engine_(engine), gate_(gate), options_(options) {}
@@ -52,6 +56,11 @@ void PrimarySession::SetState(std::string state) {
     stats_.state = state;
     Log(options_.log, state);
   }
+}
+
+void PrimarySession::Rejected() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.rejected++;
 }
 
 void PrimarySession::BackOff(std::chrono::milliseconds wait) {
@@ -110,6 +119,8 @@ void PrimarySession::Open(std::unique_ptr<Channel> channel, const pb::ReplicaRoo
     committed_on_connection_ = false;
     mirror_held_ = 0;
     ack_error_.reset();  // a failure of the previous connection's ack reader is history
+    refused_.reset();
+    ack_reader_ = false;
     acked_epoch_ = -1;
     connection_++;
     stats_.resyncs++;
@@ -135,12 +146,22 @@ absl::Status PrimarySession::Stream() {
     std::lock_guard<std::mutex> lock(mu_);
     link_ = Link::kStreaming;
     cv_.notify_all();
-    acks_ = std::thread([this] {
-      vmm::NameThread("rml-acks");
-      AckLoop();
-    });
   }
+  StartAckReader();
   return SendLoop();
+}
+
+// From the end of the tree comparison on, the mirror sends only acks, or a refusal: read at
+// once, also while the pre-copy stream is still being sent, so that a mirror that refuses it
+// (say, its disk is full) is heard rather than found gone by a send that fails.
+void PrimarySession::StartAckReader() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ack_reader_) return;
+  ack_reader_ = true;
+  acks_ = std::thread([this] {
+    vmm::NameThread("rml-acks");
+    AckLoop();
+  });
 }
 
 PrimarySession::Outcome PrimarySession::Close() {
@@ -157,7 +178,8 @@ PrimarySession::Outcome PrimarySession::Close() {
   std::lock_guard<std::mutex> lock(mu_);
   return {.committed = committed_on_connection_,
           .mirror_held = mirror_held_,
-          .handed_over = migration_ == Migration::kHandedOver};
+          .handed_over = migration_ == Migration::kHandedOver,
+          .refused = refused_};
 }
 
 // Cuts a checkpoint every epoch while a connection streams and queues it for the send loop.
@@ -207,6 +229,7 @@ absl::StatusOr<MirrorHoldings> PrimarySession::CompareWithMirror() {
     if (auto s = channel_->Send(f); !s.ok()) return s;
     auto reply = channel_->Receive();
     if (!reply.ok()) return reply.status();
+    if (reply->has_refusal()) return MirrorRefused(reply->refusal());
     if (!reply->has_tree_answer()) return absl::DataLossError("expected a tree answer");
     return std::move(*reply->mutable_tree_answer());
   };
@@ -237,6 +260,7 @@ absl::Status PrimarySession::Precopy() {
     stats_.sync.round = round;
     stats_.sync.wire_bytes = channel_->bytes_sent() - wire0;
     if (stop_) return absl::CancelledError("stopping");
+    if (ack_error_) return *std::exchange(ack_error_, std::nullopt);
     return absl::OkStatus();
   };
   {
@@ -247,6 +271,7 @@ absl::Status PrimarySession::Precopy() {
   if (auto s = engine_.BeginSync(); !s.ok()) return s;
   auto holdings = CompareWithMirror();
   if (!holdings.ok()) return holdings.status();
+  StartAckReader();
   uint64_t total = options_.identity.memory_bytes + options_.identity.disk_bytes;
   uint64_t unchanged = holdings->same_page_count * vmm::kPageSize;  // already at the mirror
   {
@@ -400,6 +425,10 @@ void PrimarySession::AckLoop() {
     absl::Status bad;
     if (!f.ok()) {
       bad = f.status();
+    } else if (f->has_refusal()) {
+      bad = MirrorRefused(f->refusal());
+      std::lock_guard<std::mutex> lock(mu_);
+      refused_ = bad;
     } else if (!f->has_ack()) {
       bad = absl::DataLossError("mirror sent something other than an ack");
     } else {

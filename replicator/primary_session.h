@@ -37,13 +37,17 @@
 
 namespace romulus::replicator {
 
+// A Refusal frame from the mirror: Aborted, with its reason bounded and printable.
+absl::Status MirrorRefused(const pb::Refusal& refusal);
+
 class PrimarySession {
  public:
   // What a connection achieved: what the connection manager's reconnect policy goes by.
   struct Outcome {
-    bool committed = false;    // the mirror acknowledged a checkpoint on it
-    uint64_t mirror_held = 0;  // pages and chunks the mirror held when it synchronised
-    bool handed_over = false;  // the VM runs at the mirror now: no reconnecting
+    bool committed = false;               // the mirror acknowledged a checkpoint on it
+    uint64_t mirror_held = 0;             // pages and chunks the mirror held when it synchronised
+    bool handed_over = false;             // the VM runs at the mirror now: no reconnecting
+    std::optional<absl::Status> refused;  // the mirror said why it ended the connection
   };
 
   // `options` must outlive the session.
@@ -71,6 +75,8 @@ class PrimarySession {
   // The connection manager's view of the pair: a one-line state (logged when it changes); a
   // connection that failed (waits `wait`, or until Stop); the mirror lost (unprotected from now).
   void SetState(std::string state);
+  // A connection dropped for a bad frame from the mirror.
+  void Rejected();
   void BackOff(std::chrono::milliseconds wait);
   void Unprotected();
 
@@ -95,6 +101,7 @@ class PrimarySession {
   absl::StatusOr<MirrorHoldings> CompareWithMirror();
   absl::Status Precopy();  // Synchronise's pre-copy policy
   absl::Status SendLoop();
+  void StartAckReader();  // once the primary expects nothing but acks (and a refusal)
   void AckLoop();
 
   checkpoint::EpochEngine& engine_;
@@ -117,6 +124,8 @@ class PrimarySession {
   std::string handover_reason_;
   std::optional<pb::HandoverReply> handover_reply_;
   std::optional<absl::Status> ack_error_;  // the ack reader failed: the connection ends
+  std::optional<absl::Status> refused_;    // the mirror's Refusal on this connection
+  bool ack_reader_ = false;                // started on this connection
   std::deque<std::shared_ptr<const checkpoint::Checkpoint>> queue_;  // cut, not yet sent
   std::deque<uint64_t> unacked_;  // epochs sent on this connection and not yet acknowledged
   checkpoint::Histogram dirty_pages_per_epoch_ = checkpoint::Histogram::Pages();

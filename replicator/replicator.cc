@@ -38,6 +38,8 @@ constexpr std::chrono::milliseconds kBackOffFirst{25}, kBackOffMax{1000};
 constexpr std::chrono::milliseconds kChannelKeepalive{100};
 // Frames a mirror receives and opens ahead of the one it stages (at most 4 x 4 MiB held).
 constexpr size_t kFramesReadAhead = 4;
+// The longest a mirror that refused a connection waits for the primary to read why and close.
+constexpr std::chrono::milliseconds kRefusalLinger{2000};
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -406,14 +408,23 @@ class MirrorImpl : public Mirror {
   // sends something bad, the VM is handed over to this host, or the mirror stops.
   absl::Status Converse(Channel& ch, MirrorSession& conversation, bool new_session) {
     auto roots = conversation.Start(new_session);
-    if (!roots.ok()) return roots.status();
+    if (!roots.ok()) return Refuse(ch, nullptr, roots.status());
     if (auto s = ch.Send(*roots); !s.ok()) return s;
     FrameReadAhead frames(ch, kFramesReadAhead);
     while (!stop_) {
       auto f = frames.Next();
-      if (!f.ok()) return f.status();
+      if (!f.ok()) {
+        // A frame that failed its integrity check, or was too large or malformed: the
+        // connection is refused like one that carried a bad checkpoint.
+        if (f.status().code() != absl::StatusCode::kDataLoss) return f.status();
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          stats_.rejected++;
+        }
+        return Refuse(ch, nullptr, f.status());
+      }
       auto replies = conversation.Receive(std::move(*f));
-      if (!replies.ok()) return replies.status();
+      if (!replies.ok()) return Refuse(ch, &frames, replies.status());
       for (const pb::Frame& reply : *replies) {
         if (auto s = ch.Send(reply); !s.ok()) return s;
       }
@@ -423,6 +434,22 @@ class MirrorImpl : public Mirror {
       }
     }
     return absl::CancelledError("stopping");
+  }
+
+  // Ends a connection for `why`, telling the primary first (pb::Refusal), so that its log and
+  // status say why rather than that the connection broke. While `frames` is given, what the
+  // primary still sends is read and dropped until it closes (briefly at most), so that it reads
+  // the refusal before its sends fail.
+  absl::Status Refuse(Channel& ch, FrameReadAhead* frames, absl::Status why) {
+    pb::Frame f;
+    f.mutable_refusal()->set_reason(PeerText(why.message()));
+    if (!ch.Send(f).ok()) return why;
+    auto linger = std::min<std::chrono::milliseconds>(options_.peer_timeout, kRefusalLinger);
+    ch.Flush(linger);
+    auto until = std::chrono::steady_clock::now() + linger;
+    while (frames && !stop_ && frames->Next(until).ok()) {
+    }
+    return why;
   }
 
   checkpoint::ReplicaStore& replica_;
@@ -576,11 +603,24 @@ class PrimaryImpl : public Primary {
       (*ch)->set_on_frame(options_.on_traffic);
       (*ch)->KeepAlive(kChannelKeepalive);  // hashing a large memory here is no silence
       auto roots = (*ch)->Receive();
-      if (roots.ok() && !roots->has_replica_roots()) {
+      if (roots.ok() && roots->has_refusal()) {
+        roots = MirrorRefused(roots->refusal());
+      } else if (roots.ok() && !roots->has_replica_roots()) {
         roots = absl::DataLossError("expected the replica's tree roots");
       }
       if (!roots.ok()) {
-        Log(options_.log, absl::StrCat("mirror refused: ", roots.status().message()));
+        std::string line(roots.status().message());
+        if (roots.status().code() != absl::StatusCode::kAborted) {
+          line = absl::StrCat("mirror refused: ", line);
+        }
+        if (roots.status().code() == absl::StatusCode::kDataLoss) session_.Rejected();
+        Log(options_.log, line);
+        if (options_.run_unprotected) {
+          unprotected_why_ = absl::StrCat(line, ": ");
+          GoUnprotected(unprotected_why_);
+        } else {
+          session_.SetState(absl::StrCat(line, "; outputs held"));
+        }
         no_progress_++;
         BackOff(rng);
         continue;
@@ -596,7 +636,11 @@ class PrimaryImpl : public Primary {
       }
       PrimarySession::Outcome outcome = session_.Close();
       if (why.code() == absl::StatusCode::kCancelled) return;  // stopping, not a lost mirror
-      if (outcome.handed_over) return;                         // the VM runs at the mirror now
+      // The mirror's own words, when it said why it ended the connection, rather than how the
+      // end was seen here (often "Broken pipe").
+      if (outcome.refused) why = *outcome.refused;
+      if (why.code() == absl::StatusCode::kDataLoss) session_.Rejected();
+      if (outcome.handed_over) return;  // the VM runs at the mirror now
       if (options_.run_unprotected) {
         unprotected_why_ = absl::StrCat("mirror lost (", why.message(), "): ");
         GoUnprotected(unprotected_why_);

@@ -263,6 +263,8 @@ class Mirror {
     // The newest term of a primary whose checkpoint this replica committed (0: none, or no
     // witness): the term a promotion resumes from. Primaries of older terms are refused.
     uint64_t term = 0;
+    // Why the replica may no longer be used (ReplicaStore::unusable), or empty.
+    std::string unusable;
     bool connected = false;
     bool syncing = false;          // a pre-copy stream is arriving (into staging, not the replica)
     bool handed_over = false;      // the VM was handed over to this host: replication has ended
@@ -352,6 +354,9 @@ class Primary {
     // (reconnects back off while they get nowhere).
     double unprotected_seconds = 0;
     uint32_t failed_connections = 0;
+    // Connections this primary dropped for a bad frame from the mirror (one that failed its
+    // integrity check, or broke the protocol).
+    uint64_t rejected = 0;
     std::string protection;        // of the frames on the current (or last) connection
     std::vector<PathStats> paths;  // of the current connection (one unless parallel paths)
     // The epoch loop's last pass (every epoch, protected or not): a loop that is stuck (a VM

@@ -317,7 +317,12 @@ class NodeImpl : public Node {
       }
       if (role_ != Role::kMirror)
         return absl::FailedPreconditionError("this host holds no replica");
-      if (m_.mirror->stats().committed_epoch < 0) {
+      auto replica = m_.mirror->stats();
+      if (!replica.unusable.empty()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("the replica is unusable, nothing to resume: ", replica.unusable));
+      }
+      if (replica.committed_epoch < 0) {
         return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
       }
     }

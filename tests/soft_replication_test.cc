@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "replicator/channel.h"
+#include "replicator/primary_session.h"
 #include "replicator/replicator.h"
 #include "tests/soft_vm.h"
 #include "tests/tampering_relay.h"
@@ -292,18 +293,23 @@ TEST_P(SoftReplication, APrimaryThatLiesAboutTheReplicaIsDroppedAndTheReplicaKep
     auto roots = (*ch)->Receive();
     ASSERT_TRUE(roots.ok() && roots->has_replica_roots() && !roots->replica_roots().empty())
         << what;
+    // The mirror refuses (saying why) and ends the connection.
+    auto refused = [](absl::StatusOr<pb::Frame> f) {
+      if (!f.ok()) return f.status();
+      if (f->has_refusal()) return replicator::MirrorRefused(f->refusal());
+      return f->has_tree_answer() ? absl::OkStatus() : absl::DataLossError("unexpected frame");
+    };
     absl::Status dropped;
     for (const pb::Frame& f : frames) {
       dropped = (*ch)->Send(f);
       if (dropped.ok() && f.has_tree_query() && !f.tree_query().done()) {
-        auto answer = (*ch)->Receive();
-        dropped = answer.ok() && answer->has_tree_answer() ? absl::OkStatus() : answer.status();
+        dropped = refused((*ch)->Receive());
       }
       if (!dropped.ok()) break;
     }
-    if (dropped.ok()) dropped = (*ch)->Receive().status();  // the mirror ends the connection
-    EXPECT_FALSE(dropped.ok()) << what;
-    EXPECT_NE(dropped.code(), absl::StatusCode::kDeadlineExceeded) << what << ": not dropped";
+    if (dropped.ok()) dropped = refused((*ch)->Receive());
+    EXPECT_EQ(dropped.code(), absl::StatusCode::kAborted) << what << ": " << dropped;
+    EXPECT_NE(dropped.message().find("mirror refused: "), std::string::npos) << what;
     EXPECT_EQ(replica_state(), before) << what;
   }
   EXPECT_GE(mirror_->stats().rejected, 4u) << Logs();
@@ -502,6 +508,12 @@ TEST_P(SoftReplication, AFrameAlteredEitherWayIsRefusedAndTheConnectionDropped) 
   const std::pair<testing::TamperingRelay::Direction, const char*> cases[] = {
       {testing::TamperingRelay::kToMirror, "primary disconnected: frame"},
       {testing::TamperingRelay::kToPrimary, "mirror lost, outputs held: frame"}};
+  // Each side counts the connection it dropped as rejected (romulus_rejected_connections_total).
+  auto rejected = [&] {
+    return std::make_pair(mirror_->stats().rejected, primary_->stats().rejected);
+  };
+  const std::pair<uint64_t, uint64_t> rejected_after[] = {{1, 0}, {1, 1}};
+  int round = 0;
   for (const auto& [direction, line] : cases) {
     ASSERT_TRUE(WaitUntil([&] { return Protected(); }, 60)) << Logs();
     uint64_t connections = relay->connections();
@@ -512,6 +524,7 @@ TEST_P(SoftReplication, AFrameAlteredEitherWayIsRefusedAndTheConnectionDropped) 
     std::string logs = Logs();
     EXPECT_NE(logs.find(line), std::string::npos) << logs;
     EXPECT_NE(logs.find("failed its integrity check"), std::string::npos) << logs;
+    EXPECT_EQ(rejected(), rejected_after[round++]);
     int64_t epoch = mirror_->stats().committed_epoch;
     ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= epoch + 5; }, 60));
     pauses_.ExpectReplicaMatches(*mirror_);

@@ -1,10 +1,15 @@
 #include "vmm/snapshot.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -46,12 +51,37 @@ absl::Status CopyFile(int in, uint64_t bytes, const std::string& out_path) {
 
 std::string SnapshotMemoryPath(const std::string& dir) { return dir + "/memory.bin"; }
 
-absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
-                           int disk_fd, SnapshotInfo* info) {
+namespace {
+
+// What earlier saves of `dir` left behind when their process died part-way: DIR.tmp-PID of a
+// process that is gone (or of this one). Nothing else is touched: another name, or the PID of a
+// process that runs, may be another's save in progress.
+void RemoveAbandonedSaves(const std::string& dir) {
   namespace fs = std::filesystem;
-  std::string tmp = absl::StrCat(dir, ".tmp-", ::getpid());
+  fs::path path = fs::path(dir).lexically_normal();
+  if (!path.has_filename()) path = path.parent_path();
+  std::string prefix = path.filename().string() + ".tmp-";
+  fs::path parent = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  std::vector<fs::path> abandoned;
   std::error_code ec;
-  fs::remove_all(tmp, ec);
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+    std::string pid = name.substr(prefix.size());
+    if (pid.size() > 9 || pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    pid_t owner = static_cast<pid_t>(std::stol(pid));
+    if (owner == ::getpid() || (::kill(owner, 0) != 0 && errno == ESRCH)) {
+      abandoned.push_back(it->path());
+    }
+  }
+  for (const fs::path& p : abandoned) fs::remove_all(p, ec);
+}
+
+// The snapshot's three files in `tmp`, which it creates.
+absl::Status WriteSnapshotFiles(const std::string& tmp, pb::VmSnapshot state,
+                                const GuestMemory& mem, int disk_fd, SnapshotInfo* info) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
   if (!fs::create_directories(tmp, ec)) {
     return absl::InternalError(absl::StrCat("create ", tmp, ": ", ec.message()));
   }
@@ -73,20 +103,43 @@ absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const G
   state.set_disk_xxh3(info->disk_xxh3);
   std::string bytes;
   if (!state.SerializeToString(&bytes)) return absl::InternalError("serialize snapshot state");
-  {
-    std::string path = tmp + "/state.pb";
-    Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (!fd.valid()) return ErrnoStatus(absl::StrCat("create ", path));
-    if (auto s = WriteAll(fd.get(), bytes.data(), bytes.size(), path); !s.ok()) return s;
-    if (::fsync(fd.get()) != 0) return ErrnoStatus(absl::StrCat("fsync ", path));
+  std::string path = tmp + "/state.pb";
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd.valid()) return ErrnoStatus(absl::StrCat("create ", path));
+  if (auto s = WriteAll(fd.get(), bytes.data(), bytes.size(), path); !s.ok()) return s;
+  if (::fsync(fd.get()) != 0) return ErrnoStatus(absl::StrCat("fsync ", path));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status WriteSnapshot(const std::string& dir, pb::VmSnapshot state, const GuestMemory& mem,
+                           int disk_fd, SnapshotInfo* info) {
+  namespace fs = std::filesystem;
+  RemoveAbandonedSaves(dir);
+  std::string tmp = absl::StrCat(dir, ".tmp-", ::getpid());
+  std::error_code ec;
+  // A save that fails (a full disk) leaves nothing behind: the previous snapshot stays as it was.
+  if (auto s = WriteSnapshotFiles(tmp, std::move(state), mem, disk_fd, info); !s.ok()) {
+    fs::remove_all(tmp, ec);
+    return s;
   }
   // Replace any previous snapshot only once the new one is complete.
   std::string old = absl::StrCat(dir, ".old-", ::getpid());
   bool had_old = fs::exists(dir, ec);
   if (had_old) fs::rename(dir, old, ec);
-  if (ec) return absl::InternalError(absl::StrCat("move aside ", dir, ": ", ec.message()));
+  if (ec) {
+    std::string why = ec.message();
+    fs::remove_all(tmp, ec);
+    return absl::InternalError(absl::StrCat("move aside ", dir, ": ", why));
+  }
   fs::rename(tmp, dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("rename ", tmp, " to ", dir, ": ", ec.message()));
+  if (ec) {
+    std::string why = ec.message();
+    if (had_old) fs::rename(old, dir, ec);
+    fs::remove_all(tmp, ec);
+    return absl::InternalError(absl::StrCat("rename ", tmp, " to ", dir, ": ", why));
+  }
   if (had_old) fs::remove_all(old, ec);
   return absl::OkStatus();
 }
