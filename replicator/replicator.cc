@@ -553,7 +553,10 @@ class PrimaryImpl : public Primary {
     for (size_t i = 0; i < use.size(); i++) use[i] = i;
     for (;;) {
       if (use.size() == 1) {  // a connection of its own
-        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port, terms, session_id_,
+        // A connection of its own carries no bond, whatever an earlier try with more paths set.
+        Channel::Terms alone{options_.identity, options_.key, options_.protection};
+        alone.term = options_.term;
+        return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port, alone, session_id_,
                                 options_.peer_timeout);
       }
       terms.bond = rng() | 1;
