@@ -216,6 +216,14 @@ absl::Status CheckSwitchover(const Parsed& p, pb::SwitchoverConfig* s) {
     return p.Bad("switchover.heartbeat_timeout_ms",
                  "must exceed heartbeat_interval_ms and be at most 60000");
   }
+  if (s->heartbeat_timeout_max_ms() == 0) {
+    s->set_heartbeat_timeout_max_ms(std::min<uint32_t>(4 * s->heartbeat_timeout_ms(), 60000));
+  }
+  if (auto r = p.Range("switchover.heartbeat_timeout_max_ms", s->heartbeat_timeout_max_ms(),
+                       s->heartbeat_timeout_ms(), 60000);
+      !r.ok()) {
+    return r;
+  }
   if (!s->witness().empty()) {
     if (auto ep = switchover::ParseEndpoint(s->witness()); !ep.ok()) {
       return p.Bad("switchover.witness", ep.status().message());
