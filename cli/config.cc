@@ -112,6 +112,13 @@ constexpr uint64_t kMaxWindowS = 7 * 86'400;  // a week
 // A counter rule remembers the checks within its window that saw new events: bounded.
 constexpr uint64_t kMaxChecksPerWindow = 100'000;
 
+// An IPv4 or IPv6 address literal (no name: nothing to resolve, nothing to go wrong later).
+bool IsAddress(const std::string& text) {
+  in6_addr a;
+  return ::inet_pton(AF_INET, text.c_str(), &a) == 1 ||
+         ::inet_pton(AF_INET6, text.c_str(), &a) == 1;
+}
+
 // "HOST:PORT" with a port of 1 to 65535 and a host that is not empty.
 absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::string& value) {
   std::string host;
@@ -122,11 +129,24 @@ absl::Status CheckHostPort(const Parsed& p, absl::string_view field, const std::
   return absl::OkStatus();
 }
 
-// An IPv4 or IPv6 address literal (no name: nothing to resolve, nothing to go wrong later).
-bool IsAddress(const std::string& text) {
-  in6_addr a;
-  return ::inet_pton(AF_INET, text.c_str(), &a) == 1 ||
-         ::inet_pton(AF_INET6, text.c_str(), &a) == 1;
+// A replication peer's HOST:PORT, whose host is an address (or localhost). A name is refused
+// here rather than resolved: replication connects to addresses only, so a name loaded fine and
+// then every connection failed at run time.
+absl::Status CheckPeerHostPort(const Parsed& p, absl::string_view field, const std::string& value) {
+  if (auto s = CheckHostPort(p, field, value); !s.ok()) return s;
+  std::string host;
+  uint16_t port = 0;
+  (void)ParseHostPort(value, &host, &port);
+  std::string bare = host;
+  if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']') {
+    bare = bare.substr(1, bare.size() - 2);
+  }
+  if (host != "localhost" && !IsAddress(bare)) {
+    return p.Bad(field, absl::StrCat("'", host.substr(0, 256),
+                                     "' is a name, not an address: give the host's IPv4 or IPv6 "
+                                     "address (names are not resolved)"));
+  }
+  return absl::OkStatus();
 }
 
 // A port: 1 to 65535, or 0 where the caller gave 0 its meaning (a default, or "none").
@@ -144,7 +164,7 @@ absl::Status CheckPaths(const Parsed& p, absl::string_view field,
                                     replicator::kMaxPaths, " in all)"));
     }
     if (host_port) {
-      if (auto s = CheckHostPort(p, at, path); !s.ok()) return s;
+      if (auto s = CheckPeerHostPort(p, at, path); !s.ok()) return s;
     } else if (!IsAddress(path)) {
       return p.Bad(at, absl::StrCat("'", path, "' is not an IPv4 or IPv6 address"));
     }
@@ -215,6 +235,14 @@ absl::Status CheckSwitchover(const Parsed& p, pb::SwitchoverConfig* s) {
       s->heartbeat_timeout_ms() > 60000) {
     return p.Bad("switchover.heartbeat_timeout_ms",
                  "must exceed heartbeat_interval_ms and be at most 60000");
+  }
+  if (s->heartbeat_timeout_max_ms() == 0) {
+    s->set_heartbeat_timeout_max_ms(std::min<uint32_t>(4 * s->heartbeat_timeout_ms(), 60000));
+  }
+  if (auto r = p.Range("switchover.heartbeat_timeout_max_ms", s->heartbeat_timeout_max_ms(),
+                       s->heartbeat_timeout_ms(), 60000);
+      !r.ok()) {
+    return r;
   }
   if (!s->witness().empty()) {
     if (auto ep = switchover::ParseEndpoint(s->witness()); !ep.ok()) {
@@ -337,7 +365,7 @@ absl::StatusOr<pb::PrimaryConfig> LoadPrimaryConfig(const std::string& path) {
   if (auto s = CheckVm(p, c); !s.ok()) return s;
   if (c.disk().empty()) return p.Bad("disk", "is required");
   if (c.mirror().empty()) return p.Bad("mirror", "is required (HOST:PORT)");
-  if (auto s = CheckHostPort(p, "mirror", c.mirror()); !s.ok()) return s;
+  if (auto s = CheckPeerHostPort(p, "mirror", c.mirror()); !s.ok()) return s;
   if (auto s = CheckPaths(p, "mirror_path", c.mirror_path(), c.mirror(), true); !s.ok()) return s;
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.max_in_flight_mib() == 0) c.set_max_in_flight_mib(256);
@@ -395,7 +423,7 @@ absl::StatusOr<pb::MirrorConfig> LoadMirrorConfig(const std::string& path) {
   if (c.psk_file().empty()) return p.Bad("psk_file", "is required");
   if (c.replica_disk().empty()) return p.Bad("replica_disk", "is required");
   if (!c.replicate_to().empty()) {
-    if (auto s = CheckHostPort(p, "replicate_to", c.replicate_to()); !s.ok()) return s;
+    if (auto s = CheckPeerHostPort(p, "replicate_to", c.replicate_to()); !s.ok()) return s;
   }
   if (!c.replicate_to_path().empty() && c.replicate_to().empty()) {
     return p.Bad("replicate_to_path[0]", "needs replicate_to (the first path)");

@@ -132,7 +132,11 @@ const std::vector<Section>& Sections() {
             "a heartbeat path: path { local: \"ADDR:PORT\" remote: \"ADDR:PORT\" }"},
            {"heartbeat_interval_ms", "ms, 1-10000", "10", "heartbeat period on each path"},
            {"heartbeat_timeout_ms", "ms, above the interval, at most 60000", "50",
-            "the peer is dead when every path has been silent this long"},
+            "the peer is dead when every path has been silent this long (the least: late "
+            "heartbeats raise it)"},
+           {"heartbeat_timeout_max_ms", "ms, heartbeat_timeout_ms to 60000",
+            "4 x heartbeat_timeout_ms",
+            "how far late heartbeats (a busy host) may raise the timeout, for a minute"},
            {"witness", "ADDR:PORT", "-", "the `romulus witness` that grants the lease"},
            {"lease_renew_ms", "ms, 5-10000", "30", "how often the lease is renewed"},
            {"fence_command", "shell command, at most 4096 bytes", "-",

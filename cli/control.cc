@@ -284,6 +284,7 @@ std::string FormatStatus(const pb::StatusReply& s) {
     absl::StrAppendFormat(&out, "path:             %s: %s", p.name(), p.up() ? "up" : "down");
     if (p.up()) absl::StrAppendFormat(&out, ", loss %.0f%%", 100 * p.loss());
     if (p.rtt_ms() >= 0) absl::StrAppendFormat(&out, ", rtt %.2f ms", p.rtt_ms());
+    if (p.timeout_ms() > 0) absl::StrAppendFormat(&out, ", timeout %d ms", p.timeout_ms());
     out += "\n";
   }
   if (!s.witness().empty()) {

@@ -347,6 +347,7 @@ void Switchover::AddStatus(pb::StatusReply* r) const {
       s->set_up(p.up);
       s->set_loss(p.loss);
       s->set_rtt_ms(p.rtt_ms);
+      s->set_timeout_ms(static_cast<uint32_t>(p.timeout.count()));
     }
   }
   if (lease) {
@@ -374,6 +375,7 @@ absl::StatusOr<Switchover> StartSwitchover(const pb::SwitchoverConfig& c, const 
     }
     o.interval = std::chrono::milliseconds(c.heartbeat_interval_ms());
     o.timeout = std::chrono::milliseconds(c.heartbeat_timeout_ms());
+    o.timeout_max = std::chrono::milliseconds(c.heartbeat_timeout_max_ms());
     o.on_peer_dead = std::move(hooks.on_peer_dead);
     o.on_peer_back = std::move(hooks.on_peer_back);
     o.log = log;

@@ -244,6 +244,9 @@ pb::SwitchoverConfig LocalHosts::SwitchoverOf(Host h) const {
   p->set_remote(At("127.0.0.2", heartbeat2_[other]));
   s.set_witness(At("127.0.0.1", witness_));
   if (o_.heartbeat_timeout_ms != 0) s.set_heartbeat_timeout_ms(o_.heartbeat_timeout_ms);
+  if (o_.heartbeat_timeout_max_ms != 0) {
+    s.set_heartbeat_timeout_max_ms(o_.heartbeat_timeout_max_ms);
+  }
   return s;
 }
 

@@ -45,6 +45,9 @@ class LocalHosts {
     // something else than detecting a dead peer raises it, so that heartbeats late on a loaded
     // machine do not start a promotion in the middle of what it shows.
     uint32_t heartbeat_timeout_ms = 0;
+    // Both hosts' switchover.heartbeat_timeout_max_ms (0: the default, four times the timeout;
+    // equal to it: a fixed timeout).
+    uint32_t heartbeat_timeout_max_ms = 0;
     // A `romulus proxy` in front of both hosts' ledgers (LoadThroughProxy), holding requests
     // for up to this long (0: no proxy).
     std::chrono::milliseconds proxy_hold{0};

@@ -374,6 +374,11 @@ std::string NodeMetrics(const pb::StatusReply& r, const switchover::Node::Status
               p.loss(), E::L("path", p.name()));
     }
     for (const pb::PathState& p : r.paths()) {
+      m.Gauge("romulus_path_timeout_seconds",
+              "Silence after which this path is down now (raised while heartbeats come late)",
+              p.timeout_ms() / 1000.0, E::L("path", p.name()));
+    }
+    for (const pb::PathState& p : r.paths()) {
       if (p.rtt_ms() < 0) continue;  // not measured yet
       m.Gauge("romulus_path_rtt_seconds", "Smoothed heartbeat round trip on this path",
               p.rtt_ms() / 1000, E::L("path", p.name()));

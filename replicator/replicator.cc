@@ -5,7 +5,9 @@
 // clang-format on
 #include "replicator/replicator.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 
@@ -13,7 +15,9 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <fstream>
+#include <list>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -41,8 +45,113 @@ constexpr size_t kFramesReadAhead = 4;
 // The longest a mirror that refused a connection waits for the primary to read why and close.
 constexpr std::chrono::milliseconds kRefusalLinger{2000};
 
+// Handshakes that may run at once on a mirror; one more connection ends the one that has run
+// longest (a primary's takes a round trip, so only a peer that stalls its own is ended).
+constexpr size_t kMaxHandshakes = 16;
+
 namespace asio = boost::asio;
 using asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+// How the handshake of one accepted connection ended.
+struct Handshaken {
+  absl::StatusOr<std::unique_ptr<Channel>> channel = absl::UnknownError("no handshake");
+  uint64_t session = 0;
+  pb::Hello hello;
+  Clock::time_point done{};
+};
+
+// Runs the handshakes of accepted connections side by side, each on a thread of its own: a
+// connection that never finishes its handshake (idle, slow, or not knowing the key) would
+// otherwise hold every later one, a primary's too, for the whole handshake timeout.
+class HandshakePool {
+ public:
+  using Run = std::function<Handshaken(tcp::socket)>;
+  explicit HandshakePool(Run run)
+      : run_(std::move(run)), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  ~HandshakePool() {
+    ShutOlderThan(Clock::time_point::max());
+    for (Running& r : running_) r.thread.join();  // each ends soon: its socket is shut
+  }
+  HandshakePool(const HandshakePool&) = delete;
+  HandshakePool& operator=(const HandshakePool&) = delete;
+
+  // Readable while a finished handshake waits to be taken (-1: none can be waited for).
+  int wake_fd() const { return wake_.get(); }
+
+  void Start(tcp::socket socket) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t live = 0;
+    for (const Running& r : running_) live += !r.finished && !r.shut;
+    if (live >= kMaxHandshakes) {
+      for (Running& r : running_) {  // oldest first
+        if (r.finished || r.shut) continue;
+        ::shutdown(r.shut_fd.get(), SHUT_RDWR);
+        r.shut = true;
+        break;
+      }
+    }
+    // A second descriptor of the socket, so that it can be shut while the handshake's thread
+    // may be closing its own.
+    Running& r = running_.emplace_back();
+    r.shut_fd = vmm::Fd(::fcntl(socket.native_handle(), F_DUPFD_CLOEXEC, 0));
+    r.started = Clock::now();
+    r.thread = std::thread([this, &r, s = std::move(socket)]() mutable {
+      vmm::NameThread("rml-handshake");
+      Handshaken h = run_(std::move(s));
+      h.done = Clock::now();
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.push_back(std::move(h));
+      r.finished = true;
+      uint64_t one = 1;
+      if (wake_.valid()) (void)!::write(wake_.get(), &one, sizeof(one));
+    });
+  }
+
+  // The handshake that finished first and was not taken yet.
+  std::optional<Handshaken> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (wake_.valid()) {
+      uint64_t n;
+      (void)!::read(wake_.get(), &n, sizeof(n));
+    }
+    for (auto it = running_.begin(); it != running_.end();) {
+      if (!it->finished) {
+        ++it;
+        continue;
+      }
+      it->thread.join();  // it only has to return
+      it = running_.erase(it);
+    }
+    if (done_.empty()) return std::nullopt;
+    Handshaken h = std::move(done_.front());
+    done_.pop_front();
+    return h;
+  }
+
+  // Ends the handshakes that began before `start` (all of them: when stopping).
+  void ShutOlderThan(Clock::time_point start) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Running& r : running_) {
+      if (r.finished || r.shut || r.started >= start) continue;
+      ::shutdown(r.shut_fd.get(), SHUT_RDWR);
+      r.shut = true;
+    }
+  }
+
+ private:
+  struct Running {
+    vmm::Fd shut_fd;
+    Clock::time_point started{};
+    bool finished = false, shut = false;  // under mu_
+    std::thread thread;
+  };
+  const Run run_;
+  const vmm::Fd wake_;
+  std::mutex mu_;
+  std::list<Running> running_;   // under mu_; a list: each thread holds its own element
+  std::deque<Handshaken> done_;  // under mu_
+};
 
 }  // namespace
 
@@ -76,6 +185,7 @@ class MirrorImpl : public Mirror {
   ~MirrorImpl() override {
     stop_ = true;
     for (auto& a : acceptors_) ::shutdown(a->native_handle(), SHUT_RDWR);
+    handshakes_.ShutOlderThan(Clock::time_point::max());
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (channel_) channel_->Shutdown();
@@ -134,17 +244,28 @@ class MirrorImpl : public Mirror {
   }
 
  private:
-  // The next connection on any listening address, or nullopt at `deadline` (or when stopping).
-  std::optional<tcp::socket> AcceptAny(
-      std::optional<std::chrono::steady_clock::time_point> deadline) {
+  // The next connection on any listening address whose handshake ended (well or not), or nullopt
+  // at `deadline` (or when stopping). Handshakes run side by side (HandshakePool).
+  std::optional<Handshaken> NextHandshake(std::optional<Clock::time_point> deadline) {
     std::vector<pollfd> fds;
     for (auto& a : acceptors_) fds.push_back({a->native_handle(), POLLIN, 0});
+    fds.push_back({handshakes_.wake_fd(), POLLIN, 0});
     while (!stop_) {
+      while (auto h = handshakes_.Take()) {
+        if (h->channel.ok() && Clock::now() - h->done > options_.peer_timeout) {
+          // Finished while this host served another primary: its primary has given up on it.
+          Log(options_.log, absl::StrCat("dropped the connection of ", (*h->channel)->peer(),
+                                         ": it waited past the peer timeout"));
+          continue;
+        }
+        return h;
+      }
+      // Read timeouts end a silent handshake; this also ends one that trickles.
+      handshakes_.ShutOlderThan(Clock::now() - options_.peer_timeout);
       // Waits are short, so that stopping (which shuts the acceptors) is seen soon.
       int wait = 200;
       if (deadline) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-            *deadline - std::chrono::steady_clock::now());
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - Clock::now());
         if (left.count() <= 0) return std::nullopt;
         wait = std::min<int>(wait, static_cast<int>(left.count()) + 1);
       }
@@ -154,7 +275,7 @@ class MirrorImpl : public Mirror {
         Log(options_.log, absl::StrCat("waiting for primaries failed: ", std::strerror(errno)));
         std::this_thread::sleep_for(vmm::kAcceptRetryPause);
       }
-      for (size_t i = 0; n > 0 && i < fds.size(); i++) {
+      for (size_t i = 0; n > 0 && i < acceptors_.size(); i++) {
         if (fds[i].revents == 0) continue;
         tcp::socket socket(io_);
         boost::system::error_code ec;
@@ -177,28 +298,29 @@ class MirrorImpl : public Mirror {
           accept_failures_ = 0;
         }
         socket.non_blocking(false, ec);
-        return socket;
+        handshakes_.Start(std::move(socket));
       }
     }
     return std::nullopt;
   }
 
-  // Accepts and authenticates one connection: a primary's (or one path of it).
-  absl::StatusOr<std::unique_ptr<Channel>> Handshake(tcp::socket socket, uint64_t* session,
-                                                     pb::Hello* hello) {
-    return Channel::Accept(std::move(socket),
-                           {options_.identity, options_.key, options_.protection},
-                           options_.peer_timeout, session, hello);
+  // Authenticates one accepted connection: a primary's (or one path of it).
+  Handshaken Handshake(tcp::socket socket) {
+    Handshaken h;
+    h.channel =
+        Channel::Accept(std::move(socket), {options_.identity, options_.key, options_.protection},
+                        options_.peer_timeout, &h.session, &h.hello);
+    return h;
   }
 
   // A post-copy source's demand connection, which follows its main one (same session) within
   // the peer timeout; nullptr when it does not.
   std::unique_ptr<Channel> PostcopyDemand(uint64_t session) {
-    auto next = AcceptAny(std::chrono::steady_clock::now() + options_.peer_timeout);
+    auto next = NextHandshake(Clock::now() + options_.peer_timeout);
     if (!next) return nullptr;
-    uint64_t next_session = 0;
-    pb::Hello h;
-    auto ch = Handshake(std::move(*next), &next_session, &h);
+    uint64_t next_session = next->session;
+    const pb::Hello& h = next->hello;
+    auto& ch = next->channel;
     if (!ch.ok()) {
       Reject(
           absl::StrCat("refused a post-copy source's second connection: ", ch.status().message()));
@@ -218,10 +340,11 @@ class MirrorImpl : public Mirror {
   std::unique_ptr<Channel> NextConnection(uint64_t* session, uint64_t* term,
                                           std::unique_ptr<Channel>* demand) {
     while (!stop_) {
-      auto socket = AcceptAny(std::nullopt);
-      if (!socket) return nullptr;
-      pb::Hello hello;
-      auto ch = Handshake(std::move(*socket), session, &hello);
+      auto next = NextHandshake(std::nullopt);
+      if (!next) return nullptr;
+      *session = next->session;
+      const pb::Hello& hello = next->hello;
+      auto& ch = next->channel;
       if (!ch.ok()) {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
         continue;
@@ -253,11 +376,11 @@ class MirrorImpl : public Mirror {
       uint32_t have = 1;
       auto deadline = std::chrono::steady_clock::now() + options_.peer_timeout;
       while (have < count && !stop_) {
-        auto next = AcceptAny(deadline);
+        auto next = NextHandshake(deadline);
         if (!next) break;
-        uint64_t next_session = 0;
-        pb::Hello h;
-        auto path = Handshake(std::move(*next), &next_session, &h);
+        uint64_t next_session = next->session;
+        const pb::Hello& h = next->hello;
+        auto& path = next->channel;
         if (!path.ok()) {
           Reject(absl::StrCat("refused a primary's path: ", path.status().message()));
         } else if (next_session == *session && h.bond() != bond) {
@@ -457,6 +580,8 @@ class MirrorImpl : public Mirror {
   asio::io_context io_;
   std::vector<std::unique_ptr<tcp::acceptor>> acceptors_;  // one per listening address
   uint64_t accept_failures_ = 0;  // in a row: the first is logged, and the recovery
+  // Destroyed before what its threads use (options_, io_), after the thread that starts them.
+  HandshakePool handshakes_{[this](tcp::socket s) { return Handshake(std::move(s)); }};
   std::thread thread_;
   std::atomic<bool> stop_{false};
   uint16_t port_ = 0;

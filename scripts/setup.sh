@@ -14,7 +14,7 @@ packages=(
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
   iproute2 nftables prometheus pacemaker corosync pacemaker-cli-utils resource-agents
-  systemd dpkg-dev
+  systemd dpkg-dev stress-ng
 )
 
 missing=()

@@ -1,10 +1,13 @@
 // Heartbeats: one UDP socket per path, all served by one thread. Each tick sends a heartbeat on
-// every path and re-evaluates which paths (and so whether the peer) are alive.
+// every path and re-evaluates which paths (and so whether the peer) are alive. Each path's
+// socket is connected to the peer's end of it, so that the kernel drops datagrams from anywhere
+// else before they take room in the socket's buffer: a flood of them cannot crowd out the peer's.
 // clang-format off
 // Boost 1.74 uses std::exchange without including <utility>: include it first.
 #include <utility>
 #include <boost/asio.hpp>
 // clang-format on
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -12,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "switchover/datagram.h"
+#include "switchover/failure_detector.h"
 #include "switchover/switchover.h"
 
 namespace romulus::switchover {
@@ -22,9 +26,14 @@ using asio::ip::udp;
 
 constexpr size_t kSentRing = 256;                       // our send times, by seq, for RTT
 constexpr std::chrono::milliseconds kLossWindow{1000};  // loss is measured over this
+// Datagrams read per wake-up before the thread turns to its other work (ticks, other paths).
+constexpr int kDrainBatch = 256;
+// Asked for each path's receive buffer (the kernel may give less): room for a burst of the
+// peer's datagrams that arrives while this host is too busy to read them.
+constexpr int kReceiveBuffer = 1 << 20;
 
 struct Path {
-  explicit Path(asio::io_context& io) : socket(io) {}
+  Path(asio::io_context& io, FailureDetector::Options detect) : socket(io), detector(detect) {}
   udp::socket socket;
   udp::endpoint remote, from;
   std::string name;
@@ -34,10 +43,11 @@ struct Path {
   std::array<Clock::time_point, kSentRing> sent_at{};
   uint64_t sent = 0, rejected = 0;
 
-  // The peer, as heard on this path.
+  // The peer, as heard on this path: when, and how late its heartbeats came (FailureDetector).
   bool heard = false;
   uint64_t peer_session = 0, peer_seq = 0, received = 0;
   Clock::time_point last_rx{};
+  FailureDetector detector;
   uint64_t window_seq = 0, window_received = 0;
   Clock::time_point window_start{};
   double loss = 0, rtt_ms = -1;
@@ -62,16 +72,23 @@ class HeartbeatImpl : public Heartbeat {
     if (o_.interval.count() <= 0 || o_.timeout <= o_.interval) {
       return absl::InvalidArgumentError("heartbeat timeout must be longer than the interval");
     }
+    if (o_.timeout_max.count() == 0) o_.timeout_max = 4 * o_.timeout;
+    if (o_.timeout_max < o_.timeout) {
+      return absl::InvalidArgumentError("heartbeat timeout ceiling must be at least the timeout");
+    }
     for (const PathConfig& pc : o_.paths) {
       auto local = ToUdp(pc.local);
       if (!local.ok()) return local.status();
       auto remote = ToUdp(pc.remote);
       if (!remote.ok()) return remote.status();
-      auto p = std::make_unique<Path>(io_);
+      auto p = std::make_unique<Path>(
+          io_, FailureDetector::Options{.floor = o_.timeout, .ceiling = o_.timeout_max});
       boost::system::error_code ec;
       p->socket.open(local->protocol(), ec);
       if (!ec) p->socket.bind(*local, ec);
+      if (!ec) p->socket.connect(*remote, ec);
       if (!ec) p->socket.non_blocking(true, ec);
+      if (!ec) p->socket.set_option(asio::socket_base::receive_buffer_size(kReceiveBuffer), ec);
       if (ec) {
         return absl::UnavailableError(
             absl::StrCat("heartbeat path: cannot bind ", Show(*local), ": ", ec.message()));
@@ -131,22 +148,35 @@ class HeartbeatImpl : public Heartbeat {
       s.sent = p->sent;
       s.received = p->received;
       s.rejected = p->rejected;
+      s.timeout = p->detector.timeout(now);
       out.push_back(s);
     }
     return out;
   }
 
  private:
+  std::chrono::milliseconds timeout() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return TimeoutLocked(Clock::now());
+  }
+
   bool PathUp(const Path& p, Clock::time_point now) const {
-    return p.heard && now - p.last_rx < o_.timeout;
+    return p.heard && p.detector.Alive(now);
+  }
+
+  std::chrono::milliseconds TimeoutLocked(Clock::time_point now) const {
+    std::chrono::milliseconds t = o_.timeout;
+    for (const auto& p : paths_) t = std::max(t, p->detector.timeout(now));
+    return t;
   }
 
   bool AliveLocked(Clock::time_point now) const {
     for (const auto& p : paths_) {
       if (PathUp(*p, now)) return true;
     }
+    // The replication stream's frames are no heartbeats: how late they come is not learned.
     int64_t t = last_traffic_ns_.load(std::memory_order_relaxed);
-    return t != 0 && now - Clock::time_point(Clock::duration(t)) < o_.timeout;
+    return t != 0 && now - Clock::time_point(Clock::duration(t)) < TimeoutLocked(now);
   }
 
   void Log(const std::string& line) {
@@ -154,9 +184,13 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   void Tick() {
+    // Heartbeats that arrived while this thread could not run (a busy host) are in the sockets:
+    // they count before anything is judged.
+    for (auto& p : paths_) Drain(*p);
     auto now = Clock::now();
     std::vector<std::string> lines;
     int transition = 0;  // +1 back, -1 dead
+    std::chrono::milliseconds timeout{0};
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& p : paths_) Send(*p, now);
@@ -178,6 +212,7 @@ class HeartbeatImpl : public Heartbeat {
         }
       }
       bool alive = AliveLocked(now);
+      timeout = TimeoutLocked(now);
       if (alive != alive_) {
         transition = alive ? 1 : -1;
         alive_ = alive;
@@ -185,7 +220,7 @@ class HeartbeatImpl : public Heartbeat {
     }
     for (const auto& line : lines) Log(line);
     if (transition < 0) {
-      Log(absl::StrCat("peer dead: no path heard from it for ", o_.timeout.count(), " ms"));
+      Log(absl::StrCat("peer dead: no path heard from it for ", timeout.count(), " ms"));
       if (o_.on_peer_dead) o_.on_peer_dead();
     } else if (transition > 0) {
       Log("peer alive");
@@ -217,24 +252,38 @@ class HeartbeatImpl : public Heartbeat {
     }
     p.sent_at[p.seq % kSentRing] = now;
     boost::system::error_code ec;
-    p.socket.send_to(asio::buffer(Seal(o_.key, m)), p.remote, 0, ec);
+    p.socket.send(asio::buffer(Seal(o_.key, m)), 0, ec);
     if (!ec) ++p.sent;  // an unreachable path refuses sends: it shows as not sending
   }
 
   void Receive(Path& p) {
-    p.socket.async_receive_from(
-        asio::buffer(p.buffer), p.from, [this, &p](const boost::system::error_code& ec, size_t n) {
-          if (ec == asio::error::operation_aborted) return;
-          if (!ec) Accept(p, absl::string_view(p.buffer.data(), n));
-          Receive(p);  // ICMP errors on an unconnected socket are not the peer: keep listening
-        });
+    p.socket.async_wait(udp::socket::wait_read, [this, &p](const boost::system::error_code& ec) {
+      if (ec == asio::error::operation_aborted) return;
+      Drain(p);
+      Receive(p);
+    });
+  }
+
+  // Reads what waits in the path's socket, up to a batch.
+  void Drain(Path& p) {
+    for (int i = 0; i < kDrainBatch; i++) {
+      boost::system::error_code ec;
+      size_t n = p.socket.receive_from(asio::buffer(p.buffer), p.from, 0, ec);
+      if (ec == asio::error::would_block || ec == asio::error::try_again) return;
+      // Other errors are ICMP reports of a peer not (yet) there: not the peer speaking.
+      if (!ec) Accept(p, absl::string_view(p.buffer.data(), n));
+    }
   }
 
   void Accept(Path& p, absl::string_view bytes) {
     auto now = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
+    if (p.from != p.remote) {  // before the MAC: cheap
+      ++p.rejected;
+      return;
+    }
     auto m = switchover::Open(o_.key, bytes);
-    if (p.from != p.remote || !m.ok() || !m->has_heartbeat()) {
+    if (!m.ok() || !m->has_heartbeat()) {
       ++p.rejected;
       return;
     }
@@ -256,6 +305,7 @@ class HeartbeatImpl : public Heartbeat {
       return;
     } else {
       p.peer_session = h.session();
+      p.detector.Forget();
       p.window_seq = h.seq() - 1;
       p.window_received = p.received;
       p.window_start = now;
@@ -275,6 +325,7 @@ class HeartbeatImpl : public Heartbeat {
     p.heard = true;
     p.peer_seq = h.seq();
     p.last_rx = now;
+    p.detector.Heard(now);
     ++p.received;
     peer_role_ = h.role();
     peer_node_ = h.node();

@@ -43,6 +43,9 @@ struct PathStatus {
   double loss = 0;     // share of the peer's heartbeats lost on this path (last window)
   double rtt_ms = -1;  // smoothed round trip; -1 until measured
   uint64_t sent = 0, received = 0, rejected = 0;
+  // The silence after which this path is down now: the configured timeout, raised by how late
+  // heartbeats arrived lately, up to the ceiling (FailureDetector).
+  std::chrono::milliseconds timeout{0};
 };
 
 class Heartbeat {
@@ -54,7 +57,8 @@ class Heartbeat {
     std::string key{};
     std::vector<PathConfig> paths{};
     std::chrono::milliseconds interval{10};
-    std::chrono::milliseconds timeout{50};
+    std::chrono::milliseconds timeout{50};     // the least: late heartbeats raise it
+    std::chrono::milliseconds timeout_max{0};  // how far they may; 0: four times `timeout`
     // Called on the heartbeat thread when the peer goes from alive to dead and back.
     std::function<void()> on_peer_dead{}, on_peer_back{};
     LogFn log{};
@@ -74,6 +78,8 @@ class Heartbeat {
   virtual std::string peer_role() const = 0;
   virtual std::string peer_node() const = 0;  // its node name ("" until heard)
   virtual std::vector<PathStatus> paths() const = 0;
+  // The silence after which the peer is dead now (the longest of the paths' timeouts).
+  virtual std::chrono::milliseconds timeout() const = 0;
 };
 
 // The witness: numbers the terms of each VM and grants one lease per VM, to one node at a time

@@ -6,6 +6,8 @@
 #include <utility>
 #include <boost/asio.hpp>
 // clang-format on
+#include <sys/socket.h>
+
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -30,6 +32,16 @@ using std::chrono::milliseconds;
 constexpr size_t kNonceBytes = 16;
 constexpr uint32_t kStateVersion = 1;
 constexpr size_t kMaxStateBytes = 16 << 20;
+// Socket setup and receive loop: a flood of datagrams without the key must not crowd out the
+// nodes' requests. Checking a datagram's MAC costs more than sending one, so a source whose
+// datagrams keep failing is not read further for the rest of a window (a node's own address,
+// spoofed, still authenticates now and then and is never skipped). The buffer takes a burst
+// while the thread is busy, not so large that a request would wait behind a long queue.
+constexpr int kReceiveBuffer = 1 << 20;
+constexpr int kDrainBatch = 256;
+constexpr std::chrono::milliseconds kSourceWindow{1000};
+constexpr uint32_t kFailuresBeforeSkip = 64;  // in a window, with no success
+constexpr size_t kMaxSources = 4096;          // tracked in a window; the rest are read as usual
 
 class WitnessImpl : public Witness {
  public:
@@ -52,6 +64,14 @@ class WitnessImpl : public Witness {
     boost::system::error_code ec;
     socket_.open(local->protocol(), ec);
     if (!ec) socket_.bind(*local, ec);
+    if (!ec) socket_.non_blocking(true, ec);
+    if (!ec) {
+      int size = kReceiveBuffer;
+      if (::setsockopt(socket_.native_handle(), SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) !=
+          0) {
+        socket_.set_option(asio::socket_base::receive_buffer_size(kReceiveBuffer), ec);
+      }
+    }
     if (ec) {
       return absl::UnavailableError(absl::StrCat("witness: cannot listen on ", o_.listen.host, ":",
                                                  o_.listen.port, ": ", ec.message()));
@@ -84,12 +104,39 @@ class WitnessImpl : public Witness {
   }
 
   void Receive() {
-    socket_.async_receive_from(asio::buffer(buffer_), from_,
-                               [this](const boost::system::error_code& ec, size_t n) {
-                                 if (ec == asio::error::operation_aborted) return;
-                                 if (!ec) Serve(absl::string_view(buffer_.data(), n));
-                                 Receive();
-                               });
+    socket_.async_wait(udp::socket::wait_read, [this](const boost::system::error_code& ec) {
+      if (ec == asio::error::operation_aborted) return;
+      for (int i = 0; i < kDrainBatch; i++) {
+        boost::system::error_code rec;
+        size_t n = socket_.receive_from(asio::buffer(buffer_), from_, 0, rec);
+        if (rec == asio::error::would_block || rec == asio::error::try_again) break;
+        if (!rec) ServeUnlessFlooding(absl::string_view(buffer_.data(), n));
+      }
+      Receive();
+    });
+  }
+
+  void ServeUnlessFlooding(absl::string_view bytes) {
+    auto now = Clock::now();
+    if (now - window_start_ >= kSourceWindow) {
+      sources_.clear();
+      window_start_ = now;
+    }
+    auto it = sources_.find(from_);
+    if (it != sources_.end() && it->second >= kFailuresBeforeSkip) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++rejected_;
+      return;
+    }
+    uint64_t rejected_before = rejected();
+    Serve(bytes);
+    if (rejected() == rejected_before) {
+      if (it != sources_.end()) sources_.erase(it);  // it speaks with the key
+    } else if (it != sources_.end()) {
+      ++it->second;
+    } else if (sources_.size() < kMaxSources) {
+      sources_.emplace(from_, 1);
+    }
   }
 
   void Serve(absl::string_view bytes) {
@@ -216,6 +263,9 @@ class WitnessImpl : public Witness {
   std::optional<TermTable> terms_;
   std::map<std::pair<std::string, std::string>, std::string> nonces_;
   uint64_t rejected_ = 0;
+  // Failed datagrams from each source in the window (receive loop only).
+  std::map<udp::endpoint, uint32_t> sources_;
+  Clock::time_point window_start_{};
 };
 
 }  // namespace

@@ -35,7 +35,7 @@ TEST(Config, AGoodPrimaryConfigGetsDefaults) {
 TEST(Config, AnUnknownCompressionNamesItsLine) {
   testing::TempDir dir;
   std::string path = Write(dir,
-                           "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"m:1\"\npsk_file: \"k\"\n"
+                           "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"127.0.0.1:1\"\npsk_file: \"k\"\n"
                            "compression: \"zip\"\n");
   auto c = cli::LoadPrimaryConfig(path);
   ASSERT_FALSE(c.ok());
@@ -56,7 +56,7 @@ TEST(Config, BadValuesNameFileLineAndField) {
   testing::TempDir dir;
   std::string path = Write(dir, R"(vm_id: "a"
 disk: "d"
-mirror: "m:1"
+mirror: "127.0.0.1:1"
 psk_file: "k"
 epoch_ms: 2
 )");
@@ -98,7 +98,8 @@ void ExpectRefused(bool primary, const std::vector<BadValue>& cases) {
     std::string text = "vm_id: \"a\"\npsk_file: \"k\"\n";
     text += primary ? "disk: \"d\"\n" : "replica_disk: \"r\"\n";
     text += c.text + "\n";
-    if (primary && c.text.find("mirror:") == std::string::npos) text += "mirror: \"m:7400\"\n";
+    if (primary && c.text.find("mirror:") == std::string::npos)
+      text += "mirror: \"127.0.0.1:7400\"\n";
     if (!primary && c.text.find("port:") != 0) text += "port: 7400\n";
     std::string path = Write(dir, text);
     absl::Status s =
@@ -115,6 +116,9 @@ TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
   ExpectRefused(
       true,
       {
+          {"mirror: \"mirror-b.example:7400\"", 4,
+           "mirror: 'mirror-b.example' is a name, not an address: give the host's IPv4 or IPv6 "
+           "address (names are not resolved)"},
           {"mirror: \"127.0.0.1:7A00\"", 4,
            "mirror: '127.0.0.1:7A00' is not HOST:PORT (a port of 1 to 65535)"},
           {"mirror: \":4294974296\"", 4,
@@ -155,6 +159,12 @@ TEST(Config, NumbersThatWouldWrapOrMisbehaveAreRefusedWithFileAndLine) {
       });
   ExpectRefused(false,
                 {
+                    {"replicate_to: \"mirror-b.example:7400\"", 4,
+                     "replicate_to: 'mirror-b.example' is a name, not an address: give the "
+                     "host's IPv4 or IPv6 address (names are not resolved)"},
+                    {"replicate_to: \"127.0.0.1:7001\"\nreplicate_to_path: \"b.example:7001\"", 5,
+                     "replicate_to_path[0]: 'b.example' is a name, not an address: give the "
+                     "host's IPv4 or IPv6 address (names are not resolved)"},
                     {"replicate_to: \":4294974296\"", 4,
                      "replicate_to: ':4294974296' is not HOST:PORT (a port of 1 to 65535)"},
                     {"replicate_to: \"127.0.0.1:7A00\"", 4,
@@ -215,7 +225,7 @@ TEST(Config, ValuesAtTheirBoundsAreAccepted) {
 // A health block: defaults filled in, and every bad value named by its line and field.
 TEST(Config, AHealthBlockGetsDefaultsAndBadValuesNameTheirLine) {
   testing::TempDir dir;
-  const std::string head = "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"m:1\"\npsk_file: \"k\"\n";
+  const std::string head = "vm_id: \"a\"\ndisk: \"d\"\nmirror: \"127.0.0.1:1\"\npsk_file: \"k\"\n";
   auto c = cli::LoadPrimaryConfig(Write(dir, head + "health { }\n"));
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(c->has_health());

@@ -4,9 +4,13 @@
 #include "replicator/replicator.h"
 
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <thread>
@@ -15,6 +19,7 @@
 #include "cli/load.h"
 #include "tests/test_util.h"
 #include "vmm/ledger_endpoint.h"
+#include "vmm/sys.h"
 
 namespace romulus::replicator_test {
 namespace {
@@ -77,16 +82,19 @@ class VmReplication : public testing::PlatformTest {
   }
   replicator::Identity Id() const { return {"test-vm", kMemory, kDisk, platform()}; }
   // A mirror that would resume the replica on `platform` (unspecified: the test's platform).
-  void StartMirror(uint16_t port = 0, pb::Platform platform = pb::PLATFORM_UNSPECIFIED) {
+  void StartMirror(uint16_t port = 0, pb::Platform platform = pb::PLATFORM_UNSPECIFIED,
+                   std::chrono::milliseconds peer_timeout = std::chrono::milliseconds(5000)) {
     auto r = checkpoint::ReplicaStore::Create(kMemory, dir_.File("replica.img"), kDisk);
     ASSERT_TRUE(r.ok());
     replica_ = std::move(*r);
     replicator::Identity id = Id();
     if (platform != pb::PLATFORM_UNSPECIFIED) id.platform = platform;
-    auto m = replicator::Mirror::Start(
-        *replica_, {.identity = id, .key = kKey, .port = port, .log = [this](absl::string_view l) {
-                      Note(l);
-                    }});
+    auto m =
+        replicator::Mirror::Start(*replica_, {.identity = id,
+                                              .key = kKey,
+                                              .port = port,
+                                              .peer_timeout = peer_timeout,
+                                              .log = [this](absl::string_view l) { Note(l); }});
     ASSERT_TRUE(m.ok()) << m.status();
     mirror_ = std::move(*m);
   }
@@ -204,6 +212,46 @@ TEST_P(VmReplication, ARestartedMirrorIsResynchronised) {
   ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 5; }, 30)) << Logs();
   pauses_.ExpectReplicaMatches(*mirror_);
   EXPECT_GE(primary_->stats().resyncs, 2u);
+}
+
+// Connections that never send a byte (8, each given the whole handshake timeout) do not hold
+// back a primary's: it connects and commits while they all still wait for their handshakes.
+// (Handshakes were served one at a time: the primary waited for every idle one to time out.)
+TEST_P(VmReplication, IdleConnectionsDoNotHoldBackAPrimary) {
+  // Far longer than the primary's first synchronisation takes, and than the waits below.
+  StartMirror(0, pb::PLATFORM_UNSPECIFIED, testing::ScaledMs(120));
+  std::vector<vmm::Fd> idle;
+  for (int i = 0; i < 8; i++) {
+    vmm::Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    ASSERT_TRUE(fd.valid());
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(mirror_->port());
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    ASSERT_TRUE(r == 0 || errno == EINPROGRESS) << std::strerror(errno);
+    idle.push_back(std::move(fd));
+  }
+  auto connected = [&] {
+    for (const vmm::Fd& fd : idle) {
+      pollfd p{fd.get(), POLLOUT, 0};
+      if (::poll(&p, 1, 0) != 1 || (p.revents & POLLOUT) == 0) return false;
+    }
+    return true;
+  };
+  EXPECT_TRUE(WaitUntil(connected, 10)) << Logs();
+  // Still waiting: the mirror has neither ended the connection nor sent anything on it.
+  auto waiting = [](const vmm::Fd& fd) {
+    char c;
+    return ::recv(fd.get(), &c, 1, MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  };
+  StartPrimary(kKey);
+  ASSERT_TRUE(WaitUntil([&] { return mirror_->stats().committed_epoch >= 0; }, 30)) << Logs();
+  for (size_t i = 0; i < idle.size(); i++) {
+    EXPECT_TRUE(waiting(idle[i])) << "idle connection " << i << "\n" << Logs();
+  }
+  EXPECT_EQ(mirror_->stats().rejected, 0u) << Logs();
+  pauses_.ExpectReplicaMatches(*mirror_);
 }
 
 ROMULUS_ON_EVERY_PLATFORM(VmReplication);
