@@ -245,6 +245,12 @@ class ReplicaStore {
   // synchronisation commits, which sends only what differs.
   static absl::StatusOr<std::unique_ptr<ReplicaStore>> Adopt(
       std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path);
+  // The same, committed as checkpoint `epoch` with `state`: the exact state a planned migration
+  // handed over (the VM paused for good here), which this host resumes if the new primary fails
+  // before it released anything.
+  static absl::StatusOr<std::unique_ptr<ReplicaStore>> Adopt(
+      std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path,
+      const pb::VmSnapshot& state, uint64_t epoch);
 
   // Verifies `c` completely (sequence, sizes, every page hash, the digest), then applies it.
   // An incremental checkpoint must follow the last committed one; a full one may come at any

@@ -115,6 +115,17 @@ absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Adopt(
   return store;
 }
 
+absl::StatusOr<std::unique_ptr<ReplicaStore>> ReplicaStore::Adopt(
+    std::unique_ptr<vmm::GuestMemory> memory, const std::string& disk_path,
+    const pb::VmSnapshot& state, uint64_t epoch) {
+  auto store = Adopt(std::move(memory), disk_path);
+  if (!store.ok()) return store;
+  (*store)->seeded_ = false;
+  (*store)->state_ = state;
+  (*store)->committed_epoch_ = static_cast<int64_t>(epoch);
+  return store;
+}
+
 absl::StatusOr<ReplicaStore::ResolvedRun> ReplicaStore::Resolve(const PageRun& run,
                                                                 const std::string& what) const {
   size_t n = run.gfns.size();

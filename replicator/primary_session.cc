@@ -520,7 +520,16 @@ absl::StatusOr<Primary::HandoverReport> PrimarySession::HandOver(
     }
     std::string line = absl::StrCat("migration to ", peer, " did not happen: ", why,
                                     resumed.ok() ? "; the VM runs here again" : "");
-    SetState(std::string(resumed.ok() ? "protected: " : "VM paused: ") + line);
+    bool streaming;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      streaming = !stop_ && link_ == Link::kStreaming && connection_ == connection;
+    }
+    // "protected" only while a mirror can commit: otherwise outputs wait for the next one.
+    SetState(std::string(!resumed.ok() ? "VM paused: "
+                         : streaming   ? "protected: "
+                                       : "no mirror, outputs held until one commits: ") +
+             line);
     return resumed.ok() ? absl::AbortedError(line)
                         : absl::InternalError(absl::StrCat(
                               line, "; resuming the VM here failed: ", resumed.message()));

@@ -180,7 +180,10 @@ namespace {
 class MirrorImpl : public Mirror {
  public:
   MirrorImpl(checkpoint::ReplicaStore& replica, Options options)
-      : replica_(replica), options_(std::move(options)) {}
+      : replica_(replica), options_(std::move(options)) {
+    stats_.term = options_.term;
+    stats_.committed_epoch = replica.committed_epoch();  // a hand-over's state is committed
+  }
 
   ~MirrorImpl() override {
     stop_ = true;

@@ -252,6 +252,9 @@ class Mirror {
     // ends here. Unset: post-copy migrations are refused.
     using ReceivePostcopy = std::function<absl::Status(const PostcopyAdopt& adopt)>;
     std::function<absl::Status(const ReceivePostcopy& receive)> postcopy = nullptr;
+    // The term of what the replica holds when it starts (Stats::term): the old primary's, when
+    // it holds the state a planned migration handed over.
+    uint64_t term = 0;
     LogFn log = nullptr;
   };
   struct Stats {

@@ -117,6 +117,7 @@ class LeaseClientImpl : public LeaseClient {
     tentative_ = false;
     superseded_.clear();
     uint64_t term = state_.term();
+    if (confirmed_ >= term && HeldLocked(Clock::now())) return absl::OkStatus();
     asio::post(io_, [this] {
       std::lock_guard<std::mutex> l(mu_);
       if (want_) SendLocked(pb::LEASE_ACQUIRE, "");

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -22,6 +23,9 @@ using std::chrono::milliseconds;
 // How long a disk command of a VM arriving by post-copy waits for a chunk before the VM stops
 // (the source's failure stops it sooner).
 constexpr milliseconds kChunkStall{10000};
+// How long a VM handed over to this host holds its outputs for the host it came from, alive, to
+// commit its first checkpoint here.
+constexpr milliseconds kHandoverWindow{10000};
 
 double MsSince(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -115,7 +119,7 @@ class NodeImpl : public Node {
                                          .epoch = o_.epoch,
                                          .run_unprotected = run_unprotected_,
                                          .term = o_.lease ? o_.lease->term() : 0,
-                                         .before_unprotected = o_.before_unprotected,
+                                         .before_unprotected = BeforeUnprotected(),
                                          .compression = o_.compression,
                                          .protection = o_.protection,
                                          .on_traffic = TrafficHook(),
@@ -126,7 +130,8 @@ class NodeImpl : public Node {
     return absl::OkStatus();
   }
 
-  absl::Status RunAsMirror(std::unique_ptr<checkpoint::ReplicaStore> replica) {
+  // `term`: that of what the replica holds (a planned migration's old primary's own).
+  absl::Status RunAsMirror(std::unique_ptr<checkpoint::ReplicaStore> replica, uint64_t term = 0) {
     AsMirror old;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -150,6 +155,7 @@ class NodeImpl : public Node {
                                       receive) { return TakePostcopy(receive); }
                          : std::function<absl::Status(
                                const replicator::Mirror::Options::ReceivePostcopy&)>(),
+         .term = term,
          .log = o_.log});
     if (!m.ok()) return m.status();
     o_.port = (*m)->port();  // the peer finds this node there again after the next role change
@@ -192,13 +198,16 @@ class NodeImpl : public Node {
       return report.status();
     }
     migration_downtime_seconds_.Observe(report->downtime_ms / 1000);
-    BecomeMirrorOfNewPrimary();
+    BecomeMirrorOfNewPrimary(report->epoch);
     return report;
   }
 
   // The VM runs on the other host now. This one's memory and disk hold exactly what it resumed:
-  // they become its replica, and its synchronisation sends only what differs. With role_mu_.
-  void BecomeMirrorOfNewPrimary() {
+  // they become its replica, and its synchronisation sends only what differs. After a hand-over
+  // (`handed_over_epoch`) the replica is that checkpoint, committed: the new primary releases
+  // nothing until this host committed its first checkpoint, so should it fail before, this host
+  // resumes the VM exactly where it left it. With role_mu_.
+  void BecomeMirrorOfNewPrimary(std::optional<uint64_t> handed_over_epoch = std::nullopt) {
     AsPrimary old;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -208,22 +217,39 @@ class NodeImpl : public Node {
     }
     old.primary.reset();
     old.engine.reset();
+    absl::StatusOr<pb::VmSnapshot> state = absl::UnavailableError("not asked");
+    if (handed_over_epoch) {
+      state = old.vm->SaveState();  // paused for good since the hand-over
+      if (!state.ok()) {
+        Log(absl::StrCat("the hand-over's state cannot be kept here (", state.status().message(),
+                         "): this host's replica is a seed, not promotable until it commits"));
+      }
+    }
     std::unique_ptr<vmm::GuestMemory> memory = old.vm->TakeMemory();
     old.Reset();
+    auto adopt = [&]() -> absl::StatusOr<std::unique_ptr<checkpoint::ReplicaStore>> {
+      if (state.ok()) {
+        return checkpoint::ReplicaStore::Adopt(std::move(memory), disk_path_, *state,
+                                               *handed_over_epoch);
+      }
+      return checkpoint::ReplicaStore::Adopt(std::move(memory), disk_path_);
+    };
+    uint64_t term = o_.lease ? o_.lease->term() : 0;
     if (o_.listen.empty()) {
       Log("handed over; no replication listener is configured, so this host stays idle");
     } else if (memory == nullptr) {
       Log("handed over, but the VM gave up no memory: this host stays idle");
-    } else if (auto replica = checkpoint::ReplicaStore::Adopt(std::move(memory), disk_path_);
-               !replica.ok()) {
+    } else if (auto replica = adopt(); !replica.ok()) {
       Log(absl::StrCat("handed over, but cannot become the mirror: ", replica.status().message()));
-    } else if (auto s = RunAsMirror(std::move(*replica)); !s.ok()) {
+    } else if (auto s = RunAsMirror(std::move(*replica), state.ok() ? term : 0); !s.ok()) {
       Log(absl::StrCat("handed over, but cannot become the mirror: ", s.message()));
     } else {
       Log(absl::StrFormat(
-          "handed over; now the mirror of the new primary on %s:%d, seeded with this host's "
-          "memory and disk",
-          o_.listen, o_.port));
+          "handed over; now the mirror of the new primary on %s:%d, %s", o_.listen, o_.port,
+          state.ok() ? absl::StrFormat("holding the hand-over's state (epoch %d) until the new "
+                                       "primary's first checkpoint commits here",
+                                       *handed_over_epoch)
+                     : std::string("seeded with this host's memory and disk")));
     }
   }
 
@@ -449,11 +475,14 @@ class NodeImpl : public Node {
       return absl::FailedPreconditionError(
           absl::StrCat("cannot resume the replica here: ", s.message()));
     }
-    if (auto s = TakeLeaseToRun(); !s.ok()) return s;
+    // Tentative, like the outputs: the old host holds the hand-over's state, committed, until
+    // it commits this host's first checkpoint, and resumes it should this host fail before.
+    if (auto s = TakeLeaseToRun(/*tentative=*/true); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
       role_ = Role::kIdle;
     }
+    handover_window_until_ = Clock::now() + kHandoverWindow;
     if (auto s = ResumeReplica(); !s.ok()) return s;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -718,6 +747,28 @@ class NodeImpl : public Node {
     return absl::OkStatus();
   }
 
+  // What must hold before outputs leave without a mirror. Right after a hand-over, while the
+  // host the VM came from is alive (and for kHandoverWindow at most), they wait for it to
+  // commit: it holds the hand-over's state until then. Then the term must run (confirmed at the
+  // witness: a tentative holder's source may have taken the VM back), and the configured
+  // command must succeed.
+  std::function<absl::Status()> BeforeUnprotected() {
+    if (!o_.lease && !o_.before_unprotected) return nullptr;
+    return [this]() -> absl::Status {
+      if (Clock::now() < handover_window_until_.load() && o_.heartbeat &&
+          o_.heartbeat->peer_alive()) {
+        return absl::UnavailableError(
+            "the host the VM came from holds the hand-over's state until it commits a "
+            "checkpoint of this one");
+      }
+      handover_window_until_ = Clock::time_point{};
+      if (o_.lease) {
+        if (auto s = o_.lease->Confirm(milliseconds(1000)); !s.ok()) return s;
+      }
+      return o_.before_unprotected ? o_.before_unprotected() : absl::OkStatus();
+    };
+  }
+
   bool MayReleaseUnprotected() const {
     if (superseded_flag_) return false;
     return forced_ || o_.lease->held();
@@ -804,6 +855,8 @@ class NodeImpl : public Node {
   bool fenced_ = false;
   std::string superseded_;  // under mu_: why a newer term superseded this host's VM
   std::atomic<bool> superseded_flag_{false}, forced_{false};
+  // After a hand-over to this host: until then, outputs wait for a mirror (BeforeUnprotected).
+  std::atomic<Clock::time_point> handover_window_until_{};
   bool run_unprotected_ = false;  // of the VM this node runs as the primary
   bool moving_ = false;           // under mu_: a post-copy migration holds the VM paused
   // Post-copy (under mu_): the migration from this host under way, and the last one's end.
