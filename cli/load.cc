@@ -85,6 +85,13 @@ class LoadClient {
         answered_on_standby_ = standby;
       }
       auto r = conn_->Call(q);
+      if (r.ok() && r->request_id() == q.request_id() && r->status() == RML_ERR_UNAVAILABLE) {
+        // The proxy's "no primary answered in time": the request may have been applied, and
+        // only the same request id sent again tells its outcome (a write left unknown would
+        // make every later balance unverifiable). Out of attempts, it is unresolved.
+        unavailable_++;
+        continue;
+      }
       if (r.ok() && r->request_id() == q.request_id()) {
         if (answered_on_standby_ && !first_standby_answer_) first_standby_answer_ = Clock::now();
         return *r;
@@ -95,6 +102,7 @@ class LoadClient {
     return std::nullopt;
   }
   uint64_t reconnects() const { return reconnects_; }
+  uint64_t unavailable() const { return unavailable_; }
   uint64_t switches() const { return switches_; }
   std::optional<Clock::time_point> first_standby_answer() const { return first_standby_answer_; }
 
@@ -108,7 +116,7 @@ class LoadClient {
 
   std::optional<LedgerClient> conn_;
   bool on_standby_ = false, answered_on_standby_ = false;
-  uint64_t reconnects_ = 0, switches_ = 0;
+  uint64_t reconnects_ = 0, switches_ = 0, unavailable_ = 0;
   std::optional<Clock::time_point> first_standby_answer_;
 };
 
@@ -193,6 +201,8 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   std::lock_guard<std::mutex> lock(shared.mu);
   shared.latencies_us.insert(shared.latencies_us.end(), lat.begin(), lat.end());
   for (auto [k, v] : statuses) shared.report.by_status[k] += v;
+  if (client.unavailable() > 0)
+    shared.report.by_status[RML_ERR_UNAVAILABLE] += client.unavailable();
   shared.report.unresolved += unresolved;
   shared.report.requests += requests;
   shared.report.retries_checked += retries;
