@@ -211,7 +211,7 @@ std::string LocalHosts::PrimaryConfig(Host h) const {
   c.set_memory_mib(o_.memory_mib);
   c.set_disk(disk(h));
   c.set_disk_mib(o_.disk_mib);
-  c.set_memory_file(File(absl::StrCat(Name(h), ".mem")));
+  c.set_memory_file(memory_file(h));
   c.set_mirror(At("127.0.0.1", replication_[other]));
   c.set_replication_port(replication_[h]);
   c.set_psk_file(File("key"));
@@ -238,7 +238,7 @@ std::string LocalHosts::MirrorConfig(Host h) const {
   c.set_psk_file(File("key"));
   c.set_replica_disk(disk(h));
   // Host a returns with what it held when it was killed.
-  if (h == kA) c.set_seed_memory_file(File("a.mem"));
+  if (h == kA) c.set_seed_memory_file(memory_file(kA));
   c.set_control_socket(control_socket(h));
   c.set_ledger_port(ledger_[h]);
   c.set_replicate_to(At("127.0.0.1", replication_[other]));

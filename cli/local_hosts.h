@@ -30,6 +30,9 @@ class LocalHosts {
   struct Options {
     std::string binary{};  // the romulus executable
     std::string dir{};     // for the key, configs, disks, memory files and sockets
+    // Where each host keeps its disk image and memory file, when not in `dir` (the nemesis gives
+    // each host a small file system of its own, to fill).
+    std::array<std::string, 2> files_dir{};
     uint64_t memory_mib = 64, disk_mib = 8;
     uint64_t working_set_pages = 1024, write_rate = 20000;
     uint32_t epoch_ms = 25;
@@ -70,7 +73,9 @@ class LocalHosts {
   uint16_t metrics_port(Host h) const { return metrics_[h]; }
   uint16_t witness_metrics_port() const { return witness_metrics_; }
   // The host's disk image: the VM's while it is the primary, the replica's while the mirror.
-  std::string disk(Host h) const { return File(absl::StrCat(Name(h), ".img")); }
+  std::string disk(Host h) const { return HostFile(h, ".img"); }
+  // The memory file host h keeps its guest RAM in as the primary (host a's seeds it as mirror).
+  std::string memory_file(Host h) const { return HostFile(h, ".mem"); }
   static const char* Name(Host h) { return h == kA ? "a" : "b"; }
   // Ledger clients that start at `primary` and know the other host's address.
   LoadOptions Load(Host primary) const;
@@ -100,6 +105,10 @@ class LocalHosts {
   absl::StatusOr<std::unique_ptr<Process>> Run(const std::string& name,
                                                const std::vector<std::string>& args);
   std::string File(const std::string& name) const { return o_.dir + "/" + name; }
+  std::string HostFile(Host h, const char* suffix) const {
+    const std::string& dir = o_.files_dir[h].empty() ? o_.dir : o_.files_dir[h];
+    return absl::StrCat(dir, "/", Name(h), suffix);
+  }
   std::string MirrorConfig(Host h) const;
   std::string PrimaryConfig(Host h) const;
   // The witness's command line: the one place that says how it is started (`first_start`: the

@@ -3,6 +3,7 @@
 // nothing else on this machine; it prints the schedule, a table of rounds and one summary line,
 // and exits 1 when any round broke an invariant.
 #include <sched.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -25,6 +26,15 @@ std::string OwnNetwork() {
   if (::unshare(CLONE_NEWNET) != 0) return absl::StrCat("unshare(CLONE_NEWNET): ", strerror(errno));
   if (std::system("ip link set lo up") != 0) return "ip link set lo up failed";
   if (std::system("command -v nft >/dev/null") != 0) return "nft is not installed";
+  return "";
+}
+
+// Its own mount namespace, in which nothing it mounts is seen outside or outlives it.
+std::string OwnMounts() {
+  if (::unshare(CLONE_NEWNS) != 0) return absl::StrCat("unshare(CLONE_NEWNS): ", strerror(errno));
+  if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    return absl::StrCat("making / private: ", strerror(errno));
+  }
   return "";
 }
 
@@ -57,7 +67,8 @@ int main(int argc, char** argv) {
   args.String("binary", &binary, "the romulus executable");
   args.String("log", &log_file, "append every process's output here (default: DIR/nemesis.log)");
   args.String("dir", &dir, "scratch directory (default: a new one under the temp directory)");
-  args.Bool("no-network", &no_network, "no network namespace and no partitions");
+  args.Bool("no-network", &no_network,
+            "no network and mount namespaces: no partitions and no disk-full faults");
   if (int rc = args.Prologue(argc - 1, argv + 1); rc >= 0) return rc;
   if (rounds < 1 || rounds > 100000) return args.UsageError("--rounds must be 1 to 100000");
   auto requested = romulus::vmm::ParsePlatform(platform_name);
@@ -95,14 +106,19 @@ int main(int argc, char** argv) {
     o.network = why.empty();
     if (!why.empty()) std::printf("nemesis: no network faults: %s\n", why.c_str());
   }
+  if (!no_network) {
+    std::string why = OwnMounts();
+    o.disk_full = why.empty();
+    if (!why.empty()) std::printf("nemesis: no disk-full faults: %s\n", why.c_str());
+  }
   o.stress_ng = Which("stress-ng");
   std::printf("nemesis: seed %llu, platform %s, %llu rounds; log %s\n",
               static_cast<unsigned long long>(seed), o.platform.c_str(),
               static_cast<unsigned long long>(rounds), o.log_file.c_str());
   if (o.stress_ng.empty()) std::printf("nemesis: no CPU starvation: stress-ng is not installed\n");
   std::printf(
-      "nemesis: not applied: the mirror's disk full; not checked: at most one host released "
-      "outputs in a term (the hosts do not say their term yet)\n");
+      "nemesis: not checked: at most one host released outputs in a term (the hosts do not say "
+      "their term yet)\n");
   auto report = romulus::nemesis::Run(o);
   if (!report.ok()) {
     std::fprintf(stderr, "romulus_nemesis: %s\n", std::string(report.status().message()).c_str());

@@ -1,14 +1,20 @@
 #include "nemesis/nemesis.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -79,6 +85,7 @@ enum class Kind {
   kMigrate,           // romulus migrate on the primary
   kPartition,         // drop everything between two endpoints for `for_s`
   kOneWay,            // drop what one endpoint sends the other for `for_s`
+  kDiskFull,          // the mirror's file system full for `for_s`
 };
 
 // The endpoints of a partition.
@@ -127,6 +134,8 @@ std::string Describe(const Fault& f) {
       return absl::StrFormat("+%.2fs partition %s %.2fs", f.at_s, PairName(f.pair, false), f.for_s);
     case Kind::kOneWay:
       return absl::StrFormat("+%.2fs drop %s %.2fs", f.at_s, PairName(f.pair, f.reverse), f.for_s);
+    case Kind::kDiskFull:
+      return absl::StrFormat("+%.2fs mirror's disk full %.2fs", f.at_s, f.for_s);
   }
   return "?";
 }
@@ -147,6 +156,7 @@ std::vector<Fault> Draw(std::mt19937_64& rng, const Options& o) {
                              Kind::kMigrate};
   if (!o.stress_ng.empty()) kinds.push_back(Kind::kStarve);
   if (o.network) kinds.insert(kinds.end(), {Kind::kPartition, Kind::kOneWay});
+  if (o.disk_full) kinds.push_back(Kind::kDiskFull);
   std::vector<Target> targets = {Target::kPrimary, Target::kPrimary, Target::kMirror,
                                  Target::kWitness, Target::kProxy};
   // The process platform runs each guest in a stub process of its own; KVM in the host's.
@@ -174,6 +184,9 @@ std::vector<Fault> Draw(std::mt19937_64& rng, const Options& o) {
         break;
       case Kind::kStarve:
         f.for_s = uniform(1.0, 4.0);
+        break;
+      case Kind::kDiskFull:
+        f.for_s = uniform(0.5, 3.0);
         break;
       case Kind::kMigrate:
         break;
@@ -270,8 +283,7 @@ class Nemesis {
     if (!o_.log_file.empty()) log_ = std::fopen(o_.log_file.c_str(), "a");
   }
   ~Nemesis() {
-    Heal();
-    cluster_.reset();
+    Teardown();
     if (log_) std::fclose(log_);
   }
 
@@ -310,19 +322,31 @@ class Nemesis {
 
   // A new cluster in a directory of its own: the first, or after one that did not recover.
   absl::Status Fresh() {
-    Heal();
-    cluster_.reset();
+    Teardown();
     std::error_code ec;
-    if (!cluster_dir_.empty()) std::filesystem::remove_all(cluster_dir_, ec);
     cluster_dir_ = absl::StrCat(o_.dir, "/cluster-", ++clusters_);
     std::filesystem::create_directories(cluster_dir_, ec);
     if (ec) return absl::InternalError(absl::StrCat("cannot create ", cluster_dir_));
+    std::array<std::string, 2> files_dir{};
+    if (o_.disk_full) {
+      for (Host h : {Host::kA, Host::kB}) {
+        files_dir[h] = absl::StrCat(cluster_dir_, "/files-", LocalHosts::Name(h));
+        std::filesystem::create_directories(files_dir[h], ec);
+        // Room for the 64 MiB memory file and the 8 MiB disk, and a little more.
+        if (::mount("tmpfs", files_dir[h].c_str(), "tmpfs", 0, "size=96m,mode=0700") != 0) {
+          return absl::InternalError(
+              absl::StrCat("mount tmpfs on ", files_dir[h], ": ", std::strerror(errno)));
+        }
+        mounts_.push_back(files_dir[h]);
+      }
+    }
     accounts_.clear();
     max_seq_ = 0;
     absl::Status last;
     for (int attempt = 0; attempt < 3; attempt++) {
       auto c = LocalHosts::Start({.binary = o_.binary,
                                   .dir = cluster_dir_,
+                                  .files_dir = files_dir,
                                   .platform = o_.platform,
                                   .echo = [this](absl::string_view l) { Log(l); },
                                   .proxy_hold = kProxyHold});
@@ -335,6 +359,32 @@ class Nemesis {
       Say(absl::StrCat("nemesis: starting a cluster failed: ", last.message()));
     }
     return last;
+  }
+
+  // The cluster's processes and files go (its mounts with them).
+  void Teardown() {
+    Heal();
+    cluster_.reset();
+    for (const auto& m : mounts_) ::umount2(m.c_str(), MNT_DETACH);
+    mounts_.clear();
+    std::error_code ec;
+    if (!cluster_dir_.empty()) std::filesystem::remove_all(cluster_dir_, ec);
+  }
+
+  // Fills the file system of `dir` (what a full disk does to the host that writes there).
+  void Fill(const std::string& dir) {
+    filler_ = dir + "/filler";
+    int fd = ::open(filler_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    std::string block(1 << 20, '\0');
+    for (size_t size : {size_t{1} << 20, size_t{4096}}) {
+      while (::write(fd, block.data(), size) == static_cast<ssize_t>(size)) {
+      }
+    }
+    ::close(fd);
+    struct statvfs v {};
+    ::statvfs(dir.c_str(), &v);
+    Log(absl::StrCat("nemesis: filled ", dir, "; ", v.f_bavail * v.f_frsize, " bytes left"));
   }
 
   bool Alive(Host h) { return !cluster_->process(h).Wait(milliseconds(0)).has_value(); }
@@ -458,6 +508,8 @@ class Nemesis {
       network_touched_ = false;
     }
     stress_.reset();  // killed
+    if (!filler_.empty()) ::unlink(filler_.c_str());
+    filler_.clear();
     for (auto& t : migrations_) t.join();
     migrations_.clear();
   }
@@ -540,6 +592,17 @@ class Nemesis {
                               });
                             }});
           break;
+        case Kind::kDiskFull: {
+          if (!o_.disk_full) break;
+          std::string dir = std::filesystem::path(cluster_->disk(Other(primary))).parent_path();
+          events.push_back({f.at_s, [this, dir] { Fill(dir); }});
+          events.push_back({f.at_s + f.for_s, [this] {
+                              if (!filler_.empty()) ::unlink(filler_.c_str());
+                              filler_.clear();
+                              Log("nemesis: disk space back");
+                            }});
+          break;
+        }
         case Kind::kPartition:
         case Kind::kOneWay:
           events.push_back({f.at_s, [this, f, primary, id] {
@@ -685,6 +748,18 @@ class Nemesis {
         wait_limit = Clock::now() + std::chrono::seconds(15);
         continue;
       }
+      // A primary whose VM stopped (its stub was killed) stays a primary that serves nothing:
+      // killed, as a service manager would, so that the mirror takes over.
+      if (Clock::now() > wait_limit && primary && !killed_unserving &&
+          absl::StrContains(s[*primary]->state(), "VM stopped")) {
+        killed_unserving = true;
+        Log(absl::StrCat("nemesis: recovery: primary ", LocalHosts::Name(*primary), " says ",
+                         s[*primary]->state(), "; killing it"));
+        cluster_->process(*primary).Signal(SIGKILL);
+        cluster_->process(*primary).Wait(milliseconds(5000));
+        wait_limit = Clock::now() + std::chrono::seconds(15);
+        continue;
+      }
       // A host stuck neither protected nor promoting (idle, or a mirror its primary does not
       // reach): started again as the mirror, once.
       if (Clock::now() > wait_limit && !nudged && primary) {
@@ -789,6 +864,8 @@ class Nemesis {
   bool network_touched_ = false;
   std::unique_ptr<cli::Process> stress_;
   std::vector<std::thread> migrations_;
+  std::string filler_;               // the file that fills a host's file system
+  std::vector<std::string> mounts_;  // the hosts' file systems
   // The state check's memory: account -> (round, balance), and the highest sequence seen.
   std::map<uint32_t, std::pair<uint64_t, int64_t>> accounts_;
   uint64_t max_seq_ = 0;

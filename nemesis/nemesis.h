@@ -31,6 +31,10 @@ struct Options {
   // own (romulus_nemesis makes one), where its rules affect nothing else on the machine.
   bool network = false;
   std::string stress_ng{};  // the stress-ng executable ("": no CPU starvation)
+  // Each host's disk image and memory file on a small tmpfs of its own, which a fault fills:
+  // only in a mount namespace of this process's own (romulus_nemesis makes one), so that no
+  // mount outlives it.
+  bool disk_full = false;
 };
 
 struct Round {
