@@ -52,6 +52,9 @@ Host Other(Host h) { return h == Host::kA ? Host::kB : Host::kA; }
 
 // How long a request waits at the proxy for a primary: above a failover, below a round.
 constexpr milliseconds kProxyHold{3000};
+// The VM's disk, which holds the ledger's journal: a cluster is replaced (not counted as a
+// failure) when its journal is full, every few dozen rounds.
+constexpr uint64_t kDiskMib = 32;
 // How long recovery after a round may take before the cluster counts as unrecovered.
 constexpr double kRecoverySeconds = 45;
 
@@ -301,7 +304,9 @@ class Nemesis {
                           round.violations.size(), wait, round.recovered ? "y" : "n"));
       for (const auto& v : round.violations) Say(absl::StrCat("      violation: ", v));
       report_.rounds.push_back(std::move(round));
-      if (!report_.rounds.back().recovered) {
+      if (!report_.rounds.back().recovered || ledger_full_) {
+        if (ledger_full_) Say("nemesis: the ledger's journal is full: a fresh cluster");
+        ledger_full_ = false;
         if (auto s = Fresh(); !s.ok()) return s;
       }
     }
@@ -332,8 +337,9 @@ class Nemesis {
       for (Host h : {Host::kA, Host::kB}) {
         files_dir[h] = absl::StrCat(cluster_dir_, "/files-", LocalHosts::Name(h));
         std::filesystem::create_directories(files_dir[h], ec);
-        // Room for the 64 MiB memory file and the 8 MiB disk, and a little more.
-        if (::mount("tmpfs", files_dir[h].c_str(), "tmpfs", 0, "size=96m,mode=0700") != 0) {
+        // Room for the 64 MiB memory file and the disk, and a little more.
+        if (::mount("tmpfs", files_dir[h].c_str(), "tmpfs", 0,
+                    absl::StrCat("size=", 64 + kDiskMib + 32, "m,mode=0700").c_str()) != 0) {
           return absl::InternalError(
               absl::StrCat("mount tmpfs on ", files_dir[h], ": ", std::strerror(errno)));
         }
@@ -347,6 +353,7 @@ class Nemesis {
       auto c = LocalHosts::Start({.binary = o_.binary,
                                   .dir = cluster_dir_,
                                   .files_dir = files_dir,
+                                  .disk_mib = kDiskMib,
                                   .platform = o_.platform,
                                   .echo = [this](absl::string_view l) { Log(l); },
                                   .proxy_hold = kProxyHold});
@@ -385,6 +392,13 @@ class Nemesis {
     struct statvfs v {};
     ::statvfs(dir.c_str(), &v);
     Log(absl::StrCat("nemesis: filled ", dir, "; ", v.f_bavail * v.f_frsize, " bytes left"));
+  }
+
+  // The load's setup could not open an account because the ledger is out of room.
+  static bool Full(const absl::Status& s) {
+    return absl::StrContains(s.message(),
+                             absl::StrCat("failed with status ", RML_ERR_JOURNAL_FULL)) ||
+           absl::StrContains(s.message(), absl::StrCat("failed with status ", RML_ERR_LEDGER_FULL));
   }
 
   bool Alive(Host h) { return !cluster_->process(h).Wait(milliseconds(0)).has_value(); }
@@ -634,11 +648,18 @@ class Nemesis {
   // no primary, are unavailability: counted apart.
   void Check(const char* who, const absl::StatusOr<cli::LoadReport>& r, Round& round) {
     if (!r.ok()) {
+      if (Full(r.status())) {
+        ledger_full_ = true;
+        return;
+      }
       round.unanswered++;
       Log(absl::StrCat("nemesis: ", who, " clients: ", r.status().ToString()));
       return;
     }
     round.longest_wait_ms = std::max(round.longest_wait_ms, r->max_us / 1000);
+    if (r->by_status.count(RML_ERR_JOURNAL_FULL) || r->by_status.count(RML_ERR_LEDGER_FULL)) {
+      ledger_full_ = true;
+    }
     round.unanswered += r->unresolved;
     bool complete = true;
     for (const auto& v : r->violations) {
@@ -787,6 +808,10 @@ class Nemesis {
     o.attempts = 1;
     o.seed = probe_seed_++;
     auto r = cli::RunLoad(o);
+    if (!r.ok() && Full(r.status())) {
+      ledger_full_ = true;
+      return true;  // served: only out of room
+    }
     bool ok = r.ok() && r->requests > 0 && r->unresolved == 0;
     if (!ok)
       Log(absl::StrCat("nemesis: recovery probe failed: ",
@@ -869,6 +894,7 @@ class Nemesis {
   // The state check's memory: account -> (round, balance), and the highest sequence seen.
   std::map<uint32_t, std::pair<uint64_t, int64_t>> accounts_;
   uint64_t max_seq_ = 0;
+  bool ledger_full_ = false;  // the ledger's journal (or account table) is out of room
   uint64_t read_id_ = 0;
   uint64_t probe_seed_ = 1;  // not from rng_: recovery's course must not change the schedule
 };
