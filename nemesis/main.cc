@@ -53,14 +53,16 @@ int main(int argc, char** argv) {
   std::string platform_name, binary = ROMULUS_BINARY, log_file, dir;
   bool no_network = false;
   romulus::cli::Args args(
-      "romulus_nemesis [options]",
+      "romulus_nemesis",
       "Runs a witness, a proxy and two hosts of one VM (real `romulus` processes) under ledger\n"
       "load, and applies a seeded random schedule of faults round after round: SIGKILL and\n"
       "SIGSTOP/SIGCONT of any process (hosts, the process platform's stubs, witness, proxy), a\n"
       "killed host restarted with its old files as the primary or as the mirror, CPU starvation\n"
-      "(stress-ng), planned migrations, and network partitions and one-way loss (nftables, in a\n"
-      "network namespace of its own). After each round it brings the cluster back and checks\n"
-      "the clients' histories and the ledger's state. The same seed draws the same schedule.");
+      "(stress-ng), planned migrations, the mirror's disk full (a small tmpfs), and network\n"
+      "partitions and one-way loss (nftables), in network and mount namespaces of its own.\n"
+      "After each round it brings the cluster back (what was killed returns as the mirror) and\n"
+      "checks the clients' histories and the ledger's state. The same seed draws the same\n"
+      "schedule (the roles it names are resolved when each round starts).");
   args.Uint("rounds", &rounds, "rounds to run (1-100000)");
   args.Uint("seed", &seed, "the schedule's seed");
   args.String("platform", &platform_name, "kvm or process (default: kvm where it can run)");
