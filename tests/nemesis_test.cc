@@ -6,7 +6,10 @@
 // NOT YET STRICT: today's code is known to break the invariants under some of these faults
 // (issue 26: a frozen or restarted old primary serving its diverged VM). Until authority is
 // reworked, the violations found are printed, not failed on. Set kStrict (or
-// ROMULUS_NEMESIS_STRICT=1 in the environment) to fail on any violation.
+// ROMULUS_NEMESIS_STRICT=1 in the environment) to fail on any violation. Seen on today's code
+// with this seed, in some runs only (it depends on timing): round 8 on the process platform
+// (the witness frozen 1.4 s, then stress-ng) made both hosts release answers and the ledger's
+// sequence went back by about 20000; round 10 on KVM is past these 8 rounds.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -21,7 +24,7 @@ namespace romulus::nemesis_test {
 namespace {
 
 constexpr bool kStrict = false;
-constexpr int kRounds = 6;
+constexpr int kRounds = 8;
 constexpr int kSeed = 7;
 
 bool Strict() {
