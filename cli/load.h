@@ -49,6 +49,9 @@ struct LoadReport {
   std::map<uint32_t, uint64_t> by_status;
   int64_t expected_total = 0, final_total = 0;
   uint64_t last_seq = 0;
+  // This run's accounts as the final read found them: what a later read must still find (the
+  // nemesis checks that no later failure rolls them back).
+  std::map<uint32_t, int64_t> final_balances;
   // Accounts whose final balance is not the newest write a client saw acknowledged: what a
   // failover lost (counted only when every request was answered).
   uint64_t lost_acknowledged = 0;

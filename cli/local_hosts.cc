@@ -142,46 +142,9 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   for (int i = 0; i < 4; i++) absl::StrAppendFormat(&key, "%08x", random());
   if (auto s = WriteFile(l->File("key"), key + "\n"); !s.ok()) return s;
 
-  pb::PrimaryConfig a;
-  a.set_vm_id(kVmId);
-  a.set_memory_mib(l->o_.memory_mib);
-  a.set_disk(l->disk(kA));
-  a.set_disk_mib(l->o_.disk_mib);
-  a.set_memory_file(l->File("a.mem"));
-  a.set_mirror(At("127.0.0.1", l->replication_[kB]));
-  a.set_replication_port(l->replication_[kA]);
-  a.set_psk_file(l->File("key"));
-  a.set_epoch_ms(l->o_.epoch_ms);
-  a.set_compression(l->o_.compression);
-  a.set_platform(l->o_.platform);
-  a.set_ledger_port(l->ledger_[kA]);
-  a.set_control_socket(l->control_socket(kA));
-  a.mutable_workload()->set_working_set_pages(l->o_.working_set_pages);
-  a.mutable_workload()->set_write_rate(l->o_.write_rate);
-  *a.mutable_switchover() = l->SwitchoverOf(kA);
-  if (l->o_.metrics) a.set_metrics_listen(At("127.0.0.1", l->metrics_[kA]));
-  if (l->o_.health.ByteSizeLong() > 0) *a.mutable_health() = l->o_.health;
-  if (auto s = WriteFile(l->File("a.conf"), Text(a)); !s.ok()) return s;
+  if (auto s = WriteFile(l->File("a.conf"), l->PrimaryConfig(kA)); !s.ok()) return s;
   if (auto s = WriteFile(l->File("b.conf"), l->MirrorConfig(kB)); !s.ok()) return s;
-
-  std::vector<std::string> witness_args = {"witness",
-                                           "--psk-file",
-                                           l->File("key"),
-                                           "--listen",
-                                           At("127.0.0.1", l->witness_),
-                                           "--state",
-                                           l->File("witness.state"),
-                                           "--init"};
-  if (l->o_.metrics) {
-    witness_args.insert(witness_args.end(),
-                        {"--metrics-listen", At("127.0.0.1", l->witness_metrics_)});
-  }
-  auto witness = l->Run("witness", witness_args);
-  if (!witness.ok()) return witness.status();
-  l->witness_process_ = std::move(*witness);
-  if (auto line = l->witness_process_->WaitForLine("serving leases", l->o_.wait); !line.ok()) {
-    return line.status();
-  }
+  if (auto s = l->StartWitness(/*first_start=*/true); !s.ok()) return s;
   if (l->o_.proxy_hold.count() > 0) {
     auto p = FreePort(SOCK_STREAM, "127.0.0.1");
     if (!p.ok()) return p.status();
@@ -191,12 +154,7 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
     for (Host h : {kA, kB}) c.add_host(At("127.0.0.1", l->ledger_[h]));
     c.set_hold_ms(static_cast<uint32_t>(l->o_.proxy_hold.count()));
     if (auto s = WriteFile(l->File("proxy.conf"), Text(c)); !s.ok()) return s;
-    auto proxy = l->Run("proxy", {"proxy", "--config", l->File("proxy.conf")});
-    if (!proxy.ok()) return proxy.status();
-    l->proxy_process_ = std::move(*proxy);
-    if (auto line = l->proxy_process_->WaitForLine("ledger listening on", l->o_.wait); !line.ok()) {
-      return line.status();
-    }
+    if (auto s = l->StartProxy(); !s.ok()) return s;
   }
   for (Host h : {kB, kA}) {
     auto p = l->Run(Name(h), {h == kA ? "primary" : "mirror", "--config",
@@ -210,6 +168,68 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
   return l;
 }
 
+// The witness keeps its terms in the cluster's directory; only its first start creates them.
+std::vector<std::string> LocalHosts::WitnessArgs(bool first_start) const {
+  std::vector<std::string> args = {"witness", "--psk-file", File("key"), "--listen",
+                                   At("127.0.0.1", witness_), "--state", File("witness.state")};
+  if (first_start) args.push_back("--init");
+  if (o_.metrics) args.insert(args.end(), {"--metrics-listen", At("127.0.0.1", witness_metrics_)});
+  return args;
+}
+
+absl::Status LocalHosts::StartWitness(bool first_start) {
+  auto witness = Run("witness", WitnessArgs(first_start));
+  if (!witness.ok()) return witness.status();
+  witness_process_ = std::move(*witness);
+  return witness_process_->WaitForLine("serving leases", o_.wait).status();
+}
+
+absl::Status LocalHosts::StartProxy() {
+  auto proxy = Run("proxy", {"proxy", "--config", File("proxy.conf")});
+  if (!proxy.ok()) return proxy.status();
+  proxy_process_ = std::move(*proxy);
+  return proxy_process_->WaitForLine("ledger listening on", o_.wait).status();
+}
+
+absl::Status LocalHosts::RestartWitness() {
+  if (!witness_process_->Wait(std::chrono::milliseconds(0))) {
+    return absl::FailedPreconditionError("the witness still runs");
+  }
+  return StartWitness(/*first_start=*/false);
+}
+
+absl::Status LocalHosts::RestartProxy() {
+  if (!proxy_process_) return absl::FailedPreconditionError("there is no proxy");
+  if (!proxy_process_->Wait(std::chrono::milliseconds(0))) {
+    return absl::FailedPreconditionError("the proxy still runs");
+  }
+  return StartProxy();
+}
+
+std::string LocalHosts::PrimaryConfig(Host h) const {
+  Host other = h == kA ? kB : kA;
+  pb::PrimaryConfig c;
+  c.set_vm_id(kVmId);
+  c.set_memory_mib(o_.memory_mib);
+  c.set_disk(disk(h));
+  c.set_disk_mib(o_.disk_mib);
+  c.set_memory_file(memory_file(h));
+  c.set_mirror(At("127.0.0.1", replication_[other]));
+  c.set_replication_port(replication_[h]);
+  c.set_psk_file(File("key"));
+  c.set_epoch_ms(o_.epoch_ms);
+  c.set_compression(o_.compression);
+  c.set_platform(o_.platform);
+  c.set_ledger_port(ledger_[h]);
+  c.set_control_socket(control_socket(h));
+  c.mutable_workload()->set_working_set_pages(o_.working_set_pages);
+  c.mutable_workload()->set_write_rate(o_.write_rate);
+  *c.mutable_switchover() = SwitchoverOf(h);
+  if (o_.metrics) c.set_metrics_listen(At("127.0.0.1", metrics_[h]));
+  if (o_.health.ByteSizeLong() > 0) *c.mutable_health() = o_.health;
+  return Text(c);
+}
+
 std::string LocalHosts::MirrorConfig(Host h) const {
   Host other = h == kA ? kB : kA;
   pb::MirrorConfig c;
@@ -220,7 +240,7 @@ std::string LocalHosts::MirrorConfig(Host h) const {
   c.set_psk_file(File("key"));
   c.set_replica_disk(disk(h));
   // Host a returns with what it held when it was killed.
-  if (h == kA) c.set_seed_memory_file(File("a.mem"));
+  if (h == kA) c.set_seed_memory_file(memory_file(kA));
   c.set_control_socket(control_socket(h));
   c.set_ledger_port(ledger_[h]);
   c.set_replicate_to(At("127.0.0.1", replication_[other]));
@@ -283,6 +303,21 @@ absl::Status LocalHosts::Rejoin(Host h) {
   if (auto line = hosts_[h]->WaitForLine("waiting for the primary", o_.wait); !line.ok()) {
     return HostError(h, *hosts_[h], line.status());
   }
+  return absl::OkStatus();
+}
+
+absl::Status LocalHosts::RestartAsPrimary(Host h) {
+  if (hosts_[h] && !hosts_[h]->Wait(std::chrono::milliseconds(0))) {
+    return absl::FailedPreconditionError(absl::StrCat("host ", Name(h), " still runs"));
+  }
+  // Host a's own config, as it first started; host b's written once, the same way.
+  std::string config = File(absl::StrCat(Name(h), h == kA ? ".conf" : "-primary.conf"));
+  if (h == kB) {
+    if (auto s = WriteFile(config, PrimaryConfig(h)); !s.ok()) return s;
+  }
+  auto p = Run(Name(h), {"primary", "--config", config});
+  if (!p.ok()) return p.status();
+  hosts_[h] = std::move(*p);
   return absl::OkStatus();
 }
 

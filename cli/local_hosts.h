@@ -30,6 +30,9 @@ class LocalHosts {
   struct Options {
     std::string binary{};  // the romulus executable
     std::string dir{};     // for the key, configs, disks, memory files and sockets
+    // Where each host keeps its disk image and memory file, when not in `dir` (the nemesis gives
+    // each host a small file system of its own, to fill).
+    std::array<std::string, 2> files_dir{};
     uint64_t memory_mib = 64, disk_mib = 8;
     uint64_t working_set_pages = 1024, write_rate = 20000;
     uint32_t epoch_ms = 25;
@@ -64,11 +67,18 @@ class LocalHosts {
   std::string control_socket(Host h) const;
   uint16_t ledger_port(Host h) const { return ledger_[h]; }
   uint16_t replication_port(Host h) const { return replication_[h]; }
+  // Host h's heartbeat port on path 0 (127.0.0.1) or 1 (127.0.0.2).
+  uint16_t heartbeat_port(Host h, int path) const {
+    return path == 0 ? heartbeat_[h] : heartbeat2_[h];
+  }
+  uint16_t witness_port() const { return witness_; }
   // Where /metrics is served (with Options::metrics), on 127.0.0.1.
   uint16_t metrics_port(Host h) const { return metrics_[h]; }
   uint16_t witness_metrics_port() const { return witness_metrics_; }
   // The host's disk image: the VM's while it is the primary, the replica's while the mirror.
-  std::string disk(Host h) const { return File(absl::StrCat(Name(h), ".img")); }
+  std::string disk(Host h) const { return HostFile(h, ".img"); }
+  // The memory file host h keeps its guest RAM in as the primary (host a's seeds it as mirror).
+  std::string memory_file(Host h) const { return HostFile(h, ".mem"); }
   static const char* Name(Host h) { return h == kA ? "a" : "b"; }
   // Ledger clients that start at `primary` and know the other host's address.
   LoadOptions Load(Host primary) const;
@@ -77,11 +87,19 @@ class LocalHosts {
   uint16_t proxy_port() const { return proxy_; }
   // The proxy's process (with Options::proxy_hold), or nullptr.
   Process* proxy() { return proxy_process_.get(); }
+  Process& witness() { return *witness_process_; }
 
   // Starts host `h` again, after it was killed, as the mirror of the other host: seeded from
   // the memory file and disk it left, so that only what differs is sent. Returns once it
   // listens (its synchronisation runs on).
   absl::Status Rejoin(Host h);
+  // Starts host `h` again, after it was killed, as `romulus primary` with the files it has: its
+  // disk image and memory file, and its ports (what a service manager's restart of a former
+  // primary does; host b gets a primary config of the same shape as host a's).
+  absl::Status RestartAsPrimary(Host h);
+  // Start the witness (or the proxy) again, after it was killed, on the same address.
+  absl::Status RestartWitness();
+  absl::Status RestartProxy();
   // SIGTERM to both hosts and the witness; fails unless each exits 0.
   absl::Status Stop();
 
@@ -90,7 +108,17 @@ class LocalHosts {
   absl::StatusOr<std::unique_ptr<Process>> Run(const std::string& name,
                                                const std::vector<std::string>& args);
   std::string File(const std::string& name) const { return o_.dir + "/" + name; }
+  std::string HostFile(Host h, const char* suffix) const {
+    const std::string& dir = o_.files_dir[h].empty() ? o_.dir : o_.files_dir[h];
+    return absl::StrCat(dir, "/", Name(h), suffix);
+  }
   std::string MirrorConfig(Host h) const;
+  std::string PrimaryConfig(Host h) const;
+  // The witness's command line: the one place that says how it is started (`first_start`: the
+  // cluster's first, as opposed to a restart after it was killed).
+  std::vector<std::string> WitnessArgs(bool first_start) const;
+  absl::Status StartWitness(bool first_start);
+  absl::Status StartProxy();
   pb::SwitchoverConfig SwitchoverOf(Host h) const;
 
   Options o_;
