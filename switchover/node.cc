@@ -86,7 +86,7 @@ class NodeImpl : public Node {
     p.gate = std::move(gate);
     p.vm = std::move(vm);
     run_unprotected_ = run_unprotected;
-    if (auto s = EnterTerm(*p.gate); !s.ok()) return s;
+    EnterTerm(*p.gate);
     AttachEngine(p);
     if (auto s = p.vm->Start(); !s.ok()) return s;
     if (auto s = Replicate(p); !s.ok()) return s;
@@ -644,7 +644,7 @@ class NodeImpl : public Node {
     p.gate = std::make_unique<vmm::OutputGate>();
     p.gate->SetHolding(true);
     disk_path_ = disk;
-    if (auto s = EnterTerm(*p.gate); !s.ok()) return s;
+    EnterTerm(*p.gate);
     auto vm = o_.adopt_postcopy(std::move(memory), state, incoming,
                                 vmm::Vm::PostCopy{std::move(missing), std::move(on_page)}, *p.gate);
     if (!vm.ok()) {
@@ -733,18 +733,21 @@ class NodeImpl : public Node {
     return Replicate(p_);
   }
 
-  // A VM about to run here in the lease's term: its files record the term first (so that a host
-  // restarted over them later cannot run them again once superseded), and its gate lets
-  // outputs leave without a mirror only while the lease is held at that moment.
-  absl::Status EnterTerm(vmm::OutputGate& gate) {
-    if (!o_.lease) return absl::OkStatus();
+  // A VM about to run here in the lease's term: its files record the term (so that a host
+  // restarted over them later cannot run them again once superseded), and its gate lets outputs
+  // leave without a mirror only while the lease is held at that moment. Files that keep an older
+  // term than they hold only cost availability (the witness then refuses them, and the host
+  // rejoins as the mirror), never safety: a failure to record it does not stop the VM.
+  void EnterTerm(vmm::OutputGate& gate) {
+    if (!o_.lease) return;
     if (!disk_path_.empty()) {
       if (auto s = WriteTermFile(disk_path_, o_.lease->term()); !s.ok()) {
-        return absl::UnavailableError(absl::StrCat("cannot record the term: ", s.message()));
+        Log(absl::StrCat("cannot record term ", o_.lease->term(), " beside the disk (", s.message(),
+                         "): should this host be restarted as the primary, the witness will "
+                         "refuse its files; it can rejoin as the mirror"));
       }
     }
     gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
-    return absl::OkStatus();
   }
 
   // What must hold before outputs leave without a mirror. Right after a hand-over, while the
