@@ -119,8 +119,9 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(rounds), o.log_file.c_str());
   if (o.stress_ng.empty()) std::printf("nemesis: no CPU starvation: stress-ng is not installed\n");
   std::printf(
-      "nemesis: not checked: at most one host released outputs in a term (the hosts do not say "
-      "their term yet)\n");
+      "nemesis: not checked directly: at most one host released outputs in a term (the ledger's "
+      "answers do not carry the term; two hosts answering from diverged states shows as a "
+      "sequence number given twice or going back)\n");
   auto report = romulus::nemesis::Run(o);
   if (!report.ok()) {
     std::fprintf(stderr, "romulus_nemesis: %s\n", std::string(report.status().message()).c_str());

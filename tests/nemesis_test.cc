@@ -3,13 +3,11 @@
 // round, print its table and the summary line, and exit non-zero exactly when it found
 // violations.
 //
-// NOT YET STRICT: today's code is known to break the invariants under some of these faults
-// (issue 26: a frozen or restarted old primary serving its diverged VM). Until authority is
-// reworked, the violations found are printed, not failed on. Set kStrict (or
-// ROMULUS_NEMESIS_STRICT=1 in the environment) to fail on any violation. Seen on today's code
-// with this seed, in some runs only (it depends on timing): round 8 on the process platform
-// (the witness frozen 1.4 s, then stress-ng) made both hosts release answers and the ledger's
-// sequence went back by about 20000; round 10 on KVM is past these 8 rounds.
+// Strict: any violation fails it. Before authority had terms (issue 26), this seed broke the
+// invariants in some runs: round 8 on the process platform (the witness frozen 1.4 s, then
+// stress-ng) made both hosts release answers and the ledger's sequence went back by about 20000.
+// ROMULUS_NEMESIS_LENIENT=1 in the environment prints violations instead of failing on them (to
+// look at a run of a change that is known to break them).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -23,13 +21,12 @@
 namespace romulus::nemesis_test {
 namespace {
 
-constexpr bool kStrict = false;
 constexpr int kRounds = 8;
 constexpr int kSeed = 7;
 
 bool Strict() {
-  const char* env = std::getenv("ROMULUS_NEMESIS_STRICT");
-  return kStrict || (env && std::string(env) == "1");
+  const char* env = std::getenv("ROMULUS_NEMESIS_LENIENT");
+  return !(env && std::string(env) == "1");
 }
 
 class VmNemesis : public testing::PlatformTest {};
@@ -72,7 +69,7 @@ TEST_P(VmNemesis, AShortScheduleBreaksNothing) {
   if (Strict()) {
     EXPECT_EQ(violations, 0) << out;
   } else if (violations > 0) {
-    std::cout << "nemesis (not strict yet, see the comment at the top): " << *last << "\n" << out;
+    std::cout << "nemesis (lenient, see the comment at the top): " << *last << "\n" << out;
   }
 }
 
