@@ -480,7 +480,7 @@ void PrimarySession::AckLoop() {
 
 absl::StatusOr<Primary::HandoverReport> PrimarySession::HandOver(
     std::chrono::milliseconds timeout, const std::function<absl::Status()>& committed,
-    const std::string& reason) {
+    const std::string& reason, const std::function<absl::Status()>& unanswered) {
   using Clock = std::chrono::steady_clock;
   auto deadline = Clock::now() + timeout;
   std::unique_lock<std::mutex> lock(mu_);
@@ -573,6 +573,13 @@ absl::StatusOr<Primary::HandoverReport> PrimarySession::HandOver(
   bool handed_over = migration_ == Migration::kHandedOver;
   lock.unlock();
   if (!answered || !reply) {
+    if (unanswered) {
+      if (absl::Status s = unanswered(); s.ok()) {
+        return abort(absl::StrCat("the mirror was told to resume epoch ", report.epoch,
+                                  " but did not answer, and the witness gave this host a newer "
+                                  "term than the one handed over (the mirror cannot run it)"));
+      }
+    }
     std::string line =
         absl::StrCat("migration to ", peer, ": the mirror was told to resume epoch ", report.epoch,
                      " but did not answer; the VM is left paused here (check which host runs it)");

@@ -83,7 +83,8 @@ class PrimarySession {
   Primary::Stats stats() const;
   absl::StatusOr<Primary::HandoverReport> HandOver(std::chrono::milliseconds timeout,
                                                    const std::function<absl::Status()>& committed,
-                                                   const std::string& reason);
+                                                   const std::string& reason,
+                                                   const std::function<absl::Status()>& unanswered);
 
  private:
   // Where the connection is. Checkpoints are cut only while it streams.

@@ -632,10 +632,10 @@ class PrimaryImpl : public Primary {
 
   Stats stats() const override { return session_.stats(); }
 
-  absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
-                                          const std::function<absl::Status()>& committed,
-                                          const std::string& reason) override {
-    return session_.HandOver(timeout, committed, reason);
+  absl::StatusOr<HandoverReport> HandOver(
+      std::chrono::milliseconds timeout, const std::function<absl::Status()>& committed,
+      const std::string& reason, const std::function<absl::Status()>& unanswered) override {
+    return session_.HandOver(timeout, committed, reason, unanswered);
   }
 
  private:

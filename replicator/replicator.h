@@ -396,10 +396,12 @@ class Primary {
   // `reason` (why it moves) travels to the mirror, which logs it.
   // FailedPrecondition: not protected now, nothing was done. Aborted: the migration did not
   // happen and the VM runs here again. Unavailable: the mirror was told to resume but did not
-  // answer in time; the VM is left paused here, as either host may be running it.
-  virtual absl::StatusOr<HandoverReport> HandOver(std::chrono::milliseconds timeout,
-                                                  const std::function<absl::Status()>& committed,
-                                                  const std::string& reason) = 0;
+  // answer in time; the VM is left paused here, as either host may be running it, unless
+  // `unanswered` (if set) then succeeds: it proved the mirror cannot run it (the witness gave
+  // this host a newer term than the one handed over), and the VM runs here again (Aborted).
+  virtual absl::StatusOr<HandoverReport> HandOver(
+      std::chrono::milliseconds timeout, const std::function<absl::Status()>& committed,
+      const std::string& reason, const std::function<absl::Status()>& unanswered = nullptr) = 0;
 };
 
 }  // namespace romulus::replicator

@@ -185,12 +185,19 @@ class NodeImpl : public Node {
     // With a witness the lease goes to the mirror once it committed the last checkpoint (this
     // host then counts as fenced); if the mirror still refuses, it is taken back.
     bool transferred = false;
+    // A mirror that resumed the VM but did not answer holds the handed term tentatively until
+    // this host commits a checkpoint of its, which it never will: a newer term granted here
+    // proves the mirror cannot release anything, and the VM may run here again.
     auto report = primary->HandOver(
         timeout,
         [&]() -> absl::Status {
           return o_.lease ? HandLeaseToPeer(&transferred) : absl::OkStatus();
         },
-        reason);
+        reason,
+        [&]() -> absl::Status {
+          if (!transferred) return absl::FailedPreconditionError("no lease was handed over");
+          return TakeLeaseBack(absl::UnavailableError("the mirror did not answer"));
+        });
     if (!report.ok()) {
       if (transferred && report.status().code() == absl::StatusCode::kAborted) {
         if (auto s = TakeLeaseBack(report.status()); !s.ok()) return s;

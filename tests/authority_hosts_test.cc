@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <cstdio>
 #include <thread>
 
 #include "cli/control.h"
@@ -111,7 +112,10 @@ TEST_P(VmAuthority, ARestartedOldPrimaryRefusesToBootOverItsSupersededDisk) {
 // new primary's synchronisation committed, could not take over if the new primary died in that
 // window. Now the old host holds the hand-over's state committed (in its own term), and the new
 // primary releases nothing until that host commits a checkpoint of its: the new primary killed
-// as soon as it resumed leaves the VM with the old host, losing nothing.
+// as soon as it resumed leaves the VM with the old host, losing nothing. Killed before its answer
+// reached the old host, the migration used to leave the VM paused there for an operator ("check
+// which host runs it"); now the witness settles it: the new primary never confirmed its term, so
+// the old host takes the VM back in a newer one once that lease lapsed.
 TEST_P(VmAuthority, ANewPrimaryKilledRightAfterAHandOverLeavesTheVmWithTheOldHost) {
   ASSERT_NO_FATAL_FAILURE(Start());
   cli::Process& a = hosts_->process(Host::kA);
@@ -124,14 +128,25 @@ TEST_P(VmAuthority, ANewPrimaryKilledRightAfterAHandOverLeavesTheVmWithTheOldHos
   testing::Child migrate({"migrate", "--socket", hosts_->control_socket(Host::kA)});
   auto resumed = b.WaitForLine("handed over: resumed epoch", testing::ScaledMs(30));
   b.Signal(SIGKILL);
-  migrate.Wait(testing::ScaledMs(60).count() / 1000.0);
-  auto promoted = a.WaitForLine("promoted (", testing::ScaledMs(30));
+  int rc = migrate.Wait(testing::ScaledMs(60).count() / 1000.0);
+  // Either the answer came (the command succeeded and host a, now the mirror, promotes) or it
+  // did not (host a takes the VM back): either way host a runs it, and b rejoins as its mirror.
+  bool runs = testing::WaitUntil(
+      [&] {
+        auto s = Status(Host::kA);
+        return s.ok() && s->role() == "primary" && s->state().find("paused") == std::string::npos;
+      },
+      testing::ScaledMs(30).count() / 1000.0);
+  absl::Status rejoined = runs ? hosts_->Rejoin(Host::kB) : absl::UnknownError("a does not run");
   load.join();
   ASSERT_TRUE(resumed.ok()) << resumed.status() << b.output();
-  ASSERT_TRUE(promoted.ok()) << promoted.status() << a.output() << migrate.output();
-  auto s = Status(Host::kA);
-  ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_EQ(s->role(), "primary");
+  ASSERT_TRUE(runs) << a.output() << migrate.output();
+  EXPECT_TRUE(rc == 0 || migrate.output().find("the VM runs here again") != std::string::npos)
+      << migrate.output();
+  EXPECT_TRUE(rejoined.ok()) << rejoined;
+  std::printf("new primary killed right after it resumed (%s): %s\n", platform_name().c_str(),
+              rc == 0 ? "the migration had been answered; the old host promoted"
+                      : "the migration was not answered; the old host took the VM back");
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->ok()) << cli::FormatReport(*report);
   EXPECT_EQ(report->lost_acknowledged, 0u);
