@@ -95,10 +95,7 @@ class LeaseClientImpl : public LeaseClient {
     std::unique_lock<std::mutex> lock(mu_);
     auto deadline = Clock::now() + wait;
     while (!HeldLocked(Clock::now())) {
-      if (!superseded_.empty()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("witness ", witness_name_, ": ", superseded_));
-      }
+      if (!superseded_.empty()) return SupersededLocked();
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !HeldLocked(Clock::now())) {
         return absl::UnavailableError(
             absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())));
@@ -124,10 +121,7 @@ class LeaseClientImpl : public LeaseClient {
     });
     auto deadline = Clock::now() + wait;
     while (confirmed_ < term || !HeldLocked(Clock::now())) {
-      if (!superseded_.empty()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("witness ", witness_name_, ": ", superseded_));
-      }
+      if (!superseded_.empty()) return SupersededLocked();
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
         return absl::UnavailableError(absl::StrCat("witness ", witness_name_,
                                                    " did not confirm term ", term, ": ",
@@ -187,6 +181,12 @@ class LeaseClientImpl : public LeaseClient {
 
  private:
   bool HeldLocked(Clock::time_point now) const { return state_.Held(now); }
+
+  // The witness said this node's state was superseded: asking again cannot change that.
+  absl::Status SupersededLocked() const {
+    return absl::FailedPreconditionError(
+        absl::StrCat("witness ", witness_name_, ": ", superseded_));
+  }
 
   std::string WhyNotLocked(Clock::time_point now) const {
     if (last_reply_ == Clock::time_point{} || now - last_reply_ >= 4 * o_.renew) {

@@ -343,6 +343,7 @@ class NodeImpl : public Node {
   absl::StatusOr<std::string> Promote(bool force, const std::string& why) override {
     std::lock_guard<std::mutex> one_at_a_time(role_mu_);
     auto t0 = Clock::now();
+    uint64_t replica_term;  // what the promotion resumes from, for the witness
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (role_ == Role::kPrimary) {
@@ -358,11 +359,7 @@ class NodeImpl : public Node {
       if (replica.committed_epoch < 0) {
         return absl::FailedPreconditionError("no checkpoint committed yet: nothing to resume");
       }
-    }
-    uint64_t replica_term;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      replica_term = m_.mirror->stats().term;
+      replica_term = replica.term;
     }
     PromotionPolicy policy{.lease = o_.lease,
                            .state_term = replica_term,
