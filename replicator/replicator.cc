@@ -316,9 +316,10 @@ class MirrorImpl : public Mirror {
     return h;
   }
 
-  // A post-copy source's demand connection, which follows its main one (same session) within
-  // the peer timeout; nullptr when it does not.
-  std::unique_ptr<Channel> PostcopyDemand(uint64_t session) {
+  // The other connection of a post-copy source (`want`: its main or its demand one), which
+  // follows the first (same session) within the peer timeout; nullptr when it does not. Either
+  // may come first: their handshakes run side by side.
+  std::unique_ptr<Channel> PostcopyPartner(uint64_t session, pb::PostcopyConnection want) {
     auto next = NextHandshake(Clock::now() + options_.peer_timeout);
     if (!next) return nullptr;
     uint64_t next_session = next->session;
@@ -329,8 +330,8 @@ class MirrorImpl : public Mirror {
           absl::StrCat("refused a post-copy source's second connection: ", ch.status().message()));
       return nullptr;
     }
-    if (h.postcopy() != pb::POSTCOPY_DEMAND || next_session != session) {
-      Reject("refused a post-copy source: its second connection was not its demand connection");
+    if (h.postcopy() != want || next_session != session) {
+      Reject("refused a post-copy source: its second connection was not the other of its pair");
       return nullptr;
     }
     return std::move(*ch);
@@ -352,13 +353,20 @@ class MirrorImpl : public Mirror {
         Reject(absl::StrCat("refused a primary: ", ch.status().message()));
         continue;
       }
-      if (hello.postcopy() == pb::POSTCOPY_MAIN) {
-        *demand = PostcopyDemand(*session);
-        if (*demand) return std::move(*ch);
-        continue;
+      if (hello.postcopy() == pb::POSTCOPY_MAIN || hello.postcopy() == pb::POSTCOPY_DEMAND) {
+        bool main_first = hello.postcopy() == pb::POSTCOPY_MAIN;
+        auto other =
+            PostcopyPartner(*session, main_first ? pb::POSTCOPY_DEMAND : pb::POSTCOPY_MAIN);
+        if (!other) continue;
+        if (main_first) {
+          *demand = std::move(other);
+          return std::move(*ch);
+        }
+        *demand = std::move(*ch);
+        return other;
       }
       if (hello.postcopy() != pb::POSTCOPY_NONE) {
-        Reject("refused a post-copy source's demand connection that came first");
+        Reject("refused a connection of an unknown post-copy kind");
         continue;
       }
       {
