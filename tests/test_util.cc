@@ -12,6 +12,15 @@
 #include <thread>
 
 namespace romulus::testing {
+namespace {
+
+// ctest reads a test's output through a pipe, where stdout is fully buffered: a test killed at
+// its timeout would show nothing it printed. Line by line, a hang shows how far it got.
+[[maybe_unused]] const bool kStdoutLineBuffered = [] {
+  return std::setvbuf(stdout, nullptr, _IOLBF, 0) == 0;
+}();
+
+}  // namespace
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
