@@ -30,6 +30,11 @@ TermTable::TermTable(milliseconds lease, size_t max_vms, Records records, Persis
       persist_(std::move(persist)),
       started_(started) {}
 
+bool TermTable::HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t term) const {
+  auto it = releases_.find(vm);
+  return it != releases_.end() && it->second.first == term && it->second.second != term;
+}
+
 bool TermTable::Live(const std::string& vm, Clock::time_point now) const {
   auto e = expiry_.find(vm);
   return e != expiry_.end() && now < e->second;
@@ -130,6 +135,8 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
       *log = absl::StrCat("lease of ", vm, " (term ", next.term, ") granted to ", r.node());
     }
     expiry_[vm] = now + lease_;
+    auto& said = releases_[vm];
+    (r.releases_only_acknowledged() ? said.first : said.second) = next.term;
     out.set_granted(true);
     out.set_holder(r.node());
     out.set_term(next.term);
@@ -149,6 +156,16 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
     out.set_reason(absl::StrCat("superseded: this node's state is of term ", state,
                                 ", and the VM ran in term ", current.confirmed, " since (",
                                 current.holder, " holds term ", current.term, ")"));
+    return out;
+  }
+  if (live && r.takeover() && state == current.term && current.confirmed == current.term &&
+      HolderReleasesOnlyAcknowledged(vm, current.term)) {
+    out =
+        grant(Record{.term = current.term + 1, .confirmed = current.term + 1, .holder = r.node()});
+    if (out.granted()) {
+      *log = absl::StrCat(*log, ": a takeover, ", current.holder, "'s lease of term ", current.term,
+                          " ended early (it releases only what ", r.node(), " acknowledged)");
+    }
     return out;
   }
   if (live) {
@@ -182,8 +199,9 @@ std::vector<TermTable::Holder> TermTable::holders(Clock::time_point now) const {
   return out;
 }
 
-LeaseState::Event LeaseState::OnReply(const pb::LeaseReply& r, pb::LeaseOp op, bool wants,
-                                      Clock::time_point sent_at, Clock::time_point now) {
+LeaseState::Event LeaseState::OnReply(const pb::LeaseReply& r, pb::LeaseOp op, bool unprotected,
+                                      bool wants, Clock::time_point sent_at,
+                                      Clock::time_point now) {
   Event ev;
   if (r.superseded()) {
     Drop(now);
@@ -200,6 +218,7 @@ LeaseState::Event LeaseState::OnReply(const pb::LeaseReply& r, pb::LeaseOp op, b
     term_ = r.term();
   }
   if (until <= now) return ev;
+  if (unprotected) unprotected_term_ = term_;
   ev.gained = !Held(now);
   if (ev.gained) held_since_ = now;
   held_until_ = std::max(held_until_, until);

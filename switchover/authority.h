@@ -13,7 +13,14 @@
 //    again. Such a node is told it was superseded.
 //  - A lease lasts `lease` from the witness's grant; its holder counts it from when it sent the
 //    request, less a margin for the clocks' drift, so it always believes the lease gone first.
-//    While one node's lease is live, no other node gets a term.
+//    While one node's lease is live, no other node gets a term, with one exception: a takeover.
+//  - A takeover is the promotion of the holder's mirror (its replica of the holder's term) when
+//    the holder looks dead. The mirror stopped acknowledging and resumes exactly what it
+//    committed, so a holder that releases only what its mirror acknowledged can release nothing
+//    the promoted VM lacks: the takeover is granted at once. A holder that said, in any request
+//    of its term, that it releases without a mirror (or never said that it does not: an older
+//    build) loses its lease only when it lapses; it releases without a mirror only after the
+//    grant of a request that said so, which a witness that granted a takeover refuses.
 #ifndef ROMULUS_SWITCHOVER_AUTHORITY_H_
 #define ROMULUS_SWITCHOVER_AUTHORITY_H_
 
@@ -65,10 +72,19 @@ class TermTable {
   absl::Status Commit(const std::string& vm, const Record& next);
   bool Live(const std::string& vm, Clock::time_point now) const;
 
+  // Whether `vm`'s holder promised, in its term, to release only what its mirror acknowledged.
+  bool HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t term) const;
+
   const std::chrono::milliseconds lease_;
   const size_t max_vms_;
   Records records_;
   std::map<std::string, Clock::time_point> expiry_;  // of each VM's live lease
+  // Per VM, what its holders said of their releases: the newest term in which the holder said it
+  // releases only what its mirror acknowledged, and the newest in which it said otherwise (which
+  // no later request of that term undoes: datagrams may arrive out of order). In memory only: a
+  // restarted witness grants nothing for a lease period, and the holder repeats it in every
+  // request.
+  std::map<std::string, std::pair<uint64_t, uint64_t>> releases_;  // (acknowledged, unprotected)
   PersistFn persist_;
   const Clock::time_point started_;
 };
@@ -88,20 +104,36 @@ class LeaseState {
   void SetStateTerm(uint64_t term) { state_term_ = std::max(state_term_, term); }
   uint64_t request_term() const { return std::max(state_term_, term_); }
 
-  // The witness's reply to this node's `op`, sent at `sent_at`, while the node `wants` the lease.
-  Event OnReply(const pb::LeaseReply& reply, pb::LeaseOp op, bool wants, Clock::time_point sent_at,
-                Clock::time_point now);
-  // Released or handed over: not held from `now` on.
-  void Drop(Clock::time_point now) { held_until_ = std::min(held_until_, now); }
+  // From now on this node's requests say that it releases outputs without a mirror.
+  void SetUnprotected() { unprotected_ = true; }
+  bool unprotected() const { return unprotected_; }
 
-  // May release outputs without a mirror: the lease of term() is held.
+  // The witness's reply to this node's `op`, sent at `sent_at` saying `unprotected` (what
+  // unprotected() was then), while the node `wants` the lease.
+  Event OnReply(const pb::LeaseReply& reply, pb::LeaseOp op, bool unprotected, bool wants,
+                Clock::time_point sent_at, Clock::time_point now);
+  // Released or handed over: not held from `now` on, and the next lease is protected until said
+  // otherwise.
+  void Drop(Clock::time_point now) {
+    held_until_ = std::min(held_until_, now);
+    unprotected_ = false;
+  }
+
+  // The lease of term() is held.
   bool Held(Clock::time_point now) const { return now < held_until_; }
+  // May release outputs without a mirror: the lease of term() is held, and the witness granted a
+  // request of that term that said so (after which it grants no takeover in that term).
+  bool MayReleaseUnprotected(Clock::time_point now) const {
+    return Held(now) && term_ != 0 && unprotected_term_ == term_;
+  }
   uint64_t term() const { return term_; }  // of the lease this node holds or last held
   Clock::time_point held_since() const { return held_since_; }
   Clock::time_point held_until() const { return held_until_; }
 
  private:
   uint64_t term_ = 0, state_term_ = 0;
+  bool unprotected_ = false;
+  uint64_t unprotected_term_ = 0;  // the term of the last grant of a request that said so
   Clock::time_point held_since_{}, held_until_{};
 };
 

@@ -86,22 +86,51 @@ class LeaseClientImpl : public LeaseClient {
     state_.SetStateTerm(term);
   }
 
-  absl::Status AcquireWithin(milliseconds wait) override {
+  absl::Status AcquireWithin(milliseconds wait, const Promotion& promotion) override {
     {
       std::lock_guard<std::mutex> lock(mu_);
       superseded_.clear();
+      takeover_ = promotion.takeover;
+      if (promotion.unprotected) state_.SetUnprotected();
     }
     Want(true);
     std::unique_lock<std::mutex> lock(mu_);
     auto deadline = Clock::now() + wait;
-    while (!HeldLocked(Clock::now())) {
-      if (!superseded_.empty()) return SupersededLocked();
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !HeldLocked(Clock::now())) {
-        return absl::UnavailableError(
+    absl::Status s;
+    while (s.ok() && !HeldLocked(Clock::now())) {
+      if (!superseded_.empty()) {
+        s = SupersededLocked();
+      } else if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
+                 !HeldLocked(Clock::now())) {
+        s = absl::UnavailableError(
             absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())));
       }
     }
+    takeover_ = false;  // renewals are no takeovers
+    return s;
+  }
+
+  absl::Status DeclareUnprotected(milliseconds wait) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    DeclareUnprotectedLocked();
+    auto deadline = Clock::now() + wait;
+    while (!state_.MayReleaseUnprotected(Clock::now())) {
+      if (!superseded_.empty()) return SupersededLocked();
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
+          !state_.MayReleaseUnprotected(Clock::now())) {
+        return absl::UnavailableError(absl::StrCat(
+            "witness ", witness_name_, " did not grant the lease for releasing without a mirror: ",
+            HeldLocked(Clock::now()) ? "no reply yet" : WhyNotLocked(Clock::now())));
+      }
+    }
     return absl::OkStatus();
+  }
+
+  bool may_release_unprotected() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_.MayReleaseUnprotected(Clock::now())) return true;
+    DeclareUnprotectedLocked();
+    return false;
   }
 
   void SetTentative(bool tentative) override {
@@ -182,6 +211,16 @@ class LeaseClientImpl : public LeaseClient {
  private:
   bool HeldLocked(Clock::time_point now) const { return state_.Held(now); }
 
+  // Requests say from now on that this node releases without a mirror; the first at once.
+  void DeclareUnprotectedLocked() {
+    if (state_.unprotected()) return;  // said by every request since
+    state_.SetUnprotected();
+    asio::post(io_, [this] {
+      std::lock_guard<std::mutex> l(mu_);
+      if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
+    });
+  }
+
   // The witness said this node's state was superseded: asking again cannot change that.
   absl::Status SupersededLocked() const {
     return absl::FailedPreconditionError(
@@ -210,7 +249,9 @@ class LeaseClientImpl : public LeaseClient {
     r->set_nonce(nonce_);
     r->set_state_term(state_.request_term());
     r->set_tentative(op == pb::LEASE_ACQUIRE && tentative_);
-    pending_[next_id_] = {Clock::now(), op};
+    r->set_takeover(op == pb::LEASE_ACQUIRE && takeover_);
+    r->set_releases_only_acknowledged(!state_.unprotected());
+    pending_[next_id_] = {Clock::now(), op, state_.unprotected()};
     while (pending_.size() > kMaxPending) pending_.erase(pending_.begin());
     boost::system::error_code ec;
     socket_.send(asio::buffer(Seal(o_.key, m)), 0, ec);  // a lost request is retried next renew
@@ -245,7 +286,7 @@ class LeaseClientImpl : public LeaseClient {
     auto it = pending_.find(r.request_id());
     if (it == pending_.end()) return;      // not an answer to a request of ours still open
     if (r.ttl_ms() > kMaxLeaseMs) return;  // no witness grants that: not an answer to believe
-    auto [sent_at, op] = it->second;
+    auto [sent_at, op, said_unprotected] = it->second;
     pending_.erase(pending_.begin(), std::next(it));
     last_reply_ = now;
     nonce_ = r.next_nonce().substr(0, kMaxNameBytes);
@@ -260,7 +301,8 @@ class LeaseClientImpl : public LeaseClient {
         SendLocked(pb::LEASE_TRANSFER, transfer_to_);
       else if (op == pb::LEASE_RELEASE)
         SendLocked(pb::LEASE_RELEASE, "");
-    } else if (event = state_.OnReply(r, op, want_, sent_at, now); event.superseded) {
+    } else if (event = state_.OnReply(r, op, said_unprotected, want_, sent_at, now);
+               event.superseded) {
       // Asking again cannot change the answer: this node's state is older than a term that ran.
       want_ = false;
       superseded_ = reason_.empty() ? "superseded by a newer term" : reason_;
@@ -318,10 +360,16 @@ class LeaseClientImpl : public LeaseClient {
   std::condition_variable cv_;
   bool want_ = false;
   uint64_t next_id_;
-  std::map<uint64_t, std::pair<Clock::time_point, pb::LeaseOp>> pending_;
+  struct Pending {
+    Clock::time_point sent_at;
+    pb::LeaseOp op;
+    bool unprotected;  // what the request said
+  };
+  std::map<uint64_t, Pending> pending_;
   std::string nonce_, holder_, reason_, transfer_to_;
   std::string superseded_;  // the witness's word that this node's state was superseded
   bool tentative_ = false;
+  bool takeover_ = false;   // while a promotion asks
   uint64_t confirmed_ = 0;  // the newest term the witness said ran
   LeaseState state_;
   Clock::time_point last_reply_{};

@@ -363,6 +363,9 @@ class NodeImpl : public Node {
     }
     PromotionPolicy policy{.lease = o_.lease,
                            .state_term = replica_term,
+                           // It acknowledges nothing more, and resumes what it committed; the
+                           // VM it resumes runs without a mirror until the other host returns.
+                           .promotion = {.takeover = true, .unprotected = true},
                            .fence_command = o_.fence_command,
                            .wait = o_.lease ? milliseconds(1000) : o_.fence_timeout};
     if (auto s = AuthorizePromotion(policy, force); !s.ok()) {
@@ -739,7 +742,8 @@ class NodeImpl : public Node {
 
   // A VM about to run here in the lease's term: its files record the term (so that a host
   // restarted over them later cannot run them again once superseded), and its gate lets outputs
-  // leave without a mirror only while the lease is held at that moment. Files that keep an older
+  // leave without a mirror only while the lease is held at that moment, granted to a request
+  // that said so (LeaseClient::DeclareUnprotected). Files that keep an older
   // term than they hold only cost availability (the witness then refuses them, and the host
   // rejoins as the mirror), never safety: a failure to record it does not stop the VM.
   void EnterTerm(vmm::OutputGate& gate) {
@@ -757,8 +761,9 @@ class NodeImpl : public Node {
   // What must hold before outputs leave without a mirror. Right after a hand-over, while the
   // host the VM came from is alive (and for kHandoverWindow at most), they wait for it to
   // commit: it holds the hand-over's state until then. Then the term must run (confirmed at the
-  // witness: a tentative holder's source may have taken the VM back), and the configured
-  // command must succeed.
+  // witness: a tentative holder's source may have taken the VM back), the witness must have
+  // granted the lease to a request saying that this host releases without a mirror (it grants
+  // no takeover in this term after that), and the configured command must succeed.
   std::function<absl::Status()> BeforeUnprotected() {
     if (!o_.lease && !o_.before_unprotected) return nullptr;
     return [this]() -> absl::Status {
@@ -771,6 +776,7 @@ class NodeImpl : public Node {
       handover_window_until_ = Clock::time_point{};
       if (o_.lease) {
         if (auto s = o_.lease->Confirm(milliseconds(1000)); !s.ok()) return s;
+        if (auto s = o_.lease->DeclareUnprotected(milliseconds(1000)); !s.ok()) return s;
       }
       return o_.before_unprotected ? o_.before_unprotected() : absl::OkStatus();
     };
@@ -778,7 +784,7 @@ class NodeImpl : public Node {
 
   bool MayReleaseUnprotected() const {
     if (superseded_flag_) return false;
-    return forced_ || o_.lease->held();
+    return forced_ || o_.lease->may_release_unprotected();
   }
 
   // After an engine was attached to the VM of a primary that ran without one, which fenced the

@@ -33,7 +33,7 @@ absl::Status AuthorizePromotion(const PromotionPolicy& policy, bool force) {
   absl::Status s;
   if (policy.lease != nullptr) {
     policy.lease->SetStateTerm(policy.state_term);
-    s = policy.lease->AcquireWithin(policy.wait);
+    s = policy.lease->AcquireWithin(policy.wait, policy.promotion);
     if (!s.ok()) policy.lease->Want(false);
   } else if (!policy.fence_command.empty()) {
     s = RunFenceCommand(policy.fence_command, policy.wait);

@@ -152,9 +152,25 @@ class LeaseClient {
   // The term of the state this node would run (its disk's, or its replica's): requests carry
   // it, and the witness grants a new term only to a state that was not superseded.
   virtual void SetStateTerm(uint64_t term) = 0;
+  // What a promotion's requests say.
+  struct Promotion {
+    // This node is the mirror of the holder, which looks dead; it acknowledges nothing more and
+    // resumes what it committed. The witness grants at once if the holder released only what
+    // its mirror acknowledged (authority.h).
+    bool takeover = false;
+    bool unprotected = false;  // and will release outputs without a mirror (DeclareUnprotected)
+  };
   // Asks until the lease is held or `wait` passes. Keeps wanting it either way, unless the
   // witness said this node's state was superseded (FailedPrecondition at once).
-  virtual absl::Status AcquireWithin(std::chrono::milliseconds wait) = 0;
+  virtual absl::Status AcquireWithin(std::chrono::milliseconds wait,
+                                     const Promotion& promotion) = 0;
+  absl::Status AcquireWithin(std::chrono::milliseconds wait) { return AcquireWithin(wait, {}); }
+  // Before the holder releases outputs without a mirror: tells the witness (which from then on
+  // grants no takeover in this term) and returns once it granted that, or why not. Until then,
+  // and unless the lease is held, may_release_unprotected() is false; false also makes the next
+  // request say so.
+  virtual absl::Status DeclareUnprotected(std::chrono::milliseconds wait) = 0;
+  virtual bool may_release_unprotected() = 0;
   // Hands a held lease to `node` (planned migration); this node stops wanting it.
   virtual absl::Status TransferTo(const std::string& node, std::chrono::milliseconds wait) = 0;
   // While tentative, this node holds (and renews) a lease handed to it without confirming its
@@ -200,6 +216,7 @@ absl::Status WriteTermFile(const std::string& disk_path, uint64_t term);
 struct PromotionPolicy {
   LeaseClient* lease = nullptr;
   uint64_t state_term = 0;  // the term of the replica to be resumed
+  LeaseClient::Promotion promotion{};
   std::string fence_command;
   std::chrono::milliseconds wait{1000};  // for the lease or the fencing command
 };

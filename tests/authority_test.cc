@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <random>
@@ -159,6 +160,96 @@ TEST_F(Authority, ARestartedWitnessKeepsItsTermsAndWaitsOneLeasePeriod) {
   EXPECT_EQ(b.term(), 2u);
 }
 
+// Takeovers (issue 26, faster promotion): the mirror of a holder that releases only what it
+// acknowledged gets a new term at once; it waits for the lease to lapse otherwise.
+class Takeover : public Authority {
+ protected:
+  // `node` asks for the lease with its state of `state_term`, as a takeover or not, saying
+  // whether it releases only what its mirror acknowledged.
+  pb::LeaseReply AskAs(const std::string& node, uint64_t state_term, int64_t at_ms, bool takeover,
+                       bool releases_only_acknowledged) {
+    pb::LeaseRequest r = Request(node, state_term);
+    r.set_takeover(takeover);
+    r.set_releases_only_acknowledged(releases_only_acknowledged);
+    std::string log;
+    auto reply = table_->Decide(r, T(at_ms), &log);
+    last_log_ = log;
+    return reply;
+  }
+  std::string last_log_;
+};
+
+TEST_F(Takeover, TheMirrorOfAHolderThatReleasesOnlyWhatItAcknowledgedIsGrantedAtOnce) {
+  ASSERT_TRUE(AskAs("a", 0, 0, false, true).granted());
+  ASSERT_TRUE(AskAs("a", 1, 30, false, true).granted());
+  // a's lease runs until 180; b, the mirror of term 1, promotes at 60.
+  auto b = AskAs("b", 1, 60, true, false);
+  ASSERT_TRUE(b.granted()) << b.reason();
+  EXPECT_EQ(b.term(), 2u);
+  EXPECT_EQ(b.confirmed(), 2u);
+  EXPECT_THAT(last_log_, HasSubstr("takeover"));
+  // a was only slow: its next renewal, and a later attempt to release without a mirror, learn
+  // that it was superseded.
+  EXPECT_TRUE(AskAs("a", 1, 61, false, true).superseded());
+  EXPECT_TRUE(AskAs("a", 1, 62, false, false).superseded());
+}
+
+TEST_F(Takeover, NoTakeoverOnceTheHolderSaidItReleasesWithoutAMirrorEvenIfOlderRequestsComeLater) {
+  ASSERT_TRUE(AskAs("a", 0, 0, false, true).granted());
+  ASSERT_TRUE(AskAs("a", 1, 20, false, false).granted());  // its mirror is gone
+  ASSERT_TRUE(AskAs("a", 1, 25, false, true).granted());   // an older request, delivered late
+  auto early = AskAs("b", 1, 60, true, false);
+  EXPECT_FALSE(early.granted());
+  EXPECT_THAT(early.reason(), HasSubstr("held by a (term 1)"));
+  // Once a's lease lapsed (last granted at 25), b promotes as before.
+  auto b = AskAs("b", 1, 176, true, false);
+  ASSERT_TRUE(b.granted()) << b.reason();
+  EXPECT_EQ(b.term(), 2u);
+}
+
+TEST_F(Takeover, OnlyTheHoldersMirrorAsATakeoverOfAConfirmedTermAndNotAnOlderBuildsHolder) {
+  ASSERT_TRUE(AskAs("a", 0, 0, false, true).granted());
+  EXPECT_FALSE(AskAs("b", 1, 10, false, false).granted());  // not a takeover: the lease is live
+  EXPECT_FALSE(AskAs("b", 0, 11, true, false).granted());   // a replica older than the term
+  // A hand-over's term, not yet confirmed by b: a (now b's mirror) may not take over early.
+  ASSERT_TRUE(Ask("a", 1, 20, pb::LEASE_TRANSFER, "b").granted());
+  pb::LeaseRequest tentative = Request("b", 1);
+  tentative.set_tentative(true);
+  tentative.set_releases_only_acknowledged(true);
+  std::string log;
+  ASSERT_TRUE(table_->Decide(tentative, T(30), &log).granted());
+  EXPECT_EQ(persisted_.at("vm").confirmed, 1u);
+  EXPECT_FALSE(AskAs("a", 2, 40, true, false).granted());
+  // A holder of an older build never says what it releases: as if without a mirror.
+  table_.emplace(kLease, 16, TermTable::Records{}, nullptr, T(-1000));
+  ASSERT_TRUE(Ask("c", 0, 100).granted());
+  EXPECT_FALSE(AskAs("d", 1, 110, true, false).granted());
+}
+
+TEST(LeaseState, ReleasesWithoutAMirrorOnlyAfterTheGrantOfARequestThatSaidSo) {
+  LeaseState s;
+  auto now = Clock::now();
+  pb::LeaseReply r;
+  r.set_granted(true);
+  r.set_term(3);
+  r.set_ttl_ms(150);
+  ASSERT_TRUE(s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now, now).gained);
+  EXPECT_FALSE(s.MayReleaseUnprotected(now));
+  s.SetUnprotected();
+  // A reply to a request sent before it said so proves nothing.
+  s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now, now + milliseconds(1));
+  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(1)));
+  s.OnReply(r, pb::LEASE_ACQUIRE, true, true, now + milliseconds(2), now + milliseconds(3));
+  EXPECT_TRUE(s.MayReleaseUnprotected(now + milliseconds(3)));
+  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(150)));  // the lease lapsed
+  // A new term (a hand-over to this node) needs saying again.
+  r.set_term(4);
+  s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now + milliseconds(4), now + milliseconds(4));
+  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(5)));
+  s.Drop(now + milliseconds(6));
+  EXPECT_FALSE(s.unprotected());
+}
+
 TEST(LeaseState, CountsTheLeaseFromTheRequestLessADriftMarginAndDropsItWhenSuperseded) {
   LeaseState s;
   auto sent = Clock::now(), now = sent + milliseconds(40);
@@ -166,7 +257,7 @@ TEST(LeaseState, CountsTheLeaseFromTheRequestLessADriftMarginAndDropsItWhenSuper
   r.set_granted(true);
   r.set_term(3);
   r.set_ttl_ms(150);
-  auto ev = s.OnReply(r, pb::LEASE_ACQUIRE, true, sent, now);
+  auto ev = s.OnReply(r, pb::LEASE_ACQUIRE, false, true, sent, now);
   EXPECT_TRUE(ev.gained);
   EXPECT_EQ(s.term(), 3u);
   EXPECT_EQ(s.held_until(), sent + milliseconds(150 - 1 - 1));
@@ -174,11 +265,11 @@ TEST(LeaseState, CountsTheLeaseFromTheRequestLessADriftMarginAndDropsItWhenSuper
   EXPECT_FALSE(s.Held(sent + milliseconds(148)));
   // A reply granting an older term is not believed.
   r.set_term(2);
-  EXPECT_FALSE(s.OnReply(r, pb::LEASE_ACQUIRE, true, now, now).gained);
+  EXPECT_FALSE(s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now, now).gained);
   EXPECT_EQ(s.term(), 3u);
   pb::LeaseReply superseded;
   superseded.set_superseded(true);
-  EXPECT_TRUE(s.OnReply(superseded, pb::LEASE_ACQUIRE, true, now, now).superseded);
+  EXPECT_TRUE(s.OnReply(superseded, pb::LEASE_ACQUIRE, false, true, now, now).superseded);
   EXPECT_FALSE(s.Held(now));
 }
 
@@ -196,17 +287,23 @@ struct Sim {
     pb::LeaseReply reply;
     int64_t sent_at;
     pb::LeaseOp op;
+    bool unprotected;  // what the request said
   };
   struct Node {
     std::string name;
     LeaseState state;
     bool wants = true;
     int64_t frozen_until = 0;
-    std::vector<std::pair<int64_t, int64_t>> held;  // intervals, ms
+    struct Interval {
+      int64_t from, until;  // ms
+      uint64_t term;
+    };
+    std::vector<Interval> held;
+    std::vector<Interval> unprotected;  // when it may release without a mirror
   };
 
   explicit Sim(uint64_t seed) : rng(seed) {
-    for (const char* n : {"a", "b", "c"}) nodes.push_back({n, {}, true, 0, {}});
+    for (const char* n : {"a", "b", "c"}) nodes.push_back({n, {}, true, 0, {}, {}});
     table.emplace(kLease, 16, records, Persist(), At(-1000));
   }
   TermTable::PersistFn Persist() {
@@ -227,8 +324,11 @@ struct Sim {
     r.set_node(node.name);
     r.set_op(pb::LEASE_ACQUIRE);
     r.set_state_term(node.state.request_term());
+    r.set_takeover(Rand(0, 1) == 0);
+    r.set_releases_only_acknowledged(!node.state.unprotected());
     if (Rand(0, 9) == 0) return;  // lost
-    queue.push_back({now + Rand(0, 40), n, true, r, {}, now, pb::LEASE_ACQUIRE});
+    queue.push_back(
+        {now + Rand(0, 40), n, true, r, {}, now, pb::LEASE_ACQUIRE, node.state.unprotected()});
   }
 
   void Deliver(const Message& m, int64_t now) {
@@ -244,13 +344,14 @@ struct Sim {
         }
       }
       if (Rand(0, 9) == 0) return;  // the reply is lost
-      queue.push_back({now + Rand(0, 40), m.node, false, {}, reply, m.sent_at, m.op});
+      queue.push_back(
+          {now + Rand(0, 40), m.node, false, {}, reply, m.sent_at, m.op, m.unprotected});
       return;
     }
     Node& node = nodes[m.node];
     uint64_t before = node.state.term();
     bool was = node.state.Held(At(now));
-    auto ev = node.state.OnReply(m.reply, m.op, node.wants, At(m.sent_at), At(now));
+    auto ev = node.state.OnReply(m.reply, m.op, m.unprotected, node.wants, At(m.sent_at), At(now));
     if (ev.superseded) {
       node.wants = false;
       Truncate(node, now);
@@ -261,12 +362,17 @@ struct Sim {
     if (node.state.Held(At(now))) {
       int64_t until =
           std::chrono::duration_cast<milliseconds>(node.state.held_until() - t0).count();
-      node.held.push_back({now, until});
+      node.held.push_back({now, until, node.state.term()});
+      if (node.state.MayReleaseUnprotected(At(now))) {
+        node.unprotected.push_back({now, until, node.state.term()});
+      }
     }
   }
 
   void Truncate(Node& node, int64_t now) {
-    for (auto& [from, until] : node.held) until = std::min(until, std::max(from, now));
+    for (auto* intervals : {&node.held, &node.unprotected}) {
+      for (auto& i : *intervals) i.until = std::min(i.until, std::max(i.from, now));
+    }
   }
 
   void Run(int64_t end) {
@@ -309,6 +415,9 @@ struct Sim {
           case 3:
             node.wants = true;
             break;
+          case 4:  // its mirror is gone: it is about to release without one
+            node.state.SetUnprotected();
+            break;
           default:
             break;
         }
@@ -317,14 +426,25 @@ struct Sim {
     }
   }
 
+  // While a node may release without a mirror, no other node may, and none holds a newer term.
+  // (Two may believe they hold the lease at once after a takeover: the old holder then releases
+  // only what its mirror, the new holder, acknowledged, which the new holder's VM has.)
   void Check() {
-    for (size_t i = 0; i < nodes.size(); i++) {
-      for (size_t j = i + 1; j < nodes.size(); j++) {
-        for (auto [f1, u1] : nodes[i].held) {
-          for (auto [f2, u2] : nodes[j].held) {
-            EXPECT_FALSE(f1 < u2 && f2 < u1)
-                << nodes[i].name << " held [" << f1 << ", " << u1 << ") and " << nodes[j].name
-                << " held [" << f2 << ", " << u2 << ")";
+    auto overlap = [](const Node::Interval& x, const Node::Interval& y) {
+      return x.from < y.until && y.from < x.until;
+    };
+    for (const Node& x : nodes) {
+      for (const Node& y : nodes) {
+        if (&x == &y) continue;
+        for (const auto& u : x.unprotected) {
+          for (const auto& h : y.held) {
+            bool both_unprotected =
+                std::any_of(y.unprotected.begin(), y.unprotected.end(),
+                            [&](const Node::Interval& v) { return overlap(u, v); });
+            EXPECT_FALSE(overlap(u, h) && (h.term > u.term || both_unprotected))
+                << x.name << " could release without a mirror in term " << u.term << " in ["
+                << u.from << ", " << u.until << ") and " << y.name << " held term " << h.term
+                << " in [" << h.from << ", " << h.until << ")";
           }
         }
       }
