@@ -4,12 +4,16 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -71,9 +75,42 @@ bool CanBind(int type, const char* address, uint16_t* port, int* error) {
 
 }  // namespace
 
+namespace {
+
+// Claims `port` among the processes of this machine that pick ports here (tests running side by
+// side, demos, the nemesis): a lock on a file named after it, held until this process exits or
+// has claimed kMaxClaims more. Two of them could otherwise both find a port free and both hand
+// it to a daemon, and one daemon fails to bind (or, worse, the other's peer connects to it).
+bool Claim(uint16_t port) {
+  constexpr size_t kMaxClaims = 512;  // the oldest are long bound by their daemons, or gone
+  static std::mutex mu;
+  static std::deque<int> claims;
+  static const std::string dir = [] {
+    std::string d = "/tmp/romulus-ports";
+    ::mkdir(d.c_str(), 01777);
+    ::chmod(d.c_str(), 01777);  // whoever runs the tests, whatever the umask
+    return d;
+  }();
+  int fd = ::open(absl::StrCat(dir, "/", port).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) return true;  // no claims possible here: as before them
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(fd);
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  claims.push_back(fd);
+  if (claims.size() > kMaxClaims) {
+    ::close(claims.front());
+    claims.pop_front();
+  }
+  return true;
+}
+
+}  // namespace
+
 // Below the kernel's ephemeral range: a port from that range (what binding port 0 gives) is also
 // what the kernel hands every outgoing connection, so on a busy machine some client could take
-// it before the daemon that was meant to binds it.
+// it before the daemon that was meant to binds it. Claimed (above) before it is returned.
 absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
   constexpr uint16_t kLowest = 10000;
   unsigned ephemeral_low = 32768, ephemeral_high = 60999;
@@ -86,7 +123,7 @@ absl::StatusOr<uint16_t> FreePort(int type, const char* address) {
     std::random_device random;
     for (int i = 0; i < 200; i++) {
       auto port = static_cast<uint16_t>(kLowest + random() % (ephemeral_low - kLowest));
-      if (CanBind(type, address, &port, &error)) return port;
+      if (CanBind(type, address, &port, &error) && Claim(port)) return port;
     }
   }
   uint16_t any = 0;  // no room below the ephemeral range, or all tried were taken
@@ -170,8 +207,9 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> LocalHosts::Start(Options options) {
 
 // The witness keeps its terms in the cluster's directory; only its first start creates them.
 std::vector<std::string> LocalHosts::WitnessArgs(bool first_start) const {
-  std::vector<std::string> args = {"witness", "--psk-file", File("key"), "--listen",
-                                   At("127.0.0.1", witness_), "--state", File("witness.state")};
+  std::vector<std::string> args = {
+      "witness", "--psk-file",         File("key"), "--listen", At("127.0.0.1", witness_),
+      "--state", File("witness.state")};
   if (first_start) args.push_back("--init");
   if (o_.metrics) args.insert(args.end(), {"--metrics-listen", At("127.0.0.1", witness_metrics_)});
   return args;

@@ -22,7 +22,8 @@
 namespace romulus::cli {
 
 // A port on `address` (IPv4) that was free a moment ago, for SOCK_STREAM or SOCK_DGRAM, chosen
-// below the kernel's ephemeral range where there is room.
+// below the kernel's ephemeral range where there is room, and claimed against every other process
+// that picks ports with this function (tests side by side) for as long as this process runs.
 absl::StatusOr<uint16_t> FreePort(int type, const char* address = "127.0.0.1");
 
 class LocalHosts {
