@@ -68,9 +68,7 @@ void Args::Size(const std::string& name, uint64_t* out, const std::string& help)
 }
 
 void Args::Seconds(const std::string& name, double* out, const std::string& help) {
-  // UINT64_MAX is how a command marks an option as "not given" (it then has no default to show).
-  std::string default_text = *out == UINT64_MAX ? "" : absl::StrCat(*out);
-  Add({name, help, default_text, true, [out, name](const std::string& v) {
+  Add({name, help, absl::StrCat(*out), true, [out, name](const std::string& v) {
          if (!absl::SimpleAtod(v, out) || *out < 0 || *out > 1e7) {
            return absl::InvalidArgumentError(
                absl::StrCat("--", name, ": '", v, "' is not a number of seconds"));
