@@ -46,7 +46,9 @@ void Args::String(const std::string& name, std::string* out, const std::string& 
 }
 
 void Args::Uint(const std::string& name, uint64_t* out, const std::string& help) {
-  Add({name, help, absl::StrCat(*out), true, [out, name](const std::string& v) {
+  // UINT64_MAX is how a command marks an option as "not given" (it then has no default to show).
+  std::string default_text = *out == UINT64_MAX ? "" : absl::StrCat(*out);
+  Add({name, help, default_text, true, [out, name](const std::string& v) {
          if (!absl::SimpleAtoi(v, out)) {
            return absl::InvalidArgumentError(
                absl::StrCat("--", name, ": '", v, "' is not a whole number"));

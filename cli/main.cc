@@ -27,15 +27,24 @@ constexpr char kUsage[] =
     "           requests through a failover or a migration (--config FILE)\n"
     "  witness  grant the active lease of VMs to one host at a time (a third host)\n"
     "  journal  replay the ledger journal on a disk image and print what it holds\n"
-    "  help     this list; `romulus help config`: every config field, its default and unit\n";
+    "  help     this list; `romulus help config`: every config field, its default and unit\n"
+    "           (`--markdown`: the same as docs/configuration.md)\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 3 && !std::strcmp(argv[1], "help")) {
     if (!std::strcmp(argv[2], "config")) {
-      std::fputs(romulus::cli::ConfigHelp().c_str(), stdout);
-      return 0;
+      if (argc == 3) {
+        std::fputs(romulus::cli::ConfigHelp().c_str(), stdout);
+        return 0;
+      }
+      if (argc == 4 && !std::strcmp(argv[3], "--markdown")) {
+        std::fputs(romulus::cli::ConfigHelpMarkdown().c_str(), stdout);
+        return 0;
+      }
+      std::fprintf(stderr, "usage: romulus help config [--markdown]\n");
+      return 2;
     }
     std::fprintf(stderr,
                  "romulus help: no topic '%s' (topics: config; or romulus COMMAND --help)\n",

@@ -98,7 +98,7 @@ for variant in release asan; do
 done
 
 # Each fuzz target over its checked-in seed corpus, every input once (the regression check; the
-# README says how to fuzz longer). A crash, a sanitizer report or a hang fails it.
+# docs/testing.md says how to fuzz longer). A crash, a sanitizer report or a hang fails it.
 fuzz_targets=0 fuzz_inputs=0 fuzz_failed=0
 t0=$SECONDS
 for corpus in fuzz/corpus/*/; do

@@ -18,6 +18,19 @@ TEST(Args, SizesTakeSuffixes) {
   EXPECT_FALSE(cli::ParseSize("99999999999999999999G", &v).ok());
 }
 
+// A whole-number option shows its default in --help (and so in romulus(8)), unless the command
+// marks it "not given" with UINT64_MAX: then it has no default to show.
+TEST(Args, HelpShowsDefaultsButNotTheNotGivenMark) {
+  uint64_t set = 25, unset = UINT64_MAX;
+  cli::Args args("t", "test");
+  args.Uint("epoch-ms", &set, "an epoch");
+  args.Uint("rounds", &unset, "rounds, when given");
+  std::string help = args.Help();
+  EXPECT_NE(help.find("an epoch [25]"), std::string::npos) << help;
+  EXPECT_NE(help.find("rounds, when given\n"), std::string::npos) << help;
+  EXPECT_EQ(help.find("18446744073709551615"), std::string::npos) << help;
+}
+
 TEST(Args, ParsesOptionsAndRefusesUnknownOnes) {
   uint64_t n = 1;
   std::string s = "x";

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <fstream>
+#include <sstream>
 
+#include "absl/strings/str_cat.h"
 #include "cli/config_help.h"
 #include "tests/test_util.h"
 
@@ -343,6 +345,26 @@ TEST(Config, HelpDocumentsEveryFieldOfEveryConfigMessage) {
   }
   testing::Child unknown({"help", "nothing"});
   EXPECT_EQ(unknown.Wait(30), 2);
+}
+
+// docs/configuration.md is what `romulus help config --markdown` prints, byte for byte: the page
+// cannot drift from the binary (scripts/docs.sh rewrites it after a change to the table).
+TEST(Config, TheCheckedInReferenceIsWhatTheBinaryPrints) {
+  const std::string path = std::string(ROMULUS_SOURCE_DIR) + "/docs/configuration.md";
+  std::ifstream file(path);
+  ASSERT_TRUE(file) << "cannot read " << path;
+  std::stringstream page;
+  page << file.rdbuf();
+  testing::Child markdown({"help", "config", "--markdown"});
+  ASSERT_EQ(markdown.Wait(30), 0);
+  EXPECT_EQ(markdown.output(), cli::ConfigHelpMarkdown());
+  EXPECT_TRUE(page.str() == markdown.output())
+      << path << " is not what `romulus help config --markdown` prints now: run scripts/docs.sh";
+  for (const char* field : {"max_in_flight_mib", "heartbeat_timeout_ms", "precopy_rounds"}) {
+    EXPECT_NE(page.str().find(absl::StrCat("| `", field, "` |")), std::string::npos) << field;
+  }
+  testing::Child bad({"help", "config", "--html"});
+  EXPECT_EQ(bad.Wait(30), 2);
 }
 
 // Parallel paths: each further path is HOST:PORT (an address on the listening side), none twice,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The Debian package (`cpack -G DEB`, as the README's packaging step makes it): it holds the
-# binary, the systemd units and the examples where Debian expects them, names the shared
-# libraries it needs, installs with dpkg into an empty root and runs from there, and apt would
-# install it on this machine with its dependencies. Usage: package_test.sh BUILD_DIR
+# The Debian package (`cpack -G DEB`, as docs/operations.md's packaging step makes it): it holds
+# the binary, its manual page, the systemd units, the examples, the README and docs/ where
+# Debian expects them, names the shared libraries it needs, installs with dpkg into an empty root
+# and runs from there, and apt would install it on this machine with its dependencies. Usage: package_test.sh BUILD_DIR
 set -euo pipefail
 build=$1
 work=$(mktemp -d)
@@ -23,6 +23,8 @@ for f in ./usr/bin/romulus ./usr/lib/systemd/system/romulus-primary@.service \
          ./usr/lib/systemd/system/romulus-witness.service \
          ./usr/lib/systemd/system/romulus-proxy@.service ./usr/share/doc/romulus/examples/vm1-proxy.conf \
          ./usr/share/doc/romulus/examples/vm1-primary.conf ./usr/share/doc/romulus/README.md \
+         ./usr/share/doc/romulus/docs/configuration.md ./usr/share/doc/romulus/docs/operations.md \
+         ./usr/share/man/man8/romulus.8.gz \
          ./usr/lib/ocf/resource.d/romulus/romulus; do
   grep -qxF "$f" <<<"$files" || fail "the package lacks $f"
 done

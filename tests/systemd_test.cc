@@ -87,7 +87,13 @@ TEST(SystemdUnits, TheExampleConfigsLoad) {
   EXPECT_TRUE(mirror.ok()) << mirror.status();
   auto proxy = cli::LoadProxyConfig(dir + "vm1-proxy.conf");
   ASSERT_TRUE(proxy.ok()) << proxy.status();
-  EXPECT_EQ(proxy->host_size(), 2);
+  ASSERT_EQ(proxy->host_size(), 2);
+  // The proxy's example names the hosts' ledgers as their examples configure them.
+  ASSERT_TRUE(primary.ok() && mirror.ok());
+  EXPECT_EQ(proxy->host(0), absl::StrCat("192.0.2.1:", primary->ledger_port()));
+  EXPECT_EQ(proxy->host(1), absl::StrCat("192.0.2.2:", mirror->ledger_port()));
+  EXPECT_EQ(primary->ledger_listen(), "0.0.0.0");
+  EXPECT_EQ(mirror->ledger_listen(), "0.0.0.0");
 }
 
 // The socket systemd passes in NOTIFY_SOCKET: a unix datagram socket whose messages the test
