@@ -100,7 +100,9 @@ absl::StatusOr<FailoverDecision> MeasureFailoverDecision(const FailoverDecisionO
     if (!primary_hb.ok()) return primary_hb.status();
     auto primary_lease = client("p");
     if (!primary_lease.ok()) return primary_lease.status();
+    // The VM moves back to p between kills, with the state of the term the mirror last held.
     (*mirror_lease)->Want(false);
+    (*primary_lease)->SetStateTerm((*mirror_lease)->term());
     if (auto s = (*primary_lease)->AcquireWithin(milliseconds(5000)); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("the primary got no lease: ", s.message()));
     }
@@ -114,6 +116,7 @@ absl::StatusOr<FailoverDecision> MeasureFailoverDecision(const FailoverDecisionO
       std::lock_guard<std::mutex> lock(dead.mu);
       dead.dead = false;
     }
+    uint64_t primary_term = (*primary_lease)->term();  // what the mirror's replica is of
     // The kill lands anywhere in a renewal period and a heartbeat interval.
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 100000));
     auto killed = Clock::now();
@@ -129,7 +132,10 @@ absl::StatusOr<FailoverDecision> MeasureFailoverDecision(const FailoverDecisionO
     sw::PromotionPolicy policy;
     policy.wait = milliseconds(2000);
     if (with_witness) {
+      // A takeover, as a host's mirror asks: p released only what its mirror acknowledged.
       policy.lease = mirror_lease->get();
+      policy.state_term = primary_term;
+      policy.promotion.takeover = true;
     } else {
       policy.fence_command = "true";
     }

@@ -239,12 +239,13 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
       Quantile(first_answer, 1.0), Quantile(authorised, 0.5), Quantile(resumed, 0.5), intact,
       static_cast<int>(first_answer.size()));
   Line(
-      "  baseline: heartbeat timeout %.0f ms + lease %.0f ms = %.0f ms (what bounds detection "
-      "and authorisation): ratio p50 %.2f, p99 %.2f",
+      "  baseline: heartbeat timeout %.0f ms + lease %.0f ms = %.0f ms (what bounded detection "
+      "and authorisation before takeovers): ratio p50 %.2f, p99 %.2f",
       kHeartbeatTimeoutMs, kLeaseMs, bound, Ratio(p50, bound), Ratio(p99, bound));
   Line(
       "  baseline: failover decision measured in this run (same heartbeat and lease code, in "
-      "one process, no VM; kill -> lease won) p50 %.0f ms, p99 %.0f ms: ratio p50 %.2f, p99 "
+      "one process, no VM; kill -> lease won by a takeover) p50 %.0f ms, p99 %.0f ms: ratio p50 "
+      "%.2f, p99 "
       "%.2f; the rest (p50 %.0f ms) is promotion, resuming the VM and the clients reconnecting",
       d50, d99, Ratio(p50, d50), Ratio(p99, d99), p50 - d50);
   if (!reprotect.empty()) {

@@ -481,7 +481,7 @@ absl::StatusOr<pb::ProxyConfig> LoadProxyConfig(const std::string& path) {
   if (auto s = p.Range("answer_timeout_ms", c.answer_timeout_ms(), 1, 600000, "ms"); !s.ok()) {
     return s;
   }
-  if (c.probe_interval_ms() == 0) c.set_probe_interval_ms(20);
+  if (c.probe_interval_ms() == 0) c.set_probe_interval_ms(5);
   if (auto s = p.Range("probe_interval_ms", c.probe_interval_ms(), 1, 10000, "ms"); !s.ok()) {
     return s;
   }

@@ -203,7 +203,7 @@ const std::vector<Section>& Sections() {
             "a request not answered this long after it arrived gets status 10 (unavailable)"},
            {"answer_timeout_ms", "ms, 1-600000", "2000",
             "a host that accepted a connection or a request but does not answer is left"},
-           {"probe_interval_ms", "ms, 1-10000", "20",
+           {"probe_interval_ms", "ms, 1-10000", "5",
             "while no host accepts, how often each is tried"},
            {"max_clients", "1-65536", "1024",
             "client connections at once (more wait); each holds at most 16 KiB of requests and "

@@ -658,8 +658,11 @@ int RunHost(const char* who, HostSettings h, const sigset_t& signals, StartNode 
                              Clock::now() < *now.mirror->handover_expected_until;
     if (peer_dead && now.role == switchover::Node::Role::kMirror &&
         now.mirror->committed_epoch >= 0 && !handover_expected && Clock::now() >= next_attempt) {
-      auto done = n.Promote(false, absl::StrFormat("the primary was silent on every path for %d ms",
-                                                   h.switchover.heartbeat_timeout_ms()));
+      auto done = n.Promote(
+          false,
+          absl::StrFormat("the primary was silent on every path for %d ms",
+                          static_cast<int>(ha->heartbeat ? ha->heartbeat->timeout().count()
+                                                         : h.switchover.heartbeat_timeout_ms())));
       std::printf("romulus %s: %s\n", who,
                   std::string(done.ok() ? *done : done.status().message()).c_str());
       std::fflush(stdout);

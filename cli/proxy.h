@@ -30,7 +30,7 @@ struct ProxyOptions {
   // and the primary looked for again.
   std::chrono::milliseconds answer_timeout{2000};
   // While no host accepts, each is tried again this often.
-  std::chrono::milliseconds probe_interval{20};
+  std::chrono::milliseconds probe_interval{5};
   uint64_t max_clients = 1024;                           // more wait in the listen backlog
   std::function<void(absl::string_view)> log = nullptr;  // one line per event worth knowing
 };

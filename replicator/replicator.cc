@@ -477,7 +477,11 @@ class MirrorImpl : public Mirror {
         for (auto& a : acceptors_) ::shutdown(a->native_handle(), SHUT_RDWR);
         return;
       }
-      if (!stop_) Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
+      if (stop_) continue;
+      Log(options_.log, absl::StrCat("primary disconnected: ", why.message()));
+      if (why.code() == absl::StatusCode::kUnavailable && options_.on_peer_closed) {
+        options_.on_peer_closed();
+      }
     }
   }
 
@@ -652,6 +656,7 @@ class PrimaryImpl : public Primary {
   // attempt tries again. On the connecting thread (or the constructor, without a hook).
   void GoUnprotected(absl::string_view why) {
     if (!options_.run_unprotected) return;
+    gate_.AboutToOpen();  // the witness must hear of it before the hook asks it
     if (!released_unprotected_ && options_.before_unprotected) {
       if (absl::Status s = options_.before_unprotected(); !s.ok()) {
         session_.SetState(absl::StrCat(why,

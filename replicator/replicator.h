@@ -237,6 +237,9 @@ class Mirror {
     std::chrono::milliseconds peer_timeout{5000};
     Protection protection = {};  // the primary's cipher is taken; `encrypt` must agree
     std::function<void()> on_traffic = nullptr;  // a frame arrived (a sign of life, for heartbeats)
+    // The primary's connection ended from its side (closed or reset, as when its process dies):
+    // a sign of death that comes before any heartbeat timeout.
+    std::function<void()> on_peer_closed = nullptr;
     // Planned migration: the primary paused its VM for good after `epoch`, which is committed
     // here; resume it on this host. `reason` is the primary's (printable, bounded). OK means it
     // runs here now and replication ends (the replica belongs to the VM); an error must leave the

@@ -32,7 +32,7 @@ TermTable::TermTable(milliseconds lease, size_t max_vms, Records records, Persis
 
 bool TermTable::HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t term) const {
   auto it = releases_.find(vm);
-  return it != releases_.end() && it->second.first == term && it->second.second != term;
+  return it != releases_.end() && it->second.first == term && it->second.second;
 }
 
 bool TermTable::Live(const std::string& vm, Clock::time_point now) const {
@@ -135,8 +135,7 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
       *log = absl::StrCat("lease of ", vm, " (term ", next.term, ") granted to ", r.node());
     }
     expiry_[vm] = now + lease_;
-    auto& said = releases_[vm];
-    (r.releases_only_acknowledged() ? said.first : said.second) = next.term;
+    releases_[vm] = {next.term, r.releases_only_acknowledged()};
     out.set_granted(true);
     out.set_holder(r.node());
     out.set_term(next.term);
@@ -218,7 +217,10 @@ LeaseState::Event LeaseState::OnReply(const pb::LeaseReply& r, pb::LeaseOp op, b
     term_ = r.term();
   }
   if (until <= now) return ev;
-  if (unprotected) unprotected_term_ = term_;
+  if (unprotected && r.request_id() >= unprotected_id_) {
+    unprotected_term_ = term_;
+    unprotected_id_ = r.request_id();
+  }
   ev.gained = !Held(now);
   if (ev.gained) held_since_ = now;
   held_until_ = std::max(held_until_, until);

@@ -17,10 +17,12 @@
 //  - A takeover is the promotion of the holder's mirror (its replica of the holder's term) when
 //    the holder looks dead. The mirror stopped acknowledging and resumes exactly what it
 //    committed, so a holder that releases only what its mirror acknowledged can release nothing
-//    the promoted VM lacks: the takeover is granted at once. A holder that said, in any request
-//    of its term, that it releases without a mirror (or never said that it does not: an older
-//    build) loses its lease only when it lapses; it releases without a mirror only after the
-//    grant of a request that said so, which a witness that granted a takeover refuses.
+//    the promoted VM lacks: the takeover is granted at once. If the newest request the holder
+//    sent in its term said that it releases without a mirror (or said nothing: an older build),
+//    its lease ends only when it lapses. A holder releases without a mirror only after the
+//    grant of a request that said so, sent after any that said otherwise; a witness that granted
+//    a takeover refuses it. (Decide sees each node's requests in the order it sent them: the
+//    witness's challenges chain them, and one sent before the last it took is refused.)
 #ifndef ROMULUS_SWITCHOVER_AUTHORITY_H_
 #define ROMULUS_SWITCHOVER_AUTHORITY_H_
 
@@ -79,12 +81,10 @@ class TermTable {
   const size_t max_vms_;
   Records records_;
   std::map<std::string, Clock::time_point> expiry_;  // of each VM's live lease
-  // Per VM, what its holders said of their releases: the newest term in which the holder said it
-  // releases only what its mirror acknowledged, and the newest in which it said otherwise (which
-  // no later request of that term undoes: datagrams may arrive out of order). In memory only: a
-  // restarted witness grants nothing for a lease period, and the holder repeats it in every
-  // request.
-  std::map<std::string, std::pair<uint64_t, uint64_t>> releases_;  // (acknowledged, unprotected)
+  // Per VM, what the newest request granted to its holder said: (term, releases only what its
+  // mirror acknowledged). In memory only: a restarted witness grants nothing for a lease period,
+  // and the holder says it in every request.
+  std::map<std::string, std::pair<uint64_t, bool>> releases_;
   PersistFn persist_;
   const Clock::time_point started_;
 };
@@ -104,27 +104,26 @@ class LeaseState {
   void SetStateTerm(uint64_t term) { state_term_ = std::max(state_term_, term); }
   uint64_t request_term() const { return std::max(state_term_, term_); }
 
-  // From now on this node's requests say that it releases outputs without a mirror.
-  void SetUnprotected() { unprotected_ = true; }
-  bool unprotected() const { return unprotected_; }
+  // Request `id` (ids grow) was sent, saying whether this node releases without a mirror.
+  void Sent(uint64_t id, bool unprotected) {
+    if (!unprotected) last_protected_id_ = std::max(last_protected_id_, id);
+  }
 
-  // The witness's reply to this node's `op`, sent at `sent_at` saying `unprotected` (what
-  // unprotected() was then), while the node `wants` the lease.
+  // The witness's reply to this node's `op`, sent at `sent_at` saying `unprotected`, while the
+  // node `wants` the lease.
   Event OnReply(const pb::LeaseReply& reply, pb::LeaseOp op, bool unprotected, bool wants,
                 Clock::time_point sent_at, Clock::time_point now);
-  // Released or handed over: not held from `now` on, and the next lease is protected until said
-  // otherwise.
-  void Drop(Clock::time_point now) {
-    held_until_ = std::min(held_until_, now);
-    unprotected_ = false;
-  }
+  // Released or handed over: not held from `now` on.
+  void Drop(Clock::time_point now) { held_until_ = std::min(held_until_, now); }
 
   // The lease of term() is held.
   bool Held(Clock::time_point now) const { return now < held_until_; }
   // May release outputs without a mirror: the lease of term() is held, and the witness granted a
-  // request of that term that said so (after which it grants no takeover in that term).
+  // request of that term that said so, sent after the last that said otherwise (the witness
+  // grants no takeover while the newest request it took from the holder said so).
   bool MayReleaseUnprotected(Clock::time_point now) const {
-    return Held(now) && term_ != 0 && unprotected_term_ == term_;
+    return Held(now) && term_ != 0 && unprotected_term_ == term_ &&
+           unprotected_id_ > last_protected_id_;
   }
   uint64_t term() const { return term_; }  // of the lease this node holds or last held
   Clock::time_point held_since() const { return held_since_; }
@@ -132,8 +131,9 @@ class LeaseState {
 
  private:
   uint64_t term_ = 0, state_term_ = 0;
-  bool unprotected_ = false;
-  uint64_t unprotected_term_ = 0;  // the term of the last grant of a request that said so
+  // The last grant of a request that said it releases without a mirror: its term and id; and
+  // the newest request sent that said otherwise.
+  uint64_t unprotected_term_ = 0, unprotected_id_ = 0, last_protected_id_ = 0;
   Clock::time_point held_since_{}, held_until_{};
 };
 

@@ -36,7 +36,8 @@ void FailureDetector::Forget() {
   newest_ = 0;
 }
 
-std::chrono::milliseconds FailureDetector::timeout(Clock::time_point now) const {
+std::chrono::milliseconds FailureDetector::TimeoutAbove(Clock::time_point now,
+                                                        std::chrono::milliseconds least) const {
   Clock::duration longest{0};
   for (const Slice& s : slices_) {
     // A slice counts while any of it lies within the memory.
@@ -46,7 +47,7 @@ std::chrono::milliseconds FailureDetector::timeout(Clock::time_point now) const 
   }
   double ms = std::chrono::duration<double, std::milli>(longest).count() * o_.margin;
   if (!(ms < static_cast<double>(o_.ceiling.count()))) return o_.ceiling;
-  return std::max(o_.floor, std::chrono::milliseconds(static_cast<int64_t>(std::ceil(ms))));
+  return std::max(least, std::chrono::milliseconds(static_cast<int64_t>(std::ceil(ms))));
 }
 
 }  // namespace romulus::switchover

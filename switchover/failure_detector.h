@@ -37,7 +37,12 @@ class FailureDetector {
   bool heard() const { return heard_; }
   Clock::time_point last_heard() const { return last_; }
   // The timeout in force at `now`: the silence after which the peer is dead.
-  std::chrono::milliseconds timeout(Clock::time_point now) const;
+  std::chrono::milliseconds timeout(Clock::time_point now) const {
+    return TimeoutAbove(now, o_.floor);
+  }
+  // The same with another least value (below the floor: when other signs say the peer is gone).
+  std::chrono::milliseconds TimeoutAbove(Clock::time_point now,
+                                         std::chrono::milliseconds least) const;
   // Heard from within the timeout in force at `now`.
   bool Alive(Clock::time_point now) const { return heard_ && now - last_ < timeout(now); }
   const Options& options() const { return o_; }

@@ -104,7 +104,13 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   void NoteTrafficFromPeer() override {
-    last_traffic_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+    int64_t now = Clock::now().time_since_epoch().count();
+    last_traffic_ns_.store(now, std::memory_order_relaxed);
+    stream_closed_ns_.store(0, std::memory_order_relaxed);  // a new connection
+  }
+
+  void NotePeerClosedStream() override {
+    stream_closed_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   }
 
   bool peer_alive() const override {
@@ -161,12 +167,28 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   bool PathUp(const Path& p, Clock::time_point now) const {
-    return p.heard && p.detector.Alive(now);
+    return p.heard && now - p.detector.last_heard() < PathTimeoutLocked(p, now);
+  }
+
+  std::chrono::milliseconds PathTimeoutLocked(const Path& p, Clock::time_point now) const {
+    return StreamClosedLocked() ? p.detector.TimeoutAbove(now, 2 * o_.interval)
+                                : p.detector.timeout(now);
+  }
+
+  // The peer's replication stream ended from its side, and no path heard it since.
+  bool StreamClosedLocked() const {
+    int64_t t = stream_closed_ns_.load(std::memory_order_relaxed);
+    if (t == 0) return false;
+    auto closed = Clock::time_point(Clock::duration(t));
+    for (const auto& p : paths_) {
+      if (p->heard && p->detector.last_heard() > closed) return false;
+    }
+    return true;
   }
 
   std::chrono::milliseconds TimeoutLocked(Clock::time_point now) const {
-    std::chrono::milliseconds t = o_.timeout;
-    for (const auto& p : paths_) t = std::max(t, p->detector.timeout(now));
+    std::chrono::milliseconds t = StreamClosedLocked() ? 2 * o_.interval : o_.timeout;
+    for (const auto& p : paths_) t = std::max(t, PathTimeoutLocked(*p, now));
     return t;
   }
 
@@ -175,6 +197,7 @@ class HeartbeatImpl : public Heartbeat {
       if (PathUp(*p, now)) return true;
     }
     // The replication stream's frames are no heartbeats: how late they come is not learned.
+    if (StreamClosedLocked()) return false;
     int64_t t = last_traffic_ns_.load(std::memory_order_relaxed);
     return t != 0 && now - Clock::time_point(Clock::duration(t)) < TimeoutLocked(now);
   }
@@ -191,6 +214,7 @@ class HeartbeatImpl : public Heartbeat {
     std::vector<std::string> lines;
     int transition = 0;  // +1 back, -1 dead
     std::chrono::milliseconds timeout{0};
+    bool stream_closed = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& p : paths_) Send(*p, now);
@@ -213,6 +237,7 @@ class HeartbeatImpl : public Heartbeat {
       }
       bool alive = AliveLocked(now);
       timeout = TimeoutLocked(now);
+      stream_closed = StreamClosedLocked();
       if (alive != alive_) {
         transition = alive ? 1 : -1;
         alive_ = alive;
@@ -220,7 +245,8 @@ class HeartbeatImpl : public Heartbeat {
     }
     for (const auto& line : lines) Log(line);
     if (transition < 0) {
-      Log(absl::StrCat("peer dead: no path heard from it for ", timeout.count(), " ms"));
+      Log(absl::StrCat("peer dead: no path heard from it for ", timeout.count(), " ms",
+                       stream_closed ? ", and its replication stream closed" : ""));
       if (o_.on_peer_dead) o_.on_peer_dead();
     } else if (transition > 0) {
       Log("peer alive");
@@ -342,6 +368,7 @@ class HeartbeatImpl : public Heartbeat {
   std::thread thread_;
   mutable std::mutex mu_;
   std::atomic<int64_t> last_traffic_ns_{0};
+  std::atomic<int64_t> stream_closed_ns_{0};  // when the peer's stream ended (0: it did not)
   bool alive_ = false;
   std::string peer_role_, peer_node_;
 };

@@ -24,6 +24,8 @@ using asio::ip::udp;
 using std::chrono::milliseconds;
 
 constexpr size_t kMaxPending = 64;  // requests whose replies are still accepted
+// How often a node that may not release without a mirror asks the witness again, at most.
+constexpr std::chrono::milliseconds kAskAgainEvery{5};
 
 class LeaseClientImpl : public LeaseClient {
  public:
@@ -74,6 +76,7 @@ class LeaseClientImpl : public LeaseClient {
       } else {
         bool was = HeldLocked(Clock::now());
         state_.Drop(Clock::now());
+        promotion_unprotected_ = false;
         SendLocked(pb::LEASE_RELEASE, "");
         lock.unlock();
         if (was) Lost("released");
@@ -91,7 +94,7 @@ class LeaseClientImpl : public LeaseClient {
       std::lock_guard<std::mutex> lock(mu_);
       superseded_.clear();
       takeover_ = promotion.takeover;
-      if (promotion.unprotected) state_.SetUnprotected();
+      promotion_unprotected_ = promotion.unprotected;
     }
     Want(true);
     std::unique_lock<std::mutex> lock(mu_);
@@ -110,9 +113,15 @@ class LeaseClientImpl : public LeaseClient {
     return s;
   }
 
+  void SetReleaseState(std::shared_ptr<std::atomic<bool>> flag) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    release_state_ = std::move(flag);
+    promotion_unprotected_ = false;  // the node's gate says it from now on
+  }
+
   absl::Status DeclareUnprotected(milliseconds wait) override {
     std::unique_lock<std::mutex> lock(mu_);
-    DeclareUnprotectedLocked();
+    AskAgainLocked(Clock::now());
     auto deadline = Clock::now() + wait;
     while (!state_.MayReleaseUnprotected(Clock::now())) {
       if (!superseded_.empty()) return SupersededLocked();
@@ -128,8 +137,9 @@ class LeaseClientImpl : public LeaseClient {
 
   bool may_release_unprotected() override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (state_.MayReleaseUnprotected(Clock::now())) return true;
-    DeclareUnprotectedLocked();
+    auto now = Clock::now();
+    if (state_.MayReleaseUnprotected(now)) return true;
+    if (now - last_asked_ >= kAskAgainEvery) AskAgainLocked(now);
     return false;
   }
 
@@ -170,6 +180,7 @@ class LeaseClientImpl : public LeaseClient {
       std::lock_guard<std::mutex> l(mu_);
       want_ = false;
       state_.Drop(Clock::now());  // from the moment it is sent, this node no longer holds it
+      promotion_unprotected_ = false;
       SendLocked(pb::LEASE_TRANSFER, transfer_to_);
     });
     auto deadline = Clock::now() + wait;
@@ -211,14 +222,17 @@ class LeaseClientImpl : public LeaseClient {
  private:
   bool HeldLocked(Clock::time_point now) const { return state_.Held(now); }
 
-  // Requests say from now on that this node releases without a mirror; the first at once.
-  void DeclareUnprotectedLocked() {
-    if (state_.unprotected()) return;  // said by every request since
-    state_.SetUnprotected();
+  // A request now rather than at the next renewal: it says what the release state says then.
+  void AskAgainLocked(Clock::time_point now) {
+    last_asked_ = now;
     asio::post(io_, [this] {
       std::lock_guard<std::mutex> l(mu_);
       if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
     });
+  }
+
+  bool SaysUnprotectedLocked() const {
+    return promotion_unprotected_ || (release_state_ && !release_state_->load());
   }
 
   // The witness said this node's state was superseded: asking again cannot change that.
@@ -250,8 +264,10 @@ class LeaseClientImpl : public LeaseClient {
     r->set_state_term(state_.request_term());
     r->set_tentative(op == pb::LEASE_ACQUIRE && tentative_);
     r->set_takeover(op == pb::LEASE_ACQUIRE && takeover_);
-    r->set_releases_only_acknowledged(!state_.unprotected());
-    pending_[next_id_] = {Clock::now(), op, state_.unprotected()};
+    bool unprotected = SaysUnprotectedLocked();
+    r->set_releases_only_acknowledged(!unprotected);
+    state_.Sent(next_id_, unprotected);
+    pending_[next_id_] = {Clock::now(), op, unprotected};
     while (pending_.size() > kMaxPending) pending_.erase(pending_.begin());
     boost::system::error_code ec;
     socket_.send(asio::buffer(Seal(o_.key, m)), 0, ec);  // a lost request is retried next renew
@@ -369,7 +385,10 @@ class LeaseClientImpl : public LeaseClient {
   std::string nonce_, holder_, reason_, transfer_to_;
   std::string superseded_;  // the witness's word that this node's state was superseded
   bool tentative_ = false;
-  bool takeover_ = false;   // while a promotion asks
+  bool takeover_ = false;               // while a promotion asks
+  bool promotion_unprotected_ = false;  // a promotion whose VM runs without a mirror
+  std::shared_ptr<std::atomic<bool>> release_state_;
+  Clock::time_point last_asked_{};
   uint64_t confirmed_ = 0;  // the newest term the witness said ran
   LeaseState state_;
   Clock::time_point last_reply_{};

@@ -147,6 +147,8 @@ class NodeImpl : public Node {
          .listen_paths = o_.listen_paths,
          .protection = o_.protection,
          .on_traffic = TrafficHook(),
+         .on_peer_closed = o_.heartbeat ? [hb = o_.heartbeat] { hb->NotePeerClosedStream(); }
+                                        : std::function<void()>(),
          .on_handover = [this](uint64_t epoch,
                                const std::string& reason) { return TakeHandover(epoch, reason); },
          .base_image = o_.base_image,
@@ -756,6 +758,9 @@ class NodeImpl : public Node {
       }
     }
     gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
+    auto releases_only_proven = std::make_shared<std::atomic<bool>>(false);
+    gate.ShareReleasesOnlyProven(releases_only_proven);
+    o_.lease->SetReleaseState(std::move(releases_only_proven));
   }
 
   // What must hold before outputs leave without a mirror. Right after a hand-over, while the

@@ -6,6 +6,7 @@
 #ifndef ROMULUS_SWITCHOVER_SWITCHOVER_H_
 #define ROMULUS_SWITCHOVER_SWITCHOVER_H_
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -69,6 +70,12 @@ class Heartbeat {
 
   // Any thread: the peer was heard from on another channel (the replication stream).
   virtual void NoteTrafficFromPeer() = 0;
+  // Any thread: the peer's replication stream ended from its side (closed or reset: what a
+  // process that died leaves). Until the peer is heard from again, a path's silence means death
+  // after what its heartbeats' gaps were seen to need (at least two intervals), not after the
+  // configured timeout: a peer whose heartbeats the host was late to hear is not judged dead
+  // sooner than before.
+  virtual void NotePeerClosedStream() = 0;
   // Alive: some path, or the replication stream, heard from the peer within the timeout.
   virtual bool peer_alive() const = 0;
   // True until the peer has been heard from once.
@@ -165,11 +172,17 @@ class LeaseClient {
   virtual absl::Status AcquireWithin(std::chrono::milliseconds wait,
                                      const Promotion& promotion) = 0;
   absl::Status AcquireWithin(std::chrono::milliseconds wait) { return AcquireWithin(wait, {}); }
-  // Before the holder releases outputs without a mirror: tells the witness (which from then on
-  // grants no takeover in this term) and returns once it granted that, or why not. Until then,
-  // and unless the lease is held, may_release_unprotected() is false; false also makes the next
-  // request say so.
+  // What this node's requests say of its releases while it holds the lease: `flag` true means
+  // it releases only what its mirror acknowledged (vmm::OutputGate::ShareReleasesOnlyProven).
+  // Until one is given (and after a promotion that said otherwise) requests say so too.
+  virtual void SetReleaseState(std::shared_ptr<std::atomic<bool>> flag) = 0;
+  // Before the holder releases outputs without a mirror (its release state false): sends a
+  // request saying so and returns once the witness granted it (from then on it grants no
+  // takeover until a later request says otherwise), or why not.
   virtual absl::Status DeclareUnprotected(std::chrono::milliseconds wait) = 0;
+  // The lease is held, and the witness granted a request saying this node releases without a
+  // mirror, sent after the last that said otherwise. False asks the witness again (at most
+  // every few ms).
   virtual bool may_release_unprotected() = 0;
   // Hands a held lease to `node` (planned migration); this node stops wanting it.
   virtual absl::Status TransferTo(const std::string& node, std::chrono::milliseconds wait) = 0;

@@ -194,17 +194,22 @@ TEST_F(Takeover, TheMirrorOfAHolderThatReleasesOnlyWhatItAcknowledgedIsGrantedAt
   EXPECT_TRUE(AskAs("a", 1, 62, false, false).superseded());
 }
 
-TEST_F(Takeover, NoTakeoverOnceTheHolderSaidItReleasesWithoutAMirrorEvenIfOlderRequestsComeLater) {
+TEST_F(Takeover, NoTakeoverWhileTheHoldersNewestRequestSaidItReleasesWithoutAMirror) {
   ASSERT_TRUE(AskAs("a", 0, 0, false, true).granted());
   ASSERT_TRUE(AskAs("a", 1, 20, false, false).granted());  // its mirror is gone
-  ASSERT_TRUE(AskAs("a", 1, 25, false, true).granted());   // an older request, delivered late
   auto early = AskAs("b", 1, 60, true, false);
   EXPECT_FALSE(early.granted());
   EXPECT_THAT(early.reason(), HasSubstr("held by a (term 1)"));
-  // Once a's lease lapsed (last granted at 25), b promotes as before.
-  auto b = AskAs("b", 1, 176, true, false);
+  // Its mirror is back and committed everything it released: a takeover is at once again.
+  ASSERT_TRUE(AskAs("a", 1, 80, false, true).granted());
+  auto b = AskAs("b", 1, 90, true, false);
   ASSERT_TRUE(b.granted()) << b.reason();
   EXPECT_EQ(b.term(), 2u);
+  // The new holder runs without a mirror (it said so when it asked): the next waits for lapse.
+  EXPECT_FALSE(AskAs("a", 2, 100, true, false).granted());
+  auto a = AskAs("a", 2, 241, true, false);
+  ASSERT_TRUE(a.granted()) << a.reason();
+  EXPECT_EQ(a.term(), 3u);
 }
 
 TEST_F(Takeover, OnlyTheHoldersMirrorAsATakeoverOfAConfirmedTermAndNotAnOlderBuildsHolder) {
@@ -233,21 +238,29 @@ TEST(LeaseState, ReleasesWithoutAMirrorOnlyAfterTheGrantOfARequestThatSaidSo) {
   r.set_granted(true);
   r.set_term(3);
   r.set_ttl_ms(150);
+  r.set_request_id(1);
+  s.Sent(1, false);
   ASSERT_TRUE(s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now, now).gained);
   EXPECT_FALSE(s.MayReleaseUnprotected(now));
-  s.SetUnprotected();
-  // A reply to a request sent before it said so proves nothing.
-  s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now, now + milliseconds(1));
-  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(1)));
+  s.Sent(2, true);
+  s.Sent(3, true);
+  r.set_request_id(2);
   s.OnReply(r, pb::LEASE_ACQUIRE, true, true, now + milliseconds(2), now + milliseconds(3));
   EXPECT_TRUE(s.MayReleaseUnprotected(now + milliseconds(3)));
   EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(150)));  // the lease lapsed
-  // A new term (a hand-over to this node) needs saying again.
-  r.set_term(4);
-  s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now + milliseconds(4), now + milliseconds(4));
+  // Protected again (its mirror committed all it released): a request that says so ends it at
+  // once, before any reply, and a late grant of an older request does not bring it back.
+  s.Sent(4, false);
+  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(4)));
+  r.set_request_id(3);
+  s.OnReply(r, pb::LEASE_ACQUIRE, true, true, now + milliseconds(4), now + milliseconds(5));
   EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(5)));
-  s.Drop(now + milliseconds(6));
-  EXPECT_FALSE(s.unprotected());
+  // A new term (a hand-over to this node) needs saying again.
+  s.Sent(5, true);
+  r.set_request_id(5);
+  r.set_term(4);
+  s.OnReply(r, pb::LEASE_ACQUIRE, false, true, now + milliseconds(6), now + milliseconds(6));
+  EXPECT_FALSE(s.MayReleaseUnprotected(now + milliseconds(7)));
 }
 
 TEST(LeaseState, CountsTheLeaseFromTheRequestLessADriftMarginAndDropsItWhenSuperseded) {
@@ -299,11 +312,16 @@ struct Sim {
       uint64_t term;
     };
     std::vector<Interval> held;
-    std::vector<Interval> unprotected;  // when it may release without a mirror
+    std::vector<Interval> released_unprotected;  // when it may release without a mirror
+    bool unprotected = false;                    // what its requests say
+    uint64_t next_id = 0;
   };
 
   explicit Sim(uint64_t seed) : rng(seed) {
-    for (const char* n : {"a", "b", "c"}) nodes.push_back({n, {}, true, 0, {}, {}});
+    for (const char* n : {"a", "b", "c"}) {
+      nodes.emplace_back();
+      nodes.back().name = n;
+    }
     table.emplace(kLease, 16, records, Persist(), At(-1000));
   }
   TermTable::PersistFn Persist() {
@@ -325,16 +343,23 @@ struct Sim {
     r.set_op(pb::LEASE_ACQUIRE);
     r.set_state_term(node.state.request_term());
     r.set_takeover(Rand(0, 1) == 0);
-    r.set_releases_only_acknowledged(!node.state.unprotected());
+    r.set_releases_only_acknowledged(!node.unprotected);
+    r.set_request_id(++node.next_id);
+    node.state.Sent(r.request_id(), node.unprotected);
+    if (!node.unprotected) Truncate(node.released_unprotected, now);
     if (Rand(0, 9) == 0) return;  // lost
-    queue.push_back(
-        {now + Rand(0, 40), n, true, r, {}, now, pb::LEASE_ACQUIRE, node.state.unprotected()});
+    queue.push_back({now + Rand(0, 40), n, true, r, {}, now, pb::LEASE_ACQUIRE, node.unprotected});
   }
 
   void Deliver(const Message& m, int64_t now) {
     if (m.to_witness) {
+      // The witness's challenges: a request sent before the last one it took is refused.
+      uint64_t& taken = last_taken[m.node];
+      if (m.request.request_id() <= taken) return;
+      taken = m.request.request_id();
       std::string log;
       pb::LeaseReply reply = table->Decide(m.request, At(now), &log);
+      reply.set_request_id(m.request.request_id());
       if (reply.granted()) {
         auto [it, inserted] = holder_of_term.emplace(reply.term(), m.request.node());
         EXPECT_EQ(it->second, m.request.node()) << "term " << reply.term() << " granted twice";
@@ -364,15 +389,17 @@ struct Sim {
           std::chrono::duration_cast<milliseconds>(node.state.held_until() - t0).count();
       node.held.push_back({now, until, node.state.term()});
       if (node.state.MayReleaseUnprotected(At(now))) {
-        node.unprotected.push_back({now, until, node.state.term()});
+        node.released_unprotected.push_back({now, until, node.state.term()});
       }
     }
   }
 
-  void Truncate(Node& node, int64_t now) {
-    for (auto* intervals : {&node.held, &node.unprotected}) {
-      for (auto& i : *intervals) i.until = std::min(i.until, std::max(i.from, now));
-    }
+  static void Truncate(std::vector<Node::Interval>& intervals, int64_t now) {
+    for (auto& i : intervals) i.until = std::min(i.until, std::max(i.from, now));
+  }
+  static void Truncate(Node& node, int64_t now) {
+    Truncate(node.held, now);
+    Truncate(node.released_unprotected, now);
   }
 
   void Run(int64_t end) {
@@ -416,7 +443,10 @@ struct Sim {
             node.wants = true;
             break;
           case 4:  // its mirror is gone: it is about to release without one
-            node.state.SetUnprotected();
+            node.unprotected = true;
+            break;
+          case 5:  // protected again: its mirror committed all it released
+            node.unprotected = false;
             break;
           default:
             break;
@@ -436,10 +466,10 @@ struct Sim {
     for (const Node& x : nodes) {
       for (const Node& y : nodes) {
         if (&x == &y) continue;
-        for (const auto& u : x.unprotected) {
+        for (const auto& u : x.released_unprotected) {
           for (const auto& h : y.held) {
             bool both_unprotected =
-                std::any_of(y.unprotected.begin(), y.unprotected.end(),
+                std::any_of(y.released_unprotected.begin(), y.released_unprotected.end(),
                             [&](const Node::Interval& v) { return overlap(u, v); });
             EXPECT_FALSE(overlap(u, h) && (h.term > u.term || both_unprotected))
                 << x.name << " could release without a mirror in term " << u.term << " in ["
@@ -458,6 +488,7 @@ struct Sim {
   std::vector<Node> nodes;
   std::vector<Message> queue;
   std::map<uint64_t, std::string> holder_of_term;
+  std::map<int, uint64_t> last_taken;  // per node: the id of the last request the witness took
   uint64_t max_ran = 0;
 };
 

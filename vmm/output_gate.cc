@@ -24,6 +24,7 @@ void OutputGate::ReleaseThrough(uint64_t mark) {
     std::lock_guard<std::mutex> lock(mu_);
     released_ = std::max(released_, mark);
     proven_ = std::max(proven_, mark);
+    PublishLocked();
   }
   Deliver();
 }
@@ -40,7 +41,9 @@ void OutputGate::SetHolding(bool holding) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     holding_ = holding;
+    if (holding) about_to_open_ = false;
     if (!holding) released_ = pushed_;
+    PublishLocked();
   }
   Deliver();
 }
@@ -62,6 +65,8 @@ void OutputGate::Deliver() {
     std::lock_guard<std::mutex> lock(mu_);
     if (!held_.empty() && held_.front().first < released_ && released_ > proven_) {
       check = may_release_;
+      // Said before the check is asked: unproven outputs may leave after it.
+      if (only_proven_) only_proven_->store(false);
     }
   }
   // Asked without mu_: the check may take locks of its own, whose holders may push outputs.
@@ -70,9 +75,11 @@ void OutputGate::Deliver() {
     std::lock_guard<std::mutex> lock(mu_);
     while (!fenced_ && !held_.empty() && held_.front().first < released_) {
       if (held_.front().first >= proven_ && !unproven_may_leave && may_release_) break;
+      if (held_.front().first >= proven_) unproven_ = held_.front().first + 1;
       ready.push_back(std::move(held_.front().second));
       held_.pop_front();
     }
+    PublishLocked();
   }
   for (Output& o : ready) o();
 }
@@ -80,6 +87,22 @@ void OutputGate::Deliver() {
 size_t OutputGate::held() const {
   std::lock_guard<std::mutex> lock(mu_);
   return held_.size();
+}
+
+void OutputGate::ShareReleasesOnlyProven(std::shared_ptr<std::atomic<bool>> flag) {
+  std::lock_guard<std::mutex> lock(mu_);
+  only_proven_ = std::move(flag);
+  PublishLocked();
+}
+
+void OutputGate::AboutToOpen() {
+  std::lock_guard<std::mutex> lock(mu_);
+  about_to_open_ = true;
+  PublishLocked();
+}
+
+void OutputGate::PublishLocked() {
+  if (only_proven_) only_proven_->store(holding_ && !about_to_open_ && unproven_ <= proven_);
 }
 
 }  // namespace romulus::vmm

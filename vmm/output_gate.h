@@ -4,9 +4,11 @@
 #ifndef ROMULUS_VMM_OUTPUT_GATE_H_
 #define ROMULUS_VMM_OUTPUT_GATE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 
 namespace romulus::vmm {
@@ -33,10 +35,21 @@ class OutputGate {
   // the next ReleaseThrough, SetFenced or SetHolding. nullptr: no such check.
   void SetUnprotectedCheck(std::function<bool()> may_release);
   size_t held() const;
+  // Kept equal to whether every output this gate let leave has been covered by a ReleaseThrough
+  // (a mirror committed it), and it lets nothing else leave: holding, not about to open, and no
+  // unproven output about to be asked about. Set false before the unprotected check is asked, so
+  // that whoever reads it true and then makes that check say no has stopped every unproven
+  // output. Shared: it outlives the gate (a lease client reads it).
+  void ShareReleasesOnlyProven(std::shared_ptr<std::atomic<bool>> flag);
+  // SetHolding(false) is to follow (once the hooks that must run first agree): until
+  // SetHolding(true), outputs are not only proven ones.
+  void AboutToOpen();
 
  private:
   // Delivers, in order, held outputs below the release mark (none while fenced).
   void Deliver();
+  // The shared flag's value now. With mu_ held.
+  void PublishLocked();
 
   mutable std::mutex mu_;
   std::mutex deliver_mu_;  // keeps delivery in push order across threads
@@ -44,8 +57,10 @@ class OutputGate {
   uint64_t pushed_ = 0;
   uint64_t released_ = 0;  // outputs below this mark may leave
   uint64_t proven_ = 0;    // outputs below this mark were released by ReleaseThrough
+  uint64_t unproven_ = 0;  // outputs below this mark left before ReleaseThrough covered them
   std::function<bool()> may_release_;
-  bool holding_ = false, fenced_ = false;
+  bool holding_ = false, fenced_ = false, about_to_open_ = false;
+  std::shared_ptr<std::atomic<bool>> only_proven_;
 };
 
 }  // namespace romulus::vmm
