@@ -4,8 +4,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -18,6 +21,7 @@
 #include "cli/host.h"
 #include "cli/load.h"
 #include "cli/local_hosts.h"
+#include "cli/timeline.h"
 #include "guest/abi.h"
 #include "replicator/replicator.h"
 #include "vmm/journal.h"
@@ -35,6 +39,9 @@ double MiB(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
 // How long the demo's proxy holds a request before it answers that no primary did: far above a
 // failover's few hundred milliseconds, so that a slow machine shows a long pause, not an error.
 constexpr int64_t kProxyHoldMs = 20000;
+// The answered requests each act keeps for --plot (16 bytes each): a 600 s act of 4 clients
+// answers fewer at a few thousand a second.
+constexpr uint64_t kPlotSamples = 1 << 22;
 
 // Ledger clients run on a thread of their own while an act goes on.
 class Clients {
@@ -84,12 +91,39 @@ std::string Verdict(const LoadReport& r) {
       r.violations.empty() ? "none" : r.violations.front());
 }
 
+// Where --plot can write its file: checked before the demo starts, not a minute later.
+absl::Status CheckWritable(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::path p(path);
+  bool exists = std::filesystem::exists(p, ec);
+  std::string dir = p.parent_path().empty() ? "." : p.parent_path().string();
+  const char* what = nullptr;
+  if (exists && std::filesystem::is_directory(p, ec)) {
+    what = "it is a directory";
+  } else if (exists ? ::access(path.c_str(), W_OK) != 0 : ::access(dir.c_str(), W_OK) != 0) {
+    what = std::strerror(errno);
+  }
+  if (what == nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("cannot write the timeline to ", path, ": ", what));
+}
+
+// "2026-12-07 20:55 UTC", now.
+std::string UtcNow() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", &tm);
+  return buf;
+}
+
 }  // namespace
 
 int DemoCommand(int argc, char** argv) {
   uint64_t seconds = 8, clients = 4, memory_mib = 256, ws = 4096, rate = 20000, epoch_ms = 25;
   bool json = false;
-  std::string compression = "lz4", platform_name;
+  std::string compression = "lz4", platform_name, plot;
   Args args(
       "romulus demo [options]",
       "On this machine, as `romulus` processes on loopback: a witness, and two hosts of one\n"
@@ -113,6 +147,9 @@ int DemoCommand(int argc, char** argv) {
   args.String("platform", &platform_name,
               "kvm or process (default: kvm where /dev/kvm can run VMs, else process)");
   args.Bool("json", &json, "print only a summary, as one JSON object");
+  args.String("plot", &plot,
+              "also draw the clients' latency over the acts, the kill, promotion, "
+              "re-protection and migration marked, in this SVG file");
   if (int rc = args.Prologue(argc, argv); rc >= 0) return rc;
   if (auto comp = replicator::ParseCompression(compression); !comp.ok()) {
     return args.UsageError(comp.status().message());
@@ -135,6 +172,10 @@ int DemoCommand(int argc, char** argv) {
   auto platform = vmm::ChoosePlatform(*requested);
   if (!platform.ok()) return Fail("demo", platform.status());
   const std::string platform_str(vmm::PlatformName(*platform));
+  if (!plot.empty()) {
+    if (auto s = CheckWritable(plot); !s.ok()) return Fail("demo", s);
+  }
+  const std::string started_utc = UtcNow();
   std::error_code ec;
   std::string binary = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return Fail("demo", absl::InternalError("cannot find this program: " + ec.message()));
@@ -195,6 +236,8 @@ int DemoCommand(int argc, char** argv) {
   LoadOptions load = h.LoadThroughProxy();
   load.clients = clients;
   load.duration_s = static_cast<double>(seconds);
+  load.max_samples = plot.empty() ? 0 : kPlotSamples;
+  auto act1_start = Clock::now();  // the timeline's origin
   Clients act1(load);
   std::this_thread::sleep_for(half);  // the moment of the kill, by design
   auto before_kill = status(Host::kA);
@@ -208,6 +251,7 @@ int DemoCommand(int argc, char** argv) {
                                       milliseconds(30000));
   double failover_ms = found.ok() ? Ms(Clock::now() - killed) : -1;
   auto report1 = act1.Finish();
+  auto act1_end = Clock::now();
   if (!promoted.ok()) return Fail("demo", promoted.status());
   if (!found.ok()) return Fail("demo", found.status());
   if (!report1.ok()) return Fail("demo", report1.status());
@@ -228,7 +272,8 @@ int DemoCommand(int argc, char** argv) {
   auto resync = status(Host::kB);
   if (!resync.ok()) return Fail("demo", resync.status());
   const pb::SyncStatus& again = resync->last_sync();
-  double reprotect_s = std::chrono::duration<double>(Clock::now() - t_rejoin).count();
+  auto reprotected = Clock::now();
+  double reprotect_s = std::chrono::duration<double>(reprotected - t_rejoin).count();
   say(absl::StrFormat(
       "protected again %.2f s after host a started: %.1f MiB on the wire for %.1f MiB of memory "
       "and disk (%.1f MiB already at host a; a full copy sent %.1f MiB)",
@@ -243,12 +288,16 @@ int DemoCommand(int argc, char** argv) {
   load = h.LoadThroughProxy();
   load.clients = clients;
   load.duration_s = static_cast<double>(seconds);
+  load.max_samples = plot.empty() ? 0 : kPlotSamples;
+  auto act3_start = Clock::now();
   Clients act3(load);
   std::this_thread::sleep_for(half);  // the moment of the migration, by design
   auto before_migration = status(Host::kB);
   if (!before_migration.ok()) return Fail("demo", before_migration.status());
   auto migrated = RequestMigration(h.control_socket(Host::kB), milliseconds(10000));
+  auto handed_over = Clock::now();
   auto report3 = act3.Finish();
+  auto act3_end = Clock::now();
   if (!migrated.ok()) return Fail("demo", migrated.status());
   if (!report3.ok()) return Fail("demo", report3.status());
   say("host b: " + migrated->line);
@@ -294,6 +343,33 @@ int DemoCommand(int argc, char** argv) {
       reprotect_s, MiB(again.wire_bytes()), MiB(again.done_bytes()), MiB(again.unchanged_bytes()),
       migrated->downtime_ms, report3->max_us / 1000, FormatReportJson(*report3),
       journal.ok() ? journal->last_seq : 0, ok ? "true" : "false");
+  if (!plot.empty()) {
+    auto at = [&](Clock::time_point t) {
+      return std::chrono::duration<double>(t - act1_start).count();
+    };
+    Timeline t;
+    t.title = absl::StrFormat(
+        "romulus demo, platform %s, %s: the ledger clients' latency through the proxy",
+        platform_str, started_utc);
+    t.x_label = "time the request was sent (s since act 1's clients started)";
+    for (const LoadReport* r : {&*report1, &*report3}) {
+      for (const LoadSample& s : r->samples) t.points.push_back({at(s.sent), s.latency_us / 1000});
+      t.points_dropped += r->samples_dropped;
+    }
+    t.spans = {{at(act1_start), at(act1_end), "act 1: failover"},
+               {at(t_rejoin), at(reprotected), "act 2: re-protection (no load)"},
+               {at(act3_start), at(act3_end), "act 3: planned migration"}};
+    t.events = {{at(killed), "host a killed (-9)"},
+                {at(killed) + failover_ms / 1000,
+                 absl::StrFormat("host b promoted: the proxy switched to it %.0f ms after the kill",
+                                 failover_ms)},
+                {at(reprotected),
+                 absl::StrFormat("host a protected again, %.2f s after it started", reprotect_s)},
+                {at(handed_over), absl::StrFormat("VM migrated back to host a: downtime %.1f ms",
+                                                  migrated->downtime_ms)}};
+    if (auto s = WriteTimelineSvg(t, plot); !s.ok()) return Fail("demo", s);
+    say(absl::StrFormat("timeline written to %s", plot));
+  }
   if (json) {
     std::printf("%s\n", summary.c_str());
   } else {

@@ -126,6 +126,9 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   std::mt19937_64 rng(seed);
   uint64_t request_id = 0, last_seq = 0;
   std::vector<double> lat;
+  std::vector<LoadSample> samples;
+  uint64_t samples_dropped = 0;
+  const uint64_t max_samples = o.max_samples ? std::max<uint64_t>(1, o.max_samples / o.clients) : 0;
   std::map<uint32_t, uint64_t> statuses;
   uint64_t unresolved = 0, requests = 0, retries = 0;
   double per_client_rate =
@@ -165,6 +168,11 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
     }
     requests++;
     lat.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    if (samples.size() < max_samples) {
+      samples.push_back({t0, static_cast<float>(lat.back())});
+    } else if (o.max_samples) {
+      samples_dropped++;
+    }
     statuses[r->status()]++;
     // The proxy's own answers (no primary answered in its hold time; a frame it could not read)
     // come from no ledger and carry no sequence number.
@@ -200,6 +208,8 @@ void RunClient(const LoadOptions& o, uint64_t id, const std::vector<uint32_t>& a
   }
   std::lock_guard<std::mutex> lock(shared.mu);
   shared.latencies_us.insert(shared.latencies_us.end(), lat.begin(), lat.end());
+  shared.report.samples.insert(shared.report.samples.end(), samples.begin(), samples.end());
+  shared.report.samples_dropped += samples_dropped;
   for (auto [k, v] : statuses) shared.report.by_status[k] += v;
   if (client.unavailable() > 0)
     shared.report.by_status[RML_ERR_UNAVAILABLE] += client.unavailable();
@@ -265,7 +275,9 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
                          std::ref(shared));
   }
   for (auto& t : threads) t.join();
-  LoadReport rep = shared.report;
+  LoadReport rep = std::move(shared.report);
+  std::sort(rep.samples.begin(), rep.samples.end(),
+            [](const LoadSample& a, const LoadSample& b) { return a.sent < b.sent; });
   rep.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   rep.ops_per_s = rep.seconds > 0 ? static_cast<double>(rep.requests) / rep.seconds : 0;
   rep.p50_us = Percentile(shared.latencies_us, 0.50);

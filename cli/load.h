@@ -15,6 +15,12 @@
 
 namespace romulus::cli {
 
+// One answered request: when it was sent and how long its answer took (LoadOptions::max_samples).
+struct LoadSample {
+  std::chrono::steady_clock::time_point sent;
+  float latency_us = 0;
+};
+
 struct LoadOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 7070;
@@ -31,6 +37,9 @@ struct LoadOptions {
   uint64_t timeout_ms = 5000;
   uint64_t attempts = 20;  // tries per request (reconnecting) before it counts as unresolved
   uint64_t seed = 0;       // 0: from the clock
+  // Keep up to this many answered requests' send times and latencies in LoadReport::samples,
+  // each client up to its share (0: none; a timeline of the run, as `romulus demo --plot` draws).
+  uint64_t max_samples = 0;
   // Called once, when the accounts are open and the clients start (what they measure begins).
   std::function<void()> running = nullptr;
 };
@@ -56,6 +65,10 @@ struct LoadReport {
   // failover lost (counted only when every request was answered).
   uint64_t lost_acknowledged = 0;
   std::vector<std::string> violations;
+  // With LoadOptions::max_samples: answered requests in the order they were sent, and how many
+  // more were answered than a client had room to keep.
+  std::vector<LoadSample> samples;
+  uint64_t samples_dropped = 0;
   bool ok() const { return violations.empty() && unresolved == 0; }
 };
 

@@ -10,13 +10,14 @@ set -euo pipefail
 # pacemaker, corosync, pacemaker-cli-utils and resource-agents: the cluster test runs a real
 # Corosync + Pacemaker cluster over the OCF agent (ocf/romulus), and ocf-tester checks the agent.
 # stress-ng: the nemesis (scripts/nemesis.sh) starves the hosts of CPU with it. graphviz:
-# scripts/diagrams.sh renders docs/diagrams/*.dot.
+# scripts/diagrams.sh renders docs/diagrams/*.dot. libxml2-utils: xmllint checks that the timeline
+# `romulus demo --plot` writes is well-formed XML.
 packages=(
   cmake ninja-build g++ make pkg-config clang-format clang libclang-rt-14-dev
   libboost-dev libprotobuf-dev protobuf-compiler libxxhash-dev libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libssl-dev liblz4-dev libsystemd-dev
   iproute2 nftables prometheus pacemaker corosync pacemaker-cli-utils resource-agents
-  systemd dpkg-dev stress-ng graphviz
+  systemd dpkg-dev stress-ng graphviz libxml2-utils
 )
 
 missing=()

@@ -16,6 +16,8 @@
 #include <fstream>
 #include <optional>
 #include <random>
+#include <regex>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_format.h"
@@ -29,6 +31,7 @@
 #include "tests/soft_vm.h"
 #include "tests/tampering_relay.h"
 #include "tests/test_util.h"
+#include "tests/timeline_check.h"
 
 namespace romulus::mirror_promotion_test {
 namespace {
@@ -637,17 +640,37 @@ TEST_P(VmPostcopyHosts, EitherHostDyingMidwayLosesNothingOrRunsNothing) {
 ROMULUS_ON_EVERY_PLATFORM(VmPostcopyHosts);
 
 // The main job: `romulus demo` runs its three acts (failover, re-protection, migration back),
-// its clients through a proxy, and every check in them passes.
+// its clients through a proxy, and every check in them passes; its timeline (--plot) is
+// well-formed SVG with the four events marked at the times the demo measured.
 class VmDemo : public testing::PlatformTest {};
 
 TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
+  TempDir dir;
+  const std::string plot = dir.File("timeline.svg");
   Child demo({"demo", "--platform", platform_name(), "--seconds", "2", "--memory-mib", "64",
-              "--working-set", "1024", "--json"});
+              "--working-set", "1024", "--json", "--plot", plot});
   ASSERT_EQ(demo.Wait(300), 0) << demo.output();
   EXPECT_THAT(demo.output(), HasSubstr("\"ok\":true"));
   EXPECT_THAT(demo.output(), HasSubstr("\"lost_acknowledged\":0"));
   // Its clients go through a proxy: neither act showed them an error answer or a reconnect.
   EXPECT_THAT(demo.output(), HasSubstr("\"client_visible_errors\":0"));
+
+  EXPECT_EQ(testing::XmlErrors(plot), "");
+  std::stringstream svg;
+  svg << std::ifstream(plot).rdbuf();
+  auto markers = testing::TimelineMarkers(svg.str());
+  ASSERT_EQ(markers.size(), 4u) << svg.str();
+  const char* events[] = {"host a killed", "host b promoted", "host a protected again",
+                          "VM migrated back to host a"};
+  for (size_t i = 0; i < 4; i++) {
+    EXPECT_THAT(markers[i].label, HasSubstr(events[i]));
+    if (i > 0) EXPECT_GT(markers[i].t_s, markers[i - 1].t_s) << markers[i].label;
+  }
+  // The promotion is marked the failover time the demo printed after the kill.
+  std::smatch m;
+  std::string out = demo.output();
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("\"failover_ms\":([0-9.]+)"))) << out;
+  EXPECT_NEAR(markers[1].t_s - markers[0].t_s, std::stod(m[1]) / 1000, 0.0011);
 }
 
 ROMULUS_ON_EVERY_PLATFORM(VmDemo);
