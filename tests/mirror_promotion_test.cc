@@ -664,7 +664,9 @@ TEST_P(VmDemo, RunsItsThreeActsAndEveryCheckPasses) {
                           "VM migrated back to host a"};
   for (size_t i = 0; i < 4; i++) {
     EXPECT_THAT(markers[i].label, HasSubstr(events[i]));
-    if (i > 0) EXPECT_GT(markers[i].t_s, markers[i - 1].t_s) << markers[i].label;
+    if (i > 0) {
+      EXPECT_GT(markers[i].t_s, markers[i - 1].t_s) << markers[i].label;
+    }
   }
   // The promotion is marked the failover time the demo printed after the kill.
   std::smatch m;
