@@ -141,6 +141,7 @@ class ProxyImpl : public Proxy {
       error_code ec;
       hosts_.emplace_back(asio::ip::make_address(host, ec), port);
     }
+    stale_.assign(hosts_.size(), false);
     error_code ec;
     auto addr = asio::ip::make_address(o_.listen, ec);
     if (ec) return absl::InvalidArgumentError(absl::StrCat("bad listen address '", o_.listen, "'"));
@@ -176,7 +177,25 @@ class ProxyImpl : public Proxy {
     s.host_failures = host_failures_.load();
     s.primaries = primaries_.load();
     s.primary = primary_.load();
+    s.stale_answers = stale_answers_.load();
+    s.newest_term = newest_term_.load();
     return s;
+  }
+
+  // An answer of `term` from `host` may be forwarded: no answer of a newer term came before it
+  // (the fencing token: a VM that a newer term superseded never speaks through the proxy). Term
+  // 0: hosts without a witness, which have no terms. (io thread)
+  bool TermCurrent(int host, uint64_t term) {
+    if (term == 0) return true;
+    auto h = static_cast<size_t>(host);
+    if (term < newest_term_.load()) {
+      stale_answers_++;
+      stale_[h] = true;
+      return false;
+    }
+    newest_term_ = term;
+    stale_[h] = false;
+    return true;
   }
 
   // For the clients (io thread).
@@ -251,6 +270,7 @@ class ProxyImpl : public Proxy {
     probing_ = true;
     probe_next_ = first;
     probe_round_.clear();
+    probe_stale_ = false;
     Probe();
   }
 
@@ -269,10 +289,15 @@ class ProxyImpl : public Proxy {
       probe_timer_.cancel();
       error_code ignored;
       probe_socket_.close(ignored);
-      if (!e) return Found(i);
-      probe_round_.push_back(absl::StrCat(
-          HostName(i), " ",
-          e == asio::error::operation_aborted ? std::string("did not answer") : e.message()));
+      // A host that answered in an older term is tried only once a round found no other.
+      bool stale = stale_[static_cast<size_t>(i)] && !probe_stale_;
+      if (!e && !stale) return Found(i);
+      if (stale) e = asio::error::make_error_code(asio::error::connection_refused);
+      probe_round_.push_back(absl::StrCat(HostName(i), " ",
+                                          stale ? std::string("answered in an older term")
+                                          : e == asio::error::operation_aborted
+                                              ? std::string("did not answer")
+                                              : e.message()));
       probe_next_++;
       if (probe_round_.size() < hosts_.size()) return Probe();
       if (!told_unreachable_) {
@@ -282,6 +307,7 @@ class ProxyImpl : public Proxy {
                          " ms"));
       }
       probe_round_.clear();
+      probe_stale_ = true;
       probe_timer_.expires_after(o_.probe_interval);
       probe_timer_.async_wait([this, serial](error_code e2) {
         if (!e2 && serial == probe_serial_) Probe();
@@ -323,6 +349,8 @@ class ProxyImpl : public Proxy {
   tcp::socket probe_socket_;
   asio::steady_timer probe_timer_;
   bool probing_ = false, told_unreachable_ = false;
+  bool probe_stale_ = false;  // this round tries hosts that answered in an older term too
+  std::vector<bool> stale_;   // per host: its last answer was of an older term
   int probe_next_ = 0;
   uint64_t probe_serial_ = 0;
   std::vector<std::string> probe_round_;  // why each host of this round refused
@@ -331,7 +359,7 @@ class ProxyImpl : public Proxy {
   uint16_t port_ = 0;
   std::thread thread_;
   std::atomic<uint64_t> clients_accepted_{0}, requests_{0}, answered_{0}, resent_{0}, expired_{0},
-      malformed_{0}, host_failures_{0}, primaries_{0};
+      malformed_{0}, host_failures_{0}, primaries_{0}, stale_answers_{0}, newest_term_{0};
 };
 
 ClientConnection::ClientConnection(ProxyImpl& proxy, tcp::socket socket)
@@ -558,6 +586,11 @@ void ClientConnection::OnAnswer() {
   if (a.client_id() != r.client_id || a.request_id() != r.request_id) {
     return HostFailed(absl::StrCat("answered request ", a.client_id(), "/", a.request_id(), " for ",
                                    r.client_id, "/", r.request_id));
+  }
+  if (!proxy_.TermCurrent(up_->host, a.term())) {
+    return HostFailed(absl::StrCat("answered in term ", a.term(), ", older than term ",
+                                   proxy_.stats().newest_term,
+                                   " seen before (a superseded VM): answer not forwarded"));
   }
   in_flight_ = false;
   up_->timer.cancel();

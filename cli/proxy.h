@@ -52,6 +52,8 @@ class Proxy {
     uint64_t malformed = 0;      // client connections refused for a frame the proxy cannot read
     uint64_t host_failures = 0;  // host connections given up (refused, reset, garbage, silent)
     uint64_t primaries = 0;      // times a primary was found (the first included)
+    uint64_t stale_answers = 0;  // answers not forwarded: of a term older than one seen
+    uint64_t newest_term = 0;    // the newest term an answer carried
     int primary = -1;            // index into ProxyOptions::hosts; -1 while none is known
   };
   // What one client connection may hold: requests read but not yet answered, and answers not

@@ -760,6 +760,7 @@ class NodeImpl : public Node {
     gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
     auto releases_only_proven = std::make_shared<std::atomic<bool>>(false);
     gate.ShareReleasesOnlyProven(releases_only_proven);
+    gate.SetTermSource([lease = o_.lease] { return lease->term(); });
     o_.lease->SetReleaseState(std::move(releases_only_proven));
   }
 

@@ -285,7 +285,7 @@ TEST(Config, AProxyConfigGetsDefaultsAndRefusesBadValuesWithFileAndLine) {
   EXPECT_EQ(good->listen(), "127.0.0.1");
   EXPECT_EQ(good->hold_ms(), 10000u);
   EXPECT_EQ(good->answer_timeout_ms(), 2000u);
-  EXPECT_EQ(good->probe_interval_ms(), 20u);
+  EXPECT_EQ(good->probe_interval_ms(), 5u);
   EXPECT_EQ(good->max_clients(), 1024u);
   struct Case {
     std::string text, message;

@@ -281,6 +281,12 @@ TEST_F(MirrorPromotion, TheWitnessLeaseDecides) {
   ASSERT_TRUE(lease.ok()) << lease.status();
   lease_ = std::move(*lease);
   ASSERT_TRUE(lease_->AcquireWithin(milliseconds(5000)).ok());
+  // p releases without a mirror (a primary with run_unprotected that lost its mirror), so the
+  // mirror cannot take over while p's lease lives (a primary that releases only what its mirror
+  // acknowledged is taken over at once: VmFailover).
+  auto unprotected = std::make_shared<std::atomic<bool>>(false);
+  lease_->SetReleaseState(unprotected);
+  ASSERT_TRUE(lease_->DeclareUnprotected(milliseconds(5000)).ok());
 
   StartMirror("witness: \"127.0.0.1:" + std::to_string(wport) + "\"");
   StartPrimary();

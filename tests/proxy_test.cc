@@ -139,6 +139,31 @@ TEST_F(ProxyTest, ARequestAppliedByAHostThatDiedIsAnsweredOnceByTheNext) {
   EXPECT_EQ(ledger.answered(1), 2u);  // the resend (from the table) and the read
 }
 
+// The fencing token. The first host answers in term 2, then dies with a request applied; the
+// only host left answers in term 1, that of a VM term 2 superseded (a host that did not learn it
+// yet). The proxy forwards none of its answers: the client waits, and at the hold bound hears
+// that its request may have been applied, never the superseded VM's balance.
+TEST_F(ProxyTest, AnAnswerOfATermOlderThanOneSeenIsNeverForwarded) {
+  TwoHostLedger ledger(/*die_after=*/3, /*terms=*/{2, 1});
+  Start({ledger.port(0), ledger.port(1)}, std::chrono::milliseconds(500));
+  cli::LedgerClient c = Connect();
+  auto open = c.Call(LedgerRequest(42, 1, pb::OPEN));
+  ASSERT_TRUE(open.ok()) << open.status();
+  EXPECT_EQ(open->term(), 2u);
+  auto first = c.Call(LedgerRequest(42, 2, pb::DEPOSIT, open->account(), 100));
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = c.Call(LedgerRequest(42, 3, pb::DEPOSIT, open->account(), 50));  // it dies
+  ASSERT_TRUE(second.ok()) << second.status() << Log();
+  EXPECT_TRUE(ledger.died());
+  EXPECT_EQ(second->status(), RML_ERR_UNAVAILABLE) << second->ShortDebugString();
+  EXPECT_NE(second->term(), 1u);
+  EXPECT_GE(ledger.answered(1), 1u) << "the older term's host was asked, and answered";
+  cli::Proxy::Stats s = proxy_->stats();
+  EXPECT_GE(s.stale_answers, 1u);
+  EXPECT_EQ(s.newest_term, 2u);
+  EXPECT_FALSE(LogLines("answered in term 1, older than term 2").empty()) << Log();
+}
+
 // Nothing listens where the host should be: the request is held for hold_ms, then answered with
 // RML_ERR_UNAVAILABLE, saying it was not applied; the proxy said once that no host accepts.
 TEST_F(ProxyTest, ARequestNoHostTookGetsAClearErrorAfterTheHoldBound) {

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -24,10 +25,12 @@
 namespace romulus::testing {
 
 // A ledger kept in this process and served on two ports, one at a time: exactly-once by
-// (client, request id) like the guest's, so a resent request gets its first answer again.
+// (client, request id) like the guest's, so a resent request gets its first answer again. Each
+// host's answers carry its term (`terms`; 0: none, as without a witness).
 class TwoHostLedger {
  public:
-  explicit TwoHostLedger(uint64_t die_after) : die_after_(die_after) {
+  explicit TwoHostLedger(uint64_t die_after, std::array<uint64_t, 2> terms = {0, 0})
+      : die_after_(die_after), terms_(terms) {
     for (int h = 0; h < 2; h++) {
       fds_[h] = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
       int one = 1;
@@ -100,6 +103,7 @@ class TwoHostLedger {
         std::lock_guard<std::mutex> lock(mu_);
         if (host == 0 && died_) break;
         pb::LedgerResponse r = Apply(q);
+        r.set_term(terms_[static_cast<size_t>(host)]);
         if (host == 0 && ++served_ == die_after_) die = true;  // applied; the answer is lost
         out = vmm::EncodeFrame(r);
       }
@@ -178,6 +182,7 @@ class TwoHostLedger {
   }
 
   const uint64_t die_after_;
+  const std::array<uint64_t, 2> terms_;
   int fds_[2] = {-1, -1};
   uint16_t ports_[2] = {0, 0};
   std::atomic<bool> stop_{false}, died_{false};

@@ -171,6 +171,7 @@ class Endpoint : public LedgerEndpoint {
     out.set_balance(r.balance);
     out.set_to_balance(r.to_balance);
     out.set_seq(r.seq);
+    out.set_term(gate_.term());
     auto delivery = std::make_shared<Delivery>(Delivery{io_, std::move(c), EncodeFrame(out)});
     gate_.Push([delivery] {
       asio::post(*delivery->io, [delivery] {

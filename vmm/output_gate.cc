@@ -101,6 +101,20 @@ void OutputGate::AboutToOpen() {
   PublishLocked();
 }
 
+void OutputGate::SetTermSource(std::function<uint64_t()> term) {
+  std::lock_guard<std::mutex> lock(mu_);
+  term_ = std::move(term);
+}
+
+uint64_t OutputGate::term() const {
+  std::function<uint64_t()> term;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    term = term_;
+  }
+  return term ? term() : 0;  // asked without mu_: the source takes locks of its own
+}
+
 void OutputGate::PublishLocked() {
   if (only_proven_) only_proven_->store(holding_ && !about_to_open_ && unproven_ <= proven_);
 }

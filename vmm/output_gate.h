@@ -44,6 +44,9 @@ class OutputGate {
   // SetHolding(false) is to follow (once the hooks that must run first agree): until
   // SetHolding(true), outputs are not only proven ones.
   void AboutToOpen();
+  // The term the outputs leave in (what `term()` returns), asked as each is made; 0 without one.
+  void SetTermSource(std::function<uint64_t()> term);
+  uint64_t term() const;
 
  private:
   // Delivers, in order, held outputs below the release mark (none while fenced).
@@ -61,6 +64,7 @@ class OutputGate {
   std::function<bool()> may_release_;
   bool holding_ = false, fenced_ = false, about_to_open_ = false;
   std::shared_ptr<std::atomic<bool>> only_proven_;
+  std::function<uint64_t()> term_;  // under mu_
 };
 
 }  // namespace romulus::vmm
