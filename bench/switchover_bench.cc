@@ -135,6 +135,7 @@ absl::StatusOr<std::unique_ptr<LocalHosts>> StartHosts(const Settings& st, const
     };
   }
   o.wait = milliseconds(120000);
+  o.proxy_hold = milliseconds(20000);  // a `romulus proxy` in front of both ledgers
   return LocalHosts::Start(std::move(o));
 }
 
@@ -174,7 +175,7 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
       Secs(Clock::now() - t_start), static_cast<unsigned long>(st.memory_mib),
       static_cast<unsigned long>(st.working_set), static_cast<unsigned long>(st.write_rate));
   std::mt19937 rng(std::random_device{}());
-  std::vector<double> first_answer, authorised, resumed, reprotect;
+  std::vector<double> first_answer, authorised, resumed, reprotect, proxied_wait;
   int intact = 0;
   Host primary = LocalHosts::kA;
   for (uint64_t i = 0; i < st.kills; i++) {
@@ -183,14 +184,23 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
     o.clients = st.clients;
     o.duration_s = 2;
     Clients clients(o);
+    // As many clients again, given only the proxy's address: their longest wait is the
+    // failover as they see it.
+    cli::LoadOptions p = h.LoadThroughProxy();
+    p.clients = st.clients;
+    p.duration_s = 2;
+    Clients proxied(p);
     // A random moment of the run (when the primary dies, not a wait for something).
     std::this_thread::sleep_for(milliseconds(400 + rng() % 600));
     auto killed = Clock::now();
     h.process(primary).Signal(SIGKILL);
     auto promoted = h.process(standby).WaitForLine("promoted (", milliseconds(30000));
     auto report = clients.Finish();
+    auto through_proxy = proxied.Finish();
     if (!promoted.ok()) return HostFailed(h, standby, promoted.status());
     if (!report.ok()) return report.status();
+    if (!through_proxy.ok()) return through_proxy.status();
+    proxied_wait.push_back(through_proxy->max_us / 1000);
     if (!report->first_standby_answer) {
       return HostFailed(h, standby,
                         absl::InternalError("the clients got no answer from the promoted host"));
@@ -201,7 +211,8 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
     auto res = NumberAfter(*promoted, " as the primary in ");
     if (auth) authorised.push_back(*auth);
     if (res) resumed.push_back(*res);
-    bool ok = report->ok() && report->lost_acknowledged == 0;
+    bool ok = report->ok() && report->lost_acknowledged == 0 && through_proxy->ok() &&
+              through_proxy->lost_acknowledged == 0;
     intact += ok ? 1 : 0;
     std::string reprotected;
     if (i + 1 < st.kills) {  // the killed host returns as the mirror of the new primary
@@ -215,11 +226,13 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
     }
     Line(
         "kill %2lu/%lu: host %s killed; first answer from host %s after %.0f ms (promotion "
-        "authorised %.0f ms after it began, replica resumed in %.1f ms); %lu requests, %s%s",
+        "authorised %.0f ms after it began, replica resumed in %.1f ms); through the proxy the "
+        "clients' longest wait %.1f ms; %lu requests, %s%s",
         static_cast<unsigned long>(i + 1), static_cast<unsigned long>(st.kills),
         LocalHosts::Name(primary), LocalHosts::Name(standby), ms, auth.value_or(-1),
-        res.value_or(-1), static_cast<unsigned long>(report->requests),
-        ok ? "nothing lost" : Problems(*report), reprotected);
+        res.value_or(-1), proxied_wait.back(),
+        static_cast<unsigned long>(report->requests + through_proxy->requests),
+        ok ? "nothing lost" : Problems(report->ok() ? *through_proxy : *report), reprotected);
     primary = standby;
   }
   absl::Status stopped = h.Stop();
@@ -238,10 +251,17 @@ absl::Status Failovers(const Settings& st, const romulus::bench::FailoverDecisio
       static_cast<int>(first_answer.size()), static_cast<unsigned long>(st.clients), p50, p99,
       Quantile(first_answer, 1.0), Quantile(authorised, 0.5), Quantile(resumed, 0.5), intact,
       static_cast<int>(first_answer.size()));
+  double q50 = Quantile(proxied_wait, 0.5), q99 = Quantile(proxied_wait, 0.99);
+  Line(
+      "failover through the proxy (%lu more clients, given only its address): the clients' "
+      "longest wait per kill p50 %.1f ms, p99 %.1f ms, max %.1f ms",
+      static_cast<unsigned long>(st.clients), q50, q99, Quantile(proxied_wait, 1.0));
   Line(
       "  baseline: heartbeat timeout %.0f ms + lease %.0f ms = %.0f ms (what bounded detection "
-      "and authorisation before takeovers): ratio p50 %.2f, p99 %.2f",
-      kHeartbeatTimeoutMs, kLeaseMs, bound, Ratio(p50, bound), Ratio(p99, bound));
+      "and authorisation before takeovers): ratio p50 %.2f, p99 %.2f; through the proxy p50 "
+      "%.2f, p99 %.2f",
+      kHeartbeatTimeoutMs, kLeaseMs, bound, Ratio(p50, bound), Ratio(p99, bound), Ratio(q50, bound),
+      Ratio(q99, bound));
   Line(
       "  baseline: failover decision measured in this run (same heartbeat and lease code, in "
       "one process, no VM; kill -> lease won by a takeover) p50 %.0f ms, p99 %.0f ms: ratio p50 "

@@ -52,6 +52,8 @@ struct Path {
   Clock::time_point window_start{};
   double loss = 0, rtt_ms = -1;
   bool up = false;  // as last reported
+  // Heartbeats received when the peer's replication stream closed (while it stays closed).
+  uint64_t received_at_close = 0;
 };
 
 std::string Show(const udp::endpoint& e) {
@@ -104,13 +106,14 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   void NoteTrafficFromPeer() override {
-    int64_t now = Clock::now().time_since_epoch().count();
-    last_traffic_ns_.store(now, std::memory_order_relaxed);
-    stream_closed_ns_.store(0, std::memory_order_relaxed);  // a new connection
+    last_traffic_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+    stream_closed_.store(false, std::memory_order_relaxed);  // a new connection
   }
 
   void NotePeerClosedStream() override {
-    stream_closed_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& p : paths_) p->received_at_close = p->received;
+    stream_closed_.store(true, std::memory_order_relaxed);
   }
 
   bool peer_alive() const override {
@@ -175,13 +178,13 @@ class HeartbeatImpl : public Heartbeat {
                                 : p.detector.timeout(now);
   }
 
-  // The peer's replication stream ended from its side, and no path heard it since.
+  // The peer's replication stream ended from its side, and no path heard three heartbeats since
+  // (those sent before it died may still be on their way, or waiting in a busy host's socket; a
+  // live peer's keep coming an interval apart).
   bool StreamClosedLocked() const {
-    int64_t t = stream_closed_ns_.load(std::memory_order_relaxed);
-    if (t == 0) return false;
-    auto closed = Clock::time_point(Clock::duration(t));
+    if (!stream_closed_.load(std::memory_order_relaxed)) return false;
     for (const auto& p : paths_) {
-      if (p->heard && p->detector.last_heard() > closed) return false;
+      if (p->received >= p->received_at_close + 3) return false;
     }
     return true;
   }
@@ -368,7 +371,7 @@ class HeartbeatImpl : public Heartbeat {
   std::thread thread_;
   mutable std::mutex mu_;
   std::atomic<int64_t> last_traffic_ns_{0};
-  std::atomic<int64_t> stream_closed_ns_{0};  // when the peer's stream ended (0: it did not)
+  std::atomic<bool> stream_closed_{false};  // the peer's stream ended (NotePeerClosedStream)
   bool alive_ = false;
   std::string peer_role_, peer_node_;
 };

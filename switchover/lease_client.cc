@@ -95,6 +95,9 @@ class LeaseClientImpl : public LeaseClient {
       superseded_.clear();
       takeover_ = promotion.takeover;
       promotion_unprotected_ = promotion.unprotected;
+      // A promotion runs its term at once: a tentative hold left from an earlier post-copy
+      // adoption that failed would leave the witness's record of it behind.
+      if (promotion.takeover) tentative_ = false;
     }
     Want(true);
     std::unique_lock<std::mutex> lock(mu_);

@@ -71,10 +71,10 @@ class Heartbeat {
   // Any thread: the peer was heard from on another channel (the replication stream).
   virtual void NoteTrafficFromPeer() = 0;
   // Any thread: the peer's replication stream ended from its side (closed or reset: what a
-  // process that died leaves). Until the peer is heard from again, a path's silence means death
+  // process that died leaves). Until a path hears three more heartbeats (those on their way
+  // when it died do not count as life) or a new stream arrives, a path's silence means death
   // after what its heartbeats' gaps were seen to need (at least two intervals), not after the
-  // configured timeout: a peer whose heartbeats the host was late to hear is not judged dead
-  // sooner than before.
+  // configured timeout.
   virtual void NotePeerClosedStream() = 0;
   // Alive: some path, or the replication stream, heard from the peer within the timeout.
   virtual bool peer_alive() const = 0;

@@ -10,7 +10,10 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <mutex>
+#include <string>
 
+#include "absl/strings/str_cat.h"
 #include "switchover/datagram.h"
 #include "tests/test_util.h"
 
@@ -333,6 +336,64 @@ TEST(Heartbeat, AHeartbeatNumberedZeroIsRefused) {
   EXPECT_TRUE(WaitUntil([&] { return a->paths()[0].rejected == 1; }, 5));
   EXPECT_EQ(a->paths()[0].received, 0u);
   EXPECT_FALSE(a->paths()[0].up);
+}
+
+// A peer whose replication stream ended from its side (a process that died closes it) is dead
+// once its heartbeats' own gaps say so, not after the configured timeout (5 s here); heard again,
+// the configured timeout is back.
+TEST(Heartbeat, APeerWhoseStreamClosedIsJudgedByItsGapsNotTheConfiguredTimeout) {
+  FakePeer b;
+  uint16_t a_port = testing::FreePort(SOCK_DGRAM);
+  std::atomic<int> dead{0};
+  std::mutex mu;
+  std::string lines;
+  Heartbeat::Options o;
+  o.vm_id = "vm1";
+  o.node = "a";
+  o.role = "mirror";
+  o.key = kKey;
+  o.paths = {{{"127.0.0.1", a_port}, {"127.0.0.1", b.port()}}};
+  o.interval = milliseconds(10);
+  o.timeout = milliseconds(5000);
+  o.on_peer_dead = [&] { ++dead; };
+  o.log = [&](absl::string_view line) {
+    std::lock_guard<std::mutex> lock(mu);
+    absl::StrAppend(&lines, line, "\n");
+  };
+  auto started = Heartbeat::Start(o);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Heartbeat& a = **started;
+  uint64_t seq = 0;
+  auto reply = [&] {  // b answers a's next heartbeat, as a peer at a's pace would
+    auto heard = b.Receive(5);
+    if (!heard.has_value() || !heard->has_heartbeat()) return false;
+    pb::SwitchoverMessage m;
+    pb::Heartbeat* h = m.mutable_heartbeat();
+    h->set_vm_id("vm1");
+    h->set_node("b");
+    h->set_role("primary");
+    h->set_session(7);
+    h->set_seq(++seq);
+    b.SendTo(a_port, m);
+    return true;
+  };
+  for (int i = 0; i < 20; i++) ASSERT_TRUE(reply());
+  ASSERT_TRUE(WaitUntil([&] { return a.peer_alive() && a.paths()[0].received == 20; }, 5));
+  EXPECT_GE(a.timeout(), milliseconds(5000));
+  a.NotePeerClosedStream();
+  EXPECT_LT(a.timeout(), milliseconds(5000));
+  // Heartbeats still on their way when the stream closed.
+  ASSERT_TRUE(reply());
+  ASSERT_TRUE(reply());
+  ASSERT_TRUE(WaitUntil([&] { return dead.load() == 1; }, 5))
+      << a.timeout().count() << " ms; up " << a.paths()[0].up << "; " << lines;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_THAT(lines, ::testing::HasSubstr("and its replication stream closed")) << lines;
+  }
+  for (int i = 0; i < 4; i++) ASSERT_TRUE(reply());
+  ASSERT_TRUE(WaitUntil([&] { return a.peer_alive(); }, 5));
+  EXPECT_GE(a.timeout(), milliseconds(5000));
 }
 
 // A lease longer than any witness grants (ttl_ms up to 49 days) is not believed.
