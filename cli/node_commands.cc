@@ -167,16 +167,26 @@ int PrimaryCommand(int argc, char** argv) {
       [&](const switchover::Node::Options& o) -> absl::StatusOr<std::unique_ptr<switchover::Node>> {
         // With a witness this host runs the VM only while it holds the lease, and only from
         // files no newer term superseded (the term they belong to is recorded beside the disk).
+        // And never afresh over files that ran in a term: the VM's memory went with the process
+        // that ran it, so a VM booted again over its disk would not hold what it acknowledged,
+        // even in this host's own term (the nemesis found it: a promoted primary killed while
+        // its mirror was down came back with an empty ledger).
         if (o.lease) {
           uint64_t files_term = switchover::ReadTermFile(c->disk());
-          o.lease->SetStateTerm(files_term);
+          if (files_term != 0) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "not booting the VM afresh over ", c->disk(), ": it ran in term ", files_term,
+                ", and what it acknowledged went with the process that ran it. Start this host "
+                "as the mirror (romulus mirror) of the host that runs the VM to rejoin; to start "
+                "the VM from nothing, remove ",
+                c->disk(), ".term"));
+          }
           if (auto s = o.lease->AcquireWithin(std::chrono::milliseconds(3000)); !s.ok()) {
             if (absl::StrContains(s.message(), "superseded")) {
               return absl::FailedPreconditionError(absl::StrCat(
-                  "not starting the VM: its disk ", c->disk(), " belongs to term ", files_term,
-                  ", which a newer term superseded (", s.message(),
-                  "). The VM runs on the other host: start this host as its mirror (romulus "
-                  "mirror) to rejoin"));
+                  "not booting the VM afresh: it has run (", s.message(),
+                  "). Start this host as the mirror (romulus mirror) of the host that runs the VM "
+                  "to rejoin"));
             }
             return absl::FailedPreconditionError(
                 absl::StrCat("not starting the VM without the lease: ", s.message()));

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "cli/control.h"
+#include "cli/ledger_client.h"
 #include "cli/load.h"
 #include "cli/local_hosts.h"
 #include "cli/process.h"
@@ -87,8 +88,8 @@ TEST_P(VmAuthority, AFrozenPrimaryThatComesBackIsSupersededAndNeverSpeaksAgain) 
 }
 
 // Finding 4: after a failover the old primary is started again as `romulus primary` over its
-// old disk. It used to boot a fresh VM there and fence the real one. Now it refuses to boot:
-// its disk belongs to a superseded term.
+// old disk. It used to boot a fresh VM there and fence the real one. Now it refuses to boot: the
+// VM ran (in a term its fresh VM holds nothing of).
 TEST_P(VmAuthority, ARestartedOldPrimaryRefusesToBootOverItsSupersededDisk) {
   ASSERT_NO_FATAL_FAILURE(Start());
   cli::Process& a = hosts_->process(Host::kA);
@@ -97,14 +98,39 @@ TEST_P(VmAuthority, ARestartedOldPrimaryRefusesToBootOverItsSupersededDisk) {
   ASSERT_TRUE(b.WaitForLine("promoted (", testing::ScaledMs(30)).ok()) << b.output();
   testing::Child again({"primary", "--config", dir_.File("a.conf")});
   EXPECT_EQ(again.Wait(testing::ScaledMs(30).count() / 1000.0), 1) << again.output();
-  EXPECT_THAT(again.output(), HasSubstr("belongs to term 1, which a newer term superseded"));
-  EXPECT_THAT(again.output(), HasSubstr("start this host as its mirror"));
+  EXPECT_THAT(again.output(), HasSubstr("not booting the VM afresh over"));
+  EXPECT_THAT(again.output(), HasSubstr("it ran in term 1"));
+  EXPECT_THAT(again.output(), HasSubstr("Start this host as the mirror"));
   auto s = Status(Host::kB);
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->role(), "primary");
   EXPECT_TRUE(s->lease_held());
   // Rejoining as the mirror works, and the VM is protected again.
   ASSERT_TRUE(hosts_->Rejoin(Host::kA).ok());
+}
+
+// Found by the nemesis (kvm, seed 20261207, round 46): the primary killed, its mirror promoted
+// (running without a mirror), then that host killed too and started again as the primary over
+// its own files, in its own term. It booted a VM afresh, with an empty ledger, and the witness
+// let it (the term was its own): the clients saw "sequence went back from 78077 to 0". Now no
+// host boots a VM afresh over files that ran in a term: what the VM acknowledged went with both
+// processes, and no host may answer as if it had not.
+TEST_P(VmAuthority, APromotedPrimaryKilledWhileAloneCannotBootAnEmptyVmInItsOwnTerm) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  cli::Process& b = hosts_->process(Host::kB);
+  hosts_->process(Host::kA).Signal(SIGKILL);
+  ASSERT_TRUE(b.WaitForLine("promoted (", testing::ScaledMs(30)).ok()) << b.output();
+  b.Signal(SIGKILL);
+  ASSERT_TRUE(b.Wait(testing::ScaledMs(30)).has_value());
+  ASSERT_TRUE(hosts_->RestartAsPrimary(Host::kB).ok());
+  cli::Process& again = hosts_->process(Host::kB);
+  auto code = again.Wait(testing::ScaledMs(30));
+  ASSERT_TRUE(code.has_value()) << again.output();
+  EXPECT_EQ(*code, 1) << again.output();
+  EXPECT_THAT(again.output(), HasSubstr("not booting the VM afresh over"));
+  EXPECT_THAT(again.output(), HasSubstr("it ran in term 2"));
+  // Nothing answers on its ledger address.
+  EXPECT_FALSE(cli::LedgerClient::Connect("127.0.0.1", hosts_->ledger_port(Host::kB), 500).ok());
 }
 
 // Finding 6: a planned migration used to leave a window with no replica: the new primary ran
