@@ -174,8 +174,12 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   std::chrono::milliseconds PathTimeoutLocked(const Path& p, Clock::time_point now) const {
-    return StreamClosedLocked() ? p.detector.TimeoutAbove(now, 2 * o_.interval)
-                                : p.detector.timeout(now);
+    // With the stream closed, what the gaps need (at least two intervals), but no more than the
+    // configured timeout: gaps learned while the host was busy (starting, synchronising) would
+    // otherwise hold a dead peer for up to the ceiling.
+    return StreamClosedLocked()
+               ? std::min(o_.timeout, p.detector.TimeoutAbove(now, 2 * o_.interval))
+               : p.detector.timeout(now);
   }
 
   // The peer's replication stream ended from its side, and no path heard three heartbeats since
@@ -190,7 +194,8 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   std::chrono::milliseconds TimeoutLocked(Clock::time_point now) const {
-    std::chrono::milliseconds t = StreamClosedLocked() ? 2 * o_.interval : o_.timeout;
+    std::chrono::milliseconds t =
+        StreamClosedLocked() ? std::min(o_.timeout, 2 * o_.interval) : o_.timeout;
     for (const auto& p : paths_) t = std::max(t, PathTimeoutLocked(*p, now));
     return t;
   }

@@ -73,8 +73,8 @@ class Heartbeat {
   // Any thread: the peer's replication stream ended from its side (closed or reset: what a
   // process that died leaves). Until a path hears three more heartbeats (those on their way
   // when it died do not count as life) or a new stream arrives, a path's silence means death
-  // after what its heartbeats' gaps were seen to need (at least two intervals), not after the
-  // configured timeout.
+  // after what its heartbeats' gaps were seen to need (at least two intervals, at most the
+  // configured timeout), not after the timeout its gaps raised.
   virtual void NotePeerClosedStream() = 0;
   // Alive: some path, or the replication stream, heard from the peer within the timeout.
   virtual bool peer_alive() const = 0;
