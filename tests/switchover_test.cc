@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -240,6 +241,26 @@ class FakePeer {
     socket_.non_blocking(true);
   }
   uint16_t port() const { return socket_.local_endpoint().port(); }
+  // Waits for the next heartbeat from `a_port` and answers it as peer "b" in `role`, numbered
+  // `seq`, echoing it with `echo_hold_us` when given: a peer at a's pace.
+  bool AnswerHeartbeat(uint16_t a_port, uint64_t seq, const std::string& role,
+                       std::optional<uint64_t> echo_hold_us = std::nullopt) {
+    auto heard = Receive(5);
+    if (!heard.has_value() || !heard->has_heartbeat()) return false;
+    pb::SwitchoverMessage m;
+    pb::Heartbeat* h = m.mutable_heartbeat();
+    h->set_vm_id("vm1");
+    h->set_node("b");
+    h->set_role(role);
+    h->set_session(7);
+    h->set_seq(seq);
+    if (echo_hold_us) {
+      h->set_echo_seq(heard->heartbeat().seq());
+      h->set_echo_hold_us(*echo_hold_us);
+    }
+    SendTo(a_port, m);
+    return true;
+  }
   void SendTo(uint16_t port, const pb::SwitchoverMessage& m) {
     socket_.send_to(boost::asio::buffer(Seal(kKey, m)),
                     {boost::asio::ip::make_address("127.0.0.1"), port});
@@ -271,7 +292,10 @@ class FakePeer {
 
 // A path to a fake peer "b" with a short interval and a long timeout (the path stays up between
 // the fake peer's heartbeats).
-std::unique_ptr<Heartbeat> HeartbeatTo(const FakePeer& b, uint16_t a_port) {
+// `on_peer_dead` and `log` as in Heartbeat::Options.
+std::unique_ptr<Heartbeat> HeartbeatTo(const FakePeer& b, uint16_t a_port,
+                                       std::function<void()> on_peer_dead = nullptr,
+                                       LogFn log = nullptr) {
   Heartbeat::Options o;
   o.vm_id = "vm1";
   o.node = "a";
@@ -280,6 +304,8 @@ std::unique_ptr<Heartbeat> HeartbeatTo(const FakePeer& b, uint16_t a_port) {
   o.paths = {{{"127.0.0.1", a_port}, {"127.0.0.1", b.port()}}};
   o.interval = milliseconds(10);
   o.timeout = milliseconds(5000);
+  o.on_peer_dead = std::move(on_peer_dead);
+  o.log = std::move(log);
   auto a = Heartbeat::Start(o);
   EXPECT_TRUE(a.ok()) << a.status();
   return a.ok() ? std::move(*a) : nullptr;
@@ -295,19 +321,7 @@ TEST(Heartbeat, AnImpossibleEchoHoldGivesNoRoundTrip) {
   ASSERT_NE(a, nullptr);
   uint64_t seq = 0;
   auto reply = [&](uint64_t hold_us) {
-    auto heard = b.Receive(5);
-    if (!heard.has_value() || !heard->has_heartbeat()) return false;
-    pb::SwitchoverMessage m;
-    pb::Heartbeat* h = m.mutable_heartbeat();
-    h->set_vm_id("vm1");
-    h->set_node("b");
-    h->set_role("mirror");
-    h->set_session(7);
-    h->set_seq(++seq);
-    h->set_echo_seq(heard->heartbeat().seq());
-    h->set_echo_hold_us(hold_us);
-    b.SendTo(a_port, m);
-    return true;
+    return b.AnswerHeartbeat(a_port, ++seq, "mirror", hold_us);
   };
   for (uint64_t hold : {uint64_t{1} << 62, ~uint64_t{0}, uint64_t{1} << 40}) {
     uint64_t received = a->paths()[0].received;
@@ -347,36 +361,16 @@ TEST(Heartbeat, APeerWhoseStreamClosedIsJudgedByItsGapsNotTheConfiguredTimeout) 
   std::atomic<int> dead{0};
   std::mutex mu;
   std::string lines;
-  Heartbeat::Options o;
-  o.vm_id = "vm1";
-  o.node = "a";
-  o.role = "mirror";
-  o.key = kKey;
-  o.paths = {{{"127.0.0.1", a_port}, {"127.0.0.1", b.port()}}};
-  o.interval = milliseconds(10);
-  o.timeout = milliseconds(5000);
-  o.on_peer_dead = [&] { ++dead; };
-  o.log = [&](absl::string_view line) {
-    std::lock_guard<std::mutex> lock(mu);
-    absl::StrAppend(&lines, line, "\n");
-  };
-  auto started = Heartbeat::Start(o);
-  ASSERT_TRUE(started.ok()) << started.status();
-  Heartbeat& a = **started;
+  auto started = HeartbeatTo(
+      b, a_port, [&] { ++dead; },
+      [&](absl::string_view line) {
+        std::lock_guard<std::mutex> lock(mu);
+        absl::StrAppend(&lines, line, "\n");
+      });
+  ASSERT_NE(started, nullptr);
+  Heartbeat& a = *started;
   uint64_t seq = 0;
-  auto reply = [&] {  // b answers a's next heartbeat, as a peer at a's pace would
-    auto heard = b.Receive(5);
-    if (!heard.has_value() || !heard->has_heartbeat()) return false;
-    pb::SwitchoverMessage m;
-    pb::Heartbeat* h = m.mutable_heartbeat();
-    h->set_vm_id("vm1");
-    h->set_node("b");
-    h->set_role("primary");
-    h->set_session(7);
-    h->set_seq(++seq);
-    b.SendTo(a_port, m);
-    return true;
-  };
+  auto reply = [&] { return b.AnswerHeartbeat(a_port, ++seq, "primary"); };
   for (int i = 0; i < 20; i++) ASSERT_TRUE(reply());
   ASSERT_TRUE(WaitUntil([&] { return a.peer_alive() && a.paths()[0].received == 20; }, 5));
   EXPECT_GE(a.timeout(), milliseconds(5000));
