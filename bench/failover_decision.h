@@ -2,9 +2,9 @@
 // and lease client are dropped at a random moment (what its death looks like from outside) and
 // the mirror's side is timed from that moment to
 //   - detection: every path silent past the heartbeat timeout,
-//   - authorisation: the mirror holds the witness's lease (a takeover: granted at once, the
-//     primary having released only what its mirror acknowledged), or a fencing command (`true`)
-//     succeeded. Not modelled: the replication stream, whose end (a process that died) lets a
+//   - authorisation: the mirror holds the witness's lease (a takeover, as a host's mirror asks
+//     once its primary's stream closed: granted at once, the primary having released only what
+//     its mirror acknowledged), or a fencing command (`true`) succeeded. Not modelled: the replication stream, whose end (a process that died) lets a
 //     host's mirror judge sooner.
 // Used by romulus_failover_bench, and by romulus_switchover_bench as the baseline of a real
 // failover (kill -> first answer from the promoted mirror).

@@ -116,6 +116,11 @@ class HeartbeatImpl : public Heartbeat {
     stream_closed_.store(true, std::memory_order_relaxed);
   }
 
+  bool peer_closed_stream() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return StreamClosedLocked();
+  }
+
   bool peer_alive() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return AliveLocked(Clock::now());

@@ -363,13 +363,18 @@ class NodeImpl : public Node {
       }
       replica_term = replica.term;
     }
-    PromotionPolicy policy{.lease = o_.lease,
-                           .state_term = replica_term,
-                           // It acknowledges nothing more, and resumes what it committed; the
-                           // VM it resumes runs without a mirror until the other host returns.
-                           .promotion = {.takeover = true, .unprotected = true},
-                           .fence_command = o_.fence_command,
-                           .wait = o_.lease ? milliseconds(1000) : o_.fence_timeout};
+    PromotionPolicy policy{
+        .lease = o_.lease,
+        .state_term = replica_term,
+        // It acknowledges nothing more, and resumes what it committed; the
+        // VM it resumes runs without a mirror until the other host returns.
+        // A takeover only when the primary's process is seen to have died
+        // (its stream closed): a silence alone may be a host too busy to
+        // send, which its lease then protects from a needless failover.
+        .promotion = {.takeover = o_.heartbeat && o_.heartbeat->peer_closed_stream(),
+                      .unprotected = true},
+        .fence_command = o_.fence_command,
+        .wait = o_.lease ? milliseconds(1000) : o_.fence_timeout};
     if (auto s = AuthorizePromotion(policy, force); !s.ok()) {
       return absl::FailedPreconditionError(absl::StrCat("not promoting: ", s.message()));
     }

@@ -76,6 +76,9 @@ class Heartbeat {
   // after what its heartbeats' gaps were seen to need (at least two intervals, at most the
   // configured timeout), not after the timeout its gaps raised.
   virtual void NotePeerClosedStream() = 0;
+  // The peer's stream ended from its side and no path has heard it since (as above): the
+  // evidence that its process died, which a takeover needs (a silence alone may be a busy host).
+  virtual bool peer_closed_stream() const = 0;
   // Alive: some path, or the replication stream, heard from the peer within the timeout.
   virtual bool peer_alive() const = 0;
   // True until the peer has been heard from once.

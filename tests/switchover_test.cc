@@ -374,7 +374,9 @@ TEST(Heartbeat, APeerWhoseStreamClosedIsJudgedByItsGapsNotTheConfiguredTimeout) 
   for (int i = 0; i < 20; i++) ASSERT_TRUE(reply());
   ASSERT_TRUE(WaitUntil([&] { return a.peer_alive() && a.paths()[0].received == 20; }, 5));
   EXPECT_GE(a.timeout(), milliseconds(5000));
+  EXPECT_FALSE(a.peer_closed_stream());
   a.NotePeerClosedStream();
+  EXPECT_TRUE(a.peer_closed_stream());
   EXPECT_LT(a.timeout(), milliseconds(5000));
   // Heartbeats still on their way when the stream closed.
   ASSERT_TRUE(reply());
@@ -388,6 +390,7 @@ TEST(Heartbeat, APeerWhoseStreamClosedIsJudgedByItsGapsNotTheConfiguredTimeout) 
   for (int i = 0; i < 4; i++) ASSERT_TRUE(reply());
   ASSERT_TRUE(WaitUntil([&] { return a.peer_alive(); }, 5));
   EXPECT_GE(a.timeout(), milliseconds(5000));
+  EXPECT_FALSE(a.peer_closed_stream());
 }
 
 // A lease longer than any witness grants (ttl_ms up to 49 days) is not believed.
