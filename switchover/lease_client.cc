@@ -124,7 +124,8 @@ class LeaseClientImpl : public LeaseClient {
 
   absl::Status DeclareUnprotected(milliseconds wait) override {
     std::unique_lock<std::mutex> lock(mu_);
-    AskAgainLocked(Clock::now());
+    // Granted already (a promotion that said so): no request to wait for.
+    if (!state_.MayReleaseUnprotected(Clock::now())) AskAgainLocked(Clock::now());
     auto deadline = Clock::now() + wait;
     while (!state_.MayReleaseUnprotected(Clock::now())) {
       if (!superseded_.empty()) return SupersededLocked();
