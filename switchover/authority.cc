@@ -145,9 +145,19 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
   };
   if (live && current.holder == r.node()) {
     // A renewal; or a request of the node a hand-over named, which confirms its term unless
-    // tentative.
+    // tentative. It confirms it only from the state the hand-over gave it: a recipient's
+    // requests carry the handed term once it took it tentatively, while a promotion that raced
+    // the hand-over would resume an older replica in it.
     Record next = current;
-    if (!r.tentative()) next.confirmed = next.term;
+    if (!r.tentative() && next.confirmed != next.term) {
+      if (state < next.term) {
+        out.set_reason(absl::StrCat("term ", next.term, " was handed to ", r.node(),
+                                    " for a migration, not for its state of term ", state,
+                                    ": not confirming it"));
+        return out;
+      }
+      next.confirmed = next.term;
+    }
     return grant(next);
   }
   if (state < current.confirmed) {
