@@ -206,13 +206,21 @@ TEST_F(NodeTest, MigrationSwapsTheRolesAndBackWithoutAFullResync) { RunMigration
 TEST_F(NodeTest, MigrationOverTwoPathsSwapsTheRolesAndBack) {
   two_paths_ = true;
   RunMigrationsBackAndForth();
+  // Both ends report both paths up and carrying data. Waited for: on a loaded machine the
+  // connection may have been renewed just now, and a new one reports its paths once it runs.
   for (Host* h : {&a_, &b_}) {
-    pb::StatusReply reply = cli::NodeStatusReply("node-test", h->node->status());
-    ASSERT_EQ(reply.replication_paths_size(), 2) << h->name;
-    for (const pb::ReplicationPathState& p : reply.replication_paths()) {
-      EXPECT_TRUE(p.up()) << h->name << " " << p.peer();
-      EXPECT_GT(p.bytes_sent() + p.bytes_received(), 0u) << h->name << " " << p.peer();
-    }
+    pb::StatusReply reply;
+    auto both_carry = [&] {
+      reply = cli::NodeStatusReply("node-test", h->node->status());
+      if (reply.replication_paths_size() != 2) return false;
+      for (const pb::ReplicationPathState& p : reply.replication_paths()) {
+        if (!p.up() || p.bytes_sent() + p.bytes_received() == 0) return false;
+      }
+      return true;
+    };
+    EXPECT_TRUE(WaitUntil(both_carry, 30))
+        << h->name << " reports " << reply.replication_paths_size()
+        << " replication paths: " << reply.ShortDebugString() << Logs();
   }
 }
 
