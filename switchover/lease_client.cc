@@ -101,17 +101,9 @@ class LeaseClientImpl : public LeaseClient {
     }
     Want(true);
     std::unique_lock<std::mutex> lock(mu_);
-    auto deadline = Clock::now() + wait;
-    absl::Status s;
-    while (s.ok() && !HeldLocked(Clock::now())) {
-      if (!superseded_.empty()) {
-        s = SupersededLocked();
-      } else if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
-                 !HeldLocked(Clock::now())) {
-        s = absl::UnavailableError(
-            absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())));
-      }
-    }
+    absl::Status s = WaitLocked(
+        lock, wait, [&] { return HeldLocked(Clock::now()); },
+        [&] { return absl::StrCat("witness ", witness_name_, ": ", WhyNotLocked(Clock::now())); });
     takeover_ = false;  // renewals are no takeovers
     return s;
   }
@@ -126,17 +118,14 @@ class LeaseClientImpl : public LeaseClient {
     std::unique_lock<std::mutex> lock(mu_);
     // Granted already (a promotion that said so): no request to wait for.
     if (!state_.MayReleaseUnprotected(Clock::now())) AskAgainLocked(Clock::now());
-    auto deadline = Clock::now() + wait;
-    while (!state_.MayReleaseUnprotected(Clock::now())) {
-      if (!superseded_.empty()) return SupersededLocked();
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
-          !state_.MayReleaseUnprotected(Clock::now())) {
-        return absl::UnavailableError(absl::StrCat(
-            "witness ", witness_name_, " did not grant the lease for releasing without a mirror: ",
-            HeldLocked(Clock::now()) ? "no reply yet" : WhyNotLocked(Clock::now())));
-      }
-    }
-    return absl::OkStatus();
+    return WaitLocked(
+        lock, wait, [&] { return state_.MayReleaseUnprotected(Clock::now()); },
+        [&] {
+          return absl::StrCat(
+              "witness ", witness_name_,
+              " did not grant the lease for releasing without a mirror: ",
+              HeldLocked(Clock::now()) ? "no reply yet" : WhyNotLocked(Clock::now()));
+        });
   }
 
   bool may_release_unprotected() override {
@@ -162,16 +151,12 @@ class LeaseClientImpl : public LeaseClient {
       std::lock_guard<std::mutex> l(mu_);
       if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
     });
-    auto deadline = Clock::now() + wait;
-    while (confirmed_ < term || !HeldLocked(Clock::now())) {
-      if (!superseded_.empty()) return SupersededLocked();
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
-        return absl::UnavailableError(absl::StrCat("witness ", witness_name_,
-                                                   " did not confirm term ", term, ": ",
-                                                   WhyNotLocked(Clock::now())));
-      }
-    }
-    return absl::OkStatus();
+    return WaitLocked(
+        lock, wait, [&] { return confirmed_ >= term && HeldLocked(Clock::now()); },
+        [&] {
+          return absl::StrCat("witness ", witness_name_, " did not confirm term ", term, ": ",
+                              WhyNotLocked(Clock::now()));
+        });
   }
 
   absl::Status TransferTo(const std::string& node, milliseconds wait) override {
@@ -225,6 +210,21 @@ class LeaseClientImpl : public LeaseClient {
 
  private:
   bool HeldLocked(Clock::time_point now) const { return state_.Held(now); }
+
+  // Waits, for at most `wait`, until `done()`; fails at once when the witness said this node
+  // was superseded, and at the end with `why_not()`.
+  template <typename Done, typename WhyNot>
+  absl::Status WaitLocked(std::unique_lock<std::mutex>& lock, milliseconds wait, Done done,
+                          WhyNot why_not) {
+    auto deadline = Clock::now() + wait;
+    while (!done()) {
+      if (!superseded_.empty()) return SupersededLocked();
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && !done()) {
+        return absl::UnavailableError(why_not());
+      }
+    }
+    return absl::OkStatus();
+  }
 
   // A request now rather than at the next renewal: it says what the release state says then.
   void AskAgainLocked(Clock::time_point now) {
