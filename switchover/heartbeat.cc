@@ -54,6 +54,9 @@ struct Path {
   bool up = false;  // as last reported
   // Heartbeats received when the peer's replication stream closed (while it stays closed).
   uint64_t received_at_close = 0;
+  // The peer's host answered a heartbeat of ours with "port unreachable" since the last one it
+  // sent: no process of the peer holds the path's port.
+  bool refused = false;
 };
 
 std::string Show(const udp::endpoint& e) {
@@ -111,9 +114,18 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   void NotePeerClosedStream() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& p : paths_) p->received_at_close = p->received;
-    stream_closed_.store(true, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& p : paths_) p->received_at_close = p->received;
+      stream_closed_.store(true, std::memory_order_relaxed);
+    }
+    // A heartbeat on every path now rather than at the next tick: if the peer's process is gone,
+    // its host's "port unreachable" comes back within a round trip (Drain).
+    asio::post(io_, [this] {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto now = Clock::now();
+      for (auto& p : paths_) Send(*p, now);
+    });
   }
 
   bool peer_closed_stream() const override {
@@ -175,7 +187,19 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   bool PathUp(const Path& p, Clock::time_point now) const {
+    if (p.refused && StreamClosedLocked()) return false;  // the peer's process is gone
     return p.heard && now - p.detector.last_heard() < PathTimeoutLocked(p, now);
+  }
+
+  // Every path's port refuses datagrams at the peer's host, and its replication stream closed:
+  // what a process that died leaves behind, seen as soon as one heartbeat of ours finds it gone
+  // rather than after the silence its gaps call for.
+  bool ProcessGoneLocked() const {
+    if (!StreamClosedLocked()) return false;
+    for (const auto& p : paths_) {
+      if (!p->refused) return false;
+    }
+    return true;
   }
 
   std::chrono::milliseconds PathTimeoutLocked(const Path& p, Clock::time_point now) const {
@@ -223,14 +247,30 @@ class HeartbeatImpl : public Heartbeat {
     // Heartbeats that arrived while this thread could not run (a busy host) are in the sockets:
     // they count before anything is judged.
     for (auto& p : paths_) Drain(*p);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto now = Clock::now();
+      for (auto& p : paths_) Send(*p, now);
+    }
+    Judge();
+    auto now = Clock::now();
+    next_tick_ = next_tick_ + o_.interval < now ? now + o_.interval  // fell behind: no burst
+                                                : next_tick_ + o_.interval;
+    timer_.expires_at(next_tick_);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) Tick();
+    });
+  }
+
+  // Re-evaluates which paths, and so whether the peer, are alive; says what changed.
+  void Judge() {
     auto now = Clock::now();
     std::vector<std::string> lines;
     int transition = 0;  // +1 back, -1 dead
     std::chrono::milliseconds timeout{0};
-    bool stream_closed = false;
+    bool stream_closed = false, gone = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto& p : paths_) Send(*p, now);
       for (auto& p : paths_) {
         bool up = PathUp(*p, now);
         if (up != p->up) {
@@ -251,6 +291,7 @@ class HeartbeatImpl : public Heartbeat {
       bool alive = AliveLocked(now);
       timeout = TimeoutLocked(now);
       stream_closed = StreamClosedLocked();
+      gone = ProcessGoneLocked();
       if (alive != alive_) {
         transition = alive ? 1 : -1;
         alive_ = alive;
@@ -258,19 +299,15 @@ class HeartbeatImpl : public Heartbeat {
     }
     for (const auto& line : lines) Log(line);
     if (transition < 0) {
-      Log(absl::StrCat("peer dead: no path heard from it for ", timeout.count(), " ms",
-                       stream_closed ? ", and its replication stream closed" : ""));
+      Log(gone ? std::string("peer dead: its process is gone (its replication stream closed, and "
+                             "its host refuses heartbeats on every path)")
+               : absl::StrCat("peer dead: no path heard from it for ", timeout.count(), " ms",
+                              stream_closed ? ", and its replication stream closed" : ""));
       if (o_.on_peer_dead) o_.on_peer_dead();
     } else if (transition > 0) {
       Log("peer alive");
       if (o_.on_peer_back) o_.on_peer_back();
     }
-    next_tick_ = next_tick_ + o_.interval < now ? now + o_.interval  // fell behind: no burst
-                                                : next_tick_ + o_.interval;
-    timer_.expires_at(next_tick_);
-    timer_.async_wait([this](const boost::system::error_code& ec) {
-      if (!ec) Tick();
-    });
   }
 
   void Send(Path& p, Clock::time_point now) {
@@ -293,6 +330,7 @@ class HeartbeatImpl : public Heartbeat {
     boost::system::error_code ec;
     p.socket.send(asio::buffer(Seal(o_.key, m)), 0, ec);
     if (!ec) ++p.sent;  // an unreachable path refuses sends: it shows as not sending
+    if (ec == asio::error::connection_refused) p.refused = true;
   }
 
   void Receive(Path& p) {
@@ -303,15 +341,24 @@ class HeartbeatImpl : public Heartbeat {
     });
   }
 
-  // Reads what waits in the path's socket, up to a batch.
+  // Reads what waits in the path's socket, up to a batch. The kernel reports an ICMP "port
+  // unreachable" after the datagrams that came before it.
   void Drain(Path& p) {
+    bool refused = false;
     for (int i = 0; i < kDrainBatch; i++) {
       boost::system::error_code ec;
       size_t n = p.socket.receive_from(asio::buffer(p.buffer), p.from, 0, ec);
-      if (ec == asio::error::would_block || ec == asio::error::try_again) return;
-      // Other errors are ICMP reports of a peer not (yet) there: not the peer speaking.
-      if (!ec) Accept(p, absl::string_view(p.buffer.data(), n));
+      if (ec == asio::error::would_block || ec == asio::error::try_again) break;
+      if (!ec) {
+        Accept(p, absl::string_view(p.buffer.data(), n));
+      } else if (ec == asio::error::connection_refused) {
+        std::lock_guard<std::mutex> lock(mu_);
+        p.refused = true;  // unauthenticated: a forged one at worst starts a failover, which
+                           // the witness keeps safe
+        refused = true;
+      }
     }
+    if (refused) Judge();
   }
 
   void Accept(Path& p, absl::string_view bytes) {
@@ -362,6 +409,7 @@ class HeartbeatImpl : public Heartbeat {
       }
     }
     p.heard = true;
+    p.refused = false;
     p.peer_seq = h.seq();
     p.last_rx = now;
     p.detector.Heard(now);

@@ -399,6 +399,41 @@ TEST(Heartbeat, APeerWhoseStreamClosedIsJudgedByItsGapsNotTheConfiguredTimeout) 
   EXPECT_FALSE(a.peer_closed_stream());
 }
 
+// A peer whose process died: its stream closed, and its host answers our next heartbeat with
+// "port unreachable". That is enough; the silence its gaps call for is not waited for.
+TEST(Heartbeat, APeerWhoseStreamClosedAndWhosePortsRefuseIsDeadAtOnce) {
+  std::optional<FakePeer> b(std::in_place);
+  uint16_t a_port = testing::FreePort(SOCK_DGRAM);
+  std::atomic<int> dead{0};
+  std::mutex mu;
+  std::string lines;
+  Heartbeat::Options o;
+  o.vm_id = "vm1";
+  o.node = "a";
+  o.role = "mirror";
+  o.key = kKey;
+  o.paths = {{{"127.0.0.1", a_port}, {"127.0.0.1", b->port()}}};
+  // Long enough that the gaps' judgment (at least two intervals of silence) comes a whole
+  // interval after the first heartbeat sent into the closed port.
+  o.interval = milliseconds(200);
+  o.timeout = milliseconds(5000);
+  o.on_peer_dead = [&] { ++dead; };
+  o.log = [&](absl::string_view line) {
+    std::lock_guard<std::mutex> lock(mu);
+    absl::StrAppend(&lines, line, "\n");
+  };
+  auto started = Heartbeat::Start(o);
+  ASSERT_TRUE(started.ok()) << started.status();
+  Heartbeat& a = **started;
+  for (uint64_t seq = 1; seq <= 3; seq++) ASSERT_TRUE(b->AnswerHeartbeat(a_port, seq, "primary"));
+  ASSERT_TRUE(WaitUntil([&] { return a.peer_alive() && a.paths()[0].received == 3; }, 5));
+  a.NotePeerClosedStream();
+  b.reset();
+  ASSERT_TRUE(WaitUntil([&] { return dead.load() == 1; }, 10)) << lines;
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_THAT(lines, ::testing::HasSubstr("peer dead: its process is gone")) << lines;
+}
+
 // A lease longer than any witness grants (ttl_ms up to 49 days) is not believed.
 TEST(Lease, AGrantLongerThanAnyWitnessGivesIsNotBelieved) {
   FakePeer witness;
