@@ -436,11 +436,10 @@ void PrimarySession::AckLoop() {
       // anything but the oldest one not yet acknowledged would release outputs of epochs it
       // may not hold.
       std::lock_guard<std::mutex> lock(mu_);
-      if (f->ack().term() != options_.term) {
+      if (uint64_t term = options_.term ? options_.term() : 0; f->ack().term() != term) {
         // Only a mirror of this primary's term may release its outputs.
-        bad = absl::FailedPreconditionError(
-            absl::StrCat("mirror acknowledged in term ", f->ack().term(),
-                         ", this primary runs in term ", options_.term));
+        bad = absl::FailedPreconditionError(absl::StrCat(
+            "mirror acknowledged in term ", f->ack().term(), ", this primary runs in term ", term));
       } else if (unacked_.empty() || unacked_.front() != f->ack().epoch()) {
         bad = absl::DataLossError(
             absl::StrCat("mirror acknowledged epoch ", f->ack().epoch(), " but ",

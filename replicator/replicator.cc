@@ -687,7 +687,7 @@ class PrimaryImpl : public Primary {
   absl::StatusOr<std::unique_ptr<Channel>> ConnectMirror(asio::io_context& io,
                                                          std::mt19937_64& rng) {
     Channel::Terms terms{options_.identity, options_.key, options_.protection};
-    terms.term = options_.term;
+    terms.term = options_.term ? options_.term() : 0;
     std::vector<Options::Path> paths = options_.mirror_paths;
     if (paths.empty()) paths.push_back({options_.mirror_host, options_.mirror_port});
     std::vector<size_t> use(paths.size());
@@ -696,7 +696,7 @@ class PrimaryImpl : public Primary {
       if (use.size() == 1) {  // a connection of its own
         // A connection of its own carries no bond, whatever an earlier try with more paths set.
         Channel::Terms alone{options_.identity, options_.key, options_.protection};
-        alone.term = options_.term;
+        alone.term = terms.term;
         return Channel::Connect(io, paths[use[0]].host, paths[use[0]].port, alone, session_id_,
                                 options_.peer_timeout);
       }

@@ -308,9 +308,11 @@ class Primary {
     std::chrono::milliseconds epoch{25};
     std::chrono::milliseconds peer_timeout{5000};
     bool run_unprotected = false;  // release outputs while no mirror is connected
-    // The witness's term this primary runs the VM in (0: no witness). A mirror that committed
-    // checkpoints of a newer term refuses it; one that acknowledges in another term is dropped.
-    uint64_t term = 0;
+    // The witness's term this primary runs the VM in (unset or 0: no witness), read at each
+    // connection and acknowledgement: it grows while the VM runs, when the primary releases
+    // without a mirror. A mirror that committed checkpoints of a newer term refuses it; one that
+    // acknowledges in another term is dropped (and synchronises in the new one).
+    std::function<uint64_t()> term = nullptr;
     // With run_unprotected: called (on the connecting thread) each time outputs are about to
     // leave without a mirror (at the start, after the mirror was lost), before the first does.
     // Outputs stay held until it succeeds; it is tried again before each connection attempt.

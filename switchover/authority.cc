@@ -35,6 +35,11 @@ bool TermTable::HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t t
   return it != releases_.end() && it->second.first == term && it->second.second;
 }
 
+bool TermTable::HolderReleasesWithoutAMirror(const std::string& vm, uint64_t term) const {
+  auto it = releases_.find(vm);
+  return it != releases_.end() && it->second.first == term && !it->second.second;
+}
+
 bool TermTable::Live(const std::string& vm, Clock::time_point now) const {
   auto e = expiry_.find(vm);
   return e != expiry_.end() && now < e->second;
@@ -143,6 +148,24 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
     out.set_ttl_ms(Ms(lease_));
     return out;
   };
+  // The holder runs on in its own term (a renewal, a confirmation, a retake of its lapsed lease),
+  // unless it now releases without a mirror: from then on the mirror's replica falls behind, so
+  // the first request that says so in a term gets a new one, and no replica of the old term can
+  // be promoted (its host is superseded until a synchronisation brings it the new term).
+  auto grant_holder = [&](Record next) {
+    bool leaves_the_mirror_behind = !r.releases_only_acknowledged() &&
+                                    next.confirmed == next.term &&
+                                    !HolderReleasesWithoutAMirror(vm, next.term);
+    if (leaves_the_mirror_behind) {
+      next = Record{.term = next.term + 1, .confirmed = next.term + 1, .holder = r.node()};
+    }
+    grant(next);
+    if (leaves_the_mirror_behind && out.granted()) {
+      *log = absl::StrCat(*log, ": it releases without a mirror, whose replica of term ",
+                          next.term - 1, " falls behind");
+    }
+    return out;
+  };
   if (live && current.holder == r.node()) {
     // A renewal; or a request of the node a hand-over named, which confirms its term unless
     // tentative. It confirms it only from the state the hand-over gave it: a recipient's
@@ -158,7 +181,7 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
       }
       next.confirmed = next.term;
     }
-    return grant(next);
+    return grant_holder(next);
   }
   if (state < current.confirmed) {
     out.set_superseded(true);
@@ -192,7 +215,7 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
   if (current.holder == r.node() && state == current.term && current.term != 0) {
     Record next = current;
     next.confirmed = next.term;
-    return grant(next);
+    return grant_holder(next);
   }
   return grant(Record{.term = current.term + 1, .confirmed = current.term + 1, .holder = r.node()});
 }

@@ -74,8 +74,10 @@ class TermTable {
   absl::Status Commit(const std::string& vm, const Record& next);
   bool Live(const std::string& vm, Clock::time_point now) const;
 
-  // Whether `vm`'s holder promised, in its term, to release only what its mirror acknowledged.
+  // Whether `vm`'s holder promised, in its term, to release only what its mirror acknowledged;
+  // and whether it said, in its term, that it releases without one.
   bool HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t term) const;
+  bool HolderReleasesWithoutAMirror(const std::string& vm, uint64_t term) const;
 
   const std::chrono::milliseconds lease_;
   const size_t max_vms_;

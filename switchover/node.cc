@@ -118,7 +118,7 @@ class NodeImpl : public Node {
                                          .mirror_paths = PeerPaths(),
                                          .epoch = o_.epoch,
                                          .run_unprotected = run_unprotected_,
-                                         .term = o_.lease ? o_.lease->term() : 0,
+                                         .term = LeaseTerm(),
                                          .before_unprotected = BeforeUnprotected(),
                                          .compression = o_.compression,
                                          .protection = o_.protection,
@@ -755,18 +755,29 @@ class NodeImpl : public Node {
   // rejoins as the mirror), never safety: a failure to record it does not stop the VM.
   void EnterTerm(vmm::OutputGate& gate) {
     if (!o_.lease) return;
-    if (!disk_path_.empty()) {
-      if (auto s = WriteTermFile(disk_path_, o_.lease->term()); !s.ok()) {
-        Log(absl::StrCat("cannot record term ", o_.lease->term(), " beside the disk (", s.message(),
-                         "): should this host be restarted as the primary, the witness will "
-                         "refuse its files; it can rejoin as the mirror"));
-      }
-    }
+    RecordTerm();
     gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
     auto releases_only_proven = std::make_shared<std::atomic<bool>>(false);
     gate.ShareReleasesOnlyProven(releases_only_proven);
-    gate.SetTermSource([lease = o_.lease] { return lease->term(); });
+    gate.SetTermSource(LeaseTerm());
     o_.lease->SetReleaseState(std::move(releases_only_proven));
+  }
+
+  void RecordTerm() {
+    if (disk_path_.empty()) return;
+    uint64_t term = o_.lease->term();
+    if (auto s = WriteTermFile(disk_path_, term); !s.ok()) {
+      Log(absl::StrCat("cannot record term ", term, " beside the disk (", s.message(),
+                       "): should this host be restarted as the primary, the witness will "
+                       "refuse its files; it can rejoin as the mirror"));
+    }
+  }
+
+  // The lease's term, read by the replicator and the gate: it grows while the VM runs here,
+  // when it releases without a mirror (see BeforeUnprotected). None without a witness.
+  std::function<uint64_t()> LeaseTerm() const {
+    if (!o_.lease) return nullptr;
+    return [lease = o_.lease] { return lease->term(); };
   }
 
   // What must hold before outputs leave without a mirror. Right after a hand-over, while the
@@ -787,7 +798,10 @@ class NodeImpl : public Node {
       handover_window_until_ = Clock::time_point{};
       if (o_.lease) {
         if (auto s = o_.lease->Confirm(milliseconds(1000)); !s.ok()) return s;
+        uint64_t term = o_.lease->term();
+        // The witness makes this a new term, which leaves the mirror's replica behind.
         if (auto s = o_.lease->DeclareUnprotected(milliseconds(1000)); !s.ok()) return s;
+        if (o_.lease->term() != term) RecordTerm();
       }
       return o_.before_unprotected ? o_.before_unprotected() : absl::OkStatus();
     };

@@ -133,6 +133,43 @@ TEST_P(VmAuthority, APromotedPrimaryKilledWhileAloneCannotBootAnEmptyVmInItsOwnT
   EXPECT_FALSE(cli::LedgerClient::Connect("127.0.0.1", hosts_->ledger_port(Host::kB), 500).ok());
 }
 
+// Found by the nemesis (process, seed 1209, round 60): the mirror stopped committing (its disk
+// was full; here it is frozen), so its primary, running without a mirror since a failover,
+// released without it; then that primary was killed. Its lease lapsed, and the mirror promoted
+// its replica, of the same term, which lacked 1212 writes the clients had seen. Now releasing
+// without a mirror is a new term at the witness: the replica of the older one is superseded.
+TEST_P(VmAuthority, AMirrorLeftBehindWhileItsPrimaryRanAloneIsNeverPromoted) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  cli::Process& b = hosts_->process(Host::kB);
+  hosts_->process(Host::kA).Signal(SIGKILL);
+  ASSERT_TRUE(b.WaitForLine("promoted (", testing::ScaledMs(30)).ok()) << b.output();
+  ASSERT_TRUE(hosts_->Rejoin(Host::kA).ok());
+  cli::Process& a = hosts_->process(Host::kA);
+  ASSERT_TRUE(a.WaitForLine("synchronised:", testing::ScaledMs(60)).ok()) << a.output();
+  ASSERT_TRUE(b.WaitForLine("protected |", testing::ScaledMs(30)).ok()) << b.output();
+  auto protected_term = Status(Host::kB);
+  ASSERT_TRUE(protected_term.ok()) << protected_term.status();
+  cli::LoadOptions o = hosts_->Load(Host::kB);
+  o.clients = 2;
+  o.duration_s = 3;
+  absl::StatusOr<cli::LoadReport> report;
+  std::thread load([&] { report = cli::RunLoad(o); });
+  a.Signal(SIGSTOP);
+  // b runs without its mirror, and answers.
+  auto alone = b.WaitForLine("running UNPROTECTED", testing::ScaledMs(30));
+  auto alone_term = Status(Host::kB);
+  b.Signal(SIGKILL);
+  a.Signal(SIGCONT);
+  load.join();
+  ASSERT_TRUE(alone.ok()) << alone.status() << b.output();
+  auto refused = a.WaitForLine("not promoting", testing::ScaledMs(30));
+  ASSERT_TRUE(refused.ok()) << refused.status() << a.output();
+  EXPECT_THAT(*refused, HasSubstr("superseded")) << a.output();
+  ASSERT_TRUE(alone_term.ok()) << alone_term.status();
+  EXPECT_GT(alone_term->term(), protected_term->term());
+  EXPECT_THAT(a.output(), ::testing::Not(HasSubstr("promoted ("))) << a.output();
+}
+
 // Finding 6: a planned migration used to leave a window with no replica: the new primary ran
 // unprotected at once, and the old host, seeded with its memory but not promotable until the
 // new primary's synchronisation committed, could not take over if the new primary died in that

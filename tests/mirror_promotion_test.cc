@@ -107,7 +107,7 @@ class MirrorPromotion : public ::testing::Test {
     o.identity = {"pm", 16ull << 20, 4ull << 20, MirrorDefaultPlatform()};
     o.key = kKey;
     o.mirror_port = port_;
-    if (lease_) o.term = lease_->term();  // the term the test's lease holds for this primary
+    if (lease_) o.term = [l = lease_.get()] { return l->term(); };  // the test's lease's
     auto p = replicator::Primary::Start(*engine_, gate_, o);
     ASSERT_TRUE(p.ok()) << p.status();
     primary_ = std::move(*p);
