@@ -594,7 +594,10 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
 
   // Places what arrived, checked: a page or chunk must be one that was to come, match its hash,
   // and arrive once; on the demand connection, only what was asked for. The one allowed
-  // duplicate: asked for on demand while the background stream brought it.
+  // duplicate: asked for on demand while the background stream brought it. Whether a page or
+  // chunk that is here already was asked for is read after placing failed, not before placing:
+  // the guest may touch it in between, and the demand connection bring it and place it first
+  // (it is asked for before its request leaves, so a page placed from there reads as asked).
   auto take = [&](const pb::Frame& f, bool on_demand) -> absl::Status {
     auto asked_for = [&](bool page, uint64_t i) {
       std::lock_guard<std::mutex> lock(asked.mu);
@@ -614,13 +617,13 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         if (XXH3_64bits(page, kPageSize) != run->hashes[i]) {
           return absl::DataLossError(absl::StrFormat("page %#x does not match its hash", gfn));
         }
-        bool asked_page = asked_for(true, gfn);
-        if (on_demand && !asked_page) {
+        if (on_demand && !asked_for(true, gfn)) {
           return absl::DataLossError(absl::StrFormat("page %#x came unasked", gfn));
         }
+        if (!on_demand && options_.before_placing) options_.before_placing(gfn);
         absl::Status s = target->pages->Place(gfn, page);
-        if (absl::IsAlreadyExists(s) && asked_page) continue;
         if (absl::IsAlreadyExists(s)) {
+          if (asked_for(true, gfn)) continue;
           return absl::DataLossError(absl::StrFormat("page %#x arrived twice", gfn));
         }
         if (!s.ok()) return s;
@@ -639,13 +642,12 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         return absl::DataLossError(
             absl::StrCat("disk chunk ", c.chunk(), " does not match its hash"));
       }
-      bool asked_chunk = asked_for(false, c.chunk());
-      if (on_demand && !asked_chunk) {
+      if (on_demand && !asked_for(false, c.chunk())) {
         return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " came unasked"));
       }
       absl::Status s = target->disk->PlaceChunk(c.chunk(), c.data());
-      if (absl::IsAlreadyExists(s) && asked_chunk) return absl::OkStatus();
       if (absl::IsAlreadyExists(s)) {
+        if (asked_for(false, c.chunk())) return absl::OkStatus();
         return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " arrived twice"));
       }
       if (!s.ok()) return s;

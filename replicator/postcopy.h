@@ -89,6 +89,10 @@ class PostcopyDestination {
   struct Options {
     Identity identity;  // the VM's geometry, as the handshake agreed
     std::chrono::milliseconds peer_timeout{5000};
+    // Test hook: runs on the main connection's thread for each page the background stream
+    // brought, checked and about to be placed (a test holds it there while the same page is
+    // touched and fetched on demand).
+    std::function<void(uint64_t gfn)> before_placing = nullptr;
   };
   explicit PostcopyDestination(Options options) : options_(std::move(options)) {}
   // Receives the VM on `main` (after the pages of a hybrid's pre-copy rounds), resumes it through
