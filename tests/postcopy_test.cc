@@ -723,6 +723,79 @@ TEST_P(VmPostcopyMigration, APageFetchedOnDemandWhileTheStreamBringsItIsNoDuplic
   testing::RunGuestUntil(*dest.vm(), kLimit);
 }
 
+// A destination that stops the guest midway tells the source why before it ends the connection,
+// and the source reports that, not how the end looked from its side: it was still streaming, and
+// its writes failed with "Broken pipe". The failure here: the demand connection breaks as the
+// first page of the background stream arrives. The VM stays the source's, whole, to resume.
+TEST_P(VmPostcopyMigration, ADestinationThatStopsTheGuestMidwayTellsTheSourceWhy) {
+  Connections c = Connect(platform(), testing::ScaledMs(10));
+  ASSERT_TRUE(c.source_main && c.source_demand && c.dest_main && c.dest_demand);
+  replicator::PostcopySource source({.peer_timeout = testing::ScaledMs(10)});
+  absl::StatusOr<replicator::PostcopySource::Report> report;
+  std::thread source_thread(
+      [&] { report = source.Run(*source_, *c.source_main, *c.source_demand); });
+  Destination dest(dir_);
+  std::atomic<bool> broke{false};
+  replicator::PostcopyDestination destination(
+      {.identity = {"postcopy-vm", kMemory, kDisk, platform()},
+       .peer_timeout = testing::ScaledMs(10),
+       .before_placing = [&](uint64_t) {
+         if (broke.exchange(true)) return;
+         c.dest_demand->Shutdown();
+         // The stream thread goes on once the destination has failed (and told the source).
+         EXPECT_TRUE(testing::WaitUntil([&] { return !dest.stop_reason().empty(); }, 10));
+       }});
+  absl::Status received = destination.Run(*c.dest_main, *c.dest_demand, dest.adopt());
+  source_thread.join();
+  EXPECT_TRUE(broke);
+  EXPECT_FALSE(received.ok());
+  ASSERT_FALSE(report.ok());
+  // Before the commit: the destination cannot have taken the VM.
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
+  EXPECT_NE(report.status().message().find("the destination said: post-copy stopped the guest"),
+            std::string::npos)
+      << report.status();
+  EXPECT_NE(report.status().message().find("never arrived"), std::string::npos) << report.status();
+  EXPECT_EQ(report.status().message().find("Broken pipe"), std::string::npos) << report.status();
+  ASSERT_NE(dest.vm(), nullptr);
+  EXPECT_TRUE(dest.vm()->exited());
+  // Nothing lost: the VM resumes at the source and runs its workload to the end.
+  ASSERT_TRUE(source_->Resume().ok());
+  testing::RunGuestUntil(*source_, kLimit);
+}
+
+// The source's side of it, by a destination played by hand: it resumes the VM, then says why it
+// stops and ends the main connection at once. The source, streaming into a connection the
+// destination ended, reports the destination's words.
+TEST_P(VmPostcopyMigration, ASourceWritingIntoAnEndedConnectionReportsTheDestinationsWords) {
+  Connections c = Connect(platform(), testing::ScaledMs(10));
+  ASSERT_TRUE(c.source_main && c.source_demand && c.dest_main && c.dest_demand);
+  replicator::PostcopySource source({.peer_timeout = testing::ScaledMs(10)});
+  absl::StatusOr<replicator::PostcopySource::Report> report;
+  std::thread source_thread(
+      [&] { report = source.Run(*source_, *c.source_main, *c.source_demand); });
+  auto start = c.dest_main->Receive();
+  bool started = start.ok() && start->has_postcopy_start();
+  if (started) {
+    pb::Frame f;
+    f.mutable_postcopy_started()->set_running(true);
+    (void)c.dest_main->Send(f);
+    pb::Frame why;
+    why.mutable_refusal()->set_reason("the guest was stopped here");
+    (void)c.dest_main->Send(why);
+  }
+  c.dest_main->Shutdown();
+  c.dest_demand->Shutdown();
+  source_thread.join();
+  ASSERT_TRUE(started) << start.status();
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kAborted) << report.status();
+  EXPECT_NE(report.status().message().find("the destination said: the guest was stopped here"),
+            std::string::npos)
+      << report.status();
+  EXPECT_TRUE(source_->Resume().ok());
+}
+
 ROMULUS_ON_EVERY_PLATFORM(VmPostcopyMigration);
 
 }  // namespace
