@@ -17,7 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "guest/abi.h"
-#include "replicator/mirror_session.h"  // Log
+#include "replicator/mirror_session.h"  // Log, PeerText
 #include "vmm/xxhash_dispatch.h"
 
 namespace romulus::replicator {
@@ -114,6 +114,33 @@ DirtyBitmap ChunksToCome(int fd, uint64_t disk_bytes) {
 
 absl::Status SourceGone(const absl::Status& receiving) {
   return absl::UnavailableError(absl::StrCat("the source is gone (", receiving.message(), ")"));
+}
+
+// The destination's last frame on the main connection when it ends the post-copy (it stopped the
+// guest, or did not take the VM): why, so that the source can say so.
+void TellTheSource(Channel& main, absl::string_view why) {
+  pb::Frame f;
+  f.mutable_refusal()->set_reason(std::string(why.substr(0, kMaxPeerText)));
+  (void)main.Send(f);  // the source may be gone: then there is nobody to tell
+}
+
+absl::Status DestinationSaid(const pb::Refusal& refusal) {
+  return absl::AbortedError(absl::StrCat("the destination said: ", PeerText(refusal.reason())));
+}
+
+// How the main connection ended, in the destination's words when it said why (TellTheSource)
+// rather than as `seen`: a source writing on after the destination ended sees only "Broken pipe"
+// or a reset, and would count a failure it did not understand. Shuts `main` down first, so that
+// reading stops at what has arrived (the connection is over either way, and a destination that
+// is alive and said nothing must not hold this side): what the destination sent before it ended
+// is still read, a reset notwithstanding.
+absl::Status InTheDestinationsWords(Channel& main, const absl::Status& seen) {
+  main.Shutdown();
+  while (true) {
+    auto f = main.Receive();
+    if (!f.ok()) return seen;
+    if (f->has_refusal()) return DestinationSaid(f->refusal());
+  }
 }
 
 pb::Frame ChunkFrame(uint64_t chunk, std::string data) {
@@ -265,7 +292,7 @@ absl::Status PostcopySource::Precopy(vmm::CheckpointableVm& vm, Channel& main, u
       if (gfns.size() == kPagesPerBatch) flush();
     });
     if (sent.ok() && !gfns.empty()) flush();
-    if (!sent.ok()) return sent;
+    if (!sent.ok()) return InTheDestinationsWords(main, sent);
     auto dirty = harvest();
     if (!dirty.ok()) return dirty.status();
     std::lock_guard<std::mutex> lock(mu_);
@@ -339,9 +366,10 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::Checkpoint
   Clock::time_point started = Clock::now();
   main.KeepAlive(options_.peer_timeout / 4);
   demand.KeepAlive(options_.peer_timeout / 4);
-  if (auto s = main.Send(start); !s.ok()) return s;
+  if (auto s = main.Send(start); !s.ok()) return InTheDestinationsWords(main, s);
   auto reply = main.Receive();
-  if (!reply.ok()) return reply.status();
+  if (!reply.ok()) return InTheDestinationsWords(main, reply.status());
+  if (reply->has_refusal()) return DestinationSaid(reply->refusal());
   if (!reply->has_postcopy_started()) {
     return absl::DataLossError("post-copy: the destination did not answer the start");
   }
@@ -402,6 +430,7 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::Checkpoint
     if (auto s2 = main.Send(end); !s2.ok()) return s2;
     auto done = main.Receive();
     if (!done.ok()) return done.status();
+    if (done->has_refusal()) return DestinationSaid(done->refusal());
     if (!done->has_postcopy_done()) {
       return absl::DataLossError("post-copy: the destination did not say it holds everything");
     }
@@ -417,12 +446,14 @@ absl::StatusOr<PostcopySource::Report> PostcopySource::RunPaused(vmm::Checkpoint
     if (auto s2 = main.Send(commit); !s2.ok()) return s2;
     auto committed = main.Receive();
     if (!committed.ok()) return committed.status();
+    if (committed->has_refusal()) return DestinationSaid(committed->refusal());
     if (!committed->has_postcopy_committed()) {
       return absl::DataLossError("post-copy: the destination did not confirm the commit");
     }
     return absl::OkStatus();
   };
   absl::Status streamed = stream();
+  if (!streamed.ok()) streamed = InTheDestinationsWords(main, streamed);
   demand.Shutdown();
   demand_thread.join();
   if (!streamed.ok()) {
@@ -455,6 +486,16 @@ PostcopyProgress PostcopyDestination::progress() const {
 }
 
 absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adopt& adopt) {
+  bool adopting = false;
+  absl::Status received = Receive(main, demand, adopt, &adopting);
+  // From the adoption on the source is told (PostcopyStarted, or by the failure that stops the
+  // guest); before it, only here.
+  if (!received.ok() && !adopting) TellTheSource(main, received.message());
+  return received;
+}
+
+absl::Status PostcopyDestination::Receive(Channel& main, Channel& demand, const Adopt& adopt,
+                                          bool* adopting) {
   const uint64_t memory_pages = options_.identity.memory_bytes / kPageSize;
   const uint64_t chunk_count = ChunkCount(options_.identity.disk_bytes);
   auto memory = vmm::GuestMemory::CreateMemfd(options_.identity.memory_bytes);
@@ -542,6 +583,7 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
     asked.cv.notify_all();
   };
   const DirtyBitmap to_come = *missing, chunks_to_come = *missing_chunks;
+  *adopting = true;
   auto target = adopt(std::move(*memory), st.state(), std::move(*missing),
                       std::move(*missing_chunks), on_page, on_chunk);
   pb::Frame started;
@@ -584,6 +626,8 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         "post-copy stopped the guest: %s; %d pages and %d disk chunks never arrived", why.message(),
         target->pages->stats().missing, target->disk->missing_chunks());
     target->stop(reason);
+    // Before the end: a source still streaming would otherwise see only its writes fail.
+    TellTheSource(main, reason);
     main.Shutdown();
     demand.Shutdown();
     std::lock_guard<std::mutex> lock(asked.mu);
@@ -594,7 +638,10 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
 
   // Places what arrived, checked: a page or chunk must be one that was to come, match its hash,
   // and arrive once; on the demand connection, only what was asked for. The one allowed
-  // duplicate: asked for on demand while the background stream brought it.
+  // duplicate: asked for on demand while the background stream brought it. Whether a page or
+  // chunk that is here already was asked for is read after placing failed, not before placing:
+  // the guest may touch it in between, and the demand connection bring it and place it first
+  // (it is asked for before its request leaves, so a page placed from there reads as asked).
   auto take = [&](const pb::Frame& f, bool on_demand) -> absl::Status {
     auto asked_for = [&](bool page, uint64_t i) {
       std::lock_guard<std::mutex> lock(asked.mu);
@@ -614,13 +661,13 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         if (XXH3_64bits(page, kPageSize) != run->hashes[i]) {
           return absl::DataLossError(absl::StrFormat("page %#x does not match its hash", gfn));
         }
-        bool asked_page = asked_for(true, gfn);
-        if (on_demand && !asked_page) {
+        if (on_demand && !asked_for(true, gfn)) {
           return absl::DataLossError(absl::StrFormat("page %#x came unasked", gfn));
         }
+        if (!on_demand && options_.before_placing) options_.before_placing(gfn);
         absl::Status s = target->pages->Place(gfn, page);
-        if (absl::IsAlreadyExists(s) && asked_page) continue;
         if (absl::IsAlreadyExists(s)) {
+          if (asked_for(true, gfn)) continue;
           return absl::DataLossError(absl::StrFormat("page %#x arrived twice", gfn));
         }
         if (!s.ok()) return s;
@@ -639,13 +686,12 @@ absl::Status PostcopyDestination::Run(Channel& main, Channel& demand, const Adop
         return absl::DataLossError(
             absl::StrCat("disk chunk ", c.chunk(), " does not match its hash"));
       }
-      bool asked_chunk = asked_for(false, c.chunk());
-      if (on_demand && !asked_chunk) {
+      if (on_demand && !asked_for(false, c.chunk())) {
         return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " came unasked"));
       }
       absl::Status s = target->disk->PlaceChunk(c.chunk(), c.data());
-      if (absl::IsAlreadyExists(s) && asked_chunk) return absl::OkStatus();
       if (absl::IsAlreadyExists(s)) {
+        if (asked_for(false, c.chunk())) return absl::OkStatus();
         return absl::DataLossError(absl::StrCat("disk chunk ", c.chunk(), " arrived twice"));
       }
       if (!s.ok()) return s;

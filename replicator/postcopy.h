@@ -19,6 +19,9 @@
 // Until the end the VM's memory is split across the two hosts: if the source dies first, the
 // guest is stopped, saying how much never arrived; it never runs on a page that did not arrive.
 // Every page and chunk is checked against its hash, its range and whether it was to come at all.
+// A destination that stops the guest (or refuses the VM before it runs) says why in its last
+// frame on the main connection (pb::Refusal), and the source reports that rather than how the
+// end looked from its side (still streaming, it sees "Broken pipe").
 // Internal to the replicator.
 #ifndef ROMULUS_REPLICATOR_POSTCOPY_H_
 #define ROMULUS_REPLICATOR_POSTCOPY_H_
@@ -89,18 +92,26 @@ class PostcopyDestination {
   struct Options {
     Identity identity;  // the VM's geometry, as the handshake agreed
     std::chrono::milliseconds peer_timeout{5000};
+    // Test hook: runs on the main connection's thread for each page the background stream
+    // brought, checked and about to be placed (a test holds it there while the same page is
+    // touched and fetched on demand).
+    std::function<void(uint64_t gfn)> before_placing = nullptr;
   };
   explicit PostcopyDestination(Options options) : options_(std::move(options)) {}
   // Receives the VM on `main` (after the pages of a hybrid's pre-copy rounds), resumes it through
   // `adopt`, and takes in everything still to come. OK once every page and chunk is here (the guest
   // runs on all of its memory). An error before `adopt` succeeded leaves nothing running; after it,
-  // the guest was stopped (with the error as the reason) and is not to run again.
+  // the guest was stopped (with the error as the reason) and is not to run again. Either way the
+  // source is told why, on `main`, before it ends.
   absl::Status Run(Channel& main, Channel& demand, const Adopt& adopt);
   // Any thread.
   PostcopyProgress progress() const;
 
  private:
   class Receiver;
+  // Run's work. `*adopting`: `adopt` was called, and from then on a failure has told the source
+  // already (PostcopyStarted, or the failure's pb::Refusal).
+  absl::Status Receive(Channel& main, Channel& demand, const Adopt& adopt, bool* adopting);
   Options options_;
   mutable std::mutex mu_;
   PostcopyProgress progress_;  // under mu_

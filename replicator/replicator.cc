@@ -489,7 +489,15 @@ class MirrorImpl : public Mirror {
   // adopts). True when the VM was adopted, whatever happened after.
   bool ReceivePostcopy(std::unique_ptr<Channel> main, std::unique_ptr<Channel> demand) {
     std::string peer = main->peer();
+    // Refused before the destination's protocol ran (which tells the source itself): the source
+    // is told why on the main connection, so that it need not make sense of a broken pipe.
+    auto refuse = [&](absl::string_view why) {
+      pb::Frame f;
+      f.mutable_refusal()->set_reason(PeerText(why));
+      (void)main->Send(f);
+    };
     if (!options_.postcopy) {
+      refuse("this host takes no post-copy migration");
       Reject(absl::StrCat("refused a post-copy migration from ", peer, ": this host takes none"));
       return false;
     }
@@ -506,8 +514,9 @@ class MirrorImpl : public Mirror {
       stats_.peer = peer;
     }
     Log(options_.log, absl::StrCat("post-copy source ", peer, " connected"));
-    bool adopted = false;
+    bool adopted = false, ran = false;
     absl::Status s = options_.postcopy([&](const PostcopyAdopt& adopt) {
+      ran = true;
       return destination.Run(
           *main, *demand,
           [&](std::unique_ptr<vmm::GuestMemory> memory, const pb::VmSnapshot& state,
@@ -529,6 +538,7 @@ class MirrorImpl : public Mirror {
       stats_.handed_over = adopted;
     }
     if (!adopted) {
+      if (!ran) refuse(s.message());
       Reject(absl::StrCat("refused a post-copy migration from ", peer, ": ", s.message()));
     }
     return adopted;
