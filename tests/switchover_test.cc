@@ -176,12 +176,9 @@ TEST(Lease, AHandOverGivesTheLeaseToTheNamedNodeAndTakesItFromTheGiver) {
 }
 
 TEST(Heartbeat, PeersOnTwoLoopbackPathsSeeEachOtherAndNoticeWhenOneIsGone) {
-  auto port = [] {
-    namespace asio = boost::asio;
-    asio::io_context io;
-    asio::ip::udp::socket s(io, asio::ip::udp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
-    return s.local_endpoint().port();
-  };
+  // Claimed below the ephemeral range (cli::FreePort): a port that binding 0 gave, released and
+  // bound again later, is one the kernel may meanwhile give any outgoing connection.
+  auto port = [] { return testing::FreePort(SOCK_DGRAM); };
   uint16_t a1 = port(), a2 = port(), b1 = port(), b2 = port();
   std::atomic<int> a_dead{0};
   auto options = [&](const std::string& node, std::vector<PathConfig> paths) {
