@@ -396,7 +396,11 @@ class NodeImpl : public Node {
       role_ = Role::kIdle;
     }
     mirror.reset();  // nothing more is received or applied: the replica is final
-    if (auto s = ResumeReplica(); !s.ok()) return s;
+    if (auto s = ResumeReplica(); !s.ok()) {
+      // Nothing holds the lease that does not run the VM (the old primary stays superseded).
+      if (o_.lease) o_.lease->Want(false);
+      return s;
+    }
     promotion_seconds_.Observe(MsSince(t0) / 1000);
     return absl::StrFormat(
         "promoted (%s): resumed epoch %d as the primary in %.1f ms (authorised in %.1f ms%s); %s",
