@@ -698,6 +698,7 @@ class PrimaryImpl : public Primary {
                                                          std::mt19937_64& rng) {
     Channel::Terms terms{options_.identity, options_.key, options_.protection};
     terms.term = options_.term ? options_.term() : 0;
+    connection_term_ = terms.term;
     std::vector<Options::Path> paths = options_.mirror_paths;
     if (paths.empty()) paths.push_back({options_.mirror_host, options_.mirror_port});
     std::vector<size_t> use(paths.size());
@@ -783,7 +784,9 @@ class PrimaryImpl : public Primary {
       absl::Status why = session_.Synchronise(sync_batch_pages_);
       if (why.ok()) {
         // From the full checkpoint on, outputs wait for the mirror (they were released so far
-        // only when running unprotected; the full checkpoint covers everything before it).
+        // only when running unprotected; the full checkpoint covers everything before it). The
+        // mirror may commit checkpoints of this connection's term from now on.
+        if (options_.on_mirror_commits) options_.on_mirror_commits(connection_term_);
         if (options_.run_unprotected) gate_.SetHolding(true);
         released_unprotected_ = false;
         why = session_.Stream();
@@ -819,7 +822,8 @@ class PrimaryImpl : public Primary {
   Options options_;
   PrimarySession session_;  // the epoch protocol; after options_, which it reads
   // The connecting thread's own (or the constructor's):
-  uint64_t session_id_ = 0;  // tells the mirror whether epochs continue or start afresh
+  uint64_t session_id_ = 0;       // tells the mirror whether epochs continue or start afresh
+  uint64_t connection_term_ = 0;  // the term the current connection's handshake carried
   // With run_unprotected: outputs leave without a mirror now; and why there is none, for the
   // state line.
   bool released_unprotected_ = false;

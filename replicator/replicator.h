@@ -319,6 +319,11 @@ class Primary {
     // What it is for: making sure no other host's replica, which falls behind from then on, can
     // be promoted (a cluster withdraws their promotion scores). It must return within a bound.
     std::function<absl::Status()> before_unprotected = nullptr;
+    // Called (on the connecting thread) with the connection's term when a synchronisation has
+    // sent everything but the full checkpoint: from then on the mirror may commit checkpoints of
+    // that term, and outputs wait for it. Releasing without a mirror later in that term would
+    // leave a replica of it behind (the witness then gives a new term first).
+    std::function<void(uint64_t term)> on_mirror_commits = nullptr;
     pb::Compression compression = pb::COMPRESSION_NONE;
     Protection protection = {};
     // Pre-copy ends when what is left fits an epoch at the rate measured so far, when a round

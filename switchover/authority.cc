@@ -35,11 +35,6 @@ bool TermTable::HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t t
   return it != releases_.end() && it->second.first == term && it->second.second;
 }
 
-bool TermTable::HolderReleasesWithoutAMirror(const std::string& vm, uint64_t term) const {
-  auto it = releases_.find(vm);
-  return it != releases_.end() && it->second.first == term && !it->second.second;
-}
-
 bool TermTable::Live(const std::string& vm, Clock::time_point now) const {
   auto e = expiry_.find(vm);
   return e != expiry_.end() && now < e->second;
@@ -123,6 +118,12 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
   out.set_holder(live ? current.holder : "");
   out.set_ttl_ms(live ? Ms(expiry_[vm] - now) : 0);
   uint64_t state = r.state_term();
+  // The holder, given a new term when it began releasing without a mirror, whose reply with
+  // it was lost: its VM, the newest, ran on from the term before.
+  if (r.node() == current.holder && current.ran_from != 0 && state == current.ran_from &&
+      current.confirmed == current.term) {
+    state = current.term;
+  }
   if (state > current.term) {
     out.set_reason(absl::StrCat("this node's state is of term ", state,
                                 ", newer than any this witness granted (", current.term,
@@ -149,15 +150,17 @@ pb::LeaseReply TermTable::Acquire(const pb::LeaseRequest& r, Clock::time_point n
     return out;
   };
   // The holder runs on in its own term (a renewal, a confirmation, a retake of its lapsed lease),
-  // unless it now releases without a mirror: from then on the mirror's replica falls behind, so
-  // the first request that says so in a term gets a new one, and no replica of the old term can
-  // be promoted (its host is superseded until a synchronisation brings it the new term).
+  // unless it releases without a mirror while a mirror may hold a replica of that term: from
+  // then on the replica falls behind, so the holder gets a new term, and no replica of the old
+  // one can be promoted (its host is superseded until a synchronisation brings it the new term).
   auto grant_holder = [&](Record next) {
     bool leaves_the_mirror_behind = !r.releases_only_acknowledged() &&
-                                    next.confirmed == next.term &&
-                                    !HolderReleasesWithoutAMirror(vm, next.term);
+                                    next.confirmed == next.term && r.mirror_term() >= next.term;
     if (leaves_the_mirror_behind) {
-      next = Record{.term = next.term + 1, .confirmed = next.term + 1, .holder = r.node()};
+      next = Record{.term = next.term + 1,
+                    .confirmed = next.term + 1,
+                    .holder = r.node(),
+                    .ran_from = next.term};
     }
     grant(next);
     if (leaves_the_mirror_behind && out.granted()) {

@@ -46,6 +46,10 @@ class TermTable {
     uint64_t term = 0;       // the newest term granted
     uint64_t confirmed = 0;  // the newest term that ran
     std::string holder;      // who holds `term`
+    // When `term` was given to its holder because it began releasing without a mirror: the
+    // term its VM ran in until then (0 otherwise). Its VM is the newest; its requests of that
+    // older term (the reply with the new one lost) count as of `term`.
+    uint64_t ran_from = 0;
     bool operator==(const Record&) const = default;
   };
   using Records = std::map<std::string, Record>;  // by VM id
@@ -74,10 +78,8 @@ class TermTable {
   absl::Status Commit(const std::string& vm, const Record& next);
   bool Live(const std::string& vm, Clock::time_point now) const;
 
-  // Whether `vm`'s holder promised, in its term, to release only what its mirror acknowledged;
-  // and whether it said, in its term, that it releases without one.
+  // Whether `vm`'s holder promised, in its term, to release only what its mirror acknowledged.
   bool HolderReleasesOnlyAcknowledged(const std::string& vm, uint64_t term) const;
-  bool HolderReleasesWithoutAMirror(const std::string& vm, uint64_t term) const;
 
   const std::chrono::milliseconds lease_;
   const size_t max_vms_;
@@ -105,6 +107,9 @@ class LeaseState {
   // of it and the term of this node's own lease.
   void SetStateTerm(uint64_t term) { state_term_ = std::max(state_term_, term); }
   uint64_t request_term() const { return std::max(state_term_, term_); }
+  // This node's mirror may have committed checkpoints of `term` (LeaseRequest.mirror_term).
+  void SetMirrorTerm(uint64_t term) { mirror_term_ = std::max(mirror_term_, term); }
+  uint64_t mirror_term() const { return mirror_term_; }
 
   // Request `id` (ids grow) was sent, saying whether this node releases without a mirror.
   void Sent(uint64_t id, bool unprotected) {
@@ -123,8 +128,10 @@ class LeaseState {
   // May release outputs without a mirror: the lease of term() is held, and the witness granted a
   // request of that term that said so, sent after the last that said otherwise (the witness
   // grants no takeover while the newest request it took from the holder said so).
+  // And in a term newer than any its mirror may hold a replica of: the witness gives a holder
+  // whose requests say both a new term.
   bool MayReleaseUnprotected(Clock::time_point now) const {
-    return Held(now) && term_ != 0 && unprotected_term_ == term_ &&
+    return Held(now) && term_ != 0 && term_ > mirror_term_ && unprotected_term_ == term_ &&
            unprotected_id_ > last_protected_id_;
   }
   uint64_t term() const { return term_; }  // of the lease this node holds or last held
@@ -132,7 +139,7 @@ class LeaseState {
   Clock::time_point held_until() const { return held_until_; }
 
  private:
-  uint64_t term_ = 0, state_term_ = 0;
+  uint64_t term_ = 0, state_term_ = 0, mirror_term_ = 0;
   // The last grant of a request that said it releases without a mirror: its term and id; and
   // the newest request sent that said otherwise.
   uint64_t unprotected_term_ = 0, unprotected_id_ = 0, last_protected_id_ = 0;

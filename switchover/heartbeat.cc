@@ -122,9 +122,12 @@ class HeartbeatImpl : public Heartbeat {
     // A heartbeat on every path now rather than at the next tick: if the peer's process is gone,
     // its host's "port unreachable" comes back within a round trip (Drain).
     asio::post(io_, [this] {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto now = Clock::now();
-      for (auto& p : paths_) Send(*p, now);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto now = Clock::now();
+        for (auto& p : paths_) Send(*p, now);  // may find a refusal from an earlier one
+      }
+      Judge();
     });
   }
 
@@ -342,7 +345,8 @@ class HeartbeatImpl : public Heartbeat {
   }
 
   // Reads what waits in the path's socket, up to a batch. The kernel reports an ICMP "port
-  // unreachable" after the datagrams that came before it.
+  // unreachable" before datagrams queued earlier: those, read after a refusal, were sent before
+  // it and do not clear it.
   void Drain(Path& p) {
     bool refused = false;
     for (int i = 0; i < kDrainBatch; i++) {
@@ -350,7 +354,7 @@ class HeartbeatImpl : public Heartbeat {
       size_t n = p.socket.receive_from(asio::buffer(p.buffer), p.from, 0, ec);
       if (ec == asio::error::would_block || ec == asio::error::try_again) break;
       if (!ec) {
-        Accept(p, absl::string_view(p.buffer.data(), n));
+        Accept(p, absl::string_view(p.buffer.data(), n), /*clears_refusal=*/!refused);
       } else if (ec == asio::error::connection_refused) {
         std::lock_guard<std::mutex> lock(mu_);
         p.refused = true;  // unauthenticated: a forged one at worst starts a failover, which
@@ -361,7 +365,7 @@ class HeartbeatImpl : public Heartbeat {
     if (refused) Judge();
   }
 
-  void Accept(Path& p, absl::string_view bytes) {
+  void Accept(Path& p, absl::string_view bytes, bool clears_refusal) {
     auto now = Clock::now();
     std::lock_guard<std::mutex> lock(mu_);
     if (p.from != p.remote) {  // before the MAC: cheap
@@ -409,7 +413,7 @@ class HeartbeatImpl : public Heartbeat {
       }
     }
     p.heard = true;
-    p.refused = false;
+    if (clears_refusal) p.refused = false;
     p.peer_seq = h.seq();
     p.last_rx = now;
     p.detector.Heard(now);

@@ -89,6 +89,12 @@ class LeaseClientImpl : public LeaseClient {
     state_.SetStateTerm(term);
   }
 
+  void SetMirrorTerm(uint64_t term) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    state_.SetMirrorTerm(term);
+    asking_unprotected_ = false;  // outputs wait for that mirror now
+  }
+
   absl::Status AcquireWithin(milliseconds wait, const Promotion& promotion) override {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -229,6 +235,7 @@ class LeaseClientImpl : public LeaseClient {
   // A request now rather than at the next renewal: it says what the release state says then.
   void AskAgainLocked(Clock::time_point now) {
     last_asked_ = now;
+    asking_unprotected_ = true;
     asio::post(io_, [this] {
       std::lock_guard<std::mutex> l(mu_);
       if (want_) SendLocked(pb::LEASE_ACQUIRE, "");
@@ -270,6 +277,12 @@ class LeaseClientImpl : public LeaseClient {
     r->set_takeover(op == pb::LEASE_ACQUIRE && takeover_);
     bool unprotected = SaysUnprotectedLocked();
     r->set_releases_only_acknowledged(!unprotected);
+    // Only when asking to release without a mirror: a holder that merely has not yet been
+    // acknowledged everything it released (its outputs wait for its mirror) needs no new term,
+    // and its mirror, synchronising in this one, would be dropped by a new one.
+    if (asking_unprotected_ && state_.term() <= state_.mirror_term()) {
+      r->set_mirror_term(state_.mirror_term());
+    }
     state_.Sent(next_id_, unprotected);
     pending_[next_id_] = {Clock::now(), op, unprotected};
     while (pending_.size() > kMaxPending) pending_.erase(pending_.begin());
@@ -389,7 +402,9 @@ class LeaseClientImpl : public LeaseClient {
   std::string nonce_, holder_, reason_, transfer_to_;
   std::string superseded_;  // the witness's word that this node's state was superseded
   bool tentative_ = false;
-  bool takeover_ = false;               // while a promotion asks
+  bool takeover_ = false;  // while a promotion asks
+  // Asking to release without a mirror (AskAgainLocked), until a mirror holds outputs again.
+  bool asking_unprotected_ = false;
   bool promotion_unprotected_ = false;  // a promotion whose VM runs without a mirror
   std::shared_ptr<std::atomic<bool>> release_state_;
   Clock::time_point last_asked_{};

@@ -120,6 +120,7 @@ class NodeImpl : public Node {
                                          .run_unprotected = run_unprotected_,
                                          .term = LeaseTerm(),
                                          .before_unprotected = BeforeUnprotected(),
+                                         .on_mirror_commits = MirrorCommitsHook(),
                                          .compression = o_.compression,
                                          .protection = o_.protection,
                                          .on_traffic = TrafficHook(),
@@ -759,6 +760,7 @@ class NodeImpl : public Node {
   // rejoins as the mirror), never safety: a failure to record it does not stop the VM.
   void EnterTerm(vmm::OutputGate& gate) {
     if (!o_.lease) return;
+    recorded_term_ = 0;  // a VM about to run here: its files, perhaps others, get the term
     RecordTerm();
     gate.SetUnprotectedCheck([this] { return MayReleaseUnprotected(); });
     auto releases_only_proven = std::make_shared<std::atomic<bool>>(false);
@@ -767,14 +769,21 @@ class NodeImpl : public Node {
     o_.lease->SetReleaseState(std::move(releases_only_proven));
   }
 
+  // Once per term (the connecting thread and a role change call it).
   void RecordTerm() {
     if (disk_path_.empty()) return;
     uint64_t term = o_.lease->term();
+    if (term == recorded_term_.exchange(term)) return;
     if (auto s = WriteTermFile(disk_path_, term); !s.ok()) {
       Log(absl::StrCat("cannot record term ", term, " beside the disk (", s.message(),
                        "): should this host be restarted as the primary, the witness will "
                        "refuse its files; it can rejoin as the mirror"));
     }
+  }
+
+  std::function<void(uint64_t)> MirrorCommitsHook() const {
+    if (!o_.lease) return nullptr;
+    return [lease = o_.lease](uint64_t term) { lease->SetMirrorTerm(term); };
   }
 
   // The lease's term, read by the replicator and the gate: it grows while the VM runs here,
@@ -802,10 +811,9 @@ class NodeImpl : public Node {
       handover_window_until_ = Clock::time_point{};
       if (o_.lease) {
         if (auto s = o_.lease->Confirm(milliseconds(1000)); !s.ok()) return s;
-        uint64_t term = o_.lease->term();
-        // The witness makes this a new term, which leaves the mirror's replica behind.
+        // Where a mirror may hold a replica of this term, the witness gives a new one.
         if (auto s = o_.lease->DeclareUnprotected(milliseconds(1000)); !s.ok()) return s;
-        if (o_.lease->term() != term) RecordTerm();
+        RecordTerm();
       }
       return o_.before_unprotected ? o_.before_unprotected() : absl::OkStatus();
     };
@@ -899,8 +907,9 @@ class NodeImpl : public Node {
   std::atomic<bool> superseded_flag_{false}, forced_{false};
   // After a hand-over to this host: until then, outputs wait for a mirror (BeforeUnprotected).
   std::atomic<Clock::time_point> handover_window_until_{};
-  bool run_unprotected_ = false;  // of the VM this node runs as the primary
-  bool moving_ = false;           // under mu_: a post-copy migration holds the VM paused
+  bool run_unprotected_ = false;            // of the VM this node runs as the primary
+  std::atomic<uint64_t> recorded_term_{0};  // the last term written beside the disk
+  bool moving_ = false;                     // under mu_: a post-copy migration holds the VM paused
   // Post-copy (under mu_): the migration from this host under way, and the last one's end.
   std::shared_ptr<replicator::PostcopyMigration> postcopy_;
   std::optional<replicator::PostcopyProgress> postcopy_last_;

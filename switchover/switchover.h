@@ -162,6 +162,9 @@ class LeaseClient {
   // The term of the state this node would run (its disk's, or its replica's): requests carry
   // it, and the witness grants a new term only to a state that was not superseded.
   virtual void SetStateTerm(uint64_t term) = 0;
+  // This node's mirror may have committed checkpoints of `term`: releasing without it in a term
+  // no newer needs a new term first (the witness gives it; LeaseState::MayReleaseUnprotected).
+  virtual void SetMirrorTerm(uint64_t term) = 0;
   // What a promotion's requests say.
   struct Promotion {
     // This node is the mirror of the holder, which looks dead; it acknowledges nothing more and

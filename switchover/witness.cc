@@ -8,6 +8,7 @@
 // clang-format on
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -225,11 +226,15 @@ class WitnessImpl : public Witness {
     }
     for (const pb::WitnessTerm& t : state.vm()) {
       if (t.vm_id().empty() || t.vm_id().size() > kMaxNameBytes ||
-          t.holder().size() > kMaxNameBytes || t.confirmed() > t.term()) {
+          t.holder().size() > kMaxNameBytes || t.confirmed() > t.term() ||
+          t.ran_from() >= std::max<uint64_t>(t.term(), 1)) {
         return absl::DataLossError(
             absl::StrCat("witness state ", o_.state_path, " holds a damaged record: not starting"));
       }
-      records[t.vm_id()] = {.term = t.term(), .confirmed = t.confirmed(), .holder = t.holder()};
+      records[t.vm_id()] = {.term = t.term(),
+                            .confirmed = t.confirmed(),
+                            .holder = t.holder(),
+                            .ran_from = t.ran_from()};
     }
     return records;
   }
@@ -243,6 +248,7 @@ class WitnessImpl : public Witness {
       t->set_term(r.term);
       t->set_confirmed(r.confirmed);
       t->set_holder(r.holder);
+      t->set_ran_from(r.ran_from);
     }
     return WriteFileDurably(o_.state_path, state.SerializeAsString());
   }
