@@ -5,7 +5,8 @@
 //
 // The rules:
 //  - Every grant of authority over a VM that is not a renewal (a first start, a promotion, a
-//    hand-over, a post-copy adoption, a lease taken back) is a new term. The witness numbers
+//    hand-over, a post-copy adoption, a lease taken back, a holder starting to release without a
+//    mirror that may hold a replica of its term) is a new term. The witness numbers
 //    them, each goes to one node once, and each is made durable before it is answered.
 //  - A term "ran" once its holder confirmed it (asked for the lease in it). A new term is granted
 //    only to a node whose state (its VM's, or its replica's) is of a term at least as new as the
